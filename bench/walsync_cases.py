@@ -1,0 +1,213 @@
+"""The same measurements through the walsync engine's public API.
+
+Only ``Store.open / put / get / checkpoint / close`` and ``store.recovery`` are
+used, so the numbers are what an application sees. The engine is imported
+lazily (``load_engine``) so the baselines still run when it does not import.
+
+Run as a module, this file is also the child process that fills a store for
+the replay case and then dies without closing it::
+
+    python -m bench.walsync_cases fill PATH RECORDS VALUE_BYTES
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import ValuePool
+
+__all__ = [
+    "WalsyncGet",
+    "WalsyncPut",
+    "load_engine",
+    "open_after_close_ms",
+    "open_store",
+    "replay_rate",
+]
+
+_engine: Any = None
+_engine_error: str | None = None
+
+
+def load_engine() -> tuple[Any, str | None]:
+    """(the engine module, None) or (None, why it did not import)."""
+    global _engine, _engine_error
+    if _engine is None and _engine_error is None:
+        try:
+            import engine
+
+            engine.Store  # noqa: B018 - fail here, not in the first case, if it is missing
+            _engine = engine
+        except Exception as exc:  # noqa: BLE001 - a half-written engine may raise anything
+            _engine_error = f"{type(exc).__name__}: {exc}"
+    return _engine, _engine_error
+
+
+def open_store(path: Path, *, create: bool = True, durability: str | None = None) -> Any:
+    """Store.open, optionally with a non-default durability ('none', 'local')."""
+    engine, error = load_engine()
+    if engine is None:
+        raise RuntimeError(f"engine did not import: {error}")
+    if durability is None:
+        return engine.Store.open(path, create=create)
+    try:
+        return engine.Store.open(path, create=create, durability=durability)
+    except TypeError:
+        from engine.options import Durability, StoreOptions
+
+        options = StoreOptions(durability=Durability(durability))
+        return engine.Store.open(path, create=create, options=options)
+
+
+class WalsyncPut:
+    """One durable ``store.put`` per op (durability 'local': fdatasync'ed on return)."""
+
+    def __init__(
+        self, store: Any, values: ValuePool, prefix: str = "k", key: str | None = None
+    ) -> None:
+        self.store = store
+        self.values = values
+        self.prefix = prefix
+        self.key = key  # if set, every op overwrites this one key
+
+    def op(self, i: int) -> None:
+        self.store.put(self.key or f"{self.prefix}{i:012d}", self.values[i])
+
+    def close(self) -> None:
+        return None
+
+
+class WalsyncGet:
+    """``store.get`` of random existing keys (the order is fixed up front)."""
+
+    def __init__(self, store: Any, n_keys: int, order: list[int]) -> None:
+        self.store = store
+        self.keys = [f"k{i:012d}" for i in range(n_keys)]
+        self.order = order
+
+    def op(self, i: int) -> None:
+        if self.store.get(self.keys[self.order[i % len(self.order)]]) is None:
+            raise KeyError(self.keys[self.order[i % len(self.order)]])
+
+    def close(self) -> None:
+        return None
+
+
+def fill(store: Any, values: ValuePool, n: int, threads: int = 8) -> None:
+    """Put keys k0..k(n-1) with ``threads`` threads (so group commit batches them)."""
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(t, n, threads):
+                store.put(f"k{i:012d}", values[i])
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller's thread
+            errors.append(exc)
+
+    ths = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    if errors:
+        raise errors[0]
+
+
+# ---------------------------------------------------------------- replay
+
+
+def _child_fill(path: Path, records: int, value_bytes: int) -> None:
+    """Fill a new store, report, then exit without closing or checkpointing."""
+    values = ValuePool(value_bytes)
+    t0 = time.perf_counter()
+    try:
+        store = open_store(path, durability="none")
+        method = "durability=none, 1 thread"
+        for i in range(records):
+            store.put(f"k{i:012d}", values[i])
+    except (TypeError, ValueError):
+        store = open_store(path)
+        method = "durability=local, 16 threads"
+        fill(store, values, records, threads=16)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"written": records, "fill_s": round(seconds, 2), "method": method}),
+          flush=True)
+    os._exit(0)  # no close, no checkpoint: the next open must replay the WAL
+
+
+def replay_rate(work: Path, records: int, value_bytes: int, copies: int) -> dict[str, Any]:
+    """Records/s of ``Store.open`` replaying an uncheckpointed WAL.
+
+    A child process writes ``records`` puts and calls os._exit(0). The crashed
+    store is copied ``copies - 1`` times (untimed) so open can be timed more
+    than once; the page cache is warm (the WAL was just written or copied).
+    """
+    src = work / "replay-0"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.walsync_cases", "fill", str(src), str(records),
+         str(value_bytes)],
+        cwd=root, capture_output=True, text=True, timeout=600, check=False,
+    )
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise RuntimeError(f"fill child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    dirs = [src]
+    for k in range(1, copies):
+        dst = work / f"replay-{k}"
+        shutil.copytree(src, dst)
+        dirs.append(dst)
+    wal_bytes = sum(f.stat().st_size for f in (src / "wal").glob("*") if f.is_file()) \
+        if (src / "wal").is_dir() else None
+    rates: list[float] = []
+    open_s: list[float] = []
+    replayed = 0
+    for d in dirs:
+        t0 = time.perf_counter_ns()
+        store = open_store(d, create=False)
+        elapsed = (time.perf_counter_ns() - t0) / 1e9
+        try:
+            replayed = int(store.recovery.replayed_records)
+            if store.get(f"k{records - 1:012d}") is None:
+                raise RuntimeError("last record written before the crash is missing after replay")
+        finally:
+            store.close()
+        open_s.append(elapsed)
+        rates.append(replayed / elapsed)
+    return {
+        "records_written": child["written"],
+        "replayed_records": replayed,
+        "wal_bytes": wal_bytes,
+        "fill_s": child["fill_s"],
+        "fill_method": child["method"],
+        "open_s": [round(s, 3) for s in open_s],
+        "rate_per_s": statistics.median(rates),
+        "store_dirs": [str(d) for d in dirs],  # cleanly closed now
+    }
+
+
+def open_after_close_ms(path: Path, runs: int) -> list[float]:
+    """Store.open of a cleanly closed store, ms per run (close is untimed)."""
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter_ns()
+        store = open_store(path, create=False)
+        out.append((time.perf_counter_ns() - t0) / 1e6)
+        store.close()
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "fill":
+        _child_fill(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    print("usage: python -m bench.walsync_cases fill PATH RECORDS VALUE_BYTES", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,75 @@
+"""walsync's engine: a local, durable state store for long-running workflows.
+
+The public face. Everything else in ``engine`` is an implementation module.
+"""
+
+from .errors import (
+    CapacityError,
+    ConflictError,
+    CorruptionError,
+    DiskFullError,
+    DurabilityError,
+    FormatVersionError,
+    InvalidKeyError,
+    InvalidValueError,
+    LSNGapError,
+    NoReplicatorError,
+    ReadOnlyStoreError,
+    StoreClosedError,
+    StoreLockedError,
+    StoreNotFoundError,
+    StorePoisonedError,
+    StoreStateError,
+    ValueTooLargeError,
+    WalsyncError,
+)
+from .options import Durability, StoreOptions
+from .replay import RecoveryReport
+from .store import (
+    ANY,
+    Batch,
+    CheckpointResult,
+    CommitResult,
+    Delete,
+    Put,
+    Store,
+    StoreInfo,
+    VersionedValue,
+)
+from .versions import Version
+from .wal import TornTail
+
+__all__ = [
+    "ANY",
+    "Batch",
+    "CapacityError",
+    "CheckpointResult",
+    "CommitResult",
+    "ConflictError",
+    "CorruptionError",
+    "Delete",
+    "DiskFullError",
+    "Durability",
+    "DurabilityError",
+    "FormatVersionError",
+    "InvalidKeyError",
+    "InvalidValueError",
+    "LSNGapError",
+    "NoReplicatorError",
+    "Put",
+    "ReadOnlyStoreError",
+    "RecoveryReport",
+    "Store",
+    "StoreClosedError",
+    "StoreInfo",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "StoreOptions",
+    "StorePoisonedError",
+    "StoreStateError",
+    "TornTail",
+    "ValueTooLargeError",
+    "Version",
+    "VersionedValue",
+    "WalsyncError",
+]

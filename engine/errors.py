@@ -1,0 +1,202 @@
+"""The one error tree of walsync.
+
+Every error the library raises on purpose derives from :class:`WalsyncError`.
+Each says what failed and where, carries a ``hint`` (what a person can do
+about it; the CLI prints it on its own line) and ``retryable`` (whether trying
+the same call again, unchanged, can succeed)::
+
+    WalsyncError
+    ├── StoreStateError            the store cannot take this call now
+    │   ├── StoreClosedError
+    │   ├── StoreNotFoundError
+    │   ├── StoreLockedError       another process holds the writer lock
+    │   ├── ReadOnlyStoreError
+    │   └── StorePoisonedError     a write or fsync failed; reopen to recover
+    │       └── DiskFullError      (also a CapacityError)
+    ├── CapacityError
+    │   ├── ValueTooLargeError
+    │   └── DiskFullError
+    ├── CorruptionError            damage found on disk, with path / offset / LSN
+    │   ├── FormatVersionError     a file written by an incompatible version
+    │   └── LSNGapError            a missing segment or a hole in the LSNs
+    ├── ConflictError              an ``expect=`` check failed
+    ├── InvalidKeyError            (also a ValueError)
+    ├── InvalidValueError          (also a ValueError)
+    └── DurabilityError
+        └── NoReplicatorError      ``remote`` durability with no replicator
+
+A torn tail after a crash is not an error (it is cut and reported), and a
+missing key is not an error (``get`` returns ``None``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CapacityError",
+    "ConflictError",
+    "CorruptionError",
+    "DiskFullError",
+    "DurabilityError",
+    "FormatVersionError",
+    "InvalidKeyError",
+    "InvalidValueError",
+    "LSNGapError",
+    "NoReplicatorError",
+    "ReadOnlyStoreError",
+    "StoreClosedError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "StorePoisonedError",
+    "StoreStateError",
+    "ValueTooLargeError",
+    "WalsyncError",
+]
+
+
+class WalsyncError(Exception):
+    """Root of every error walsync raises on purpose."""
+
+    hint: str = ""
+    retryable: bool = False
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class StoreStateError(WalsyncError):
+    """The store is in a state that cannot serve this call."""
+
+
+class StoreClosedError(StoreStateError):
+    hint = "open the store again"
+
+
+class StoreNotFoundError(StoreStateError):
+    hint = "check the path, or create the store (`walsync init PATH`, or open with create=True)"
+
+
+class StoreLockedError(StoreStateError):
+    """Another live process holds the single-writer lock."""
+
+    retryable = True
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        holder = f"pid {pid}" if pid else "another process"
+        super().__init__(
+            f"store {path} is locked by {holder}",
+            hint="one writer process per store: stop the other writer, open read-only, "
+            "or pass lock_timeout_seconds to wait",
+        )
+        self.path = path
+        self.pid = pid
+
+
+class ReadOnlyStoreError(StoreStateError):
+    hint = "open the store without readonly=True to write"
+
+
+class StorePoisonedError(StoreStateError):
+    """A write or fsync failed, so this handle refuses further writes.
+
+    After a failed fsync the kernel may have dropped the dirty pages and
+    cleared the error, so a retry on the same file could report success for
+    data that is gone. Reads go on; reopening the store replays the WAL.
+    """
+
+    hint = "close and reopen the store; the WAL replays and nothing acknowledged is lost"
+
+
+class CapacityError(WalsyncError):
+    """A size limit was reached."""
+
+
+class ValueTooLargeError(CapacityError, ValueError):
+    def __init__(self, key: str, size_bytes: int, max_bytes: int) -> None:
+        super().__init__(
+            f"value for key {key!r} is {size_bytes} bytes encoded, above the limit of "
+            f"{max_bytes} bytes; nothing was written",
+            hint="split the value across several keys, or raise max_value_bytes",
+        )
+        self.key = key
+        self.size_bytes = size_bytes
+        self.max_bytes = max_bytes
+
+
+class DiskFullError(StorePoisonedError, CapacityError):
+    hint = "free disk space, then reopen the store; every acknowledged commit is kept"
+
+
+class CorruptionError(WalsyncError):
+    """Damage on disk that is not a torn tail: open refuses, repair can recover."""
+
+    hint = "run `walsync verify` for a full report and `walsync repair` to keep what precedes it"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        offset: int | None = None,
+        lsn: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        where = []
+        if path is not None:
+            where.append(path)
+        if offset is not None:
+            where.append(f"offset {offset}")
+        if lsn is not None:
+            where.append(f"LSN {lsn}")
+        text = f"{message} ({', '.join(where)})" if where else message
+        super().__init__(text, hint=hint)
+        self.path = path
+        self.offset = offset
+        self.lsn = lsn
+
+
+class FormatVersionError(CorruptionError):
+    hint = "open it with a walsync version that supports this format"
+
+
+class LSNGapError(CorruptionError):
+    pass
+
+
+class ConflictError(WalsyncError):
+    """The key's current version is not the one the write expected."""
+
+    retryable = True
+    hint = "read the key again and retry the write against its current version"
+
+    def __init__(self, key: str, expected: object, actual: object) -> None:
+        super().__init__(
+            f"conflict on key {key!r}: expected {_describe(expected)}, found {_describe(actual)}"
+        )
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+
+
+class InvalidKeyError(WalsyncError, ValueError):
+    hint = "keys are non-empty UTF-8 strings, at most max_key_bytes long"
+
+
+class InvalidValueError(WalsyncError, ValueError):
+    hint = "values are what cbor2 encodes: dict, list, str, bytes, int, float, bool, None, " \
+        "timezone-aware datetime, ..."
+
+
+class DurabilityError(WalsyncError):
+    pass
+
+
+class NoReplicatorError(DurabilityError):
+    hint = "attach a replicator (sync) to the store, or commit with durability 'local'"
+
+
+def _describe(version: object) -> str:
+    if version is None:
+        return "no value"
+    return repr(version)

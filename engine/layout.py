@@ -1,0 +1,57 @@
+"""Every path and file name of a store directory, in one place.
+
+    <store>/
+      STORE                 identity and format (JSON, written atomically)
+      LOCK                  the single-writer lock; holds the writer's pid
+      wal/<16 hex>.wal      WAL segments, named by their first LSN
+      snapshot/             the LMDB environment (data.mdb, lock.mdb)
+      quarantine/<time>/    what `repair` moved aside; never deleted by walsync
+
+Segment names are fixed-width lower-case hex so that a plain listing sorts in
+log order.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+__all__ = ["StoreLayout", "parse_segment_name", "segment_name"]
+
+_SEGMENT_RE = re.compile(r"^([0-9a-f]{16})\.wal$")
+
+
+def segment_name(first_lsn: int) -> str:
+    return f"{first_lsn:016x}.wal"
+
+
+def parse_segment_name(name: str) -> int | None:
+    """The first LSN a segment file name encodes, or None if it is not one."""
+    m = _SEGMENT_RE.match(name)
+    return int(m.group(1), 16) if m else None
+
+
+class StoreLayout:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.store_file = self.root / "STORE"
+        self.lock_file = self.root / "LOCK"
+        self.wal_dir = self.root / "wal"
+        self.snapshot_dir = self.root / "snapshot"
+        self.quarantine_dir = self.root / "quarantine"
+
+    def segment_path(self, first_lsn: int) -> Path:
+        return self.wal_dir / segment_name(first_lsn)
+
+    def list_segments(self) -> list[tuple[int, Path]]:
+        """(first LSN, path) of every segment, in log order."""
+        if not self.wal_dir.is_dir():
+            return []
+        found = []
+        for name in os.listdir(self.wal_dir):
+            lsn = parse_segment_name(name)
+            if lsn is not None:
+                found.append((lsn, self.wal_dir / name))
+        found.sort()
+        return found

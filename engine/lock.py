@@ -1,0 +1,59 @@
+"""The single-writer lock of a store directory.
+
+An ``flock`` on ``LOCK``: the kernel drops it when the holding process dies,
+however it dies, so a stale lock never blocks anyone. The holder writes its
+pid into the file so that the next writer's error can name it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from . import _fs
+from .errors import StoreLockedError
+
+__all__ = ["WriterLock", "read_holder_pid"]
+
+
+def read_holder_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class WriterLock:
+    def __init__(self, path: Path, store_path: str) -> None:
+        self._path = path
+        self._store_path = store_path
+        self._fd: int | None = None
+
+    def acquire(self, timeout_seconds: float = 0.0) -> None:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _fs.FILE_MODE)
+        deadline = time.monotonic() + timeout_seconds
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise StoreLockedError(self._store_path, read_holder_pid(self._path)) from None
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,211 @@
+"""Frames, record payloads, snapshot entries and value codecs. Pure, no I/O.
+
+The byte layouts are specified in FORMAT.md beside this file; the constants
+here are checked against it by a test.
+
+A *frame* is one record on disk: a 32-byte header and a CBOR payload. The
+payload of a local commit lists ``[key, entry]`` pairs where ``entry`` is the
+exact byte string the LMDB snapshot stores for that key, so replay is a
+decode and a put, with no re-encoding.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+import xxhash
+import zstandard
+
+from .errors import CorruptionError, FormatVersionError
+from .versions import Sibling
+
+__all__ = [
+    "FRAME_HEADER_BYTES",
+    "FRAME_MAGIC",
+    "FRAME_VERSION",
+    "SEGMENT_HEADER_BYTES",
+    "SEGMENT_MAGIC",
+    "SEGMENT_VERSION",
+    "Frame",
+    "FrameStatus",
+    "decode_entry",
+    "decode_frame",
+    "decode_payload",
+    "decode_segment_header",
+    "decode_value",
+    "encode_entry",
+    "encode_frame",
+    "encode_payload",
+    "encode_segment_header",
+]
+
+SEGMENT_MAGIC = b"walsync\x00"
+SEGMENT_VERSION = 1
+SEGMENT_HEADER_BYTES = 32
+_SEGMENT_HEADER = struct.Struct("<8sHHIQ")  # magic, version, header bytes, reserved, first LSN
+
+FRAME_MAGIC = b"\xd7\x5a"
+FRAME_VERSION = 1
+FRAME_HEADER_BYTES = 32
+#: after the leading 8-byte checksum: magic, version, flags, payload bytes, LSN, synced LSN
+_FRAME_PREFIX = struct.Struct("<2sBBIQQ")
+#: where the magic sits inside a frame (a scanner resynchronising looks for it)
+FRAME_MAGIC_OFFSET = 8
+_U64 = struct.Struct("<Q")
+_FRAME_HEADER = struct.Struct("<Q2sBBIQQ")
+#: no single frame may claim more payload than this (a damaged length field
+#: must not make a reader allocate gigabytes)
+MAX_PAYLOAD_BYTES = 1 << 31
+
+KIND_LOCAL = 0
+KIND_MERGE = 1
+
+CODEC_NONE = 0
+CODEC_ZSTD = 1
+
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
+def encode_segment_header(first_lsn: int) -> bytes:
+    head = _SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_HEADER_BYTES, 0, first_lsn)
+    return head + _U64.pack(_xxh3(head))
+
+
+def decode_segment_header(buf: bytes, path: str) -> int:
+    """The first LSN of a segment; raises CorruptionError / FormatVersionError."""
+    if len(buf) < SEGMENT_HEADER_BYTES:
+        raise CorruptionError("segment header is incomplete", path=path, offset=0)
+    head = buf[:24]
+    magic, version, header_bytes, _reserved, first_lsn = _SEGMENT_HEADER.unpack(head)
+    (checksum,) = _U64.unpack_from(buf, 24)
+    if magic != SEGMENT_MAGIC:
+        raise CorruptionError("not a walsync WAL segment (bad magic)", path=path, offset=0)
+    if checksum != _xxh3(head):
+        raise CorruptionError("segment header checksum mismatch", path=path, offset=0)
+    if version != SEGMENT_VERSION or header_bytes != SEGMENT_HEADER_BYTES:
+        raise FormatVersionError(
+            f"WAL segment format version {version} is not supported by this walsync, "
+            f"which reads version {SEGMENT_VERSION}",
+            path=path,
+            offset=0,
+        )
+    return int(first_lsn)
+
+
+def encode_frame(lsn: int, synced_lsn: int, payload: bytes) -> bytes:
+    """Header and payload; the checksum covers every byte after itself."""
+    prefix = _FRAME_PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, 0, len(payload), lsn, synced_lsn)
+    if len(payload) <= 65536:
+        body = prefix + payload
+        return _U64.pack(_xxh3(body)) + body
+    h = xxhash.xxh3_64(prefix)
+    h.update(payload)
+    return b"".join((_U64.pack(h.intdigest()), prefix, payload))
+
+
+class FrameStatus:
+    OK = 0
+    INCOMPLETE = 1  # the buffer ends inside the frame
+    BAD = 2  # magic, length or checksum wrong
+
+
+@dataclass(slots=True)
+class Frame:
+    lsn: int
+    synced_lsn: int
+    offset: int
+    size: int  # header + payload bytes
+    payload: bytes
+
+
+def decode_frame(buf: bytes | memoryview, offset: int, path: str = "") -> tuple[int, Frame | None]:
+    """Decode the frame at ``offset``: (FrameStatus, Frame or None).
+
+    A frame whose checksum holds but whose version is unknown raises
+    FormatVersionError: it is intact data from another version, not damage.
+    """
+    end = len(buf)
+    if end - offset < FRAME_HEADER_BYTES:
+        return FrameStatus.INCOMPLETE, None
+    checksum, magic, version, _flags, length, lsn, synced = _FRAME_HEADER.unpack_from(buf, offset)
+    if magic != FRAME_MAGIC or length > MAX_PAYLOAD_BYTES:
+        return FrameStatus.BAD, None
+    stop = offset + FRAME_HEADER_BYTES + length
+    if stop > end:
+        return FrameStatus.INCOMPLETE, None
+    view = memoryview(buf)
+    if _xxh3(view[offset + 8 : stop]) != checksum:
+        return FrameStatus.BAD, None
+    if version != FRAME_VERSION:
+        raise FormatVersionError(
+            f"WAL frame format version {version} is not supported by this walsync, "
+            f"which reads version {FRAME_VERSION}",
+            path=path,
+            offset=offset,
+            lsn=lsn,
+        )
+    payload = bytes(view[offset + FRAME_HEADER_BYTES : stop])
+    return FrameStatus.OK, Frame(lsn, synced, offset, FRAME_HEADER_BYTES + length, payload)
+
+
+def encode_payload(kind: int, hlc: int, ops: list[list[Any]]) -> bytes:
+    """A record's payload: ``[kind, hlc, [[key, entry], ...]]``."""
+    return cbor2.dumps([kind, hlc, ops])
+
+
+def decode_payload(payload: bytes, path: str = "", offset: int = 0, lsn: int = 0) -> tuple[
+    int, int, list[tuple[str, bytes]]
+]:
+    """Decode and check a payload's shape; damage raises CorruptionError."""
+    try:
+        kind, hlc, ops = cbor2.loads(payload)
+        if kind not in (KIND_LOCAL, KIND_MERGE) or not isinstance(hlc, int):
+            raise ValueError("bad record kind or HLC")
+        for key, entry in ops:
+            if not isinstance(key, str) or not isinstance(entry, bytes):
+                raise ValueError("bad operation")
+    except (ValueError, TypeError, cbor2.CBORDecodeError, RecursionError) as exc:
+        raise CorruptionError(
+            f"record payload does not decode: {exc}", path=path, offset=offset, lsn=lsn
+        ) from None
+    return kind, hlc, ops
+
+
+def encode_entry(siblings: list[Sibling]) -> bytes:
+    """The snapshot's value for a key: its stored siblings."""
+    return cbor2.dumps([s.to_wire() for s in siblings])
+
+
+def decode_entry(entry: bytes) -> list[Sibling]:
+    return [Sibling.from_wire(item) for item in cbor2.loads(entry)]
+
+
+_compressor = zstandard.ZstdCompressor
+_decompressor = zstandard.ZstdDecompressor()
+#: compression is tried on a sample first: a value whose first 64 KiB do not
+#: shrink by an eighth is stored as it is (random or already-compressed bytes)
+_SAMPLE_BYTES = 65536
+
+
+def compress_value(encoded: bytes, level: int) -> tuple[int, bytes]:
+    """(codec, bytes) for an encoded value already above the threshold."""
+    cctx = _compressor(level=level)
+    if len(encoded) > 2 * _SAMPLE_BYTES:
+        sample = encoded[:_SAMPLE_BYTES]
+        if len(cctx.compress(sample)) > _SAMPLE_BYTES - _SAMPLE_BYTES // 8:
+            return CODEC_NONE, encoded
+    packed = cctx.compress(encoded)
+    if len(packed) >= len(encoded) - len(encoded) // 8:
+        return CODEC_NONE, encoded
+    return CODEC_ZSTD, packed
+
+
+def decode_value(codec: int, data: bytes) -> Any:
+    if codec == CODEC_ZSTD:
+        data = _decompressor.decompress(data)
+    elif codec != CODEC_NONE:
+        raise CorruptionError(f"unknown value codec {codec}")
+    return cbor2.loads(data)

@@ -1,0 +1,262 @@
+"""The LMDB side: the current siblings of every key, and the applied LSN.
+
+The only module that imports ``lmdb``. LMDB runs without its own fsync
+(``sync=False``): the WAL is the source of truth, every record is applied only
+after its WAL bytes were written (and, for durable commits, synced), and the
+applied LSN is stored in the same LMDB transaction as the data it covers, so
+after a crash replay starts exactly where the snapshot ends. A checkpoint
+(``sync``) makes the snapshot durable up to its applied LSN, which lets the
+WAL below it be removed. No ``writemap``: other processes read the file.
+
+Thread rules: any thread may read; one thread at a time applies (the
+group-commit leader or replay). The map grows by itself when it is full;
+growing needs every transaction of this process closed, so reads and writes
+pass a gate that the resize waits on.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import lmdb
+
+from . import _fs
+from .errors import CapacityError, CorruptionError
+from .record import KIND_LOCAL, decode_entry, encode_entry
+from .versions import merge_sibling
+
+__all__ = ["AppliedRecord", "SnapshotStore"]
+
+_DATA_DB = b"data"
+_META_DB = b"meta"
+_APPLIED_LSN = b"applied_lsn"
+_HLC = b"hlc"
+
+#: (lsn, kind, hlc, ops) — a decoded WAL record ready to apply
+AppliedRecord = tuple[int, int, int, Sequence[Sequence[Any]]]
+
+
+class _Gate:
+    """Many transactions at once, or one map resize alone."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self._resizing = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if self._active == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+class SnapshotStore:
+    def __init__(self, path: Path, *, map_size_bytes: int, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        if not readonly:
+            _fs.make_dir(path)
+        try:
+            self.env = lmdb.open(
+                str(path),
+                map_size=map_size_bytes,
+                subdir=True,
+                readonly=readonly,
+                create=not readonly,
+                max_dbs=4,
+                sync=False,
+                metasync=False,
+                writemap=False,
+                map_async=False,
+                readahead=False,
+                lock=True,
+                mode=_fs.FILE_MODE,
+            )
+        except lmdb.Error as exc:
+            raise CorruptionError(f"cannot open the LMDB snapshot: {exc}", path=str(path)) from None
+        self.env.reader_check()
+        self._data = self.env.open_db(_DATA_DB, create=not readonly)
+        self._meta = self.env.open_db(_META_DB, create=not readonly)
+        self._gate = _Gate()
+
+    # -- reads ---------------------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A consistent read transaction; keep it short-lived."""
+        with self._gate.shared():
+            txn = self._begin_read()
+            try:
+                yield txn
+            finally:
+                txn.abort()
+
+    def _begin_read(self) -> lmdb.Transaction:
+        try:
+            return self.env.begin(db=self._data, buffers=False)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            return self.env.begin(db=self._data, buffers=False)
+
+    def get_entry(self, key: bytes) -> bytes | None:
+        with self._gate.shared():
+            txn = self._begin_read()
+            try:
+                return cast(bytes | None, txn.get(key))
+            finally:
+                txn.abort()
+
+    def get_meta(self, name: bytes, txn: lmdb.Transaction | None = None) -> bytes | None:
+        if txn is not None:
+            return cast(bytes | None, txn.get(name, db=self._meta))
+        with self.read() as t:
+            return cast(bytes | None, t.get(name, db=self._meta))
+
+    def applied_lsn(self) -> int:
+        raw = self.get_meta(_APPLIED_LSN)
+        return int.from_bytes(raw, "little") if raw else 0
+
+    def last_hlc(self) -> int:
+        raw = self.get_meta(_HLC)
+        return int.from_bytes(raw, "little") if raw else 0
+
+    def iter_range(
+        self, txn: lmdb.Transaction, start: bytes, stop: bytes | None, reverse: bool
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Keys in [start, stop) in key order (or reverse), with their entries."""
+        cur = txn.cursor(db=self._data)
+        if not reverse:
+            if not cur.set_range(start):
+                return
+            for raw_key, value in cur:
+                key = cast(bytes, raw_key)
+                if stop is not None and key >= stop:
+                    return
+                yield key, cast(bytes, value)
+            return
+        if stop is None:
+            positioned = cur.last()
+        else:
+            positioned = cur.set_range(stop)
+            positioned = cur.prev() if positioned else cur.last()
+        if not positioned:
+            return
+        for raw_key, value in cur.iterprev():
+            key = cast(bytes, raw_key)
+            if key < start:
+                return
+            yield key, cast(bytes, value)
+
+    def count(self) -> int:
+        with self.read() as txn:
+            return int(txn.stat(self._data)["entries"])
+
+    # -- writes --------------------------------------------------------------
+
+    def apply(self, records: Sequence[AppliedRecord]) -> None:
+        """Apply records in LSN order in one transaction with the new applied LSN."""
+        if not records:
+            return
+        while True:
+            try:
+                with self._gate.shared():
+                    self._apply_once(records)
+                return
+            except lmdb.MapFullError:
+                self._grow()
+
+    def _apply_once(self, records: Sequence[AppliedRecord]) -> None:
+        last_lsn = records[-1][0]
+        hlc = max(r[2] for r in records)
+        with self.env.begin(write=True, db=self._data) as txn:
+            for _lsn, kind, _hlc, ops in records:
+                if kind == KIND_LOCAL:
+                    for key, entry in ops:
+                        txn.put(key.encode(), entry)
+                else:
+                    for key, entry in ops:
+                        self._merge(txn, key.encode(), entry)
+            txn.put(_APPLIED_LSN, last_lsn.to_bytes(8, "little"), db=self._meta)
+            old = txn.get(_HLC, db=self._meta)
+            if old is None or int.from_bytes(old, "little") < hlc:
+                txn.put(_HLC, hlc.to_bytes(8, "little"), db=self._meta)
+
+    def _merge(self, txn: lmdb.Transaction, key: bytes, entry: bytes) -> None:
+        current_raw = cast(bytes | None, txn.get(key))
+        current = decode_entry(current_raw) if current_raw is not None else []
+        changed = False
+        for incoming in decode_entry(entry):
+            merged = merge_sibling(current, incoming)
+            if merged is not None:
+                current = merged
+                changed = True
+        if changed:
+            txn.put(key, encode_entry(current))
+
+    def put_meta(self, name: bytes, value: bytes) -> None:
+        while True:
+            try:
+                with self._gate.shared(), self.env.begin(write=True) as txn:
+                    txn.put(name, value, db=self._meta)
+                return
+            except lmdb.MapFullError:
+                self._grow()
+
+    def write_raw(self, fn: Callable[[lmdb.Transaction], None]) -> None:
+        """Run ``fn`` in a write transaction on the data table (repair, tools)."""
+        with self._gate.shared(), self.env.begin(write=True, db=self._data) as txn:
+            fn(txn)
+
+    def _grow(self) -> None:
+        with self._gate.exclusive():
+            size = int(self.env.info()["map_size"])
+            new_size = size * 2
+            try:
+                self.env.set_mapsize(new_size)
+            except lmdb.Error as exc:
+                raise CapacityError(
+                    f"cannot grow the LMDB map of {self.path} to {new_size} bytes: {exc}",
+                    hint="free disk space or address space",
+                ) from None
+
+    def sync(self) -> None:
+        """Make every applied transaction durable (a checkpoint's first half)."""
+        self.env.sync(True)
+
+    def file_bytes(self) -> int:
+        try:
+            return os.path.getsize(self.path / "data.mdb")
+        except OSError:
+            return 0
+
+    def close(self) -> None:
+        self.env.close()

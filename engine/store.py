@@ -1,0 +1,807 @@
+"""Store: a directory with a WAL, an LMDB snapshot and one writer process.
+
+What is durable when a commit returns: with durability ``local`` (the
+default) its WAL frame was fdatasync'ed and it was applied to the snapshot, so
+this process reads it back and a crash of the process or the machine keeps
+it. With ``none`` it was written and applied but not synced: a process crash
+keeps it, a power loss may not.
+
+Threads: a Store may be shared by any number of threads. Commits take a short
+lock to check ``expect=``, assign the LSN and version, then join a group
+commit: the first waiting thread leads, writes every pending frame with one
+``writev`` and one ``fdatasync``, applies them to LMDB in one transaction and
+wakes the others. Not fork-safe: open the store after forking.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import cbor2
+
+from . import _fs
+from .errors import (
+    ConflictError,
+    DiskFullError,
+    FormatVersionError,
+    InvalidKeyError,
+    InvalidValueError,
+    NoReplicatorError,
+    ReadOnlyStoreError,
+    StoreClosedError,
+    StoreNotFoundError,
+    StorePoisonedError,
+    ValueTooLargeError,
+    WalsyncError,
+)
+from .layout import StoreLayout
+from .lock import WriterLock
+from .options import Durability, StoreOptions
+from .record import (
+    CODEC_NONE,
+    KIND_LOCAL,
+    compress_value,
+    decode_entry,
+    decode_value,
+    encode_entry,
+    encode_payload,
+)
+from .replay import RecoveryReport, recover
+from .snapshot import SnapshotStore
+from .versions import HybridClock, Sibling, Version, join_vv, visible_siblings, winner
+from .wal import WALWriter
+
+__all__ = [
+    "ANY",
+    "CheckpointResult",
+    "CommitResult",
+    "Delete",
+    "Put",
+    "Store",
+    "StoreInfo",
+    "VersionedValue",
+]
+
+log = logging.getLogger("walsync.store")
+
+STORE_FORMAT_VERSION = 1
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_RETAIN_FLOOR = b"retain_floor"
+
+
+class _Any:
+    """The default of ``expect=``: no check."""
+
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+#: ``expect=ANY`` (the default) checks nothing; ``expect=None`` means the key
+#: must not exist; ``expect=<Version>`` means it must still be that version.
+ANY: Any = _Any()
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    value: Any
+    expect: Any = ANY
+    fence: int = 0
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+    expect: Any = ANY
+    fence: int = 0
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    lsn: int
+    hlc: int
+    durability: Durability
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    lsn: int
+    segments_removed: int
+    bytes_removed: int
+
+
+@dataclass(frozen=True)
+class VersionedValue:
+    value: Any
+    version: Version
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    path: str
+    node_id: str
+    applied_lsn: int
+    checkpoint_lsn: int
+    next_lsn: int
+    retain_floor: int | None
+    segments: int
+    wal_bytes: int
+    snapshot_bytes: int
+    keys: int
+
+
+class _Pending:
+    __slots__ = ("done", "error", "hlc", "lsn", "ops", "payload", "sync")
+
+    def __init__(self, lsn: int, hlc: int, ops: list[list[Any]], payload: bytes, sync: bool):
+        self.lsn = lsn
+        self.hlc = hlc
+        self.ops = ops
+        self.payload = payload
+        self.sync = sync
+        self.done = False
+        self.error: WalsyncError | None = None
+
+
+class Batch:
+    """Operations committed together, atomically: all or none survive a crash.
+
+    Use as ``with store.batch() as b: b.put(...); b.delete(...)``; it commits
+    when the block exits without an exception (``b.result`` then holds the
+    CommitResult) and discards everything otherwise.
+    """
+
+    def __init__(self, store: Store, durability: Durability | str | None) -> None:
+        self._store = store
+        self._durability = durability
+        self.ops: list[Put | Delete] = []
+        self.result: CommitResult | None = None
+
+    def put(self, key: str, value: Any, *, expect: Any = ANY, fence: int = 0) -> None:
+        self.ops.append(Put(key, value, expect, fence))
+
+    def delete(self, key: str, *, expect: Any = ANY, fence: int = 0) -> None:
+        self.ops.append(Delete(key, expect, fence))
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None and self.ops:
+            self.result = self._store.commit(self.ops, durability=self._durability)
+
+
+class Store:
+    """A walsync store. Open with :meth:`Store.open`; use as a context manager."""
+
+    def __init__(self) -> None:  # use Store.open
+        self.path = ""
+        self.node_id = ""
+        self.options = StoreOptions()
+        self.readonly = False
+        self.recovery: RecoveryReport | None = None
+        self._layout: StoreLayout
+        self._snapshot: SnapshotStore
+        self._lock: WriterLock | None = None
+        self._wal: WALWriter | None = None
+        mutex = threading.Lock()
+        #: commit waiters sleep on _cv; a leader gathering a batch sleeps on _gather
+        self._cv = threading.Condition(mutex)
+        self._queue: list[_Pending] = []
+        self._leading = False
+        self._preparing = 0
+        self._gather = threading.Condition(mutex)
+        self._overlay: dict[str, tuple[int, list[Sibling]]] = {}
+        self._next_lsn = 1
+        self._applied_lsn = 0
+        self._checkpoint_lsn = 0
+        self._clock = HybridClock()
+        self._poisoned: WalsyncError | None = None
+        self._closed = True
+        self._gaps: list[tuple[int, int]] = []
+        self._meta: dict[str, Any] = {}
+        self._checkpoint_lock = threading.Lock()
+        self._bytes_since_checkpoint = 0
+        self._checkpoint_wanted = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        self._replicator: Any = None
+
+    # -- opening and closing -------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        readonly: bool = False,
+        node_id: str | None = None,
+        options: StoreOptions | None = None,
+        **overrides: Any,
+    ) -> Store:
+        """Open (and by default create) a store; a writer replays the WAL first.
+
+        ``overrides`` are StoreOptions fields (``durability="none"``, ...).
+        """
+        opts = options or StoreOptions()
+        if overrides:
+            if "durability" in overrides:
+                overrides["durability"] = Durability(overrides["durability"])
+            opts = replace(opts, **overrides)
+        if opts.durability is Durability.REMOTE:
+            raise NoReplicatorError("a store cannot default to 'remote' durability before a "
+                                    "replicator is attached")
+        store = cls()
+        store.options = opts
+        store.readonly = readonly
+        store._open(Path(path), create=create, node_id=node_id)
+        return store
+
+    def _open(self, root: Path, *, create: bool, node_id: str | None) -> None:
+        self.path = str(root)
+        self._layout = layout = StoreLayout(root)
+        if not layout.store_file.exists():
+            if self.readonly or not create:
+                raise StoreNotFoundError(f"no walsync store at {root}")
+            self._initialise(root, node_id)
+        if not self.readonly:
+            self._lock = WriterLock(layout.lock_file, self.path)
+            self._lock.acquire(self.options.lock_timeout_seconds)
+        try:
+            self._meta = _read_store_file(layout.store_file)
+            self.node_id = self._meta["node_id"]
+            if node_id is not None and node_id != self.node_id:
+                raise ValueError(
+                    f"store {root} already has node id {self.node_id!r}, not {node_id!r}"
+                )
+            self._gaps = [(int(a), int(b)) for a, b in self._meta.get("lsn_gaps", [])]
+            self._snapshot = SnapshotStore(
+                layout.snapshot_dir,
+                map_size_bytes=self.options.map_size_bytes,
+                readonly=self.readonly,
+            )
+            if not self.readonly:
+                self._recover()
+            self._closed = False
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _initialise(self, root: Path, node_id: str | None) -> None:
+        if node_id is not None and not _NODE_ID_RE.match(node_id):
+            raise ValueError(f"node id {node_id!r} must be 1-64 of A-Z a-z 0-9 . _ -")
+        if root.exists() and any(p.name != "LOCK" for p in root.iterdir()):
+            raise StoreNotFoundError(
+                f"{root} is not empty and holds no walsync store (no STORE file)",
+                hint="choose an empty or new directory",
+            )
+        root.mkdir(mode=_fs.DIR_MODE, parents=True, exist_ok=True)
+        _fs.fsync_dir(root.parent)
+        _fs.make_dir(self._layout.wal_dir)
+        meta = {
+            "format": STORE_FORMAT_VERSION,
+            "node_id": node_id or secrets.token_hex(8),
+            "created_unix_ms": int(time.time() * 1000),
+            "lsn_gaps": [],
+        }
+        _fs.atomic_write(self._layout.store_file, json.dumps(meta, indent=1).encode())
+
+    def _recover(self) -> None:
+        _fs.make_dir(self._layout.wal_dir)
+        report, active, next_lsn = recover(self._layout, self._snapshot, self._gaps)
+        if report.wal_hole is not None:
+            self._gaps.append(report.wal_hole)
+            self._write_store_file()
+        self.recovery = report
+        if report.torn_tail is not None:
+            log.warning("store %s: torn tail cut on open: %s", self.path, report.torn_tail)
+        self._next_lsn = next_lsn
+        self._applied_lsn = self._snapshot.applied_lsn()
+        self._checkpoint_lsn = 0
+        self._clock = HybridClock(self._snapshot.last_hlc())
+        self._wal = WALWriter(
+            self._layout,
+            segment_bytes=self.options.segment_bytes,
+            next_lsn=next_lsn,
+            active=active,
+        )
+
+    def _write_store_file(self) -> None:
+        self._meta["lsn_gaps"] = [list(g) for g in self._gaps]
+        _fs.atomic_write(self._layout.store_file, json.dumps(self._meta, indent=1).encode())
+
+    def close(self) -> None:
+        """Finish pending commits, checkpoint, and release the writer lock."""
+        if self._closed:
+            return
+        with self._cv:
+            while self._leading or self._queue:
+                self._cv.wait()
+            self._closed = True
+        self._checkpoint_wanted.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
+        try:
+            if self._wal is not None and self._poisoned is None:
+                self._wal.sync()
+                self._wal.close()
+                self._checkpoint(include_active=True)
+        finally:
+            if self._wal is not None:
+                self._wal.close()
+            self._snapshot.close()
+            if self._lock is not None:
+                self._lock.release()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes --------------------------------------------------------------
+
+    def put(
+        self,
+        key: str,
+        value: Any,
+        *,
+        expect: Any = ANY,
+        durability: Durability | str | None = None,
+        fence: int = 0,
+    ) -> CommitResult:
+        """Store ``value`` under ``key``; durable per ``durability`` when it returns."""
+        return self.commit([Put(key, value, expect, fence)], durability=durability)
+
+    def delete(
+        self,
+        key: str,
+        *,
+        expect: Any = ANY,
+        durability: Durability | str | None = None,
+        fence: int = 0,
+    ) -> CommitResult:
+        """Write a tombstone for ``key`` (a versioned delete, so sync can merge it)."""
+        return self.commit([Delete(key, expect, fence)], durability=durability)
+
+    def batch(self, durability: Durability | str | None = None) -> Batch:
+        return Batch(self, durability)
+
+    def commit(
+        self, ops: Sequence[Put | Delete], *, durability: Durability | str | None = None
+    ) -> CommitResult:
+        """Commit operations as one atomic record."""
+        level = self.options.durability if durability is None else Durability(durability)
+        self._check_writable()
+        if level is Durability.REMOTE and self._replicator is None:
+            raise NoReplicatorError(
+                f"durability 'remote' needs a replicator attached to store {self.path}"
+            )
+        if not ops:
+            raise ValueError("a commit needs at least one operation")
+        with self._cv:
+            self._preparing += 1
+        try:
+            prepared = [self._prepare(op) for op in ops]
+        finally:
+            with self._cv:
+                self._preparing -= 1
+                if self._leading:
+                    self._gather.notify()
+        with self._cv:
+            self._check_writable()
+            item = self._assign(ops, prepared, level is not Durability.NONE)
+            self._queue.append(item)
+            if self._leading:
+                self._gather.notify()
+            while not item.done:
+                if not self._leading:
+                    self._lead()
+                else:
+                    self._cv.wait()
+        if item.error is not None:
+            raise _fresh(item.error)
+        if self._bytes_since_checkpoint >= self.options.checkpoint_every_bytes:
+            self._request_checkpoint()
+        if level is Durability.REMOTE:
+            self._replicator.wait_acknowledged(item.lsn)
+        return CommitResult(item.lsn, item.hlc, level)
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"store {self.path} is closed")
+        if self.readonly:
+            raise ReadOnlyStoreError(f"store {self.path} was opened read-only")
+        if self._poisoned is not None:
+            raise StorePoisonedError(
+                f"store {self.path} refuses writes since an earlier failure: {self._poisoned}"
+            )
+
+    def _prepare(self, op: Put | Delete) -> tuple[int, bytes | None]:
+        """Check the key and encode the value, before anything is written."""
+        key = op.key
+        if not isinstance(key, str):
+            raise InvalidKeyError(f"key {key!r} is not a string but {type(key).__name__}")
+        if not key:
+            raise InvalidKeyError("key is empty")
+        try:
+            size = len(key.encode())
+        except UnicodeEncodeError as exc:
+            raise InvalidKeyError(f"key {key!r} is not valid UTF-8: {exc.reason}") from None
+        if size > self.options.max_key_bytes:
+            raise InvalidKeyError(
+                f"key {key[:40]!r}... is {size} bytes, above the limit of "
+                f"{self.options.max_key_bytes}"
+            )
+        if isinstance(op, Delete):
+            return CODEC_NONE, None
+        try:
+            encoded = cbor2.dumps(op.value)
+        except (cbor2.CBOREncodeError, TypeError, ValueError, RecursionError) as exc:
+            raise InvalidValueError(
+                f"value for key {key!r} cannot be encoded: {exc}"
+            ) from None
+        if len(encoded) > self.options.max_value_bytes:
+            raise ValueTooLargeError(key, len(encoded), self.options.max_value_bytes)
+        if len(encoded) > self.options.compress_above_bytes:
+            return compress_value(encoded, self.options.compress_level)
+        return CODEC_NONE, encoded
+
+    def _assign(
+        self,
+        ops: Sequence[Put | Delete],
+        prepared: list[tuple[int, bytes | None]],
+        sync: bool,
+    ) -> _Pending:
+        """Check expectations, give the record its LSN and versions. Holds ``_cv``."""
+        lsn = self._next_lsn
+        hlc = self._clock.tick()
+        node = self.node_id
+        wire_ops: list[list[Any]] = []
+        new: dict[str, list[Sibling]] = {}
+        with self._snapshot.read() as txn:
+            for op, (codec, data) in zip(ops, prepared, strict=True):
+                key = op.key
+                current = new.get(key)
+                if current is None:
+                    current = self._current_siblings(txn, key)
+                if op.expect is not ANY:
+                    _check_expect(key, op.expect, current)
+                vv = join_vv(s.version.vv for s in current)
+                vv[node] = lsn
+                sib = Sibling(Version(node, lsn, hlc, vv, op.fence, data is None), codec, data)
+                new[key] = [sib]
+                wire_ops.append([key, encode_entry([sib])])
+        payload = encode_payload(KIND_LOCAL, hlc, wire_ops)
+        self._next_lsn = lsn + 1
+        for key, sibs in new.items():
+            self._overlay[key] = (lsn, sibs)
+        return _Pending(lsn, hlc, wire_ops, payload, sync)
+
+    def _current_siblings(self, txn: Any, key: str) -> list[Sibling]:
+        pending = self._overlay.get(key)
+        if pending is not None:
+            return pending[1]
+        raw = txn.get(key.encode())
+        return decode_entry(raw) if raw is not None else []
+
+    def _lead(self) -> None:
+        """Write, sync and apply every queued record. Entered and left holding ``_cv``."""
+        self._leading = True
+        try:
+            wait = self.options.group_wait_seconds
+            if wait > 0 and self._preparing:
+                # Others are encoding their records right now: let them join.
+                deadline = time.monotonic() + wait
+                while self._preparing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._gather.wait(left)
+            batch = self._queue
+            self._queue = []
+            self._cv.release()
+            error: WalsyncError | None = None
+            try:
+                error = self._write_batch(batch)
+            finally:
+                self._cv.acquire()
+            last = batch[-1].lsn
+            if error is None:
+                self._applied_lsn = last
+                for key in [k for k, (lsn, _) in self._overlay.items() if lsn <= last]:
+                    del self._overlay[key]
+            for item in batch:
+                item.error = error
+                item.done = True
+        finally:
+            self._leading = False
+            self._cv.notify_all()
+
+    def _write_batch(self, batch: list[_Pending]) -> WalsyncError | None:
+        wal = self._wal
+        assert wal is not None
+        before = wal.bytes_written
+        try:
+            wal.append([(p.lsn, p.payload) for p in batch], any(p.sync for p in batch))
+        except BaseException as exc:  # noqa: BLE001 - every failure poisons the store
+            return self._poison(exc, f"WAL write to segment {wal.segment_first_lsn:016x}.wal")
+        self._bytes_since_checkpoint += wal.bytes_written - before
+        try:
+            self._snapshot.apply([(p.lsn, KIND_LOCAL, p.hlc, p.ops) for p in batch])
+        except BaseException as exc:  # noqa: BLE001
+            return self._poison(
+                exc,
+                f"applying LSN {batch[0].lsn}..{batch[-1].lsn} to the snapshot (the records are "
+                "in the WAL and are applied when the store is reopened)",
+            )
+        return None
+
+    def _poison(self, exc: BaseException, doing: str) -> WalsyncError:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            error: WalsyncError = DiskFullError(
+                f"disk full during {doing} in store {self.path}: {exc}"
+            )
+        else:
+            error = StorePoisonedError(
+                f"{type(exc).__name__} during {doing} in store {self.path}: {exc}; "
+                "the store refuses further writes"
+            )
+        error.__cause__ = exc
+        self._poisoned = error
+        log.error("%s", error)
+        return error
+
+    # -- checkpoints ---------------------------------------------------------
+
+    def checkpoint(self) -> CheckpointResult:
+        """Sync the snapshot and remove WAL segments it (and sync) no longer need."""
+        if self._closed:
+            raise StoreClosedError(f"store {self.path} is closed")
+        self._check_writable()
+        return self._checkpoint(include_active=False)
+
+    def _checkpoint(self, *, include_active: bool) -> CheckpointResult:
+        with self._checkpoint_lock:
+            with self._cv:
+                applied = self._applied_lsn
+                active = self._wal.segment_first_lsn if self._wal and not include_active else None
+                self._bytes_since_checkpoint = 0
+            self._snapshot.sync()
+            self._checkpoint_lsn = applied
+            floor = self.retain_floor
+            limit = applied if floor is None else min(applied, floor - 1)
+            removed, freed = self._remove_segments_through(limit, active, applied)
+            return CheckpointResult(applied, removed, freed)
+
+    def _remove_segments_through(
+        self, limit: int, active: int | None, applied: int
+    ) -> tuple[int, int]:
+        segments = self._layout.list_segments()
+        removed = freed = 0
+        for i, (first, path) in enumerate(segments):
+            if first == active:
+                break
+            last = segments[i + 1][0] - 1 if i + 1 < len(segments) else applied
+            if last > limit:
+                break
+            freed += path.stat().st_size
+            _fs.unlink(path)
+            removed += 1
+        if removed:
+            _fs.fsync_dir(self._layout.wal_dir)
+        return removed, freed
+
+    def _request_checkpoint(self) -> None:
+        if self._checkpointer is None:
+            with self._cv:
+                if self._checkpointer is None:
+                    self._checkpointer = threading.Thread(
+                        target=self._checkpoint_loop, name="walsync-checkpoint", daemon=True
+                    )
+                    self._checkpointer.start()
+        self._checkpoint_wanted.set()
+
+    def _checkpoint_loop(self) -> None:
+        while True:
+            self._checkpoint_wanted.wait()
+            self._checkpoint_wanted.clear()
+            if self._closed or self._poisoned is not None:
+                return
+            try:
+                self._checkpoint(include_active=False)
+            except Exception:
+                log.exception("background checkpoint of %s failed", self.path)
+
+    @property
+    def retain_floor(self) -> int | None:
+        """The lowest LSN the WAL must keep (set by sync: first unacknowledged LSN)."""
+        raw = self._snapshot.get_meta(_RETAIN_FLOOR)
+        return int.from_bytes(raw, "little") if raw else None
+
+    def set_retain_floor(self, lsn: int | None) -> None:
+        """Keep WAL records from ``lsn`` on through checkpoints (None: no floor)."""
+        self._check_writable()
+        self._snapshot.put_meta(_RETAIN_FLOOR, b"" if lsn is None else lsn.to_bytes(8, "little"))
+
+    # -- reads ---------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The winning value of ``key``, or ``default`` if absent or deleted."""
+        self._check_open()
+        raw = self._snapshot.get_entry(_key_bytes(key))
+        if raw is None:
+            return default
+        sibs = decode_entry(raw)
+        best = sibs[0] if len(sibs) == 1 else winner(sibs)
+        if best.data is None:
+            return default
+        return decode_value(best.codec, best.data)
+
+    def get_version(self, key: str) -> Version | None:
+        """The winning version of ``key``; None if absent or deleted."""
+        self._check_open()
+        raw = self._snapshot.get_entry(_key_bytes(key))
+        if raw is None:
+            return None
+        best = winner(decode_entry(raw))
+        return None if best.deleted else best.version
+
+    def get_versions(self, key: str) -> list[VersionedValue]:
+        """Every visible sibling of ``key`` (tombstones have value None), winner last."""
+        self._check_open()
+        raw = self._snapshot.get_entry(_key_bytes(key))
+        if raw is None:
+            return []
+        return [
+            VersionedValue(None if s.data is None else decode_value(s.codec, s.data), s.version)
+            for s in visible_siblings(decode_entry(raw))
+        ]
+
+    def scan(
+        self,
+        prefix: str = "",
+        *,
+        start: str | None = None,
+        end: str | None = None,
+        reverse: bool = False,
+        limit: int | None = None,
+    ) -> Iterator[tuple[str, Any]]:
+        """Live keys under ``prefix`` within [start, end), in key order, from one snapshot.
+
+        The result is read in one LMDB transaction (a consistent view) and
+        then yielded; ``limit`` bounds how much is read.
+        """
+        return iter(self._scan(prefix, start, end, reverse, limit, values=True))
+
+    def keys(self, prefix: str = "", *, start: str | None = None, end: str | None = None,
+             limit: int | None = None) -> list[str]:
+        return [k for k, _ in self._scan(prefix, start, end, False, limit, values=False)]
+
+    def _scan(
+        self, prefix: str, start: str | None, end: str | None, reverse: bool,
+        limit: int | None, *, values: bool,
+    ) -> list[tuple[str, Any]]:
+        self._check_open()
+        lo = prefix.encode()
+        hi = _prefix_end(lo)
+        if start is not None and start.encode() > lo:
+            lo = start.encode()
+        if end is not None and (hi is None or end.encode() < hi):
+            hi = end.encode()
+        out: list[tuple[str, Any]] = []
+        with self._snapshot.read() as txn:
+            for key, raw in self._snapshot.iter_range(txn, lo, hi, reverse):
+                sibs = decode_entry(raw)
+                best = sibs[0] if len(sibs) == 1 else winner(sibs)
+                if best.data is None:
+                    continue
+                out.append((key.decode(), decode_value(best.codec, best.data) if values else None))
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"store {self.path} is closed")
+
+    # -- information ---------------------------------------------------------
+
+    @property
+    def next_lsn(self) -> int:
+        return self._next_lsn
+
+    @property
+    def applied_lsn(self) -> int:
+        return self._applied_lsn if not self.readonly else self._snapshot.applied_lsn()
+
+    @property
+    def poisoned(self) -> WalsyncError | None:
+        return self._poisoned
+
+    def info(self) -> StoreInfo:
+        self._check_open()
+        segments = self._layout.list_segments()
+        return StoreInfo(
+            path=self.path,
+            node_id=self.node_id,
+            applied_lsn=self.applied_lsn,
+            checkpoint_lsn=self._checkpoint_lsn,
+            next_lsn=self._next_lsn,
+            retain_floor=self.retain_floor,
+            segments=len(segments),
+            wal_bytes=sum(p.stat().st_size for _, p in segments),
+            snapshot_bytes=self._snapshot.file_bytes(),
+            keys=self._snapshot.count(),
+        )
+
+
+def _key_bytes(key: str) -> bytes:
+    if not isinstance(key, str):
+        raise InvalidKeyError(f"key {key!r} is not a string but {type(key).__name__}")
+    try:
+        return key.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidKeyError(f"key {key!r} is not valid UTF-8: {exc.reason}") from None
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest byte string above every string that starts with ``prefix``."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def _check_expect(key: str, expect: Any, current: list[Sibling]) -> None:
+    best = winner(current) if current else None
+    actual = None if best is None or best.deleted else best.version
+    if expect is None:
+        if actual is not None:
+            raise ConflictError(key, None, actual)
+        return
+    if not isinstance(expect, Version):
+        raise TypeError(f"expect= takes a Version, None or ANY, not {type(expect).__name__}")
+    if actual is None or (actual.origin, actual.lsn) != (expect.origin, expect.lsn):
+        raise ConflictError(key, expect, actual)
+
+
+def _fresh(error: WalsyncError) -> WalsyncError:
+    """A new exception per waiting thread (one instance raised in many threads
+    would share and grow one traceback)."""
+    copy = type(error).__new__(type(error))
+    copy.__dict__.update(error.__dict__)
+    copy.args = error.args
+    copy.__cause__ = error.__cause__
+    return copy
+
+
+def _read_store_file(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_bytes())
+        version = int(meta["format"])
+        str(meta["node_id"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise WalsyncError(
+            f"cannot read store metadata {path}: {exc}",
+            hint="the STORE file is damaged; restore it from a backup or `walsync restore`",
+        ) from None
+    if version != STORE_FORMAT_VERSION:
+        raise FormatVersionError(
+            f"store format version {version} is not supported by this walsync, which reads "
+            f"version {STORE_FORMAT_VERSION}",
+            path=str(path),
+        )
+    return dict(meta)
