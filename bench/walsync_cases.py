@@ -125,31 +125,56 @@ def fill(store: Any, values: ValuePool, n: int, threads: int = 8) -> None:
 # ---------------------------------------------------------------- replay
 
 
+def _base_snapshot(path: Path) -> Path:
+    return path.with_name(path.name + ".snapshot-at-open")
+
+
 def _child_fill(path: Path, records: int, value_bytes: int) -> None:
-    """Fill a new store, report, then exit without closing or checkpointing."""
+    """Fill a new store, report, then exit without closing or checkpointing.
+
+    walsync applies every commit to its LMDB snapshot (unsynced) right after
+    the WAL write, so after a mere process crash the snapshot is already
+    current and open has nothing to replay. What does need replay is a power
+    loss: the WAL was synced, the snapshot's unsynced pages are gone, back to
+    the last checkpoint. To get that state, the store is created and closed
+    (a checkpoint), its snapshot directory copied aside, and only then filled;
+    the parent puts the copy back before timing the open.
+    """
     values = ValuePool(value_bytes)
+    open_store(path).close()
+    shutil.copytree(path / "snapshot", _base_snapshot(path))
     t0 = time.perf_counter()
     try:
-        store = open_store(path, durability="none")
+        store = open_store(path, create=False, durability="none")
         method = "durability=none, 1 thread"
+    except (TypeError, ValueError):
+        store = open_store(path, create=False)
+        method = "durability=local, 16 threads"
+    if method.startswith("durability=none"):
         for i in range(records):
             store.put(f"k{i:012d}", values[i])
-    except (TypeError, ValueError):
-        store = open_store(path)
-        method = "durability=local, 16 threads"
+    else:
         fill(store, values, records, threads=16)
     seconds = time.perf_counter() - t0
     print(json.dumps({"written": records, "fill_s": round(seconds, 2), "method": method}),
           flush=True)
-    os._exit(0)  # no close, no checkpoint: the next open must replay the WAL
+    os._exit(0)  # no close, no checkpoint: the WAL keeps every record
+
+
+def _rewind_snapshot(store_dir: Path, base: Path) -> None:
+    """Put back the snapshot as of the last checkpoint (what a power loss leaves)."""
+    shutil.rmtree(store_dir / "snapshot")
+    shutil.copytree(base, store_dir / "snapshot")
 
 
 def replay_rate(work: Path, records: int, value_bytes: int, copies: int) -> dict[str, Any]:
-    """Records/s of ``Store.open`` replaying an uncheckpointed WAL.
+    """Records/s of ``Store.open`` replaying a WAL the snapshot has not seen.
 
-    A child process writes ``records`` puts and calls os._exit(0). The crashed
-    store is copied ``copies - 1`` times (untimed) so open can be timed more
-    than once; the page cache is warm (the WAL was just written or copied).
+    A child process creates a store, checkpoints it, writes ``records`` puts
+    (~100 bytes each) and calls os._exit(0); the snapshot is then rewound to
+    its checkpoint (see _child_fill), so open must replay every record. The
+    crashed store is copied ``copies - 1`` times (untimed) so open can be timed
+    more than once; the page cache is warm (the WAL was just written).
     """
     src = work / "replay-0"
     root = Path(__file__).resolve().parent.parent
@@ -161,24 +186,26 @@ def replay_rate(work: Path, records: int, value_bytes: int, copies: int) -> dict
     if proc.returncode != 0 or not proc.stdout.strip():
         raise RuntimeError(f"fill child failed ({proc.returncode}): {proc.stderr[-2000:]}")
     child = json.loads(proc.stdout.strip().splitlines()[-1])
+    wal_bytes = sum(f.stat().st_size for f in (src / "wal").glob("*.wal"))
     dirs = [src]
     for k in range(1, copies):
         dst = work / f"replay-{k}"
         shutil.copytree(src, dst)
         dirs.append(dst)
-    wal_bytes = sum(f.stat().st_size for f in (src / "wal").glob("*") if f.is_file()) \
-        if (src / "wal").is_dir() else None
     rates: list[float] = []
     open_s: list[float] = []
+    engine_s: list[float] = []
     replayed = 0
     for d in dirs:
+        _rewind_snapshot(d, _base_snapshot(src))
         t0 = time.perf_counter_ns()
         store = open_store(d, create=False)
         elapsed = (time.perf_counter_ns() - t0) / 1e9
         try:
             replayed = int(store.recovery.replayed_records)
+            engine_s.append(float(getattr(store.recovery, "seconds", 0.0)))
             if store.get(f"k{records - 1:012d}") is None:
-                raise RuntimeError("last record written before the crash is missing after replay")
+                raise RuntimeError("the last record written before the crash is missing")
         finally:
             store.close()
         open_s.append(elapsed)
@@ -187,9 +214,11 @@ def replay_rate(work: Path, records: int, value_bytes: int, copies: int) -> dict
         "records_written": child["written"],
         "replayed_records": replayed,
         "wal_bytes": wal_bytes,
+        "wal_bytes_per_record": round(wal_bytes / max(1, child["written"]), 1),
         "fill_s": child["fill_s"],
         "fill_method": child["method"],
         "open_s": [round(s, 3) for s in open_s],
+        "recovery_s": [round(s, 3) for s in engine_s],
         "rate_per_s": statistics.median(rates),
         "store_dirs": [str(d) for d in dirs],  # cleanly closed now
     }

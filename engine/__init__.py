@@ -3,6 +3,7 @@
 The public face. Everything else in ``engine`` is an implementation module.
 """
 
+from .check import Damage, SegmentReport, VerifyReport, verify
 from .errors import (
     CapacityError,
     ConflictError,
@@ -24,6 +25,7 @@ from .errors import (
     WalsyncError,
 )
 from .options import Durability, StoreOptions
+from .repair import RepairReport, repair
 from .replay import RecoveryReport
 from .store import (
     ANY,
@@ -47,6 +49,7 @@ __all__ = [
     "CommitResult",
     "ConflictError",
     "CorruptionError",
+    "Damage",
     "Delete",
     "DiskFullError",
     "Durability",
@@ -59,6 +62,8 @@ __all__ = [
     "Put",
     "ReadOnlyStoreError",
     "RecoveryReport",
+    "RepairReport",
+    "SegmentReport",
     "Store",
     "StoreClosedError",
     "StoreInfo",
@@ -69,7 +74,10 @@ __all__ = [
     "StoreStateError",
     "TornTail",
     "ValueTooLargeError",
+    "VerifyReport",
     "Version",
     "VersionedValue",
     "WalsyncError",
+    "repair",
+    "verify",
 ]

@@ -12,6 +12,7 @@ decode and a put, with no re-encoding.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,7 +185,9 @@ def decode_entry(entry: bytes) -> list[Sibling]:
 
 
 _compressor = zstandard.ZstdCompressor
-_decompressor = zstandard.ZstdDecompressor()
+#: zstandard contexts are not thread-safe: a shared one, used by reader threads
+#: at once, returns wrong bytes. One decompressor per thread.
+_local = threading.local()
 #: compression is tried on a sample first: a value whose first 64 KiB do not
 #: shrink by an eighth is stored as it is (random or already-compressed bytes)
 _SAMPLE_BYTES = 65536
@@ -205,7 +208,10 @@ def compress_value(encoded: bytes, level: int) -> tuple[int, bytes]:
 
 def decode_value(codec: int, data: bytes) -> Any:
     if codec == CODEC_ZSTD:
-        data = _decompressor.decompress(data)
+        dctx = getattr(_local, "dctx", None)
+        if dctx is None:
+            dctx = _local.dctx = zstandard.ZstdDecompressor()
+        data = dctx.decompress(data)
     elif codec != CODEC_NONE:
         raise CorruptionError(f"unknown value codec {codec}")
     return cbor2.loads(data)

@@ -60,15 +60,23 @@ def gap_allowed(gaps: list[tuple[int, int]], first_missing: int, last_missing: i
 
 
 def recover(
-    layout: StoreLayout, snapshot: SnapshotStore, gaps: list[tuple[int, int]]
+    layout: StoreLayout,
+    snapshot: SnapshotStore,
+    gaps: list[tuple[int, int]],
+    min_next_lsn: int = 1,
 ) -> tuple[RecoveryReport, SegmentScan | None, int]:
-    """Replay; return the report, the scan of the segment to append to, and the next LSN."""
+    """Replay; return the report, the scan of the segment to append to, and the next LSN.
+
+    ``min_next_lsn`` (set by repair) keeps LSNs that were lost from the log
+    from ever being handed out again.
+    """
     started = time.perf_counter()
     applied = snapshot.applied_lsn()
     segments = layout.list_segments()
     if not segments:
-        report = RecoveryReport(applied, 0, applied, None, 0, time.perf_counter() - started)
-        return report, None, applied + 1
+        next_lsn = max(applied + 1, min_next_lsn)
+        report = RecoveryReport(applied, 0, next_lsn - 1, None, 0, time.perf_counter() - started)
+        return report, None, next_lsn
 
     start = 0
     for i, (first, _path) in enumerate(segments):
@@ -126,7 +134,9 @@ def recover(
         hole = (wal_last + 1, applied_now)
         active = None
         log.warning("WAL lost LSNs %d..%d that the snapshot holds", hole[0], hole[1])
-    next_lsn = max(wal_last, applied_now) + 1
+    next_lsn = max(wal_last + 1, applied_now + 1, min_next_lsn)
+    if next_lsn != wal_last + 1:
+        active = None  # the next record starts a new segment after the hole
     report = RecoveryReport(
         applied, replayed, next_lsn - 1, scan.torn, len(segments) - start,
         time.perf_counter() - started, hole,

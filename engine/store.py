@@ -57,7 +57,7 @@ from .record import (
     encode_entry,
     encode_payload,
 )
-from .replay import RecoveryReport, recover
+from .replay import RecoveryReport, gap_allowed, recover
 from .snapshot import SnapshotStore
 from .versions import HybridClock, Sibling, Version, join_vv, visible_siblings, winner
 from .wal import WALWriter
@@ -71,6 +71,8 @@ __all__ = [
     "Store",
     "StoreInfo",
     "VersionedValue",
+    "read_store_file",
+    "write_store_file",
 ]
 
 log = logging.getLogger("walsync.store")
@@ -259,7 +261,7 @@ class Store:
             self._lock = WriterLock(layout.lock_file, self.path)
             self._lock.acquire(self.options.lock_timeout_seconds)
         try:
-            self._meta = _read_store_file(layout.store_file)
+            self._meta = read_store_file(layout.store_file)
             self.node_id = self._meta["node_id"]
             if node_id is not None and node_id != self.node_id:
                 raise ValueError(
@@ -296,12 +298,14 @@ class Store:
             "created_unix_ms": int(time.time() * 1000),
             "lsn_gaps": [],
         }
-        _fs.atomic_write(self._layout.store_file, json.dumps(meta, indent=1).encode())
+        write_store_file(self._layout.store_file, meta)
 
     def _recover(self) -> None:
         _fs.make_dir(self._layout.wal_dir)
-        report, active, next_lsn = recover(self._layout, self._snapshot, self._gaps)
-        if report.wal_hole is not None:
+        report, active, next_lsn = recover(
+            self._layout, self._snapshot, self._gaps, int(self._meta.get("min_next_lsn", 1))
+        )
+        if report.wal_hole is not None and not gap_allowed(self._gaps, *report.wal_hole):
             self._gaps.append(report.wal_hole)
             self._write_store_file()
         self.recovery = report
@@ -320,7 +324,7 @@ class Store:
 
     def _write_store_file(self) -> None:
         self._meta["lsn_gaps"] = [list(g) for g in self._gaps]
-        _fs.atomic_write(self._layout.store_file, json.dumps(self._meta, indent=1).encode())
+        write_store_file(self._layout.store_file, self._meta)
 
     def close(self) -> None:
         """Finish pending commits, checkpoint, and release the writer lock."""
@@ -788,7 +792,7 @@ def _fresh(error: WalsyncError) -> WalsyncError:
     return copy
 
 
-def _read_store_file(path: Path) -> dict[str, Any]:
+def read_store_file(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_bytes())
         version = int(meta["format"])
@@ -805,3 +809,8 @@ def _read_store_file(path: Path) -> dict[str, Any]:
             path=str(path),
         )
     return dict(meta)
+
+
+def write_store_file(path: Path, meta: dict[str, Any]) -> None:
+    """Replace the STORE file atomically (tmp, fsync, rename, fsync dir)."""
+    _fs.atomic_write(path, json.dumps(meta, indent=1, sort_keys=True).encode())

@@ -57,10 +57,11 @@ class SegmentScan:
     frames: list[Frame] = field(default_factory=list)
     end_offset: int = SEGMENT_HEADER_BYTES
     torn: TornTail | None = None
+    #: the last intact LSN, counting frames checked but not kept
+    last_lsn: int = 0
 
-    @property
-    def last_lsn(self) -> int:
-        return self.frames[-1].lsn if self.frames else self.first_lsn - 1
+    def __post_init__(self) -> None:
+        self.last_lsn = self.first_lsn - 1
 
 
 def scan_segment(
@@ -125,6 +126,7 @@ def scan_segment(
         _decide_tail(scan, data, offset, expected, name)
         break
     scan.end_offset = offset
+    scan.last_lsn = expected - 1
     return scan
 
 

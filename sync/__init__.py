@@ -1,0 +1,1 @@
+"""walsync's sync layer: replication to Supabase / PostgreSQL, and the `walsync` command."""

@@ -1,0 +1,298 @@
+"""The `walsync` command: a thin consumer of the library.
+
+Each command opens what it needs, makes one library call and prints the
+result, for people by default and as JSON with ``--json`` (a stable contract:
+fields are added, never renamed or removed within a major version).
+
+Exit codes:
+
+====  =====================================================
+0     success
+1     an error (the message and a hint are on stderr)
+2     usage error
+3     damage found (``verify``), or open refused for damage
+4     the store is locked by another process
+5     not found: no store at the path, or no such key
+====  =====================================================
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+import engine
+from engine import Store, WalsyncError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_DAMAGE = 3
+EXIT_LOCKED = 4
+EXIT_NOT_FOUND = 5
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+store_option = click.option(
+    "--store",
+    "-s",
+    "store_path",
+    envvar="WALSYNC_STORE",
+    default=".walsync",
+    show_default=True,
+    show_envvar=True,
+    type=click.Path(file_okay=False),
+    help="Store directory.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _jsonable(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, bytes):
+        return {"$bytes": obj.hex()}
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _emit(obj: Any) -> None:
+    click.echo(json.dumps(_jsonable(obj), sort_keys=True))
+
+
+def _handles_errors(fn: F) -> F:
+    """Turn walsync errors into a message, a hint and a meaningful exit code."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except WalsyncError as exc:
+            click.echo(f"error: {exc}", err=True)
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+            if isinstance(exc, engine.CorruptionError):
+                code = EXIT_DAMAGE
+            elif isinstance(exc, engine.StoreLockedError):
+                code = EXIT_LOCKED
+            elif isinstance(exc, engine.StoreNotFoundError):
+                code = EXIT_NOT_FOUND
+            else:
+                code = EXIT_ERROR
+            sys.exit(code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="walsync")
+def main() -> None:
+    """walsync: a durable state store for long-running workflows."""
+
+
+@main.command()
+@click.argument("path", type=click.Path(file_okay=False), envvar="WALSYNC_STORE")
+@click.option("--node-id", help="Name this store's node (default: random).")
+@json_option
+@_handles_errors
+def init(path: str, node_id: str | None, as_json: bool) -> None:
+    """Create a store at PATH."""
+    with Store.open(path, create=True, node_id=node_id) as store:
+        result = {"path": store.path, "node_id": store.node_id}
+    if as_json:
+        _emit(result)
+    else:
+        click.echo(f"created store {result['path']} (node {result['node_id']})")
+
+
+@main.command()
+@store_option
+@json_option
+@_handles_errors
+def inspect(store_path: str, as_json: bool) -> None:
+    """Show the store's segments, LSNs and sizes (read-only)."""
+    report = engine.verify(store_path, decode_payloads=False)
+    info = {
+        "path": report.path,
+        "node_id": report.node_id,
+        "applied_lsn": report.applied_lsn,
+        "first_lsn": report.first_lsn,
+        "last_lsn": report.last_lsn,
+        "records": report.records,
+        "wal_bytes": report.wal_bytes,
+        "segments": report.segments,
+        "lsn_gaps": report.lsn_gaps,
+        "torn_tail": report.torn_tail,
+        "damage": report.damage,
+    }
+    if as_json:
+        _emit(info)
+        return
+    click.echo(f"store      {report.path}")
+    click.echo(f"node       {report.node_id}")
+    click.echo(f"applied    LSN {report.applied_lsn}")
+    click.echo(f"WAL        {len(report.segments)} segments, {report.records} records, "
+               f"{report.wal_bytes} bytes, LSN {report.first_lsn}..{report.last_lsn}")
+    for seg in report.segments:
+        click.echo(f"  {seg.name}  LSN {seg.first_lsn}..{seg.last_lsn}  "
+                   f"{seg.records} records  {seg.size_bytes} bytes")
+    for dmg in report.damage:
+        click.echo(f"damage: {dmg.message}")
+
+
+@main.command()
+@store_option
+@json_option
+@_handles_errors
+def verify(store_path: str, as_json: bool) -> None:
+    """Check every checksum and LSN; exit 3 if damage is found."""
+    with click.progressbar(length=1, label="verifying", file=sys.stderr,
+                           show_pos=False) as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.length = max(total, 1)
+            bar.update(done - bar.pos)
+
+        report = engine.verify(store_path, progress=advance)
+    if as_json:
+        _emit({"ok": report.ok, "records": report.records, "segments": len(report.segments),
+               "damage": report.damage, "torn_tail": report.torn_tail,
+               "applied_lsn": report.applied_lsn, "last_lsn": report.last_lsn})
+    else:
+        for dmg in report.damage:
+            click.echo(f"damage: {dmg.message}")
+        if report.torn_tail is not None:
+            t = report.torn_tail
+            click.echo(f"torn tail: {t.bytes_cut} bytes at offset {t.offset} of {t.segment} "
+                       "(never acknowledged; cut on the next open)")
+        status = "ok" if report.ok else "DAMAGED"
+        click.echo(f"{status}: {report.records} records in {len(report.segments)} segments")
+    if not report.ok:
+        sys.exit(EXIT_DAMAGE)
+
+
+@main.command()
+@store_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@_handles_errors
+def repair(store_path: str, yes: bool, as_json: bool) -> None:
+    """Keep what precedes the first damage; move the rest to quarantine/."""
+    if not yes and not as_json:
+        click.confirm(f"repair {store_path}? Damaged data is moved aside, never deleted",
+                      abort=True)
+    report = engine.repair(store_path)
+    if as_json:
+        _emit(report)
+        return
+    if not report.damaged:
+        click.echo(report.message)
+        return
+    click.echo(f"damage: {report.message}")
+    click.echo(f"kept the log up to LSN {(report.first_lost_lsn or 1) - 1}; "
+               f"moved {len(report.moved)} segment(s) to {report.quarantine}")
+    click.echo(f"lost from the log: LSN {report.first_lost_lsn}..{report.last_lost_lsn}; "
+               f"records whose effects are gone from the store: {report.records_lost_from_state}")
+
+
+@main.command()
+@store_option
+@json_option
+@_handles_errors
+def checkpoint(store_path: str, as_json: bool) -> None:
+    """Sync the snapshot and remove WAL segments no longer needed."""
+    with Store.open(store_path, create=False) as store:
+        result = store.checkpoint()
+    if as_json:
+        _emit(result)
+    else:
+        click.echo(f"checkpointed at LSN {result.lsn}; removed {result.segments_removed} "
+                   f"segment(s), {result.bytes_removed} bytes")
+
+
+def _open_read(store_path: str) -> Store:
+    """Read-only when a writer holds the store, so debugging never blocks it."""
+    try:
+        return Store.open(store_path, create=False)
+    except engine.StoreLockedError:
+        return Store.open(store_path, readonly=True)
+
+
+@main.command()
+@store_option
+@click.argument("key")
+@json_option
+@_handles_errors
+def get(store_path: str, key: str, as_json: bool) -> None:
+    """Print KEY's value (JSON); exit 5 if it is absent."""
+    with _open_read(store_path) as store:
+        version = store.get_version(key)
+        value = store.get(key)
+    if version is None:
+        click.echo(f"no key {key!r}", err=True)
+        sys.exit(EXIT_NOT_FOUND)
+    if as_json:
+        _emit({"key": key, "value": value, "version": version})
+    else:
+        click.echo(json.dumps(_jsonable(value), indent=2, sort_keys=True))
+
+
+@main.command()
+@store_option
+@click.argument("key")
+@click.argument("value")
+@click.option("--string", "as_string", is_flag=True, help="Store VALUE as a string, not JSON.")
+@json_option
+@_handles_errors
+def put(store_path: str, key: str, value: str, as_string: bool, as_json: bool) -> None:
+    """Store VALUE (parsed as JSON unless --string) under KEY."""
+    parsed: Any = value
+    if not as_string:
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON ({exc}); pass --string for a plain string",
+                                     param_hint="VALUE") from None
+    with Store.open(store_path, create=False) as store:
+        result = store.put(key, parsed)
+    if as_json:
+        _emit(result)
+    else:
+        click.echo(f"committed at LSN {result.lsn}")
+
+
+@main.command()
+@store_option
+@click.argument("prefix", default="")
+@click.option("--start", help="First key (inclusive).")
+@click.option("--end", help="Last key (exclusive).")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many keys.")
+@click.option("--keys-only", is_flag=True)
+@json_option
+@_handles_errors
+def scan(store_path: str, prefix: str, start: str | None, end: str | None, limit: int | None,
+         keys_only: bool, as_json: bool) -> None:
+    """List keys under PREFIX in key order (one JSON object per line with --json)."""
+    with _open_read(store_path) as store:
+        rows = list(store.scan(prefix, start=start, end=end, limit=limit))
+    for key, value in rows:
+        if as_json:
+            _emit({"key": key} if keys_only else {"key": key, "value": value})
+        elif keys_only:
+            click.echo(key)
+        else:
+            click.echo(f"{key}\t{json.dumps(_jsonable(value), sort_keys=True)}")
+
+
+if __name__ == "__main__":
+    main()
