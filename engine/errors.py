@@ -20,6 +20,12 @@ the same call again, unchanged, can succeed)::
     │   ├── FormatVersionError     a file written by an incompatible version
     │   └── LSNGapError            a missing segment or a hole in the LSNs
     ├── ConflictError              an ``expect=`` check failed
+    ├── WorkflowError              the workflow layer
+    │   ├── RunNotFoundError
+    │   ├── CheckpointNotFoundError
+    │   ├── StepNeedsAttentionError an interrupted non-idempotent step waits
+    │   ├── SchemaVersionError     state newer than the code, or no migration
+    │   └── InvalidRunStateError   a run's state failed validation
     ├── InvalidKeyError            (also a ValueError)
     ├── InvalidValueError          (also a ValueError)
     └── DurabilityError
@@ -33,16 +39,21 @@ from __future__ import annotations
 
 __all__ = [
     "CapacityError",
+    "CheckpointNotFoundError",
     "ConflictError",
     "CorruptionError",
     "DiskFullError",
     "DurabilityError",
     "FormatVersionError",
     "InvalidKeyError",
+    "InvalidRunStateError",
     "InvalidValueError",
     "LSNGapError",
     "NoReplicatorError",
     "ReadOnlyStoreError",
+    "RunNotFoundError",
+    "SchemaVersionError",
+    "StepNeedsAttentionError",
     "StoreClosedError",
     "StoreLockedError",
     "StoreNotFoundError",
@@ -50,6 +61,7 @@ __all__ = [
     "StoreStateError",
     "ValueTooLargeError",
     "WalsyncError",
+    "WorkflowError",
 ]
 
 
@@ -194,6 +206,40 @@ class DurabilityError(WalsyncError):
 
 class NoReplicatorError(DurabilityError):
     hint = "attach a replicator (sync) to the store, or commit with durability 'local'"
+
+
+class WorkflowError(WalsyncError):
+    pass
+
+
+class RunNotFoundError(WorkflowError):
+    hint = "list runs with `walsync runs list`"
+
+
+class CheckpointNotFoundError(WorkflowError):
+    hint = "list a run's checkpoints with `walsync checkpoints list RUN_ID`"
+
+
+class StepNeedsAttentionError(WorkflowError):
+    """A non-idempotent step was interrupted: running it again could repeat a side effect."""
+
+    def __init__(self, run_id: str, step_id: str) -> None:
+        super().__init__(
+            f"step {step_id!r} of run {run_id!r} was interrupted while running and is not "
+            "idempotent: it will not run again until the orchestrator decides",
+            hint="check whether its side effect happened, then Run.resolve(step_id, "
+            "'retry' | 'skip' | 'succeed', output=...)",
+        )
+        self.run_id = run_id
+        self.step_id = step_id
+
+
+class SchemaVersionError(WorkflowError):
+    hint = "upgrade walsync / your workflow code, or register a migration for this version"
+
+
+class InvalidRunStateError(WorkflowError):
+    pass
 
 
 def _describe(version: object) -> str:

@@ -19,6 +19,8 @@ Exit codes:
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
@@ -29,6 +31,7 @@ import click
 
 import engine
 from engine import Store, WalsyncError
+from engine.demo import DEMO_STEPS, run_demo
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -292,6 +295,25 @@ def scan(store_path: str, prefix: str, start: str | None, end: str | None, limit
             click.echo(key)
         else:
             click.echo(f"{key}\t{json.dumps(_jsonable(value), sort_keys=True)}")
+
+
+@main.command()
+@click.option("--store", "-s", "store_path", envvar="WALSYNC_DEMO_STORE", default=".walsync-demo",
+              show_default=True, type=click.Path(file_okay=False), help="Demo store directory.")
+@click.option("--crash-after", type=click.IntRange(0, len(DEMO_STEPS) - 1),
+              help="SIGKILL this process part-way through step N+1 (0-based N).")
+@click.option("--delay", type=click.FloatRange(min=0), default=0.15, show_default=True,
+              help="Seconds each unit of pretend work takes.")
+@click.option("--fresh", is_flag=True, help="Delete the demo store first.")
+@_handles_errors
+def demo(store_path: str, crash_after: int | None, delay: float, fresh: bool) -> None:
+    """Run an invoicing pipeline that survives SIGKILL; run again to resume it.
+
+    Try: walsync demo --crash-after 3; walsync demo
+    """
+    if fresh and os.path.isdir(store_path):
+        shutil.rmtree(store_path)
+    run_demo(store_path, crash_after=crash_after, delay_seconds=delay, out=click.echo)
 
 
 if __name__ == "__main__":
