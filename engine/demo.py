@@ -157,6 +157,9 @@ class _Demo:
         orders = one("fetch_orders", self.fetch_orders)
         invoices = one("compute_invoices", self.compute_invoices, orders)
         one("summarise", self.summarise, invoices)
+        if not any(c.name == "before-charges" for c in run.checkpoints()):
+            run.checkpoint("before-charges", "invoices computed, nobody charged yet",
+                           tags=["pre-payment"])
         self._settle_attention(run, "charge_cards", "charge ")
         receipts = one("charge_cards", self.charge_cards, invoices, idempotent=False)
         self._settle_attention(run, "email_receipts", "email ")

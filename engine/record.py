@@ -20,7 +20,7 @@ import cbor2
 import xxhash
 import zstandard
 
-from .errors import CorruptionError, FormatVersionError
+from .errors import CapacityError, CorruptionError, FormatVersionError
 from .versions import Sibling
 
 __all__ = [
@@ -98,6 +98,13 @@ def decode_segment_header(buf: bytes, path: str) -> int:
 
 def encode_frame(lsn: int, synced_lsn: int, payload: bytes) -> bytes:
     """Header and payload; the checksum covers every byte after itself."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        # decode_frame takes such a frame for damage: writing it would lose the record
+        raise CapacityError(
+            f"record payload is {len(payload)} bytes, above the frame limit of "
+            f"{MAX_PAYLOAD_BYTES} bytes; nothing was written",
+            hint="commit fewer or smaller values per record",
+        )
     prefix = _FRAME_PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, 0, len(payload), lsn, synced_lsn)
     if len(payload) <= 65536:
         body = prefix + payload
@@ -162,10 +169,18 @@ def decode_payload(payload: bytes, path: str = "", offset: int = 0, lsn: int = 0
 ]:
     """Decode and check a payload's shape; damage raises CorruptionError."""
     try:
-        kind, hlc, ops = cbor2.loads(payload)
+        record = cbor2.loads(payload)
+        if not isinstance(record, list) or len(record) != 3:
+            raise ValueError("not a [kind, hlc, ops] array")
+        kind, hlc, ops = record
         if kind not in (KIND_LOCAL, KIND_MERGE) or not isinstance(hlc, int):
             raise ValueError("bad record kind or HLC")
-        for key, entry in ops:
+        if not isinstance(ops, list):
+            raise ValueError("operations are not an array")
+        for op in ops:
+            if not isinstance(op, list) or len(op) != 2:
+                raise ValueError("bad operation")
+            key, entry = op
             if not isinstance(key, str) or not isinstance(entry, bytes):
                 raise ValueError("bad operation")
     except (ValueError, TypeError, cbor2.CBORDecodeError, RecursionError) as exc:
@@ -181,7 +196,29 @@ def encode_entry(siblings: list[Sibling]) -> bytes:
 
 
 def decode_entry(entry: bytes) -> list[Sibling]:
-    return [Sibling.from_wire(item) for item in cbor2.loads(entry)]
+    """The siblings of a snapshot entry; damage raises CorruptionError."""
+    try:
+        items = cbor2.loads(entry)
+        if not isinstance(items, list):
+            raise ValueError("not an array of siblings")
+        for item in items:
+            if not isinstance(item, list) or len(item) != 7:
+                raise ValueError("a sibling is not a 7-element array")
+            data, codec, vv, hlc, origin, lsn, fence = item
+            if not (
+                (data is None or isinstance(data, bytes))
+                and isinstance(codec, int)
+                and isinstance(vv, dict)
+                and all(isinstance(k, str) and isinstance(v, int) for k, v in vv.items())
+                and isinstance(hlc, int)
+                and isinstance(origin, str)
+                and isinstance(lsn, int)
+                and isinstance(fence, int)
+            ):
+                raise ValueError("a sibling field has the wrong type")
+    except (ValueError, TypeError, cbor2.CBORDecodeError, RecursionError) as exc:
+        raise CorruptionError(f"snapshot entry does not decode: {exc}") from None
+    return [Sibling.from_wire(item) for item in items]
 
 
 _compressor = zstandard.ZstdCompressor
@@ -207,11 +244,20 @@ def compress_value(encoded: bytes, level: int) -> tuple[int, bytes]:
 
 
 def decode_value(codec: int, data: bytes) -> Any:
-    if codec == CODEC_ZSTD:
-        dctx = getattr(_local, "dctx", None)
-        if dctx is None:
-            dctx = _local.dctx = zstandard.ZstdDecompressor()
-        data = dctx.decompress(data)
-    elif codec != CODEC_NONE:
-        raise CorruptionError(f"unknown value codec {codec}")
-    return cbor2.loads(data)
+    """A stored value; damage raises CorruptionError."""
+    try:
+        if codec == CODEC_ZSTD:
+            # the header's content size is what decompress allocates: check it first
+            size = zstandard.frame_content_size(data)
+            if size < 0 or size > MAX_PAYLOAD_BYTES:
+                raise ValueError(f"zstd frame declares a content size of {size}")
+            dctx = getattr(_local, "dctx", None)
+            if dctx is None:
+                dctx = _local.dctx = zstandard.ZstdDecompressor()
+            data = dctx.decompress(data)
+        elif codec != CODEC_NONE:
+            raise ValueError(f"unknown value codec {codec}")
+        return cbor2.loads(data)
+    except (ValueError, TypeError, zstandard.ZstdError, cbor2.CBORDecodeError,
+            RecursionError) as exc:
+        raise CorruptionError(f"stored value does not decode: {exc}") from None

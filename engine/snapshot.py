@@ -26,7 +26,7 @@ from typing import Any, cast
 import lmdb
 
 from . import _fs
-from .errors import CapacityError, CorruptionError
+from .errors import CapacityError, CorruptionError, StoreStateError
 from .record import KIND_LOCAL, decode_entry, encode_entry
 from .versions import merge_sibling
 
@@ -102,6 +102,13 @@ class SnapshotStore:
                 mode=_fs.FILE_MODE,
             )
         except lmdb.Error as exc:
+            if "already open in this process" in str(exc):
+                # not damage: LMDB allows one handle per environment and process
+                raise StoreStateError(
+                    f"the snapshot {path} is already open in this process",
+                    hint="share the open Store handle; open a second one (even read-only) "
+                    "from another process",
+                ) from None
             raise CorruptionError(f"cannot open the LMDB snapshot: {exc}", path=str(path)) from None
         self.env.reader_check()
         self._data = self.env.open_db(_DATA_DB, create=not readonly)

@@ -699,13 +699,15 @@ class Store:
         limit: int | None, *, values: bool,
     ) -> list[tuple[str, Any]]:
         self._check_open()
-        lo = prefix.encode()
+        lo = _key_bytes(prefix, allow_empty=True)
         hi = _prefix_end(lo)
-        if start is not None and start.encode() > lo:
+        if start is not None and _key_bytes(start, allow_empty=True) > lo:
             lo = start.encode()
-        if end is not None and (hi is None or end.encode() < hi):
+        if end is not None and (hi is None or _key_bytes(end, allow_empty=True) < hi):
             hi = end.encode()
         out: list[tuple[str, Any]] = []
+        if limit is not None and limit <= 0:
+            return out
         with self._snapshot.read() as txn:
             for key, raw in self._snapshot.iter_range(txn, lo, hi, reverse):
                 sibs = decode_entry(raw)
@@ -746,15 +748,25 @@ class Store:
             next_lsn=self._next_lsn,
             retain_floor=self.retain_floor,
             segments=len(segments),
-            wal_bytes=sum(p.stat().st_size for _, p in segments),
+            wal_bytes=sum(_size_or_zero(p) for _, p in segments),
             snapshot_bytes=self._snapshot.file_bytes(),
             keys=self._snapshot.count(),
         )
 
 
-def _key_bytes(key: str) -> bytes:
+def _size_or_zero(path: Path) -> int:
+    """A file's size; 0 if a concurrent checkpoint has just removed it."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _key_bytes(key: str, *, allow_empty: bool = False) -> bytes:
     if not isinstance(key, str):
         raise InvalidKeyError(f"key {key!r} is not a string but {type(key).__name__}")
+    if not key and not allow_empty:
+        raise InvalidKeyError("key is empty")
     try:
         return key.encode()
     except UnicodeEncodeError as exc:

@@ -32,6 +32,8 @@ import click
 import engine
 from engine import Store, WalsyncError
 from engine.demo import DEMO_STEPS, run_demo
+from engine.runs import Cost
+from engine.workflow import Workflows
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -295,6 +297,111 @@ def scan(store_path: str, prefix: str, start: str | None, end: str | None, limit
             click.echo(key)
         else:
             click.echo(f"{key}\t{json.dumps(_jsonable(value), sort_keys=True)}")
+
+
+@main.group()
+def runs() -> None:
+    """Workflow runs: list, show, resumable."""
+
+
+def _print_runs(records: list[Any], as_json: bool) -> None:
+    if as_json:
+        for rec in records:
+            _emit(rec)
+        return
+    for rec in records:
+        cost = Cost.from_dict(rec.cost)
+        click.echo(f"{rec.run_id:<28} {rec.workflow:<16} {rec.status:<10} "
+                   f"{rec.progress:5.1f}%  steps {rec.steps_done:<4} ${cost.usd:.4f}  "
+                   f"updated {rec.updated_at:%Y-%m-%d %H:%M:%S}")
+
+
+@runs.command("list")
+@store_option
+@click.option("--status", multiple=True, help="Only runs with this status (repeatable).")
+@click.option("--workflow", help="Only runs of this workflow.")
+@json_option
+@_handles_errors
+def runs_list(store_path: str, status: tuple[str, ...], workflow: str | None,
+              as_json: bool) -> None:
+    """List runs (one JSON object per line with --json)."""
+    with _open_read(store_path) as store:
+        records = Workflows(store).list_runs(status=status or None, workflow=workflow)
+    _print_runs(records, as_json)
+
+
+@runs.command("resumable")
+@store_option
+@json_option
+@_handles_errors
+def runs_resumable(store_path: str, as_json: bool) -> None:
+    """Runs worth resuming: running, paused, or failed with retries left."""
+    with _open_read(store_path) as store:
+        records = Workflows(store).resumable()
+    _print_runs(records, as_json)
+
+
+@runs.command("show")
+@store_option
+@click.argument("run_id")
+@json_option
+@_handles_errors
+def runs_show(store_path: str, run_id: str, as_json: bool) -> None:
+    """Show a run and its steps in execution order."""
+    with _open_read(store_path) as store:
+        run = Workflows(store).get_run(run_id)
+        steps = run.ordered_steps()
+    if as_json:
+        _emit({"run": run.record, "steps": steps})
+        return
+    rec = run.record
+    click.echo(f"run {rec.run_id}  workflow {rec.workflow} v{rec.workflow_version}  "
+               f"{rec.status}  {rec.progress:.0f}%  cost ${Cost.from_dict(rec.cost).usd:.4f}")
+    if rec.error:
+        click.echo(f"error: {rec.error.get('type')}: {rec.error.get('message')}")
+    for s in steps:
+        extra = f"  cursor={s.cursor!r}" if s.status != "success" and s.cursor is not None else ""
+        click.echo(f"  {s.seq:>4}  {s.step_id:<28} {s.status:<16} attempts {s.attempts}{extra}")
+
+
+@main.group()
+def checkpoints() -> None:
+    """Named checkpoints of a run: list, restore (roll back)."""
+
+
+@checkpoints.command("list")
+@store_option
+@click.argument("run_id")
+@json_option
+@_handles_errors
+def checkpoints_list(store_path: str, run_id: str, as_json: bool) -> None:
+    """List RUN_ID's checkpoints, oldest first."""
+    with _open_read(store_path) as store:
+        infos = Workflows(store).get_run(run_id).checkpoints()
+    for info in infos:
+        if as_json:
+            _emit(info)
+        else:
+            click.echo(f"{info.name:<24} {info.created_at:%Y-%m-%d %H:%M:%S}  "
+                       f"{info.steps} steps  {info.status:<10} {','.join(info.tags)}  "
+                       f"{info.description}")
+
+
+@checkpoints.command("restore")
+@store_option
+@click.argument("run_id")
+@click.argument("name")
+@json_option
+@_handles_errors
+def checkpoints_restore(store_path: str, run_id: str, name: str, as_json: bool) -> None:
+    """Roll RUN_ID back to checkpoint NAME (what it replaces stays retrievable)."""
+    with Store.open(store_path, create=False) as store:
+        report = Workflows(store).get_run(run_id).rollback(name)
+    if as_json:
+        _emit(report)
+    else:
+        click.echo(f"run {run_id} rolled back to {name!r} (rollback #{report.rollback}); "
+                   f"replaced steps kept: {', '.join(report.discarded_steps) or 'none'}")
 
 
 @main.command()
