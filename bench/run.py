@@ -72,7 +72,8 @@ def summary(rows: list[tuple[str, CaseResult | None, bool | None, float]]) -> st
         table.append((name, mark, result.headline[0], result.headline[1], f"{seconds:.0f}"))
         notes.extend(f"  {name}: missed '{goal}'" for goal, ok in result.checks.items()
                      if ok is False)
-        notes.extend(f"  {name}: {who} -> {why}" for who, why in result.errors.items())
+        notes.extend(f"  {name}: {who} -> {why}" for who, why in result.errors.items()
+                     if not why.startswith("skipped:"))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in table]

@@ -28,8 +28,15 @@ the same call again, unchanged, can succeed)::
     │   └── InvalidRunStateError   a run's state failed validation
     ├── InvalidKeyError            (also a ValueError)
     ├── InvalidValueError          (also a ValueError)
-    └── DurabilityError
-        └── NoReplicatorError      ``remote`` durability with no replicator
+    ├── DurabilityError
+    │   ├── NoReplicatorError      ``remote`` durability with no replicator
+    │   └── RemoteDurabilityTimeoutError  locally durable, not yet on the server
+    └── SyncError                  the sync layer and its server
+        ├── RemoteUnavailableError transient: connection, timeout, 5xx (retried)
+        ├── RemoteAuthError        bad credentials or privileges (permanent)
+        ├── RemoteSchemaError      schema missing or of another version (permanent)
+        ├── RemoteRejectedError    the server refused the data (permanent)
+        └── SyncConfigError        missing or malformed sync settings
 
 A torn tail after a crash is not an error (it is cut and reported), and a
 missing key is not an error (``get`` returns ``None``).
@@ -51,6 +58,11 @@ __all__ = [
     "LSNGapError",
     "NoReplicatorError",
     "ReadOnlyStoreError",
+    "RemoteAuthError",
+    "RemoteDurabilityTimeoutError",
+    "RemoteRejectedError",
+    "RemoteSchemaError",
+    "RemoteUnavailableError",
     "RunNotFoundError",
     "SchemaVersionError",
     "StepNeedsAttentionError",
@@ -59,6 +71,8 @@ __all__ = [
     "StoreNotFoundError",
     "StorePoisonedError",
     "StoreStateError",
+    "SyncConfigError",
+    "SyncError",
     "ValueTooLargeError",
     "WalsyncError",
     "WorkflowError",
@@ -240,6 +254,45 @@ class SchemaVersionError(WorkflowError):
 
 class InvalidRunStateError(WorkflowError):
     pass
+
+
+class RemoteDurabilityTimeoutError(DurabilityError):
+    """The commit is durable on this host but the server has not acknowledged it yet."""
+
+    retryable = True
+    hint = "the record stays in the WAL and is shipped when the server is reachable again"
+
+    def __init__(self, lsn: int, timeout_seconds: float) -> None:
+        super().__init__(
+            f"commit at LSN {lsn} is durable locally but was not acknowledged by the sync "
+            f"server within {timeout_seconds:g} s"
+        )
+        self.lsn = lsn
+
+
+class SyncError(WalsyncError):
+    """A failure of the sync layer or its server."""
+
+
+class RemoteUnavailableError(SyncError):
+    retryable = True
+    hint = "the replicator retries with backoff; check the server and the network"
+
+
+class RemoteAuthError(SyncError):
+    hint = "check SUPABASE_SERVICE_ROLE_KEY / WALSYNC_PG_DSN: walsync needs the service role"
+
+
+class RemoteSchemaError(SyncError):
+    hint = "run `walsync migrate` against the server"
+
+
+class RemoteRejectedError(SyncError):
+    hint = "the server refused an entry; see the message, the entry stays in the local WAL"
+
+
+class SyncConfigError(SyncError, ValueError):
+    hint = "set SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY, or WALSYNC_PG_DSN"
 
 
 def _describe(version: object) -> str:

@@ -42,6 +42,8 @@ class StoreOptions:
     #: checkpoint by itself once this many WAL bytes were written since the last
     checkpoint_every_bytes: int = 128 * 1024 * 1024
     lock_timeout_seconds: float = 0.0
+    #: how long a 'remote' commit waits for the server's acknowledgement
+    remote_timeout_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if self.segment_bytes < 4096:

@@ -16,24 +16,31 @@ end — frame checksums, LSN continuity inside and across segments (holes that
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+import cbor2
 
 from . import _fs
 from .errors import LSNGapError
 from .layout import StoreLayout
-from .record import decode_payload
-from .snapshot import AppliedRecord, SnapshotStore
-from .wal import SegmentScan, TornTail, scan_segment
+from .record import FRAME_HEADER_BYTES, KIND_LOCAL, KIND_MERGE, decode_payload
+from .snapshot import SnapshotStore
+from .wal import SegmentScan, TornTail, iter_frames
 
 __all__ = ["RecoveryReport", "recover"]
 
 log = logging.getLogger("walsync.replay")
 
-#: records applied per LMDB transaction during replay
-_APPLY_CHUNK = 8192
+#: a replay transaction commits after this many records or frame bytes,
+#: whichever comes first (LMDB keeps a transaction's dirty pages in memory)
+_TXN_RECORDS = 131072
+_TXN_BYTES = 32 << 20
+_KINDS = (KIND_LOCAL, KIND_MERGE)
 
 
 @dataclass(frozen=True)
@@ -94,37 +101,39 @@ def recover(
     replayed = 0
     prev_last: int | None = None
     scan: SegmentScan | None = None
-    for i in range(start, len(segments)):
-        first, path = segments[i]
-        is_last = i == len(segments) - 1
-        if prev_last is not None and first != prev_last + 1 and not gap_allowed(
-            gaps, prev_last + 1, first - 1
-        ):
-            raise LSNGapError(
-                f"segment starts at LSN {first} but the previous one ends at LSN {prev_last}",
-                path=str(path),
-                offset=0,
-                lsn=prev_last + 1,
-            )
-        scan = scan_segment(path, first, is_last=is_last, skip_below_lsn=applied + 1)
-        chunk: list[AppliedRecord] = []
-        for frame in scan.frames:
-            kind, hlc, ops = decode_payload(frame.payload, str(path), frame.offset, frame.lsn)
-            chunk.append((frame.lsn, kind, hlc, ops))
-            if len(chunk) >= _APPLY_CHUNK:
-                snapshot.apply(chunk)
-                replayed += len(chunk)
-                chunk = []
-        if chunk:
-            snapshot.apply(chunk)
-            replayed += len(chunk)
-        prev_last = scan.last_lsn
-        scan.frames = []
+    gc_was_enabled = gc.isenabled()
+    # Replay allocates millions of short-lived objects and keeps none: the
+    # cyclic GC would only rescan the survivors (the segment buffer, the
+    # pending puts) again and again.
+    gc.disable()
+    try:
+        for i in range(start, len(segments)):
+            first, path = segments[i]
+            is_last = i == len(segments) - 1
+            if prev_last is not None and first != prev_last + 1 and not gap_allowed(
+                gaps, prev_last + 1, first - 1
+            ):
+                raise LSNGapError(
+                    f"segment starts at LSN {first} but the previous one ends at LSN {prev_last}",
+                    path=str(path),
+                    offset=0,
+                    lsn=prev_last + 1,
+                )
+            scan, count = _replay_segment(snapshot, path, first, is_last, applied + 1)
+            replayed += count
+            prev_last = scan.last_lsn
+    finally:
+        if gc_was_enabled:
+            gc.enable()
 
     assert scan is not None
     assert prev_last is not None
     if scan.torn is not None:
         _cut_tail(layout, scan)
+    elif scan.empty_preallocated:
+        # renamed into place but never written to: nothing was lost
+        _fs.unlink(scan.path)
+        _fs.fsync_dir(layout.wal_dir)
     wal_last = prev_last
     hole = None
     active: SegmentScan | None = scan if scan.end_offset > 0 else None
@@ -142,6 +151,72 @@ def recover(
         time.perf_counter() - started, hole,
     )
     return report, active, next_lsn
+
+
+def _replay_segment(
+    snapshot: SnapshotStore, path: Path, first_lsn: int, is_last: bool, from_lsn: int
+) -> tuple[SegmentScan, int]:
+    """Check one segment and apply its records from ``from_lsn`` on, as they are read.
+
+    Records go to LMDB in large transactions, each moving the applied LSN
+    with its data; a record is applied only after every frame before it
+    checked out. Damage found further on raises after the records before it
+    were applied (they are intact and in order, so the state stays consistent
+    and a second open or a repair carries on from there).
+    """
+    data = path.read_bytes()
+    name = str(path)
+    scan = SegmentScan(path, first_lsn)
+    view = memoryview(data)
+    loads = cbor2.loads
+    puts: list[tuple[bytes, bytes]] = []
+    append = puts.append
+    meta_ops = False
+    pending = pending_bytes = 0
+    last_lsn = max_hlc = 0
+    replayed = 0
+    for lsn, offset, size in iter_frames(data, path, first_lsn, scan, is_last=is_last):
+        if lsn < from_lsn:
+            continue
+        mark = len(puts)
+        try:
+            # The common shape, checked inline; anything else (or a decode
+            # error) is left to decode_payload for the exact verdict.
+            record = loads(view[offset + FRAME_HEADER_BYTES : offset + size])
+            if type(record) is not list or len(record) != 3:
+                raise ValueError
+            kind, hlc, ops = record
+            if kind not in _KINDS or type(hlc) is not int or type(ops) is not list:
+                raise ValueError
+            for op in ops:
+                key, entry = op
+                if type(op) is not list or type(key) is not str or type(entry) is not bytes:
+                    raise ValueError
+                if not key:
+                    meta_ops = True
+                append((key.encode(), entry))
+        except Exception:  # noqa: BLE001 - decode_payload raises the right error, or accepts
+            del puts[mark:]
+            payload = data[offset + FRAME_HEADER_BYTES : offset + size]
+            _kind, hlc, checked = decode_payload(payload, name, offset, lsn)
+            for key, entry in checked:
+                meta_ops = meta_ops or not key
+                append((key.encode(), entry))
+        if hlc > max_hlc:
+            max_hlc = hlc
+        last_lsn = lsn
+        pending += 1
+        pending_bytes += size
+        if pending >= _TXN_RECORDS or pending_bytes >= _TXN_BYTES:
+            snapshot.apply_puts(puts, last_lsn, max_hlc, meta_ops=meta_ops)
+            replayed += pending
+            puts.clear()
+            pending = pending_bytes = 0
+            meta_ops = False
+    if pending:
+        snapshot.apply_puts(puts, last_lsn, max_hlc, meta_ops=meta_ops)
+        replayed += pending
+    return scan, replayed
 
 
 def _cut_tail(layout: StoreLayout, scan: SegmentScan) -> None:

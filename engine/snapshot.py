@@ -23,12 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
+import cbor2
 import lmdb
 
 from . import _fs
 from .errors import CapacityError, CorruptionError, StoreStateError
-from .record import KIND_LOCAL, decode_entry, encode_entry
-from .versions import merge_sibling
 
 __all__ = ["AppliedRecord", "SnapshotStore"]
 
@@ -36,6 +35,8 @@ _DATA_DB = b"data"
 _META_DB = b"meta"
 _APPLIED_LSN = b"applied_lsn"
 _HLC = b"hlc"
+#: meta-table names set by records' meta ops start with this
+META_OP_PREFIX = b"record/"
 
 #: (lsn, kind, hlc, ops) — a decoded WAL record ready to apply
 AppliedRecord = tuple[int, int, int, Sequence[Sequence[Any]]]
@@ -205,29 +206,62 @@ class SnapshotStore:
         last_lsn = records[-1][0]
         hlc = max(r[2] for r in records)
         with self.env.begin(write=True, db=self._data) as txn:
-            for _lsn, kind, _hlc, ops in records:
-                if kind == KIND_LOCAL:
-                    for key, entry in ops:
+            for _lsn, _kind, _hlc, ops in records:
+                for key, entry in ops:
+                    if key:
                         txn.put(key.encode(), entry)
-                else:
-                    for key, entry in ops:
-                        self._merge(txn, key.encode(), entry)
-            txn.put(_APPLIED_LSN, last_lsn.to_bytes(8, "little"), db=self._meta)
-            old = txn.get(_HLC, db=self._meta)
-            if old is None or int.from_bytes(old, "little") < hlc:
-                txn.put(_HLC, hlc.to_bytes(8, "little"), db=self._meta)
+                    else:
+                        self._apply_meta_op(txn, entry)
+            self._set_applied(txn, last_lsn, hlc)
 
-    def _merge(self, txn: lmdb.Transaction, key: bytes, entry: bytes) -> None:
-        current_raw = cast(bytes | None, txn.get(key))
-        current = decode_entry(current_raw) if current_raw is not None else []
-        changed = False
-        for incoming in decode_entry(entry):
-            merged = merge_sibling(current, incoming)
-            if merged is not None:
-                current = merged
-                changed = True
-        if changed:
-            txn.put(key, encode_entry(current))
+    def apply_puts(
+        self, puts: Sequence[tuple[bytes, bytes]], last_lsn: int, hlc: int, *, meta_ops: bool
+    ) -> None:
+        """Apply decoded records' ``(key bytes, entry)`` pairs, in LSN order, in one
+        transaction that also moves the applied LSN to ``last_lsn``.
+
+        The bulk form of :meth:`apply` (replay, and the commit path): the same
+        rules, with the pairs already flattened and keys encoded. An empty key
+        is a meta op; ``meta_ops`` says whether any pair has one (without, the
+        pairs go to LMDB in one ``putmulti`` call).
+        """
+        while True:
+            try:
+                with self._gate.shared():
+                    self._apply_puts_once(puts, last_lsn, hlc, meta_ops)
+                return
+            except lmdb.MapFullError:
+                self._grow()
+
+    def _apply_puts_once(
+        self, puts: Sequence[tuple[bytes, bytes]], last_lsn: int, hlc: int, meta_ops: bool
+    ) -> None:
+        with self.env.begin(write=True, db=self._data) as txn:
+            if not meta_ops:
+                txn.cursor().putmulti(puts)
+            else:
+                for key, entry in puts:
+                    if key:
+                        txn.put(key, entry)
+                    else:
+                        self._apply_meta_op(txn, entry)
+            self._set_applied(txn, last_lsn, hlc)
+
+    def _set_applied(self, txn: lmdb.Transaction, last_lsn: int, hlc: int) -> None:
+        txn.put(_APPLIED_LSN, last_lsn.to_bytes(8, "little"), db=self._meta)
+        old = txn.get(_HLC, db=self._meta)
+        if old is None or int.from_bytes(old, "little") < hlc:
+            txn.put(_HLC, hlc.to_bytes(8, "little"), db=self._meta)
+
+    def _apply_meta_op(self, txn: lmdb.Transaction, entry: bytes) -> None:
+        """The empty key carries store metadata (e.g. sync's pull cursor), see FORMAT.md."""
+        for name, value in cbor2.loads(entry).items():
+            txn.put(META_OP_PREFIX + name.encode(), cbor2.dumps(value), db=self._meta)
+
+    def get_record_meta(self, name: str) -> Any:
+        """A value a record's meta op set (None if never set)."""
+        raw = self.get_meta(META_OP_PREFIX + name.encode())
+        return None if raw is None else cbor2.loads(raw)
 
     def put_meta(self, name: bytes, value: bytes) -> None:
         while True:

@@ -23,7 +23,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,12 +45,14 @@ from .errors import (
     ValueTooLargeError,
     WalsyncError,
 )
+from .feed import WALReader
 from .layout import StoreLayout
 from .lock import WriterLock
 from .options import Durability, StoreOptions
 from .record import (
     CODEC_NONE,
     KIND_LOCAL,
+    KIND_MERGE,
     compress_value,
     decode_entry,
     decode_value,
@@ -59,7 +61,15 @@ from .record import (
 )
 from .replay import RecoveryReport, gap_allowed, recover
 from .snapshot import SnapshotStore
-from .versions import HybridClock, Sibling, Version, join_vv, visible_siblings, winner
+from .versions import (
+    HybridClock,
+    Sibling,
+    Version,
+    join_vv,
+    merge_sibling,
+    visible_siblings,
+    winner,
+)
 from .wal import WALWriter
 
 __all__ = [
@@ -144,9 +154,11 @@ class StoreInfo:
 
 
 class _Pending:
-    __slots__ = ("done", "error", "hlc", "lsn", "ops", "payload", "sync")
+    __slots__ = ("done", "error", "hlc", "kind", "lsn", "ops", "payload", "sync")
 
-    def __init__(self, lsn: int, hlc: int, ops: list[list[Any]], payload: bytes, sync: bool):
+    def __init__(self, lsn: int, hlc: int, ops: list[list[Any]], payload: bytes, sync: bool,
+                 kind: int = KIND_LOCAL):
+        self.kind = kind
         self.lsn = lsn
         self.hlc = hlc
         self.ops = ops
@@ -218,6 +230,7 @@ class Store:
         self._checkpoint_wanted = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._replicator: Any = None
+        self._listeners: list[Callable[[int], None]] = []
 
     # -- opening and closing -------------------------------------------------
 
@@ -407,21 +420,136 @@ class Store:
         with self._cv:
             self._check_writable()
             item = self._assign(ops, prepared, level is not Durability.NONE)
-            self._queue.append(item)
-            if self._leading:
-                self._gather.notify()
-            while not item.done:
-                if not self._leading:
-                    self._lead()
-                else:
-                    self._cv.wait()
+            self._submit(item)
+        self._finish(item)
+        if level is Durability.REMOTE:
+            self._replicator.wait_acknowledged(item.lsn, self.options.remote_timeout_seconds)
+        return CommitResult(item.lsn, item.hlc, level)
+
+    def _submit(self, item: _Pending) -> None:
+        """Queue a record and wait (leading a group commit if nobody is). Holds ``_cv``."""
+        self._queue.append(item)
+        if self._leading:
+            self._gather.notify()
+        while not item.done:
+            if not self._leading:
+                self._lead()
+            else:
+                self._cv.wait()
+
+    def _finish(self, item: _Pending) -> None:
         if item.error is not None:
             raise _fresh(item.error)
         if self._bytes_since_checkpoint >= self.options.checkpoint_every_bytes:
             self._request_checkpoint()
-        if level is Durability.REMOTE:
-            self._replicator.wait_acknowledged(item.lsn)
-        return CommitResult(item.lsn, item.hlc, level)
+        for listener in self._listeners:
+            try:
+                listener(item.lsn)
+            except Exception:
+                log.exception("commit listener %r failed", listener)
+
+    def apply_remote(
+        self, items: Sequence[tuple[str, Sibling]], *, meta: dict[str, Any] | None = None
+    ) -> CommitResult | None:
+        """Merge versions pulled from other nodes, as one durable record of their own.
+
+        The record goes through the WAL like a local commit (so pulled state
+        is replayable) but is marked as a merge, which the replicator never
+        ships back. ``meta`` (e.g. the pull cursor) is applied in the same
+        record. Returns None when there was nothing to write.
+        """
+        self._check_writable()
+        with self._cv:
+            self._check_writable()
+            item = self._assign_merge(items, meta)
+            if item is None:
+                return None
+            self._submit(item)
+        self._finish(item)
+        return CommitResult(item.lsn, item.hlc, Durability.LOCAL)
+
+    def _assign_merge(
+        self, items: Sequence[tuple[str, Sibling]], meta: dict[str, Any] | None
+    ) -> _Pending | None:
+        for _key, sib in items:
+            self._clock.observe(sib.version.hlc)
+        new: dict[str, list[Sibling]] = {}
+        with self._snapshot.read() as txn:
+            for key, sib in items:
+                current = new.get(key)
+                if current is None:
+                    current = self._current_siblings(txn, key)
+                merged = merge_sibling(current, sib)
+                if merged is not None:
+                    new[key] = merged
+        ops: list[list[Any]] = [[key, encode_entry(sibs)] for key, sibs in new.items()]
+        if meta:
+            ops.append(["", cbor2.dumps(meta)])
+        if not ops:
+            return None
+        lsn = self._next_lsn
+        hlc = self._clock.tick()
+        payload = encode_payload(KIND_MERGE, hlc, ops)
+        self._next_lsn = lsn + 1
+        for key, sibs in new.items():
+            self._overlay[key] = (lsn, sibs)
+        return _Pending(lsn, hlc, ops, payload, True, KIND_MERGE)
+
+    # -- hooks for the sync layer ---------------------------------------------
+
+    def add_commit_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(lsn)`` after each commit returns; it must not block."""
+        self._listeners.append(listener)
+
+    def remove_commit_listener(self, listener: Callable[[int], None]) -> None:
+        self._listeners.remove(listener)
+
+    def attach_replicator(self, replicator: Any) -> None:
+        """Enable durability 'remote': ``replicator.wait_acknowledged(lsn, timeout)``."""
+        self._replicator = replicator
+
+    def detach_replicator(self, replicator: Any) -> None:
+        if self._replicator is replicator:
+            self._replicator = None
+
+    @property
+    def shippable_lsn(self) -> int:
+        """The highest LSN both durable in the WAL and applied: safe to ship."""
+        wal = self._wal
+        return 0 if wal is None else min(wal.synced_lsn, self._applied_lsn)
+
+    def flush(self) -> None:
+        """Make every written record durable (fdatasync), e.g. after 'none' commits."""
+        self._check_writable()
+        wal = self._wal
+        assert wal is not None
+        with self._cv:
+            while self._leading:
+                self._cv.wait()
+            self._leading = True
+        try:
+            wal.sync()
+        except BaseException as exc:
+            raise _fresh(self._poison(exc, "WAL flush")) from exc
+        finally:
+            with self._cv:
+                self._leading = False
+                self._cv.notify_all()
+
+    def wal_reader(self) -> WALReader:
+        return WALReader(self._layout)
+
+    def record_meta(self, name: str) -> Any:
+        """A value set by a record's meta (e.g. sync's pull cursor); None if never set."""
+        return self._snapshot.get_record_meta(name)
+
+    def sync_state(self, name: str) -> bytes | None:
+        """Sync's bookkeeping in the snapshot's meta table (synced at checkpoints)."""
+        return self._snapshot.get_meta(b"sync/" + name.encode())
+
+    def set_sync_state(self, name: str, value: bytes) -> None:
+        self._check_writable()
+        self._snapshot.put_meta(b"sync/" + name.encode(), value)
 
     def _check_writable(self) -> None:
         if self._closed:
@@ -451,6 +579,11 @@ class Store:
             )
         if isinstance(op, Delete):
             return CODEC_NONE, None
+        if not _nesting_within(op.value, _MAX_VALUE_DEPTH):
+            raise InvalidValueError(
+                f"value for key {key!r} is nested deeper than {_MAX_VALUE_DEPTH} levels "
+                "(or is cyclic): cbor2 could not read it back"
+            )
         try:
             encoded = cbor2.dumps(op.value)
         except (cbor2.CBOREncodeError, TypeError, ValueError, RecursionError) as exc:
@@ -544,7 +677,7 @@ class Store:
             return self._poison(exc, f"WAL write to segment {wal.segment_first_lsn:016x}.wal")
         self._bytes_since_checkpoint += wal.bytes_written - before
         try:
-            self._snapshot.apply([(p.lsn, KIND_LOCAL, p.hlc, p.ops) for p in batch])
+            self._snapshot.apply([(p.lsn, p.kind, p.hlc, p.ops) for p in batch])
         except BaseException as exc:  # noqa: BLE001
             return self._poison(
                 exc,
@@ -752,6 +885,34 @@ class Store:
             snapshot_bytes=self._snapshot.file_bytes(),
             keys=self._snapshot.count(),
         )
+
+
+#: containers a value may nest. cbor2 decodes at most 400 levels (a set or a
+#: tagged scalar takes two) and its encoder crashes the process on some
+#: thousands, so deeper values are refused before they are encoded.
+_MAX_VALUE_DEPTH = 128
+_CONTAINERS = (list, tuple, dict, set, frozenset, cbor2.CBORTag)
+
+
+def _nesting_within(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests at most ``limit`` containers (False for cycles)."""
+    if not isinstance(value, _CONTAINERS):
+        return True
+    stack = [(value, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(obj, dict):
+            children: Any = (x for kv in obj.items() for x in kv)
+        elif isinstance(obj, cbor2.CBORTag):
+            children = (obj.value,)
+        else:
+            children = obj
+        for child in children:
+            if isinstance(child, _CONTAINERS):
+                stack.append((child, depth + 1))
+    return True
 
 
 def _size_or_zero(path: Path) -> int:

@@ -17,7 +17,7 @@ from n on were never known durable, and they are cut as a torn tail.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,18 +25,23 @@ from . import _failpoints, _fs
 from .errors import CorruptionError, LSNGapError
 from .layout import StoreLayout
 from .record import (
+    _FRAME_HEADER,
+    FRAME_HEADER_BYTES,
     FRAME_MAGIC,
     FRAME_MAGIC_OFFSET,
+    FRAME_VERSION,
+    MAX_PAYLOAD_BYTES,
     SEGMENT_HEADER_BYTES,
     Frame,
     FrameStatus,
+    _xxh3,
     decode_frame,
     decode_segment_header,
     encode_frame,
     encode_segment_header,
 )
 
-__all__ = ["SegmentScan", "TornTail", "WALWriter", "scan_segment"]
+__all__ = ["SegmentScan", "TornTail", "WALWriter", "all_zero", "iter_frames", "scan_segment"]
 
 
 @dataclass(frozen=True)
@@ -55,13 +60,128 @@ class SegmentScan:
     path: Path
     first_lsn: int
     frames: list[Frame] = field(default_factory=list)
+    #: where the intact frames end (the writer continues here); 0 if the
+    #: segment has no valid header
     end_offset: int = SEGMENT_HEADER_BYTES
     torn: TornTail | None = None
     #: the last intact LSN, counting frames checked but not kept
     last_lsn: int = 0
+    #: the file's size; above ``end_offset`` (with no torn tail) the rest is
+    #: zero-filled space preallocated for frames not yet written
+    file_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.last_lsn = self.first_lsn - 1
+
+    @property
+    def empty_preallocated(self) -> bool:
+        """A last segment that is all zeros: named, but never written to (no header)."""
+        return self.end_offset == 0 and self.torn is None
+
+
+_ZERO_CHUNK = bytes(1 << 20)
+_FRAME_HEADER_UNPACK = _FRAME_HEADER.unpack_from
+
+
+def all_zero(data: bytes, start: int) -> bool:
+    """Whether ``data[start:]`` is all zero bytes (preallocated, never written)."""
+    zero = memoryview(_ZERO_CHUNK)
+    step = len(_ZERO_CHUNK)
+    end = len(data)
+    pos = start
+    while pos < end:
+        n = min(step, end - pos)
+        if not data.startswith(zero[:n], pos):
+            return False
+        pos += n
+    return True
+
+
+def iter_frames(
+    data: bytes, path: Path, first_lsn: int, scan: SegmentScan, *, is_last: bool
+) -> Iterator[tuple[int, int, int]]:
+    """Check a segment's frames in order, yielding ``(lsn, offset, size)`` of each intact one.
+
+    The caller reads the payload at ``data[offset + FRAME_HEADER_BYTES :
+    offset + size]``. When the iterator is exhausted, ``scan`` holds where the
+    frames end, the last LSN and any torn tail. Damage raises CorruptionError
+    naming the file, offset and LSN (possibly after frames before it were
+    yielded); in the last segment, damage that no later intact frame vouches
+    for is a torn tail. An all-zero rest of a segment is its clean end:
+    space preallocated and never written, in any segment (a sealed one may
+    have been left before it was full).
+    """
+    name = str(path)
+    end = len(data)
+    scan.file_bytes = end
+    if end < SEGMENT_HEADER_BYTES and is_last:
+        scan.end_offset = 0
+        if not all_zero(data, 0):
+            scan.torn = TornTail(name, 0, end, first_lsn, 0)
+        return
+    try:
+        header_lsn = decode_segment_header(data, name)
+    except CorruptionError as exc:
+        if not is_last or type(exc) is not CorruptionError:
+            raise
+        scan.end_offset = 0
+        if not all_zero(data, 0):
+            _decide_tail(scan, data, 0, first_lsn, name)
+        return
+    if header_lsn != first_lsn:
+        raise CorruptionError(
+            f"segment header says it starts at LSN {header_lsn}, its name says {first_lsn}",
+            path=name,
+            offset=0,
+        )
+    offset = SEGMENT_HEADER_BYTES
+    expected = first_lsn
+    view = memoryview(data)
+    unpack = _FRAME_HEADER_UNPACK
+    xxh3 = _xxh3
+    # The common case, inlined: an intact frame with the expected LSN.
+    # Anything else leaves this loop for the exact rules below.
+    while end - offset >= FRAME_HEADER_BYTES:
+        checksum, magic, version, _flags, length, lsn, _synced = unpack(data, offset)
+        stop = offset + FRAME_HEADER_BYTES + length
+        if (
+            lsn != expected
+            or magic != FRAME_MAGIC
+            or version != FRAME_VERSION
+            or stop > end
+            or length > MAX_PAYLOAD_BYTES
+            or xxh3(view[offset + 8 : stop]) != checksum
+        ):
+            break
+        yield lsn, offset, stop - offset
+        offset = stop
+        expected += 1
+    while offset < end:
+        status, frame = decode_frame(data, offset, name)
+        if frame is not None and frame.lsn == expected:
+            yield expected, offset, frame.size
+            offset += frame.size
+            expected += 1
+            continue
+        if frame is not None:
+            raise LSNGapError(
+                f"expected LSN {expected}, found LSN {frame.lsn}", path=name,
+                offset=offset, lsn=expected
+            )
+        if all_zero(data, offset):
+            break  # the clean end of a preallocated segment
+        if not is_last:
+            what = (
+                "incomplete frame" if status == FrameStatus.INCOMPLETE
+                else "checksum mismatch"
+            )
+            raise CorruptionError(
+                f"{what} in a sealed segment", path=name, offset=offset, lsn=expected
+            )
+        _decide_tail(scan, data, offset, expected, name)
+        break
+    scan.end_offset = offset
+    scan.last_lsn = expected - 1
 
 
 def scan_segment(
@@ -72,61 +192,24 @@ def scan_segment(
     skip_below_lsn: int = 0,
     data: bytes | None = None,
 ) -> SegmentScan:
-    """Read and check one segment.
+    """Read and check one segment, keeping its frames (see :func:`iter_frames`).
 
     Frames with an LSN below ``skip_below_lsn`` are checked but not kept.
     Damage raises CorruptionError naming the file, offset and LSN; in the last
     segment, damage that no later intact frame vouches for is reported as a
     torn tail (``SegmentScan.torn``) and the frames before it are returned.
     """
-    name = str(path)
     if data is None:
         data = path.read_bytes()
     scan = SegmentScan(path, first_lsn)
-    if len(data) < SEGMENT_HEADER_BYTES and is_last:
-        scan.end_offset = 0
-        scan.torn = TornTail(name, 0, len(data), first_lsn, 0)
-        return scan
-    try:
-        header_lsn = decode_segment_header(data, name)
-    except CorruptionError as exc:
-        if not is_last or type(exc) is not CorruptionError:
-            raise
-        _decide_tail(scan, data, 0, first_lsn, name)
-        scan.end_offset = 0
-        return scan
-    if header_lsn != first_lsn:
-        raise CorruptionError(
-            f"segment header says it starts at LSN {header_lsn}, its name says {first_lsn}",
-            path=name,
-            offset=0,
-        )
-    offset = SEGMENT_HEADER_BYTES
-    expected = first_lsn
-    end = len(data)
     keep = scan.frames
-    while offset < end:
-        status, frame = decode_frame(data, offset, name)
-        if frame is not None and frame.lsn == expected:
-            if expected >= skip_below_lsn:
-                keep.append(frame)
-            offset += frame.size
-            expected += 1
-            continue
-        if frame is not None:
-            raise LSNGapError(
-                f"expected LSN {expected}, found LSN {frame.lsn}", path=name, offset=offset,
-                lsn=expected
+    for lsn, offset, size in iter_frames(data, path, first_lsn, scan, is_last=is_last):
+        if lsn >= skip_below_lsn:
+            payload = data[offset + FRAME_HEADER_BYTES : offset + size]
+            _checksum, _magic, _version, _flags, _length, _lsn, synced = _FRAME_HEADER_UNPACK(
+                data, offset
             )
-        if not is_last:
-            what = "incomplete frame" if status == FrameStatus.INCOMPLETE else "checksum mismatch"
-            raise CorruptionError(
-                f"{what} in a sealed segment", path=name, offset=offset, lsn=expected
-            )
-        _decide_tail(scan, data, offset, expected, name)
-        break
-    scan.end_offset = offset
-    scan.last_lsn = expected - 1
+            keep.append(Frame(lsn, synced, offset, size, payload))
     return scan
 
 

@@ -484,6 +484,9 @@ class Run:
 
     def __enter__(self) -> Run:
         self.start()
+        # Each drive calls the decorated steps from the start again: their
+        # ids (name, name#2, ...) must be the ones the previous drive used.
+        self._call_counts = {}
         self._token = _current_run.set(self)
         return self
 
@@ -582,16 +585,20 @@ class Run:
         rec = self.steps.get(step_id)
         if rec is None:
             raise WorkflowError(f"run {self.run_id!r} has no step {step_id!r}")
+        if action not in ("retry", "skip", "succeed"):
+            raise ValueError(f"action must be 'retry', 'skip' or 'succeed', not {action!r}")
         now = utcnow()
+        if action != "succeed" and rec.status == StepStatus.SUCCESS:
+            # Undoing a success: the run's summary must stop counting it.
+            self.record.steps_done -= 1
+            self._summarise()
         with self.store.batch() as b:
             if action == "retry":
                 rec.status = StepStatus.PENDING.value
             elif action == "skip":
                 rec.status = StepStatus.SKIPPED.value
-            elif action == "succeed":
-                self._succeed(b, rec, output, Cost(), now)
             else:
-                raise ValueError(f"action must be 'retry', 'skip' or 'succeed', not {action!r}")
+                self._succeed(b, rec, output, Cost(), now)
             rec.updated_at = now
             b.put(keys.step(self.run_id, step_id), rec.to_dict())
             self._write_run(b)

@@ -244,7 +244,8 @@ def get(store_path: str, key: str, as_json: bool) -> None:
         version = store.get_version(key)
         value = store.get(key)
     if version is None:
-        click.echo(f"no key {key!r}", err=True)
+        click.echo(f"error: no key {key!r} in store {store_path}", err=True)
+        click.echo("hint: list the keys with `walsync scan`", err=True)
         sys.exit(EXIT_NOT_FOUND)
     if as_json:
         _emit({"key": key, "value": value, "version": version})

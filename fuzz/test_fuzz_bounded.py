@@ -1,0 +1,264 @@
+"""The fuzz targets, bounded, as part of the test command.
+
+* each atheris target runs a few thousand iterations in a subprocess (skipped
+  only where atheris cannot be imported: it is a Linux, CPython < 3.13 dev
+  dependency);
+* the same contract is checked with Hypothesis (arbitrary bytes, and valid
+  frames, segments and payloads from the real encoder, mutated), so it holds
+  where atheris is unavailable too;
+* the seed corpus is current (what ``make_corpus.py`` writes today) and
+  passes the contract.
+
+This module imports neither atheris nor anything that imports it: the
+targets' ``test_one_input`` functions import atheris only when run as scripts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cbor2
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.record import encode_frame, encode_segment_header
+
+FUZZ_DIR = Path(__file__).resolve().parent
+ROOT = FUZZ_DIR.parent
+TARGETS = ("frame", "segment", "payload")
+#: iterations per target in the bounded atheris run, and its time bound (seconds)
+RUNS = int(os.environ.get("WALSYNC_FUZZ_RUNS", "4000"))
+MAX_SECONDS = int(os.environ.get("WALSYNC_FUZZ_SECONDS", "10"))
+#: libFuzzer seed: fixed so that the test is reproducible; set it to explore
+SEED = int(os.environ.get("WALSYNC_FUZZ_SEED", "20240601"))
+
+HAVE_ATHERIS = importlib.util.find_spec("atheris") is not None
+HYPOTHESIS = settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def _module(name: str) -> ModuleType:
+    if str(FUZZ_DIR) not in sys.path:  # the targets import their sibling _harness
+        sys.path.insert(0, str(FUZZ_DIR))
+    return importlib.import_module(name)
+
+
+def _target(name: str) -> Any:
+    return _module(f"fuzz_{name}")
+
+
+def _seeds() -> dict[str, dict[str, bytes]]:
+    result: dict[str, dict[str, bytes]] = _module("make_corpus").build()
+    return result
+
+
+# -- the seed corpus ------------------------------------------------------------------
+
+
+def test_seed_corpus_is_current() -> None:
+    """The committed seed files are what the encoder writes today."""
+    corpus = FUZZ_DIR / "corpus"
+    for target, files in _seeds().items():
+        for name, data in files.items():
+            path = corpus / target / name
+            assert path.is_file(), f"{path} is missing: run python fuzz/make_corpus.py"
+            assert path.read_bytes() == data, f"{path} is stale: run python fuzz/make_corpus.py"
+    total = sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file())
+    assert total < 16 * 1024, f"the seed corpus grew to {total} bytes; keep it small"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_seed_corpus_meets_the_contract(target: str) -> None:
+    one_input = _target(target).test_one_input
+    for data in _seeds()[target].values():
+        one_input(data)
+    # every target also gets every other target's seeds: all are arbitrary bytes to it
+    for files in _seeds().values():
+        for data in files.values():
+            one_input(data)
+
+
+# -- the harness does not swallow what it must report ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "attr", "data"),
+    [
+        ("frame", "decode_frame", encode_frame(1, 0, b"x")),
+        ("segment", "scan_segment", encode_segment_header(1)),
+        ("payload", "decode_payload", cbor2.dumps([0, 1, []])),
+        ("payload", "decode_value", cbor2.dumps(1)),
+        ("payload", "decode_entry", cbor2.dumps([])),
+    ],
+)
+def test_foreign_exceptions_escape_the_target(
+    monkeypatch: pytest.MonkeyPatch, target: str, attr: str, data: bytes
+) -> None:
+    module = _target(target)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("a decoder bug")
+
+    monkeypatch.setattr(module, attr, broken)
+    with pytest.raises(KeyError, match="a decoder bug"):
+        module.test_one_input(data)
+
+
+# -- bounded atheris runs -------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAVE_ATHERIS, reason="atheris is not installed (Linux, CPython < 3.13)")
+@pytest.mark.parametrize("target", TARGETS)
+def test_atheris_bounded_run(target: str, tmp_path: Path) -> None:
+    work = tmp_path / "corpus"  # new inputs go here, never into the committed seeds
+    work.mkdir()
+    cmd = [
+        sys.executable,
+        str(FUZZ_DIR / f"fuzz_{target}.py"),
+        f"-runs={RUNS}",
+        f"-max_total_time={MAX_SECONDS}",
+        f"-seed={SEED}",
+        "-timeout=10",
+        "-rss_limit_mb=2048",
+        f"-artifact_prefix={tmp_path}/",
+        str(work),
+        str(FUZZ_DIR / "corpus" / target),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=MAX_SECONDS + 110, check=False
+    )
+    log = proc.stderr + proc.stdout
+    crashes = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    assert proc.returncode == 0, (
+        f"fuzz_{target} found a contract violation (exit {proc.returncode}); "
+        f"artifacts {crashes} in {tmp_path}\n{log[-6000:]}"
+    )
+    assert "INFO: Instrumenting engine.record" in log, "engine was not instrumented"
+    assert "Done " in log, log[-2000:]
+
+
+# -- the same contract with Hypothesis ------------------------------------------------
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@HYPOTHESIS
+@given(data=st.binary(max_size=1024))
+def test_contract_on_arbitrary_bytes(target: str, data: bytes) -> None:
+    _target(target).test_one_input(data)
+
+
+def _mutate(draw: st.DrawFn, buf: bytes) -> bytes:
+    """A few random edits: bit flips, byte sets, inserts, deletes, truncation, splices."""
+    out = bytearray(buf)
+    for _ in range(draw(st.integers(0, 4))):
+        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "dup"]))
+        pos = draw(st.integers(0, max(0, len(out) - 1)))
+        if op == "flip" and out:
+            out[pos] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set" and out:
+            out[pos] = draw(st.sampled_from([0x00, 0x01, 0x02, 0x7F, 0x80, 0xD7, 0x5A, 0xFF]))
+        elif op == "insert":
+            out[pos:pos] = draw(st.binary(min_size=1, max_size=8))
+        elif op == "delete":
+            del out[pos : pos + draw(st.integers(1, 8))]
+        elif op == "truncate":
+            del out[pos:]
+        elif op == "dup":
+            stop = min(len(out), pos + draw(st.integers(1, 64)))
+            out[pos:pos] = out[pos:stop]
+    return bytes(out)
+
+
+@st.composite
+def payloads(draw: st.DrawFn) -> bytes:
+    return draw(st.sampled_from(sorted(_seeds()["payload"].values())))
+
+
+@st.composite
+def mutated_frames(draw: st.DrawFn) -> bytes:
+    lsn = draw(st.integers(1, 2**64 - 1))
+    frame = encode_frame(lsn, draw(st.integers(0, lsn)), draw(payloads()))
+    frame = _mutate(draw, frame)
+    if draw(st.booleans()):
+        frame = _target("frame").with_checksum(frame, 0) or frame
+    return frame
+
+
+@st.composite
+def mutated_segments(draw: st.DrawFn) -> bytes:
+    first = draw(st.integers(1, 2**40))
+    frames = [
+        encode_frame(first + i, max(0, first + i - 1 - draw(st.integers(0, 1))), draw(payloads()))
+        for i in range(draw(st.integers(0, 4)))
+    ]
+    segment = _mutate(draw, encode_segment_header(first) + b"".join(frames))
+    if draw(st.booleans()):
+        segment = _target("segment").fix_checksums(segment)
+    return segment
+
+
+CBOR_ANY = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=16),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner,
+                                                                 max_size=3),
+    max_leaves=12,
+)
+
+
+@st.composite
+def shaped_payloads(draw: st.DrawFn) -> bytes:
+    """CBOR close to the payload and entry shapes, with wrong types here and there."""
+    sibling = st.lists(CBOR_ANY, min_size=6, max_size=8) | st.tuples(
+        st.none() | st.binary(max_size=16) | CBOR_ANY,
+        st.sampled_from([0, 1, 2]) | CBOR_ANY,
+        st.dictionaries(st.text(max_size=3), st.integers(0, 9), max_size=2) | CBOR_ANY,
+        st.integers(0, 2**64) | CBOR_ANY,
+        st.text(max_size=6) | CBOR_ANY,
+        st.integers(0, 99) | CBOR_ANY,
+        st.integers(0, 9) | CBOR_ANY,
+    ).map(list)
+    entry = st.lists(sibling, max_size=3).map(cbor2.dumps) | st.binary(max_size=16) | CBOR_ANY
+    op = st.tuples(st.text(max_size=6) | CBOR_ANY, entry).map(list) | CBOR_ANY
+    record = st.tuples(
+        st.sampled_from([0, 1, 2]) | CBOR_ANY,
+        st.integers(0, 2**64) | CBOR_ANY,
+        st.lists(op, max_size=3) | CBOR_ANY,
+    ).map(list) | CBOR_ANY
+    encoded: bytes = cbor2.dumps(draw(record))
+    return encoded
+
+
+@HYPOTHESIS
+@given(frame=mutated_frames())
+def test_contract_on_mutated_frames(frame: bytes) -> None:
+    _target("frame").test_one_input(frame)
+    _target("segment").test_one_input(encode_segment_header(1) + frame)
+
+
+@HYPOTHESIS
+@given(segment=mutated_segments())
+def test_contract_on_mutated_segments(segment: bytes) -> None:
+    _target("segment").test_one_input(segment)
+
+
+@st.composite
+def mutated_payloads(draw: st.DrawFn) -> bytes:
+    return _mutate(draw, draw(payloads() | shaped_payloads()))
+
+
+@HYPOTHESIS
+@given(data=st.one_of(payloads(), shaped_payloads(), mutated_payloads()))
+def test_contract_on_payloads(data: bytes) -> None:
+    _target("payload").test_one_input(data)

@@ -1,0 +1,300 @@
+-- walsync server schema, version 1.
+-- Tables live in schema "walsync", which PostgREST does not expose; clients
+-- call the functions of schema "walsync_api" by RPC. Every function that
+-- touches tables is SECURITY DEFINER with a pinned search_path and is
+-- executable by service_role only. Row Level Security is on for every table
+-- with no policy for anon / authenticated: they see and change nothing.
+-- Safe to apply more than once.
+
+do $$
+begin
+  if not exists (select from pg_roles where rolname = 'anon') then
+    create role anon nologin noinherit;
+  end if;
+  if not exists (select from pg_roles where rolname = 'authenticated') then
+    create role authenticated nologin noinherit;
+  end if;
+  if not exists (select from pg_roles where rolname = 'service_role') then
+    create role service_role nologin noinherit bypassrls;
+  end if;
+end
+$$;
+
+create schema if not exists walsync;
+create schema if not exists walsync_api;
+revoke all on schema walsync from public;
+revoke all on schema walsync_api from public;
+grant usage on schema walsync_api to service_role;
+
+-- Nodes: one row per store incarnation that ever pushed or pulled.
+create table if not exists walsync.nodes (
+  node_id      text primary key,
+  created_at   timestamptz not null default now(),
+  last_push_at timestamptz,
+  last_pull_at timestamptz,
+  -- every local record of this node up to acked_lsn is on the server
+  acked_lsn    bigint not null default 0,
+  -- HLC of the newest record acknowledged (the recovery point's time)
+  acked_hlc    bigint not null default 0,
+  -- the position this node confirmed it has applied (tombstone GC horizon)
+  pull_cursor  bigint not null default 0
+);
+
+-- The position counter. Pushers take a transaction-scoped advisory lock
+-- before drawing positions, so positions are handed out in commit order and
+-- a puller reading "pos > cursor" can never skip a row that commits later
+-- with a smaller position (the bigserial gap problem).
+create table if not exists walsync.head (
+  id  smallint primary key check (id = 1),
+  pos bigint not null
+);
+insert into walsync.head values (1, 0) on conflict do nothing;
+
+-- The entry log: every operation of every pushed record, once.
+create table if not exists walsync.entries (
+  pos        bigint not null,
+  origin     text   not null,
+  lsn        bigint not null,
+  idx        integer not null,
+  key        text   not null,
+  deleted    boolean not null,
+  data       bytea,
+  codec      smallint not null,
+  vv         jsonb  not null,
+  hlc        bigint not null,
+  fence      bigint not null default 0,
+  value_hash text,
+  received_at timestamptz not null default now(),
+  primary key (origin, lsn, idx)
+);
+create unique index if not exists entries_pos on walsync.entries (pos);
+
+-- The merged state: the maximal versions (an antichain) of every key.
+create table if not exists walsync.siblings (
+  key        text   not null,
+  origin     text   not null,
+  lsn        bigint not null,
+  deleted    boolean not null,
+  data       bytea,
+  codec      smallint not null,
+  vv         jsonb  not null,
+  hlc        bigint not null,
+  fence      bigint not null default 0,
+  value_hash text,
+  value_json jsonb,
+  pos        bigint not null,
+  primary key (key, origin, lsn)
+);
+
+-- Leases on runs (taken before a host drives a run); used by fencing.
+create table if not exists walsync.leases (
+  run_id      text primary key,
+  holder      text not null,
+  token       bigint not null,
+  expires_at  timestamptz not null,
+  acquired_at timestamptz not null default now()
+);
+
+alter table walsync.nodes    enable row level security;
+alter table walsync.head     enable row level security;
+alter table walsync.entries  enable row level security;
+alter table walsync.siblings enable row level security;
+alter table walsync.leases   enable row level security;
+revoke all on all tables in schema walsync from public, anon, authenticated;
+
+-- a ≤ b for version vectors (missing components are 0).
+create or replace function walsync.vv_leq(a jsonb, b jsonb) returns boolean
+language sql immutable parallel safe
+set search_path = pg_catalog
+as $$
+  select not exists (
+    select 1 from jsonb_each_text(a) e
+    where e.value::bigint > coalesce((b ->> e.key)::bigint, 0)
+  )
+$$;
+
+-- The winner of each key: highest fence, then HLC, then origin (byte order), then LSN.
+create or replace view walsync.state with (security_invoker = true) as
+  select distinct on (key) key, deleted, data, codec, vv, hlc, origin, lsn, fence, value_hash,
+         value_json, pos
+  from walsync.siblings
+  order by key, fence desc, hlc desc, origin collate "C" desc, lsn desc;
+
+-- What a person reads in the table editor: live keys, values as JSON where
+-- the value is JSON-representable (else null; the bytes are in "state").
+create or replace view walsync.state_json with (security_invoker = true) as
+  select key, value_json as value, origin, lsn, hlc, fence,
+         to_timestamp((hlc >> 16) / 1000.0) as written_at
+  from walsync.state where not deleted;
+
+-- Keys whose visible siblings disagree (identical values count once).
+create or replace view walsync.conflicts with (security_invoker = true) as
+  select key, count(distinct (deleted, coalesce(value_hash, ''))) as versions
+  from walsync.siblings
+  group by key
+  having count(distinct (deleted, coalesce(value_hash, ''))) > 1;
+
+revoke all on all tables in schema walsync from public, anon, authenticated;
+
+-- push: one transaction per batch. Idempotent by (origin, lsn, idx): a re-sent
+-- batch inserts nothing and returns the same acknowledgement.
+create or replace function walsync_api.push(p_node text, p_through_lsn bigint, p_entries jsonb)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, walsync
+as $$
+declare
+  v_head    bigint;
+  v_fresh   integer;
+  v_merged  integer;
+  v_hlc     bigint;
+  v_acked   bigint;
+begin
+  if p_node is null or p_node = '' then
+    raise exception 'push needs a node id' using errcode = '22023';
+  end if;
+  perform pg_advisory_xact_lock(hashtext('walsync.push'));
+  insert into nodes (node_id) values (p_node) on conflict do nothing;
+  select pos into v_head from head where id = 1 for update;
+
+  with incoming as (
+    select x.lsn, x.idx, x.key, x.deleted, decode(x.data, 'base64') as data, x.codec, x.vv,
+           x.hlc, coalesce(x.fence, 0) as fence, x.value_hash, x.value_json
+    from jsonb_to_recordset(p_entries) as x(
+      lsn bigint, idx integer, key text, deleted boolean, data text, codec smallint, vv jsonb,
+      hlc bigint, fence bigint, value_hash text, value_json jsonb)
+    where not exists (
+      select 1 from entries e where e.origin = p_node and e.lsn = x.lsn and e.idx = x.idx)
+  ),
+  numbered as (
+    select i.*, v_head + row_number() over (order by i.lsn, i.idx) as pos from incoming i
+  ),
+  fresh as (
+    insert into entries (pos, origin, lsn, idx, key, deleted, data, codec, vv, hlc, fence,
+                         value_hash)
+    select pos, p_node, lsn, idx, key, deleted, data, codec, vv, hlc, fence, value_hash
+    from numbered
+    returning pos
+  )
+  select count(*) into v_fresh from fresh;
+
+  -- Merge the newest fresh version of each key (a node's later local write
+  -- dominates its earlier ones, so the earlier ones would be dropped anyway).
+  with latest as (
+    select distinct on (n.key) n.*
+    from (select e.*, i.value_json
+          from entries e
+          join jsonb_to_recordset(p_entries) as i(lsn bigint, idx integer, value_json jsonb)
+            on i.lsn = e.lsn and i.idx = e.idx
+          where e.origin = p_node and e.pos > v_head) n
+    order by n.key, n.lsn desc, n.idx desc
+  ),
+  candidates as (
+    select l.* from latest l
+    where not exists (
+      select 1 from siblings s where s.key = l.key and walsync.vv_leq(l.vv, s.vv))
+  ),
+  dropped as (
+    delete from siblings s using candidates c
+    where s.key = c.key and walsync.vv_leq(s.vv, c.vv)
+    returning s.key
+  ),
+  added as (
+    insert into siblings (key, origin, lsn, deleted, data, codec, vv, hlc, fence, value_hash,
+                          value_json, pos)
+    select key, origin, lsn, deleted, data, codec, vv, hlc, fence, value_hash, value_json, pos
+    from candidates
+    returning key
+  )
+  select (select count(*) from added) into v_merged;
+
+  update head set pos = v_head + v_fresh where id = 1;
+  select max(x.hlc) into v_hlc from jsonb_to_recordset(p_entries) as x(hlc bigint);
+  update nodes
+     set acked_lsn = greatest(acked_lsn, coalesce(p_through_lsn, 0)),
+         acked_hlc = greatest(acked_hlc, coalesce(v_hlc, 0)),
+         last_push_at = now()
+   where node_id = p_node
+  returning acked_lsn into v_acked;
+  return jsonb_build_object('acked_lsn', v_acked, 'inserted', v_fresh, 'merged', v_merged,
+                            'head', v_head + v_fresh);
+end
+$$;
+
+-- pull: other origins' entries after a position, as one document, in
+-- position order, whole records only: at most about p_limit rows (the last
+-- record is completed). "next" is the position to pass next time, past
+-- this node's own rows too.
+create or replace function walsync_api.pull(p_node text, p_after bigint, p_limit integer)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, walsync
+as $$
+declare
+  v_upper bigint;
+  v_head  bigint;
+  v_last  record;
+  v_out   jsonb;
+begin
+  select pos into v_head from head where id = 1;
+  v_upper := least(v_head, p_after + greatest(p_limit, 1));
+  select origin, lsn into v_last from entries where pos = v_upper;
+  if found then
+    select greatest(v_upper, max(pos)) into v_upper
+    from entries where origin = v_last.origin and lsn = v_last.lsn;
+  end if;
+  select coalesce(jsonb_agg(jsonb_build_object(
+           'pos', e.pos, 'origin', e.origin, 'lsn', e.lsn, 'idx', e.idx, 'key', e.key,
+           'deleted', e.deleted, 'data', translate(encode(e.data, 'base64'), E'\n', ''),
+           'codec', e.codec, 'vv', e.vv, 'hlc', e.hlc, 'fence', e.fence,
+           'value_hash', e.value_hash) order by e.pos), '[]'::jsonb)
+    into v_out
+  from entries e
+  where e.pos > p_after and e.pos <= v_upper and e.origin <> p_node;
+  insert into nodes (node_id, pull_cursor, last_pull_at) values (p_node, p_after, now())
+  on conflict (node_id) do update
+    set pull_cursor = greatest(nodes.pull_cursor, excluded.pull_cursor), last_pull_at = now();
+  return jsonb_build_object('entries', v_out, 'next', greatest(v_upper, p_after),
+                            'head', v_head);
+end
+$$;
+
+-- A node's acknowledged position (the replicator's resume point after it
+-- lost its local record of it, and the recovery point of a lost host).
+create or replace function walsync_api.node_status(p_node text)
+returns jsonb
+language sql security definer stable
+set search_path = pg_catalog, walsync
+as $$
+  select coalesce(
+    (select jsonb_build_object('node_id', node_id, 'acked_lsn', acked_lsn,
+                               'acked_hlc', acked_hlc, 'pull_cursor', pull_cursor,
+                               'last_push_at', last_push_at, 'last_pull_at', last_pull_at)
+     from nodes where node_id = p_node),
+    jsonb_build_object('node_id', p_node, 'acked_lsn', 0, 'acked_hlc', 0, 'pull_cursor', 0))
+$$;
+
+create or replace function walsync_api.head()
+returns jsonb
+language sql security definer stable
+set search_path = pg_catalog, walsync
+as $$
+  select jsonb_build_object('head', pos, 'schema_version', 1) from head where id = 1
+$$;
+
+-- The siblings of keys under a prefix that are in conflict.
+create or replace function walsync_api.conflicts(p_prefix text, p_limit integer)
+returns jsonb
+language sql security definer stable
+set search_path = pg_catalog, walsync
+as $$
+  select coalesce(jsonb_agg(jsonb_build_object('key', c.key, 'versions', c.versions)
+                            order by c.key), '[]'::jsonb)
+  from (select * from conflicts
+        where key like replace(replace(replace(p_prefix, '\', '\\'), '%', '\%'), '_', '\_') || '%'
+        order by key limit p_limit) c
+$$;
+
+revoke all on all functions in schema walsync_api from public, anon, authenticated;
+revoke all on all functions in schema walsync from public, anon, authenticated;
+grant execute on all functions in schema walsync_api to service_role;

@@ -1,0 +1,77 @@
+"""The transport protocol: what the replicator needs from a server.
+
+Two implementations pass one contract suite: ``postgres`` (psycopg, direct)
+and ``supabase`` (supabase-py, RPC over PostgREST). Both call the same SQL
+functions of schema ``walsync_api``; all merge logic runs there.
+
+Errors a transport raises are the sync branch of the error tree:
+RemoteUnavailableError is transient (the replicator retries it);
+RemoteAuthError, RemoteSchemaError and RemoteRejectedError are permanent
+(the replicator stops and reports them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = ["NodeStatus", "PullPage", "PushAck", "Transport"]
+
+
+@dataclass(frozen=True)
+class PushAck:
+    acked_lsn: int
+    inserted: int
+    merged: int
+    head: int
+
+
+@dataclass(frozen=True)
+class PullPage:
+    entries: list[dict[str, Any]]
+    #: the position to pass to the next pull
+    next: int
+    head: int
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node_id: str
+    acked_lsn: int
+    acked_hlc: int
+    pull_cursor: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    name: str
+
+    def push(self, node_id: str, through_lsn: int, entries: list[dict[str, Any]]) -> PushAck:
+        """Ship entries; the server acknowledges every LSN up to ``through_lsn``."""
+
+    def pull(self, node_id: str, after: int, limit: int) -> PullPage:
+        """Other origins' entries after position ``after`` (whole records)."""
+
+    def node_status(self, node_id: str) -> NodeStatus: ...
+
+    def head(self) -> int: ...
+
+    def call(self, function: str, args: dict[str, Any]) -> Any:
+        """Call any ``walsync_api`` function by name (leases, restore, conflicts)."""
+
+    def close(self) -> None: ...
+
+
+def push_ack(doc: dict[str, Any]) -> PushAck:
+    return PushAck(int(doc["acked_lsn"]), int(doc["inserted"]), int(doc["merged"]),
+                   int(doc["head"]))
+
+
+def pull_page(doc: dict[str, Any]) -> PullPage:
+    return PullPage(list(doc["entries"]), int(doc["next"]), int(doc["head"]))
+
+
+def node_status(doc: dict[str, Any]) -> NodeStatus:
+    known = {"node_id", "acked_lsn", "acked_hlc", "pull_cursor"}
+    return NodeStatus(str(doc["node_id"]), int(doc["acked_lsn"]), int(doc["acked_hlc"]),
+                      int(doc["pull_cursor"]), {k: v for k, v in doc.items() if k not in known})
