@@ -73,6 +73,20 @@ class WALReader:
                 break
         return out
 
+    def position_bytes(self) -> int:
+        """WAL bytes before the reader's position (0 before the first read)."""
+        if self._path is None:
+            return 0
+        total = 0
+        for first, path in self._layout.list_segments():
+            if first >= self._segment_first:
+                break
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                continue
+        return total + self._offset
+
     def _seek(self, after_lsn: int) -> None:
         segments = self._layout.list_segments()
         chosen = None

@@ -1,0 +1,315 @@
+"""The replicator: ship committed WAL records to the server, pull other hosts' records.
+
+Ship: records after the acknowledged LSN, in LSN order, batched by count,
+bytes and time; only records that are both durable and applied locally, so
+the server never holds an LSN this node could lose and hand out again. The
+acknowledged LSN is persisted in the store and becomes the WAL's retention
+floor: no segment is removed before the server has it. After a crash the
+replicator resumes from the larger of its own record and the server's
+(at-least-once delivery; the server ignores duplicates: exactly-once effect).
+
+Pull: other origins' entries after the pull cursor (a server position drawn
+in commit order), merged through the local WAL as merge records, which are
+durable and replayed like local writes but never shipped back. The cursor
+moves in the same record as the merged data.
+
+Faults: transient ones (RemoteUnavailableError) are retried with exponential
+backoff, jitter and a cap (tenacity); permanent ones stop the replicator,
+whose status then names the error; every entry stays in the WAL.
+
+Threads: one background thread (``start``) or the caller's (``run_once``);
+``status`` and ``wait_acknowledged`` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import tenacity
+
+from engine import Store
+from engine.errors import (
+    RemoteDurabilityTimeoutError,
+    RemoteUnavailableError,
+    StoreClosedError,
+    SyncError,
+    WalsyncError,
+)
+
+from .merge import record_to_wire, sibling_from_wire
+from .remote import Transport
+
+__all__ = ["Replicator", "ReplicatorOptions", "ReplicatorStatus"]
+
+log = logging.getLogger("walsync.replicator")
+
+_ACKED = "acked_lsn"
+_CURSOR = "pull_cursor"
+
+
+@dataclass(frozen=True)
+class ReplicatorOptions:
+    batch_records: int = 1000
+    batch_bytes: int = 4 * 1024 * 1024
+    #: after a commit wakes the shipper, gather more for at most this long
+    batch_wait_seconds: float = 0.005
+    pull: bool = True
+    pull_interval_seconds: float = 1.0
+    pull_limit: int = 1000
+    retry_initial_seconds: float = 0.05
+    retry_max_seconds: float = 5.0
+
+
+@dataclass
+class ReplicatorStatus:
+    node_id: str
+    transport: str
+    running: bool = False
+    acked_lsn: int = 0
+    applied_lsn: int = 0
+    lag_entries: int = 0
+    lag_bytes: int = 0
+    lag_seconds: float = 0.0
+    pull_cursor: int = 0
+    server_head: int = 0
+    pushed_entries: int = 0
+    pulled_entries: int = 0
+    retries: int = 0
+    conflicts: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    last_push_at: float | None = None
+    last_pull_at: float | None = None
+    stopped_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Replicator:
+    def __init__(
+        self, store: Store, transport: Transport, options: ReplicatorOptions | None = None
+    ) -> None:
+        self.store = store
+        self.transport = transport
+        self.options = options or ReplicatorOptions()
+        self._reader = store.wal_reader()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._acked_cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._fatal: SyncError | None = None
+        self._unacked: collections.deque[tuple[int, float]] = collections.deque()
+        raw = store.sync_state(_ACKED)
+        self._acked = int.from_bytes(raw, "little") if raw else 0
+        self._status = ReplicatorStatus(store.node_id, transport.name, acked_lsn=self._acked)
+        self._server_checked = False
+        self._next_pull = 0.0
+        store.add_commit_listener(self._on_commit)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> Replicator:
+        """Run in a background thread; also enables durability 'remote' on the store."""
+        if self._thread is not None:
+            return self
+        self.store.attach_replicator(self)
+        self._thread = threading.Thread(target=self._loop, name="walsync-replicator",
+                                        daemon=True)
+        self._status.running = True
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_seconds: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_seconds)
+            self._thread = None
+        self._status.running = False
+        self.store.detach_replicator(self)
+        with contextlib.suppress(ValueError):
+            self.store.remove_commit_listener(self._on_commit)
+
+    def close(self) -> None:
+        self.stop()
+        self.transport.close()
+
+    def __enter__(self) -> Replicator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _on_commit(self, lsn: int) -> None:
+        self._unacked.append((lsn, time.monotonic()))
+        self._wake.set()
+
+    # -- the loop --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._with_retries(self.run_once)
+            except SyncError as exc:
+                if not self._stop.is_set():
+                    self._fail(exc)
+                return
+            except StoreClosedError:
+                return
+            except WalsyncError as exc:
+                self._fail(SyncError(f"replicator stopped: {exc}", hint=exc.hint))
+                return
+            timeout = max(0.0, self._next_pull - time.monotonic()) if self.options.pull else None
+            self._wake.wait(timeout)
+            self._wake.clear()
+            if self.options.batch_wait_seconds and not self._stop.is_set():
+                time.sleep(self.options.batch_wait_seconds)
+
+    def _with_retries(self, fn: Any) -> Any:
+        opts = self.options
+
+        def note(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            self._status.retries += 1
+            self._status.last_error = str(exc)
+            self._status.last_error_at = time.time()
+            log.warning("sync: %s (retry %d)", exc, state.attempt_number)
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(RemoteUnavailableError),
+            wait=tenacity.wait_exponential_jitter(initial=opts.retry_initial_seconds,
+                                                  max=opts.retry_max_seconds),
+            stop=lambda state: self._stop.is_set(),
+            sleep=self._pause,
+            before_sleep=note,
+            reraise=True,
+        )
+        return retrying(fn)
+
+    def _pause(self, seconds: float) -> None:
+        """tenacity's sleep: cut short by stop()."""
+        self._stop.wait(seconds)
+
+    def _fail(self, exc: SyncError) -> None:
+        self._fatal = exc
+        self._status.running = False
+        self._status.stopped_reason = str(exc)
+        self._status.last_error = str(exc)
+        self._status.last_error_at = time.time()
+        log.error("sync stopped: %s", exc)
+        with self._acked_cv:
+            self._acked_cv.notify_all()
+
+    def run_once(self) -> tuple[int, int]:
+        """Ship everything shippable, then pull if due: (entries pushed, entries pulled)."""
+        if not self._server_checked:
+            server = self.transport.node_status(self.store.node_id)
+            self._set_acked(max(self._acked, server.acked_lsn))
+            self._server_checked = True
+        pushed = self.ship()
+        pulled = 0
+        if self.options.pull and time.monotonic() >= self._next_pull:
+            pulled = self.pull()
+            self._next_pull = time.monotonic() + self.options.pull_interval_seconds
+        return pushed, pulled
+
+    def ship(self) -> int:
+        """Push every durable, applied record after the acknowledged LSN."""
+        store = self.store
+        if store.shippable_lsn < store.applied_lsn:
+            store.flush()
+        total = 0
+        while True:
+            upto = store.shippable_lsn
+            records = self._reader.read(self._acked, upto, self.options.batch_records,
+                                        self.options.batch_bytes)
+            if not records:
+                break
+            entries: list[dict[str, Any]] = []
+            for rec in records:
+                if rec.local:
+                    entries.extend(record_to_wire(rec.lsn, rec.ops))
+            ack = self.transport.push(store.node_id, records[-1].lsn, entries)
+            total += len(entries)
+            self._status.pushed_entries += len(entries)
+            self._status.last_push_at = time.time()
+            self._status.server_head = ack.head
+            self._set_acked(max(ack.acked_lsn, records[-1].lsn))
+        return total
+
+    def _set_acked(self, lsn: int) -> None:
+        if lsn > self._acked or self.store.retain_floor is None:
+            self._acked = max(lsn, self._acked)
+            self.store.set_sync_state(_ACKED, self._acked.to_bytes(8, "little"))
+            self.store.set_retain_floor(self._acked + 1)
+        while self._unacked and self._unacked[0][0] <= self._acked:
+            self._unacked.popleft()
+        self._status.acked_lsn = self._acked
+        with self._acked_cv:
+            self._acked_cv.notify_all()
+
+    def pull(self) -> int:
+        """Merge other origins' entries after the cursor; returns how many were received."""
+        store = self.store
+        total = 0
+        while True:
+            cursor = int(store.record_meta(_CURSOR) or 0)
+            page = self.transport.pull(store.node_id, cursor, self.options.pull_limit)
+            self._status.server_head = page.head
+            self._status.last_pull_at = time.time()
+            if page.next <= cursor:
+                break
+            items = [(e["key"], sibling_from_wire(e)) for e in page.entries]
+            store.apply_remote(items, meta={_CURSOR: page.next})
+            total += len(items)
+            self._status.pulled_entries += len(items)
+            self._status.conflicts += sum(
+                1 for key in {k for k, _ in items} if len(store.get_versions(key)) > 1
+            )
+            if page.next >= page.head:
+                break
+        self._status.pull_cursor = int(store.record_meta(_CURSOR) or 0)
+        return total
+
+    # -- for callers -----------------------------------------------------------
+
+    def wait_acknowledged(self, lsn: int, timeout_seconds: float) -> None:
+        """Block until the server acknowledged ``lsn`` (durability 'remote')."""
+        deadline = time.monotonic() + timeout_seconds
+        self._wake.set()
+        with self._acked_cv:
+            while self._acked < lsn:
+                if self._fatal is not None:
+                    raise RemoteDurabilityTimeoutError(lsn, timeout_seconds) from self._fatal
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RemoteDurabilityTimeoutError(lsn, timeout_seconds)
+                self._acked_cv.wait(left)
+
+    @property
+    def acked_lsn(self) -> int:
+        return self._acked
+
+    @property
+    def error(self) -> SyncError | None:
+        """The permanent error that stopped the replicator, if any."""
+        return self._fatal
+
+    def status(self) -> ReplicatorStatus:
+        s = self._status
+        s.applied_lsn = self.store.applied_lsn
+        s.lag_entries = max(0, s.applied_lsn - self._acked)
+        s.lag_seconds = time.monotonic() - self._unacked[0][1] if self._unacked else 0.0
+        s.lag_bytes = self._lag_bytes()
+        s.pull_cursor = int(self.store.record_meta(_CURSOR) or 0)
+        return s
+
+    def _lag_bytes(self) -> int:
+        if self._acked >= self.store.applied_lsn:
+            return 0
+        return max(0, self.store.info().wal_bytes - self._reader.position_bytes())
