@@ -102,9 +102,13 @@ class _Demo:
         return receipts
 
     def email_receipts(self, receipts: list[str]) -> int:
+        # Same idempotency check as charge_cards: a receipt the log shows as
+        # sent is not sent again when an interrupted step is retried.
+        sent = _logged(self.ledger, "email")
         time.sleep(self.delay)
         for n, r in enumerate(receipts, 1):
-            self._side_effect(f"email {r}")
+            if r not in sent:
+                self._side_effect(f"email {r}")
             self._maybe_crash_inside("email_receipts", n)
         return len(receipts)
 
@@ -190,10 +194,15 @@ class _Demo:
 
 
 def _already_charged(ledger: Path) -> set[str]:
+    return _logged(ledger, "charge")
+
+
+def _logged(ledger: Path, verb: str) -> set[str]:
+    """What the side-effect log shows as done for ``verb`` (customers, receipts)."""
     if not ledger.exists():
         return set()
     lines = ledger.read_text().splitlines()
-    return {line.split()[1] for line in lines if line.startswith("charge")}
+    return {line.split()[1] for line in lines if line.split()[:1] == [verb]}
 
 
 def run_demo(

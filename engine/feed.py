@@ -73,6 +73,11 @@ class WALReader:
                 break
         return out
 
+    def oldest_lsn(self) -> int | None:
+        """The first LSN still in the WAL (None when no segment is left)."""
+        segments = self._layout.list_segments()
+        return segments[0][0] if segments else None
+
     def position_bytes(self) -> int:
         """WAL bytes before the reader's position (0 before the first read)."""
         if self._path is None:

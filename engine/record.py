@@ -75,23 +75,29 @@ def encode_segment_header(first_lsn: int) -> bytes:
     return head + _U64.pack(_xxh3(head))
 
 
-def decode_segment_header(buf: bytes, path: str) -> int:
-    """The first LSN of a segment; raises CorruptionError / FormatVersionError."""
+def decode_segment_header(buf: bytes, path: str, lsn: int | None = None) -> int:
+    """The first LSN of a segment; raises CorruptionError / FormatVersionError.
+
+    ``lsn`` (the first LSN the file name promises) is named in the errors.
+    """
     if len(buf) < SEGMENT_HEADER_BYTES:
-        raise CorruptionError("segment header is incomplete", path=path, offset=0)
+        raise CorruptionError("segment header is incomplete", path=path, offset=0, lsn=lsn)
     head = buf[:24]
     magic, version, header_bytes, _reserved, first_lsn = _SEGMENT_HEADER.unpack(head)
     (checksum,) = _U64.unpack_from(buf, 24)
     if magic != SEGMENT_MAGIC:
-        raise CorruptionError("not a walsync WAL segment (bad magic)", path=path, offset=0)
+        raise CorruptionError(
+            "not a walsync WAL segment (bad magic)", path=path, offset=0, lsn=lsn
+        )
     if checksum != _xxh3(head):
-        raise CorruptionError("segment header checksum mismatch", path=path, offset=0)
+        raise CorruptionError("segment header checksum mismatch", path=path, offset=0, lsn=lsn)
     if version != SEGMENT_VERSION or header_bytes != SEGMENT_HEADER_BYTES:
         raise FormatVersionError(
             f"WAL segment format version {version} is not supported by this walsync, "
             f"which reads version {SEGMENT_VERSION}",
             path=path,
             offset=0,
+            lsn=lsn,
         )
     return int(first_lsn)
 

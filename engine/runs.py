@@ -3,7 +3,11 @@
     runs/<run_id>                          the run record (small: no step list)
     runs/<run_id>/steps/<step_id>          one record per step
     runs/<run_id>/outputs/<step_id>/<n>    a step output too large to keep inline
-                                           (attempt n; never overwritten)
+                                           (attempt n; never overwritten); after
+                                           rollback g it is <n>-<g>, because a
+                                           step re-run after a rollback counts its
+                                           attempts again while the discarded
+                                           record still points at its own output
     runs/<run_id>/checkpoints/<name>       a named checkpoint: the run and step
                                            records as they were
     runs/<run_id>/discarded/<n>/<step_id>  step records a rollback replaced
@@ -77,8 +81,9 @@ class keys:
         return f"runs/{run_id}/steps/{step_id}"
 
     @staticmethod
-    def output(run_id: str, step_id: str, attempt: int) -> str:
-        return f"runs/{run_id}/outputs/{step_id}/{attempt:06d}"
+    def output(run_id: str, step_id: str, attempt: int, generation: int = 0) -> str:
+        suffix = f"{attempt:06d}" if not generation else f"{attempt:06d}-{generation:06d}"
+        return f"runs/{run_id}/outputs/{step_id}/{suffix}"
 
     @staticmethod
     def checkpoints(run_id: str) -> str:

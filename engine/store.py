@@ -290,6 +290,13 @@ class Store:
                 self._recover()
             self._closed = False
         except BaseException:
+            # Close what was opened: a leaked LMDB handle would make every later
+            # open (or repair) of this store in this process fail.
+            if self._wal is not None:
+                self._wal.close()
+            snapshot: SnapshotStore | None = getattr(self, "_snapshot", None)
+            if snapshot is not None:
+                snapshot.close()
             if self._lock is not None:
                 self._lock.release()
             raise
@@ -649,12 +656,21 @@ class Store:
                     self._gather.wait(left)
             batch = self._queue
             self._queue = []
-            self._cv.release()
             error: WalsyncError | None = None
-            try:
-                error = self._write_batch(batch)
-            finally:
-                self._cv.acquire()
+            if self._poisoned is not None:
+                # A group commit failed while these records waited: writing them
+                # now would put them after a hole in the log, or after a failed
+                # fsync as if nothing had happened.
+                error = StorePoisonedError(
+                    f"store {self.path} refuses writes since an earlier failure: "
+                    f"{self._poisoned}"
+                )
+            else:
+                self._cv.release()
+                try:
+                    error = self._write_batch(batch)
+                finally:
+                    self._cv.acquire()
             last = batch[-1].lsn
             if error is None:
                 self._applied_lsn = last
@@ -851,6 +867,30 @@ class Store:
                 if limit is not None and len(out) >= limit:
                     break
         return out
+
+    def iter_siblings(
+        self, prefix: str = "", *, chunk_keys: int = 1000
+    ) -> Iterator[tuple[str, list[Sibling]]]:
+        """Every key under ``prefix`` with its stored siblings, tombstones included.
+
+        Read in chunks of ``chunk_keys`` keys, each chunk from one snapshot
+        (for sync's bootstrap and for export; not one consistent view).
+        """
+        self._check_open()
+        lo = prefix.encode()
+        hi = _prefix_end(lo)
+        while True:
+            with self._snapshot.read() as txn:
+                rows: list[tuple[bytes, bytes]] = []
+                for key, raw in self._snapshot.iter_range(txn, lo, hi, False):
+                    rows.append((key, raw))
+                    if len(rows) >= chunk_keys:
+                        break
+            for key, raw in rows:
+                yield key.decode(), decode_entry(raw)
+            if len(rows) < chunk_keys:
+                return
+            lo = rows[-1][0] + b"\x00"
 
     def _check_open(self) -> None:
         if self._closed:

@@ -75,7 +75,8 @@ class SegmentScan:
 
     @property
     def empty_preallocated(self) -> bool:
-        """A last segment that is all zeros: named, but never written to (no header)."""
+        """A last segment of zeros only (at least a header long): preallocated and
+        renamed into place, but never written to."""
         return self.end_offset == 0 and self.torn is None
 
 
@@ -116,11 +117,10 @@ def iter_frames(
     scan.file_bytes = end
     if end < SEGMENT_HEADER_BYTES and is_last:
         scan.end_offset = 0
-        if not all_zero(data, 0):
-            scan.torn = TornTail(name, 0, end, first_lsn, 0)
+        scan.torn = TornTail(name, 0, end, first_lsn, 0)
         return
     try:
-        header_lsn = decode_segment_header(data, name)
+        header_lsn = decode_segment_header(data, name, first_lsn)
     except CorruptionError as exc:
         if not is_last or type(exc) is not CorruptionError:
             raise
@@ -133,6 +133,7 @@ def iter_frames(
             f"segment header says it starts at LSN {header_lsn}, its name says {first_lsn}",
             path=name,
             offset=0,
+            lsn=first_lsn,
         )
     offset = SEGMENT_HEADER_BYTES
     expected = first_lsn
@@ -278,21 +279,25 @@ class WALWriter:
         frames = []
         size = 0
         synced = self.synced_lsn
+        next_lsn = self.next_lsn
         for lsn, payload in records:
-            if lsn != self.next_lsn:
-                raise AssertionError(f"WAL append out of order: {lsn} != {self.next_lsn}")
+            if lsn != next_lsn:
+                raise AssertionError(f"WAL append out of order: {lsn} != {next_lsn}")
             frame = encode_frame(lsn, synced, payload)
             frames.append(frame)
             size += len(frame)
-            self.next_lsn += 1
+            next_lsn += 1
         if self.fd is None or (
             self.segment_size > SEGMENT_HEADER_BYTES
             and self.segment_size + size > self._segment_bytes
         ):
+            # before next_lsn moves: sealing syncs (and counts as synced) only
+            # the records the old segment holds, not the ones about to be written
             self._rotate(records[0][0])
             header = encode_segment_header(records[0][0])
             frames.insert(0, header)
             size += len(header)
+        self.next_lsn = next_lsn
         assert self.fd is not None
         if _failpoints.ACTIVE:
             _failpoints.hit("wal.before_write")

@@ -403,8 +403,11 @@ class Workflows:
                     outcome, reason = "checkpoint", f"state invalid; rolled back to {info.name!r}"
                     break
             else:
-                run._discard_all()
-                fresh = self.run(workflow, run_id, inputs=inputs)
+                now = utcnow()
+                fresh = run._discard_all(RunRecord(
+                    run_id=run_id, workflow=workflow, schema_version=self.schema_version,
+                    inputs=inputs, created_at=now, updated_at=now,
+                ))
                 return Restoration("fresh", fresh, "state invalid and no valid checkpoint",
                                    problems=problems)
         run.record.restoration_count += 1
@@ -689,17 +692,25 @@ class Run:
             out.setdefault(int(n), {})[sid] = rec
         return out
 
-    def _discard_all(self) -> None:
-        """Keep an invalid state under discarded/ and remove the live one (restoration)."""
+    def _discard_all(self, fresh: RunRecord) -> Run:
+        """Keep an invalid state under discarded/ and replace it by ``fresh`` (restoration).
+
+        The fresh run inherits the rollback count, so its own rollbacks and
+        outputs never land on the keys of the state kept here. One commit.
+        """
         n = self.record.rollbacks + 1
         prefix = keys.discarded(self.run_id, n)
+        fresh.rollbacks = n
+        replacement = Run(self.wf, fresh, {})
+        replacement._version = self._version
         with self.store.batch() as b:
             b.put(prefix + "__run__", self.record.to_dict())
             for sid, rec in self.steps.items():
                 b.put(prefix + sid, rec.to_dict())
                 b.delete(keys.step(self.run_id, sid))
-            b.delete(keys.run(self.run_id))
-            b.delete(keys.index(self.run_id))
+            replacement._write_run(b)
+        replacement._version_from(b)
+        return replacement
 
     # -- writing ---------------------------------------------------------------
 
@@ -729,7 +740,7 @@ class Run:
     def _set_output(self, b: Batch, rec: StepRecord, output: Any) -> None:
         size = len(cbor2.dumps(output)) if output is not None else 0
         if size > self.wf.inline_output_bytes:
-            key = keys.output(self.run_id, rec.step_id, rec.attempts)
+            key = keys.output(self.run_id, rec.step_id, rec.attempts, self.record.rollbacks)
             b.put(key, output)
             rec.output, rec.output_key = None, key
         else:

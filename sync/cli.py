@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from functools import wraps
@@ -32,8 +33,11 @@ import click
 import engine
 from engine import Store, WalsyncError
 from engine.demo import DEMO_STEPS, run_demo
+from engine.errors import SyncConfigError
 from engine.runs import Cost
 from engine.workflow import Workflows
+
+from .replicator import Replicator, ReplicatorOptions
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -298,6 +302,150 @@ def scan(store_path: str, prefix: str, start: str | None, end: str | None, limit
             click.echo(key)
         else:
             click.echo(f"{key}\t{json.dumps(_jsonable(value), sort_keys=True)}")
+
+
+@main.command()
+@click.option("--dsn-env", default="WALSYNC_PG_DSN", show_default=True,
+              help="Environment variable holding a PostgreSQL DSN with rights to create schemas.")
+@json_option
+@_handles_errors
+def migrate(dsn_env: str, as_json: bool) -> None:
+    """Apply the server schema (idempotent). Needs a direct PostgreSQL DSN."""
+    from .migrate import migrate as apply
+
+    dsn = os.environ.get(dsn_env)
+    if not dsn:
+        raise SyncConfigError(f"{dsn_env} is not set: migrate needs a PostgreSQL DSN "
+                              "(Supabase: the database connection string)")
+    report = apply(dsn)
+    if as_json:
+        _emit(report)
+    else:
+        for name in report.applied:
+            click.echo(f"applied {name}")
+        click.echo(f"schema up to date ({len(report.applied)} applied, "
+                   f"{len(report.already)} already there)")
+
+
+def _replicator(store: Store, pull: bool = True) -> Replicator:
+    from .config import transport_from_env
+
+    return Replicator(store, transport_from_env(), ReplicatorOptions(pull=pull))
+
+
+@main.command("sync")
+@store_option
+@click.option("--once", is_flag=True, help="Ship and pull what there is, then exit.")
+@click.option("--no-pull", is_flag=True, help="Only ship this store's writes.")
+@click.option("--status-every", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds between status lines (0: none).")
+@_handles_errors
+def sync_command(store_path: str, once: bool, no_pull: bool, status_every: float) -> None:
+    """Replicate the store to the server continuously (the sync worker).
+
+    Server from WALSYNC_PG_DSN, or SUPABASE_URL + SUPABASE_SERVICE_ROLE_KEY.
+    """
+    from .config import describe_target
+
+    with Store.open(store_path, create=False) as store:
+        rep = _replicator(store, pull=not no_pull)
+        if once:
+            pushed, pulled = rep._with_retries(rep.run_once)
+            click.echo(f"pushed {pushed} entries, pulled {pulled}; acked LSN {rep.acked_lsn}")
+            rep.close()
+            return
+        click.echo(f"syncing {store.path} (node {store.node_id}) with {describe_target()}")
+        rep.start()
+        try:
+            while rep.error is None:
+                time.sleep(status_every or 3600)
+                if status_every:
+                    s = rep.status()
+                    click.echo(f"acked LSN {s.acked_lsn}, lag {s.lag_entries} entries "
+                               f"{s.lag_seconds:.1f} s, pulled {s.pulled_entries}, "
+                               f"retries {s.retries}")
+        except KeyboardInterrupt:
+            click.echo("stopping")
+        finally:
+            rep.close()
+        if rep.error is not None:
+            raise rep.error
+
+
+@main.command()
+@store_option
+@json_option
+@_handles_errors
+def status(store_path: str, as_json: bool) -> None:
+    """Replication status: recovery point, lag, cursors (asks the server)."""
+    from .config import describe_target, transport_from_env
+
+    with _open_read(store_path) as store:
+        info = store.info()
+        raw = store.sync_state("acked_lsn")
+        local_acked = int.from_bytes(raw, "little") if raw else 0
+        cursor = int(store.record_meta("pull_cursor") or 0)
+        node = store.node_id
+    result: dict[str, Any] = {"node_id": node, "applied_lsn": info.applied_lsn,
+                              "acked_lsn_local": local_acked, "pull_cursor": cursor,
+                              "server": describe_target()}
+    try:
+        transport = transport_from_env()
+        server = transport.node_status(node)
+        result.update(acked_lsn=server.acked_lsn, server_head=transport.head(),
+                      recovery_point_unix_ms=(server.acked_hlc >> 16) or None,
+                      server_error=None)
+        transport.close()
+    except WalsyncError as exc:
+        result.update(acked_lsn=local_acked, server_error=str(exc))
+    result["unreplicated_entries"] = max(0, info.applied_lsn - int(result["acked_lsn"]))
+    if as_json:
+        _emit(result)
+        return
+    for k, v in result.items():
+        click.echo(f"{k:<24} {v}")
+
+
+@main.group()
+def conflicts() -> None:
+    """Keys with concurrent versions: list, resolve."""
+
+
+@conflicts.command("list")
+@store_option
+@click.argument("prefix", default="")
+@json_option
+@_handles_errors
+def conflicts_list(store_path: str, prefix: str, as_json: bool) -> None:
+    """Keys under PREFIX whose siblings disagree, with every sibling."""
+    with _open_read(store_path) as store:
+        found = [(k, store.get_versions(k)) for k in store.keys(prefix)]
+    for key, versions in found:
+        if len(versions) < 2:
+            continue
+        if as_json:
+            _emit({"key": key, "siblings": versions})
+        else:
+            click.echo(key)
+            for v in versions:
+                click.echo(f"  {v.version.origin}:{v.version.lsn}  "
+                           f"{json.dumps(_jsonable(v.value), sort_keys=True)}")
+
+
+@conflicts.command("resolve")
+@store_option
+@click.argument("key")
+@click.argument("value")
+@_handles_errors
+def conflicts_resolve(store_path: str, key: str, value: str) -> None:
+    """Resolve KEY's conflict with VALUE (JSON): a write that dominates every sibling."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON ({exc})", param_hint="VALUE") from None
+    with Store.open(store_path, create=False) as store:
+        result = store.put(key, parsed)
+    click.echo(f"resolved {key!r} at LSN {result.lsn}")
 
 
 @main.group()

@@ -103,9 +103,16 @@ def sibling_from_wire(entry: Mapping[str, Any]) -> Sibling:
 
 
 def record_to_wire(lsn: int, ops: Iterable[list[Any]]) -> list[WireEntry]:
-    """The wire entries of one local WAL record (each op's entry holds one sibling)."""
-    out = []
+    """The wire entries of one local WAL record (each op's entry holds one sibling).
+
+    A key written twice in one record ships once, with its last value.
+    """
+    last: dict[str, tuple[int, bytes]] = {}
     for idx, (key, entry) in enumerate(ops):
+        if key:
+            last[key] = (idx, entry)
+    out = []
+    for key, (idx, entry) in sorted(last.items(), key=lambda kv: kv[1][0]):
         (sib,) = decode_entry(entry)
         out.append(sibling_to_wire(key, idx, sib))
     return out

@@ -14,15 +14,17 @@ from typing import Any
 
 import psycopg
 
-from engine.errors import (
-    RemoteAuthError,
-    RemoteRejectedError,
-    RemoteSchemaError,
-    RemoteUnavailableError,
-    SyncError,
-)
+from engine.errors import RemoteUnavailableError, SyncError
 
-from .remote import NodeStatus, PullPage, PushAck, node_status, pull_page, push_ack
+from .remote import (
+    NodeStatus,
+    PullPage,
+    PushAck,
+    error_for_sqlstate,
+    node_status,
+    pull_page,
+    push_ack,
+)
 
 __all__ = ["PostgresTransport", "classify", "redact_dsn"]
 
@@ -46,18 +48,9 @@ def classify(exc: BaseException, where: str) -> SyncError:
     message = f"{where}: {text}" + (f" (SQLSTATE {state})" if state else "")
     if isinstance(exc, psycopg.OperationalError) and not state:
         return RemoteUnavailableError(f"{where}: cannot reach the database ({type(exc).__name__})")
-    if state.startswith("08") or state in ("57P01", "57P02", "57P03", "53300", "53400",
-                                           "40001", "40P01", "57014", "55P03", "58000"):
-        return RemoteUnavailableError(message)
-    if state in ("28000", "28P01", "42501"):
-        return RemoteAuthError(message)
-    if state in ("3F000", "42883", "42P01"):
-        return RemoteSchemaError(message)
-    if state.startswith(("22", "23")) or state == "P0001":
-        return RemoteRejectedError(message)
-    if isinstance(exc, psycopg.InterfaceError):
+    if not state and isinstance(exc, psycopg.InterfaceError):
         return RemoteUnavailableError(f"{where}: connection lost ({type(exc).__name__})")
-    return RemoteRejectedError(message)
+    return error_for_sqlstate(state, message)
 
 
 class PostgresTransport:

@@ -15,7 +15,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["NodeStatus", "PullPage", "PushAck", "Transport"]
+from engine.errors import (
+    RemoteAuthError,
+    RemoteRejectedError,
+    RemoteSchemaError,
+    RemoteUnavailableError,
+    SyncError,
+)
+
+__all__ = ["NodeStatus", "PullPage", "PushAck", "Transport", "error_for_sqlstate"]
+
+#: SQLSTATEs worth retrying: connection trouble, shutdown, overload,
+#: serialization failures and deadlocks, statement timeouts, lock timeouts
+_TRANSIENT = frozenset({"57P01", "57P02", "57P03", "53300", "53400", "40001", "40P01", "57014",
+                        "55P03", "58000"})
+
+
+def error_for_sqlstate(state: str, message: str) -> SyncError:
+    """The sync error for a PostgreSQL SQLSTATE (both transports classify by it)."""
+    if state.startswith("08") or state in _TRANSIENT:
+        return RemoteUnavailableError(message)
+    if state in ("28000", "28P01", "42501"):
+        return RemoteAuthError(message)
+    if state in ("3F000", "42883", "42P01"):
+        return RemoteSchemaError(message)
+    return RemoteRejectedError(message)
 
 
 @dataclass(frozen=True)

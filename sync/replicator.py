@@ -35,6 +35,7 @@ import tenacity
 
 from engine import Store
 from engine.errors import (
+    LSNGapError,
     RemoteDurabilityTimeoutError,
     RemoteUnavailableError,
     StoreClosedError,
@@ -42,7 +43,7 @@ from engine.errors import (
     WalsyncError,
 )
 
-from .merge import record_to_wire, sibling_from_wire
+from .merge import record_to_wire, sibling_from_wire, sibling_to_wire
 from .remote import Transport
 
 __all__ = ["Replicator", "ReplicatorOptions", "ReplicatorStatus"]
@@ -109,6 +110,7 @@ class Replicator:
         self._status = ReplicatorStatus(store.node_id, transport.name, acked_lsn=self._acked)
         self._server_checked = False
         self._next_pull = 0.0
+        self._skipped_cursor: int | None = None
         store.add_commit_listener(self._on_commit)
 
     # -- lifecycle -------------------------------------------------------------
@@ -216,6 +218,8 @@ class Replicator:
         if self.options.pull and time.monotonic() >= self._next_pull:
             pulled = self.pull()
             self._next_pull = time.monotonic() + self.options.pull_interval_seconds
+            if pulled:
+                self.ship()  # acknowledge the merge records locally
         return pushed, pulled
 
     def ship(self) -> int:
@@ -226,20 +230,59 @@ class Replicator:
         total = 0
         while True:
             upto = store.shippable_lsn
-            records = self._reader.read(self._acked, upto, self.options.batch_records,
-                                        self.options.batch_bytes)
+            try:
+                records = self._reader.read(self._acked, upto, self.options.batch_records,
+                                            self.options.batch_bytes)
+            except LSNGapError:
+                total += self._bootstrap()
+                continue
             if not records:
                 break
             entries: list[dict[str, Any]] = []
             for rec in records:
                 if rec.local:
                     entries.extend(record_to_wire(rec.lsn, rec.ops))
+            if not entries:  # only merge records: nothing the server needs
+                self._set_acked(records[-1].lsn)
+                continue
             ack = self.transport.push(store.node_id, records[-1].lsn, entries)
             total += len(entries)
             self._status.pushed_entries += len(entries)
             self._status.last_push_at = time.time()
             self._status.server_head = ack.head
             self._set_acked(max(ack.acked_lsn, records[-1].lsn))
+        return total
+
+    def _bootstrap(self) -> int:
+        """Ship state whose WAL records were removed before sync was attached.
+
+        A store used without sync drops checkpointed segments. Its own
+        versions still in the snapshot (not superseded) are shipped as they
+        are, then the acknowledgement jumps to just below the oldest record the
+        WAL still holds, and shipping goes on from the log.
+        """
+        store = self.store
+        oldest = self._reader.oldest_lsn()
+        first_available = oldest if oldest is not None else store.shippable_lsn + 1
+        if first_available <= self._acked + 1:
+            raise LSNGapError(f"the WAL of {store.path} has a hole after LSN {self._acked}")
+        log.warning("sync: WAL records %d..%d were removed before shipping; shipping the "
+                    "snapshot's state for them", self._acked + 1, first_available - 1)
+        batch: list[dict[str, Any]] = []
+        total = 0
+        for key, sibs in store.iter_siblings():
+            for sib in sibs:
+                v = sib.version
+                if v.origin == store.node_id and self._acked < v.lsn < first_available:
+                    batch.append(sibling_to_wire(key, 0, sib))
+            if len(batch) >= self.options.batch_records:
+                self.transport.push(store.node_id, 0, batch)
+                total += len(batch)
+                batch = []
+        ack = self.transport.push(store.node_id, first_available - 1, batch)
+        total += len(batch)
+        self._status.pushed_entries += total
+        self._set_acked(max(ack.acked_lsn, first_available - 1))
         return total
 
     def _set_acked(self, lsn: int) -> None:
@@ -258,12 +301,20 @@ class Replicator:
         store = self.store
         total = 0
         while True:
-            cursor = int(store.record_meta(_CURSOR) or 0)
+            cursor = self._pull_cursor()
             page = self.transport.pull(store.node_id, cursor, self.options.pull_limit)
             self._status.server_head = page.head
             self._status.last_pull_at = time.time()
             if page.next <= cursor:
                 break
+            if not page.entries:
+                # Only this node's own entries were passed over: re-reading them
+                # after a crash returns nothing, so the cursor need not be durable.
+                self._skipped_cursor = page.next
+                store.set_sync_state(_CURSOR, page.next.to_bytes(8, "little"))
+                if page.next >= page.head:
+                    break
+                continue
             items = [(e["key"], sibling_from_wire(e)) for e in page.entries]
             store.apply_remote(items, meta={_CURSOR: page.next})
             total += len(items)
@@ -273,8 +324,16 @@ class Replicator:
             )
             if page.next >= page.head:
                 break
-        self._status.pull_cursor = int(store.record_meta(_CURSOR) or 0)
+        self._status.pull_cursor = self._pull_cursor()
         return total
+
+    def _pull_cursor(self) -> int:
+        """The merged cursor (moved with merged data), or further if only own entries followed."""
+        durable = int(self.store.record_meta(_CURSOR) or 0)
+        if self._skipped_cursor is None:
+            raw = self.store.sync_state(_CURSOR)
+            self._skipped_cursor = int.from_bytes(raw, "little") if raw else 0
+        return max(durable, self._skipped_cursor)
 
     # -- for callers -----------------------------------------------------------
 
@@ -306,7 +365,7 @@ class Replicator:
         s.lag_entries = max(0, s.applied_lsn - self._acked)
         s.lag_seconds = time.monotonic() - self._unacked[0][1] if self._unacked else 0.0
         s.lag_bytes = self._lag_bytes()
-        s.pull_cursor = int(self.store.record_meta(_CURSOR) or 0)
+        s.pull_cursor = self._pull_cursor()
         return s
 
     def _lag_bytes(self) -> int:

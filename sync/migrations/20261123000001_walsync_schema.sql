@@ -65,7 +65,8 @@ create table if not exists walsync.entries (
   fence      bigint not null default 0,
   value_hash text,
   received_at timestamptz not null default now(),
-  primary key (origin, lsn, idx)
+  -- a record writes a key once; a dot (origin, lsn) may cover many keys
+  primary key (origin, lsn, key)
 );
 create unique index if not exists entries_pos on walsync.entries (pos);
 
@@ -136,7 +137,7 @@ create or replace view walsync.conflicts with (security_invoker = true) as
 
 revoke all on all tables in schema walsync from public, anon, authenticated;
 
--- push: one transaction per batch. Idempotent by (origin, lsn, idx): a re-sent
+-- push: one transaction per batch. Idempotent by (origin, lsn, key): a re-sent
 -- batch inserts nothing and returns the same acknowledgement.
 create or replace function walsync_api.push(p_node text, p_through_lsn bigint, p_entries jsonb)
 returns jsonb
@@ -164,7 +165,7 @@ begin
       lsn bigint, idx integer, key text, deleted boolean, data text, codec smallint, vv jsonb,
       hlc bigint, fence bigint, value_hash text, value_json jsonb)
     where not exists (
-      select 1 from entries e where e.origin = p_node and e.lsn = x.lsn and e.idx = x.idx)
+      select 1 from entries e where e.origin = p_node and e.lsn = x.lsn and e.key = x.key)
   ),
   numbered as (
     select i.*, v_head + row_number() over (order by i.lsn, i.idx) as pos from incoming i
@@ -184,8 +185,8 @@ begin
     select distinct on (n.key) n.*
     from (select e.*, i.value_json
           from entries e
-          join jsonb_to_recordset(p_entries) as i(lsn bigint, idx integer, value_json jsonb)
-            on i.lsn = e.lsn and i.idx = e.idx
+          join jsonb_to_recordset(p_entries) as i(lsn bigint, key text, value_json jsonb)
+            on i.lsn = e.lsn and i.key = e.key
           where e.origin = p_node and e.pos > v_head) n
     order by n.key, n.lsn desc, n.idx desc
   ),

@@ -1,0 +1,75 @@
+"""Sync settings from the environment (or a config file), never the command line.
+
+``WALSYNC_PG_DSN`` selects the ``postgres`` transport; ``SUPABASE_URL`` and
+``SUPABASE_SERVICE_ROLE_KEY`` select ``supabase``. ``WALSYNC_CONFIG`` may name
+a file of ``NAME=value`` lines with the same names (mode 0600 recommended);
+the environment wins over the file. Secrets stay out of shell history, logs,
+errors and status output.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from engine.errors import SyncConfigError
+
+from .remote import Transport
+
+__all__ = ["describe_target", "load_settings", "transport_from_env"]
+
+_NAMES = ("WALSYNC_PG_DSN", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WALSYNC_TRANSPORT")
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if environ is None else environ)
+    settings: dict[str, str] = {}
+    path = env.get("WALSYNC_CONFIG")
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise SyncConfigError(f"cannot read WALSYNC_CONFIG file {path}: {exc.strerror}")\
+                from None
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, value = line.partition("=")
+            if not sep or name.strip() not in _NAMES:
+                raise SyncConfigError(f"{path} line {n}: expected NAME=value with NAME one of "
+                                      f"{', '.join(_NAMES)}")
+            settings[name.strip()] = value.strip().strip('"').strip("'")
+    settings.update({k: env[k] for k in _NAMES if env.get(k)})
+    return settings
+
+
+def transport_from_env(environ: Mapping[str, str] | None = None,
+                       *, timeout_seconds: float = 30.0) -> Transport:
+    s = load_settings(environ)
+    choice = s.get("WALSYNC_TRANSPORT")
+    if choice not in (None, "postgres", "supabase"):
+        raise SyncConfigError(f"WALSYNC_TRANSPORT must be 'postgres' or 'supabase', not {choice!r}")
+    if s.get("WALSYNC_PG_DSN") and choice != "supabase":
+        from .postgres import PostgresTransport
+
+        return PostgresTransport(s["WALSYNC_PG_DSN"], timeout_seconds=timeout_seconds)
+    if s.get("SUPABASE_URL") and s.get("SUPABASE_SERVICE_ROLE_KEY"):
+        from .supabase import SupabaseTransport
+
+        return SupabaseTransport(s["SUPABASE_URL"], s["SUPABASE_SERVICE_ROLE_KEY"],
+                                 timeout_seconds=timeout_seconds)
+    if s.get("SUPABASE_URL"):
+        raise SyncConfigError("SUPABASE_URL is set but SUPABASE_SERVICE_ROLE_KEY is not")
+    raise SyncConfigError("no sync server configured")
+
+
+def describe_target(environ: Mapping[str, str] | None = None) -> str:
+    """Where sync goes, without secrets."""
+    s = load_settings(environ)
+    if s.get("WALSYNC_PG_DSN") and s.get("WALSYNC_TRANSPORT") != "supabase":
+        from .postgres import redact_dsn
+
+        return redact_dsn(s["WALSYNC_PG_DSN"])
+    return s.get("SUPABASE_URL", "<not configured>")

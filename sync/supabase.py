@@ -1,0 +1,104 @@
+"""The ``supabase`` transport: supabase-py, RPC over PostgREST, service-role key.
+
+The only module that imports supabase. What supabase-py does that shapes this
+module: it does not retry POSTs or timeouts (the replicator's tenacity loop
+does), its errors carry PostgREST's JSON (``code`` is the SQLSTATE for
+database errors, ``PGRSTnnn`` for PostgREST's own, or the HTTP status when the
+body was not PostgREST's) but no HTTP status, so errors are classified by that
+code; timeouts are set explicitly. Every call returns one JSON document (the
+functions return ``jsonb``), so PostgREST's row cap never truncates a pull.
+The key is never logged or put in an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from postgrest.exceptions import APIError
+from supabase import Client, ClientOptions, create_client
+
+from engine.errors import (
+    RemoteAuthError,
+    RemoteRejectedError,
+    RemoteSchemaError,
+    RemoteUnavailableError,
+    SyncError,
+)
+
+from .remote import (
+    NodeStatus,
+    PullPage,
+    PushAck,
+    error_for_sqlstate,
+    node_status,
+    pull_page,
+    push_ack,
+)
+
+__all__ = ["SupabaseTransport", "classify_api_error"]
+
+API_SCHEMA = "walsync_api"
+
+
+def classify_api_error(exc: APIError, where: str) -> SyncError:
+    code = str(exc.code or "")
+    message = f"{where}: {exc.message or 'request failed'}" + (f" ({code})" if code else "")
+    if code.startswith("PGRST"):
+        if code in ("PGRST000", "PGRST001", "PGRST002", "PGRST003"):
+            return RemoteUnavailableError(message)
+        if code in ("PGRST300", "PGRST301", "PGRST302", "PGRST303"):
+            return RemoteAuthError(message)
+        if code in ("PGRST106", "PGRST202", "PGRST205"):
+            return RemoteSchemaError(message)
+        return RemoteRejectedError(message)
+    if code.isdigit() and len(code) == 3:  # an HTTP status from a non-PostgREST body
+        status = int(code)
+        if status >= 500 or status in (408, 429):
+            return RemoteUnavailableError(message)
+        if status in (401, 403):
+            return RemoteAuthError(message)
+        if status == 404:
+            return RemoteSchemaError(message)
+        return RemoteRejectedError(message)
+    return error_for_sqlstate(code, message)
+
+
+class SupabaseTransport:
+    """Thread rules: one thread at a time (the replicator's)."""
+
+    name = "supabase"
+
+    def __init__(self, url: str, service_role_key: str, *, timeout_seconds: float = 30.0) -> None:
+        self.where = url.rstrip("/")
+        self._client: Client = create_client(
+            url, service_role_key,
+            options=ClientOptions(schema=API_SCHEMA, postgrest_client_timeout=timeout_seconds,
+                                  auto_refresh_token=False, persist_session=False),
+        )
+
+    def call(self, function: str, args: dict[str, Any]) -> Any:
+        try:
+            return self._client.rpc(function, args).execute().data
+        except APIError as exc:
+            raise classify_api_error(exc, f"{function} on {self.where}") from None
+        except httpx.TransportError as exc:
+            raise RemoteUnavailableError(
+                f"{function} on {self.where}: {type(exc).__name__}") from None
+
+    def push(self, node_id: str, through_lsn: int, entries: list[dict[str, Any]]) -> PushAck:
+        return push_ack(self.call("push", {"p_node": node_id, "p_through_lsn": through_lsn,
+                                           "p_entries": entries}))
+
+    def pull(self, node_id: str, after: int, limit: int) -> PullPage:
+        return pull_page(self.call("pull", {"p_node": node_id, "p_after": after,
+                                            "p_limit": limit}))
+
+    def node_status(self, node_id: str) -> NodeStatus:
+        return node_status(self.call("node_status", {"p_node": node_id}))
+
+    def head(self) -> int:
+        return int(self.call("head", {})["head"])
+
+    def close(self) -> None:
+        self._client.postgrest.session.close()
