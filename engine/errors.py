@@ -36,7 +36,10 @@ the same call again, unchanged, can succeed)::
         ├── RemoteAuthError        bad credentials or privileges (permanent)
         ├── RemoteSchemaError      schema missing or of another version (permanent)
         ├── RemoteRejectedError    the server refused the data (permanent)
-        └── SyncConfigError        missing or malformed sync settings
+        ├── SyncConfigError        missing or malformed sync settings
+        ├── LeaseHeldError         another host holds the run's lease
+        ├── LeaseLostError         this host's lease was taken over (fenced)
+        └── RestoreError           restore refused or found damage
 
 A torn tail after a crash is not an error (it is cut and reported), and a
 missing key is not an error (``get`` returns ``None``).
@@ -56,6 +59,8 @@ __all__ = [
     "InvalidRunStateError",
     "InvalidValueError",
     "LSNGapError",
+    "LeaseHeldError",
+    "LeaseLostError",
     "NoReplicatorError",
     "ReadOnlyStoreError",
     "RemoteAuthError",
@@ -63,6 +68,7 @@ __all__ = [
     "RemoteRejectedError",
     "RemoteSchemaError",
     "RemoteUnavailableError",
+    "RestoreError",
     "RunNotFoundError",
     "SchemaVersionError",
     "StepNeedsAttentionError",
@@ -293,6 +299,24 @@ class RemoteRejectedError(SyncError):
 
 class SyncConfigError(SyncError, ValueError):
     hint = "set SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY, or WALSYNC_PG_DSN"
+
+
+class LeaseHeldError(SyncError):
+    retryable = True
+    hint = "wait for the holder's lease to expire, or stop the other host"
+
+
+class LeaseLostError(SyncError):
+    hint = "another host took over this run: stop driving it here"
+
+    def __init__(self, message: str, *, run_id: str = "", current_token: int = 0) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.current_token = current_token
+
+
+class RestoreError(SyncError):
+    hint = "restore into an empty directory (or pass --force), and check the server"
 
 
 def _describe(version: object) -> str:

@@ -112,10 +112,7 @@ def _repair_locked(layout: StoreLayout) -> RepairReport:
         return RepairReport(False, "no damage found; a torn tail, if any, is cut on open")
     index, offset, first_lost, error = found
     segments = layout.list_segments()
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    quarantine = layout.quarantine_dir / stamp
-    _fs.make_dir(layout.quarantine_dir)
-    quarantine.mkdir(mode=_fs.DIR_MODE)
+    quarantine = _new_quarantine_dir(layout)
     moved: list[str] = []
     max_seen = first_lost - 1
     for i in range(index, len(segments)):
@@ -162,6 +159,22 @@ def _repair_locked(layout: StoreLayout) -> RepairReport:
         str(quarantine),
         moved,
     )
+
+
+def _new_quarantine_dir(layout: StoreLayout) -> Path:
+    """``quarantine/<UTC time>/``, or ``<UTC time>-<n>`` if that exists (two repairs
+    in one second): an earlier repair's files are never mixed with these."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    _fs.make_dir(layout.quarantine_dir)
+    quarantine = layout.quarantine_dir / stamp
+    n = 1
+    while True:
+        try:
+            quarantine.mkdir(mode=_fs.DIR_MODE)
+            return quarantine
+        except FileExistsError:
+            n += 1
+            quarantine = layout.quarantine_dir / f"{stamp}-{n}"
 
 
 def _fsync_file(path: Path) -> None:

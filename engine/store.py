@@ -176,17 +176,18 @@ class Batch:
     CommitResult) and discards everything otherwise.
     """
 
-    def __init__(self, store: Store, durability: Durability | str | None) -> None:
+    def __init__(self, store: Store, durability: Durability | str | None, fence: int = 0) -> None:
         self._store = store
         self._durability = durability
+        self._fence = fence
         self.ops: list[Put | Delete] = []
         self.result: CommitResult | None = None
 
-    def put(self, key: str, value: Any, *, expect: Any = ANY, fence: int = 0) -> None:
-        self.ops.append(Put(key, value, expect, fence))
+    def put(self, key: str, value: Any, *, expect: Any = ANY, fence: int | None = None) -> None:
+        self.ops.append(Put(key, value, expect, self._fence if fence is None else fence))
 
-    def delete(self, key: str, *, expect: Any = ANY, fence: int = 0) -> None:
-        self.ops.append(Delete(key, expect, fence))
+    def delete(self, key: str, *, expect: Any = ANY, fence: int | None = None) -> None:
+        self.ops.append(Delete(key, expect, self._fence if fence is None else fence))
 
     def __enter__(self) -> Batch:
         return self
@@ -400,8 +401,9 @@ class Store:
         """Write a tombstone for ``key`` (a versioned delete, so sync can merge it)."""
         return self.commit([Delete(key, expect, fence)], durability=durability)
 
-    def batch(self, durability: Durability | str | None = None) -> Batch:
-        return Batch(self, durability)
+    def batch(self, durability: Durability | str | None = None, *, fence: int = 0) -> Batch:
+        """Operations committed together; ``fence`` stamps a lease token on each (sync)."""
+        return Batch(self, durability, fence)
 
     def commit(
         self, ops: Sequence[Put | Delete], *, durability: Durability | str | None = None

@@ -278,7 +278,7 @@ class Workflows:
         run._version = self.store.get_version(keys.run(run_id))
         if stored_version != self.schema_version:
             # Write the upgraded state back, so it is migrated once.
-            with self.store.batch() as b:
+            with run._batch() as b:
                 run._write_run(b)
                 for rec in run.steps.values():
                     b.put(keys.step(run_id, rec.step_id), rec.to_dict())
@@ -315,7 +315,7 @@ class Workflows:
         if run.steps:
             raise WorkflowError(f"run {run.run_id!r} already has steps; hydrate a new run")
         now = utcnow()
-        with self.store.batch() as b:
+        with run._batch() as b:
             for seq, (step_id, output) in enumerate(snapshot.items()):
                 _check_id("step id", step_id)
                 rec = StepRecord(step_id, StepStatus.SUCCESS.value, seq=seq, attempts=0,
@@ -413,7 +413,7 @@ class Workflows:
         run.record.restoration_count += 1
         run.record.last_restored_at = utcnow()
         run.record.restoration_source = source
-        with self.store.batch() as b:
+        with run._batch() as b:
             run._write_run(b)
         run._version_from(b)
         waiting = [
@@ -464,6 +464,20 @@ class Run:
         return self.record.run_id
 
     @property
+    def fence(self) -> int:
+        """The lease token stamped on this run's writes (0: no lease)."""
+        return self.record.lease_token or 0
+
+    def set_lease(self, holder: str, token: int) -> None:
+        """Record the lease this host holds; every later write carries its token."""
+        self.record.owner_node = holder
+        self.record.lease_token = token
+        self._commit_run()
+
+    def _batch(self) -> Batch:
+        return self.store.batch(fence=self.fence)
+
+    @property
     def status(self) -> str:
         return self.record.status
 
@@ -511,7 +525,7 @@ class Run:
         if rec.status in _TERMINAL_RUN:
             return
         now = utcnow()
-        with self.store.batch() as b:
+        with self._batch() as b:
             for s in self.steps.values():
                 if s.status != StepStatus.RUNNING:
                     continue
@@ -595,7 +609,7 @@ class Run:
             # Undoing a success: the run's summary must stop counting it.
             self.record.steps_done -= 1
             self._summarise()
-        with self.store.batch() as b:
+        with self._batch() as b:
             if action == "retry":
                 rec.status = StepStatus.PENDING.value
             elif action == "skip":
@@ -623,7 +637,7 @@ class Run:
     def checkpoint(self, name: str, description: str = "", tags: Sequence[str] = ()) -> None:
         """Record the run and its steps as they are now, under ``name``."""
         _check_id("checkpoint name", name)
-        self.store.put(keys.checkpoint(self.run_id, name), {
+        self.store.put(keys.checkpoint(self.run_id, name), fence=self.fence, value={
             "name": name, "description": description, "tags": list(tags),
             "created_at": utcnow(), **self.state(),
         })
@@ -655,7 +669,7 @@ class Run:
         n = self.record.rollbacks + 1
         prefix = keys.discarded(self.run_id, n)
         discarded, restored = [], []
-        with self.store.batch() as b:
+        with self._batch() as b:
             for sid, cur in self.steps.items():
                 old = cp_steps.get(sid)
                 if old is None or old.to_dict() != cur.to_dict():
@@ -703,7 +717,7 @@ class Run:
         fresh.rollbacks = n
         replacement = Run(self.wf, fresh, {})
         replacement._version = self._version
-        with self.store.batch() as b:
+        with self._batch() as b:
             b.put(prefix + "__run__", self.record.to_dict())
             for sid, rec in self.steps.items():
                 b.put(prefix + sid, rec.to_dict())
@@ -728,7 +742,7 @@ class Run:
             self._version = Version(self.store.node_id, b.result.lsn, b.result.hlc, {})
 
     def _commit_run(self) -> None:
-        with self.store.batch() as b:
+        with self._batch() as b:
             self._write_run(b)
         self._version_from(b)
 
@@ -822,7 +836,7 @@ class StepContext:
         rec.error = None
         run = self.run
         run.record.current_step = self.step_id
-        with run.store.batch() as b:
+        with run._batch() as b:
             b.put(keys.step(run.run_id, self.step_id), rec.to_dict())
             run._write_run(b)
         run._version_from(b)
@@ -847,7 +861,7 @@ class StepContext:
         rec.updated_at = now
         run._add_cost(rec, self._unflushed)
         self._unflushed = Cost()
-        with run.store.batch() as b:
+        with run._batch() as b:
             b.put(keys.step(run.run_id, self.step_id), rec.to_dict())
             run._write_run(b)
         run._version_from(b)
@@ -862,7 +876,7 @@ class StepContext:
         rec.updated_at = utcnow()
         run._add_cost(rec, self._unflushed)
         self._unflushed = Cost()
-        with run.store.batch() as b:
+        with run._batch() as b:
             b.put(keys.step(run.run_id, self.step_id), rec.to_dict())
             run._write_run(b)
         run._version_from(b)
@@ -880,7 +894,7 @@ class StepContext:
         now = utcnow()
         rec.updated_at = now
         cost, self._unflushed = self._unflushed, Cost()
-        with run.store.batch() as b:
+        with run._batch() as b:
             run._succeed(b, rec, output, cost, now)
             b.put(keys.step(run.run_id, self.step_id), rec.to_dict())
             run.record.current_step = self.step_id

@@ -48,6 +48,9 @@ class PushAck:
     inserted: int
     merged: int
     head: int
+    #: runs whose entries the server refused for an older fencing token:
+    #: ``[{"run_id": ..., "current": token}]``
+    fenced: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class Transport(Protocol):
 
 def push_ack(doc: dict[str, Any]) -> PushAck:
     return PushAck(int(doc["acked_lsn"]), int(doc["inserted"]), int(doc["merged"]),
-                   int(doc["head"]))
+                   int(doc["head"]), list(doc.get("fenced") or []))
 
 
 def pull_page(doc: dict[str, Any]) -> PullPage:

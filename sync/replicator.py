@@ -28,6 +28,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ import tenacity
 
 from engine import Store
 from engine.errors import (
+    LeaseLostError,
     LSNGapError,
     RemoteDurabilityTimeoutError,
     RemoteUnavailableError,
@@ -88,6 +90,9 @@ class ReplicatorStatus:
     last_push_at: float | None = None
     last_pull_at: float | None = None
     stopped_reason: str | None = None
+    #: runs whose writes the server refused (run id -> the current lease token)
+    lost_runs: dict[str, int] = field(default_factory=dict)
+    fenced_runs: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,6 +116,7 @@ class Replicator:
         self._server_checked = False
         self._next_pull = 0.0
         self._skipped_cursor: int | None = None
+        self._lost_callbacks: list[Callable[[LeaseLostError], None]] = []
         store.add_commit_listener(self._on_commit)
 
     # -- lifecycle -------------------------------------------------------------
@@ -246,12 +252,37 @@ class Replicator:
                 self._set_acked(records[-1].lsn)
                 continue
             ack = self.transport.push(store.node_id, records[-1].lsn, entries)
+            if ack.fenced:
+                self._report_fenced(ack.fenced)
             total += len(entries)
             self._status.pushed_entries += len(entries)
             self._status.last_push_at = time.time()
             self._status.server_head = ack.head
             self._set_acked(max(ack.acked_lsn, records[-1].lsn))
         return total
+
+    def _report_fenced(self, fenced: list[dict[str, Any]]) -> None:
+        """The server refused this node's writes to runs another host now leases."""
+        for item in fenced:
+            run_id, current = str(item["run_id"]), int(item["current"])
+            if run_id in self._status.lost_runs:
+                continue
+            self._status.lost_runs[run_id] = current
+            self._status.fenced_runs += 1
+            log.error("sync: run %s was taken over (lease token %d): this host's writes to it "
+                      "were refused by the server", run_id, current)
+            for callback in self._lost_callbacks:
+                try:
+                    callback(LeaseLostError(
+                        f"run {run_id!r} was taken over by another host (token {current}); "
+                        "the server refused this host's writes to it",
+                        run_id=run_id, current_token=current))
+                except Exception:
+                    log.exception("lease-lost callback failed")
+
+    def on_lease_lost(self, callback: Callable[[LeaseLostError], None]) -> None:
+        """Call ``callback(error)`` (from the replicator's thread) when a run is fenced."""
+        self._lost_callbacks.append(callback)
 
     def _bootstrap(self) -> int:
         """Ship state whose WAL records were removed before sync was attached.

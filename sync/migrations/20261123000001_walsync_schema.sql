@@ -96,6 +96,33 @@ create table if not exists walsync.leases (
   acquired_at timestamptz not null default now()
 );
 
+-- Entries a push refused because they carried an older fencing token than
+-- the run's current lease (kept for inspection, never merged).
+create table if not exists walsync.fenced (
+  origin     text   not null,
+  lsn        bigint not null,
+  key        text   not null,
+  run_id     text   not null,
+  fence      bigint not null,
+  current    bigint not null,
+  data       bytea,
+  received_at timestamptz not null default now(),
+  primary key (origin, lsn, key)
+);
+alter table walsync.fenced enable row level security;
+revoke all on walsync.fenced from public, anon, authenticated;
+
+-- The run a key belongs to (runs/<id>, runs/<id>/..., index/runs/<id>), or null.
+create or replace function walsync.run_of(p_key text) returns text
+language sql immutable parallel safe
+set search_path = pg_catalog
+as $$
+  select case
+    when p_key like 'runs/%' then split_part(substr(p_key, 6), '/', 1)
+    when p_key like 'index/runs/%' then split_part(substr(p_key, 12), '/', 1)
+  end
+$$;
+
 alter table walsync.nodes    enable row level security;
 alter table walsync.head     enable row level security;
 alter table walsync.entries  enable row level security;
@@ -150,6 +177,7 @@ declare
   v_merged  integer;
   v_hlc     bigint;
   v_acked   bigint;
+  v_fenced  jsonb;
 begin
   if p_node is null or p_node = '' then
     raise exception 'push needs a node id' using errcode = '22023';
@@ -157,6 +185,21 @@ begin
   perform pg_advisory_xact_lock(hashtext('walsync.push'));
   insert into nodes (node_id) values (p_node) on conflict do nothing;
   select pos into v_head from head where id = 1 for update;
+
+  -- Fencing: an entry for a run's keys carrying an older token than the
+  -- run's current lease is refused and recorded, never merged.
+  insert into fenced (origin, lsn, key, run_id, fence, current, data)
+  select p_node, x.lsn, x.key, l.run_id, coalesce(x.fence, 0), l.token, decode(x.data, 'base64')
+  from jsonb_to_recordset(p_entries) as x(lsn bigint, key text, fence bigint, data text)
+  join leases l on l.run_id = walsync.run_of(x.key)
+  where coalesce(x.fence, 0) < l.token
+  on conflict do nothing;
+  select coalesce(jsonb_agg(distinct jsonb_build_object('run_id', f.run_id, 'current', f.current)),
+                  '[]'::jsonb)
+    into v_fenced
+  from fenced f
+  join jsonb_to_recordset(p_entries) as x(lsn bigint, key text) on f.lsn = x.lsn and f.key = x.key
+  where f.origin = p_node;
 
   with incoming as (
     select x.lsn, x.idx, x.key, x.deleted, decode(x.data, 'base64') as data, x.codec, x.vv,
@@ -166,6 +209,8 @@ begin
       hlc bigint, fence bigint, value_hash text, value_json jsonb)
     where not exists (
       select 1 from entries e where e.origin = p_node and e.lsn = x.lsn and e.key = x.key)
+      and not exists (
+      select 1 from fenced f where f.origin = p_node and f.lsn = x.lsn and f.key = x.key)
   ),
   numbered as (
     select i.*, v_head + row_number() over (order by i.lsn, i.idx) as pos from incoming i
@@ -218,7 +263,7 @@ begin
    where node_id = p_node
   returning acked_lsn into v_acked;
   return jsonb_build_object('acked_lsn', v_acked, 'inserted', v_fresh, 'merged', v_merged,
-                            'head', v_head + v_fresh);
+                            'head', v_head + v_fresh, 'fenced', v_fenced);
 end
 $$;
 
