@@ -406,6 +406,67 @@ def status(store_path: str, as_json: bool) -> None:
         click.echo(f"{k:<24} {v}")
 
 
+@main.command("restore")
+@click.option("--to", "dest", required=True, type=click.Path(file_okay=False),
+              help="Directory of the new store (must be empty).")
+@click.option("--prefix", default="", help="Only keys under this prefix.")
+@click.option("--lost-node", help="Only the runs last written by this (lost) node.")
+@click.option("--force", is_flag=True, help="Restore into a non-empty directory.")
+@json_option
+@_handles_errors
+def restore_command(dest: str, prefix: str, lost_node: str | None, force: bool,
+                    as_json: bool) -> None:
+    """Build a new store from the server's merged state (after host loss)."""
+    from .config import transport_from_env
+    from .restore import restore
+
+    transport = transport_from_env()
+    try:
+        with click.progressbar(length=1, label="restoring keys", file=sys.stderr,
+                               show_pos=True) as bar:
+
+            def advance(done: int, total: int) -> None:
+                bar.length = max(total, 1)
+                bar.update(done - bar.pos)
+
+            report = restore(transport, dest, prefix=prefix, lost_node=lost_node, force=force,
+                             progress=advance)
+    finally:
+        transport.close()
+    if as_json:
+        _emit(report)
+        return
+    click.echo(f"restored {report.keys} keys ({report.bytes} bytes, every checksum verified) "
+               f"into {report.path}, new node {report.node_id}, in {report.seconds:.1f} s")
+    if report.lost_node:
+        click.echo(f"recovery point of {report.lost_node}: LSN {report.lost_node_acked_lsn} "
+                   f"committed at {report.recovery_point}")
+    click.echo(f"runs that can resume (take their leases first): "
+               f"{', '.join(report.resumable_runs) or 'none'}")
+
+
+@main.command("leases")
+@click.option("--holder", help="Only leases of this holder (a node id).")
+@json_option
+@_handles_errors
+def leases_command(holder: str | None, as_json: bool) -> None:
+    """Leases on runs held on the server."""
+    from .config import transport_from_env
+
+    transport = transport_from_env()
+    try:
+        rows = transport.call("leases", {"p_holder": holder})
+    finally:
+        transport.close()
+    for row in rows:
+        if as_json:
+            _emit(row)
+        else:
+            state = "live" if row["live"] else "expired"
+            click.echo(f"{row['run_id']:<32} {row['holder']:<20} token {row['token']:<4} "
+                       f"{state} until {row['expires_at']}")
+
+
 @main.group()
 def conflicts() -> None:
     """Keys with concurrent versions: list, resolve."""
