@@ -9,7 +9,7 @@ module (``_fs.fdatasync(fd)``), never import the names.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -21,10 +21,12 @@ __all__ = [
     "fsync_dir",
     "make_dir",
     "open_append",
+    "open_segment",
     "rename",
     "truncate",
     "unlink",
     "writev",
+    "zero_fill",
 ]
 
 FILE_MODE = 0o600
@@ -34,6 +36,32 @@ DIR_MODE = 0o700
 def open_append(path: Path) -> int:
     """Open (creating if absent) for appending writes; mode 0600."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+
+
+def open_segment(path: Path, *, create: bool) -> int:
+    """Open a segment for positioned writes (no O_APPEND: preallocated space is
+    overwritten in place); ``create`` makes a new empty file, replacing any."""
+    flags = os.O_WRONLY | os.O_CLOEXEC
+    if create:
+        flags |= os.O_CREAT | os.O_TRUNC
+    return os.open(path, flags, FILE_MODE)
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def zero_fill(fd: int, size: int, stop: Callable[[], bool]) -> bool:
+    """Write ``size`` zero bytes from the file's position, then fsync; False if
+    ``stop()`` said to give up first (checked between 1 MiB writes)."""
+    done = 0
+    view = memoryview(_ZEROS)
+    while done < size:
+        if stop():
+            return False
+        n = os.write(fd, view[: min(len(_ZEROS), size - done)])
+        done += n
+    fsync(fd)
+    return True
 
 
 def writev(fd: int, buffers: Sequence[bytes]) -> int:

@@ -86,7 +86,12 @@ def verify(
     meta = read_store_file(layout.store_file)
     gaps = [(int(a), int(b)) for a, b in meta.get("lsn_gaps", [])]
     applied = 0
-    if (layout.snapshot_dir / "data.mdb").exists():
+    data_file = layout.snapshot_dir / "data.mdb"
+    # An empty data.mdb is an environment whose creation was cut short (a crash
+    # in the first open, or in a rebuild after snapshot/ was removed): an empty
+    # snapshot that the next writer initialises, not damage. LMDB cannot open
+    # it read-only.
+    if data_file.exists() and data_file.stat().st_size > 0:
         snapshot = SnapshotStore(layout.snapshot_dir, map_size_bytes=1 << 20, readonly=True)
         try:
             applied = snapshot.applied_lsn()

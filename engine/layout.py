@@ -4,6 +4,7 @@
       STORE                 identity and format (JSON, written atomically)
       LOCK                  the single-writer lock; holds the writer's pid
       wal/<16 hex>.wal      WAL segments, named by their first LSN
+      wal/prepared.tmp      the next segment, zero-filled ahead of time (not a segment yet)
       snapshot/             the LMDB environment (data.mdb, lock.mdb)
       quarantine/<time>/    what `repair` moved aside; never deleted by walsync
 
@@ -40,6 +41,9 @@ class StoreLayout:
         self.wal_dir = self.root / "wal"
         self.snapshot_dir = self.root / "snapshot"
         self.quarantine_dir = self.root / "quarantine"
+        #: the next segment file, zero-filled and synced ahead of time; it
+        #: becomes a segment when it is renamed to one (never listed as one)
+        self.prepared_segment = self.wal_dir / "prepared.tmp"
 
     def segment_path(self, first_lsn: int) -> Path:
         return self.wal_dir / segment_name(first_lsn)

@@ -52,7 +52,10 @@ class StoreOptions:
             raise ValueError(
                 f"max_key_bytes must be 1..511 (LMDB's limit), got {self.max_key_bytes}"
             )
-        if self.max_value_bytes < 1:
-            raise ValueError(f"max_value_bytes must be positive, got {self.max_value_bytes}")
+        if not 1 <= self.max_value_bytes <= 1 << 30:
+            raise ValueError(
+                f"max_value_bytes must be 1..{1 << 30} (a record's frame holds at most 2 GiB), "
+                f"got {self.max_value_bytes}"
+            )
         if self.lock_timeout_seconds < 0:
             raise ValueError("lock_timeout_seconds must not be negative")

@@ -112,13 +112,30 @@ def _repair_locked(layout: StoreLayout) -> RepairReport:
         return RepairReport(False, "no damage found; a torn tail, if any, is cut on open")
     index, offset, first_lost, error = found
     segments = layout.list_segments()
-    quarantine = _new_quarantine_dir(layout)
-    moved: list[str] = []
     max_seen = first_lost - 1
     for i in range(index, len(segments)):
+        max_seen = max(max_seen, _max_intact_lsn(segments[i][1].read_bytes()))
+    applied = 0
+    if (layout.snapshot_dir / "data.mdb").exists():
+        snapshot = SnapshotStore(layout.snapshot_dir, map_size_bytes=1 << 20)
+        try:
+            applied = snapshot.applied_lsn()
+        finally:
+            snapshot.close()
+    last_lost = max(max_seen, applied, first_lost)
+    lost_from_state = max(0, max_seen - max(applied, first_lost - 1))
+    # Reserve the lost LSNs before anything moves, so that a repair stopped half
+    # way never lets them be handed out again. The hole itself is recorded only
+    # once the segments are gone: recorded before, it would let open replay the
+    # intact segments after a missing one. (An open in between records the hole
+    # by itself, as the LSNs it skips for min_next_lsn.)
+    meta["min_next_lsn"] = max(int(meta.get("min_next_lsn", 1)), last_lost + 1)
+    write_store_file(layout.store_file, meta)
+
+    quarantine = _new_quarantine_dir(layout)
+    moved: list[str] = []
+    for i in range(index, len(segments)):
         seg_path = segments[i][1]
-        data = seg_path.read_bytes()
-        max_seen = max(max_seen, _max_intact_lsn(data))
         target = quarantine / seg_path.name
         if i == index and offset >= SEGMENT_HEADER_BYTES:
             shutil.copyfile(seg_path, target)
@@ -135,18 +152,9 @@ def _repair_locked(layout: StoreLayout) -> RepairReport:
     _fs.fsync_dir(quarantine)
     _fs.fsync_dir(layout.wal_dir)
 
-    applied = 0
-    if (layout.snapshot_dir / "data.mdb").exists():
-        snapshot = SnapshotStore(layout.snapshot_dir, map_size_bytes=1 << 20)
-        try:
-            applied = snapshot.applied_lsn()
-        finally:
-            snapshot.close()
-    last_lost = max(max_seen, applied, first_lost)
-    lost_from_state = max(0, max_seen - max(applied, first_lost - 1))
-    gaps.append((first_lost, last_lost))
+    if not gap_allowed(gaps, first_lost, last_lost):
+        gaps.append((first_lost, last_lost))
     meta["lsn_gaps"] = [list(g) for g in gaps]
-    meta["min_next_lsn"] = max(int(meta.get("min_next_lsn", 1)), last_lost + 1)
     write_store_file(layout.store_file, meta)
     return RepairReport(
         True,

@@ -54,7 +54,8 @@ class RecoveryReport:
     segments_read: int
     seconds: float
     #: LSNs the snapshot holds but the WAL lost (only after a power loss with
-    #: durability 'none'): recorded as a known hole so the log stays checkable
+    #: durability 'none'), or LSNs a repair reserved and the WAL does not hold:
+    #: recorded as a known hole so the log stays checkable
     wal_hole: tuple[int, int] | None = None
 
     @property
@@ -82,7 +83,10 @@ def recover(
     segments = layout.list_segments()
     if not segments:
         next_lsn = max(applied + 1, min_next_lsn)
-        report = RecoveryReport(applied, 0, next_lsn - 1, None, 0, time.perf_counter() - started)
+        skipped = (applied + 1, next_lsn - 1) if next_lsn > applied + 1 else None
+        report = RecoveryReport(
+            applied, 0, next_lsn - 1, None, 0, time.perf_counter() - started, skipped
+        )
         return report, None, next_lsn
 
     start = 0
@@ -140,12 +144,14 @@ def recover(
     applied_now = snapshot.applied_lsn()
     if wal_last < applied_now:
         # The snapshot reached disk with records whose WAL bytes did not.
-        hole = (wal_last + 1, applied_now)
-        active = None
-        log.warning("WAL lost LSNs %d..%d that the snapshot holds", hole[0], hole[1])
+        log.warning("WAL lost LSNs %d..%d that the snapshot holds", wal_last + 1, applied_now)
     next_lsn = max(wal_last + 1, applied_now + 1, min_next_lsn)
     if next_lsn != wal_last + 1:
-        active = None  # the next record starts a new segment after the hole
+        # Not in the log: LSNs the snapshot holds whose WAL bytes were lost, and
+        # LSNs a repair reserved. A known hole; the next record starts a new
+        # segment after it.
+        hole = (wal_last + 1, next_lsn - 1)
+        active = None
     report = RecoveryReport(
         applied, replayed, next_lsn - 1, scan.torn, len(segments) - start,
         time.perf_counter() - started, hole,

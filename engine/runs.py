@@ -165,8 +165,9 @@ class StepRecord:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> StepRecord:
-        names = {f.name for f in fields(StepRecord)}
-        return StepRecord(**{k: v for k, v in d.items() if k in names})
+        if d.keys() <= _STEP_FIELDS:  # the usual case: no unknown keys to drop
+            return StepRecord(**d)
+        return StepRecord(**{k: v for k, v in d.items() if k in _STEP_FIELDS})
 
 
 @dataclass
@@ -203,8 +204,7 @@ class RunRecord:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> RunRecord:
-        names = {f.name for f in fields(RunRecord)}
-        return RunRecord(**{k: v for k, v in d.items() if k in names})
+        return RunRecord(**{k: v for k, v in d.items() if k in _RUN_FIELDS})
 
     def index_entry(self) -> dict[str, Any]:
         return {
@@ -214,6 +214,11 @@ class RunRecord:
             "created_at": self.created_at,
             "retries_left": max(0, self.max_retries - self.retries),
         }
+
+
+#: field names, computed once: from_dict runs for every step of a run loaded
+_STEP_FIELDS = frozenset(f.name for f in fields(StepRecord))
+_RUN_FIELDS = frozenset(f.name for f in fields(RunRecord))
 
 
 def describe_error(exc: BaseException) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import cbor2
 
 from . import _fs
 from .errors import (
+    CapacityError,
     ConflictError,
     DiskFullError,
     FormatVersionError,
@@ -53,6 +54,7 @@ from .record import (
     CODEC_NONE,
     KIND_LOCAL,
     KIND_MERGE,
+    MAX_PAYLOAD_BYTES,
     compress_value,
     decode_entry,
     decode_value,
@@ -361,7 +363,7 @@ class Store:
         try:
             if self._wal is not None and self._poisoned is None:
                 self._wal.sync()
-                self._wal.close()
+                self._wal.close(trim=True)
                 self._checkpoint(include_active=True)
         finally:
             if self._wal is not None:
@@ -631,6 +633,12 @@ class Store:
                 new[key] = [sib]
                 wire_ops.append([key, encode_entry([sib])])
         payload = encode_payload(KIND_LOCAL, hlc, wire_ops)
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise CapacityError(
+                f"a commit of {len(ops)} operations encodes to {len(payload)} bytes, above the "
+                f"{MAX_PAYLOAD_BYTES} bytes one record may hold; nothing was written",
+                hint="split the batch into several commits",
+            )
         self._next_lsn = lsn + 1
         for key, sibs in new.items():
             self._overlay[key] = (lsn, sibs)

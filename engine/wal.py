@@ -16,7 +16,9 @@ from n on were never known durable, and they are cut as a torn tail.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,8 @@ from .record import (
     encode_frame,
     encode_segment_header,
 )
+
+log = logging.getLogger("walsync.wal")
 
 __all__ = ["SegmentScan", "TornTail", "WALWriter", "all_zero", "iter_frames", "scan_segment"]
 
@@ -245,8 +249,117 @@ def _decide_tail(scan: SegmentScan, data: bytes, offset: int, expected: int, nam
     scan.torn = TornTail(name, offset, len(data) - offset, expected, cut)
 
 
+#: the first segment file prepared after open is this large (or segment_bytes
+#: if that is smaller); each one filled by small writes doubles the next, up
+#: to segment_bytes, so a quiet store keeps small files
+_FIRST_PREPARED_BYTES = 1 << 20
+
+
+class _SegmentPreparer:
+    """Makes the next segment file ahead of time, on a thread of its own.
+
+    The file (``layout.prepared_segment``) is zero-filled to its full size and
+    fsynced before it is offered, so frames written into it later change no
+    file metadata and their fdatasync flushes data only. The writer takes it
+    by renaming it to the next segment's name. One file at a time. A failure
+    (a full disk, say) is logged and the file removed; the writer then creates
+    a plain segment, and the next rotation asks again.
+    """
+
+    def __init__(self, layout: StoreLayout) -> None:
+        self._path = layout.prepared_segment
+        self._cond = threading.Condition(threading.Lock())
+        self._wanted = 0  # bytes asked for, not started yet
+        self._ready = 0  # bytes of the file that is ready to take
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def request(self, size: int) -> None:
+        """Start preparing a file of ``size`` bytes, unless one is ready or under way."""
+        with self._cond:
+            if self._closed or self._ready or self._busy or self._wanted:
+                return
+            self._wanted = size
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="walsync-prepare-segment", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def ready_bytes(self) -> int:
+        return self._ready
+
+    def take(self, dest: Path, *, wait: bool) -> int:
+        """Rename the prepared file to ``dest`` and return its size; 0 (and nothing
+        renamed) if none is ready, after waiting for one under way if ``wait``."""
+        with self._cond:
+            while wait and not self._ready and (self._busy or self._wanted):
+                self._cond.wait()
+            size = self._ready
+            if not size:
+                return 0
+            self._ready = 0
+            _fs.rename(self._path, dest)
+            return size
+
+    def close(self) -> None:
+        """Stop the thread and remove a prepared file nobody took."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        self._ready = 0
+        _remove_quietly(self._path)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._wanted and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                size, self._wanted = self._wanted, 0
+                self._busy = True
+            done = False
+            try:
+                fd = _fs.open_segment(self._path, create=True)
+                try:
+                    done = _fs.zero_fill(fd, size, lambda: self._closed)
+                finally:
+                    os.close(fd)
+            except Exception as exc:  # noqa: BLE001 - the writer falls back to plain segments
+                log.warning("could not prepare the next WAL segment %s: %s", self._path, exc)
+            if not done:
+                _remove_quietly(self._path)
+            with self._cond:
+                self._busy = False
+                if done and not self._closed:
+                    self._ready = size
+                self._cond.notify_all()
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        _fs.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)
+
+
 class WALWriter:
-    """Appends frames to the active segment, rotating when it is full.
+    """Writes frames into the active segment, rotating when it is full.
+
+    Segments are preallocated (see :class:`_SegmentPreparer`): frames overwrite
+    zero-filled, synced space in place (positioned writes, no O_APPEND), so a
+    commit's fdatasync need not update file metadata. A batch that does not
+    fit in the zero-filled space extends the file (correct, only slower); when
+    a prepared file is ready, such a batch starts it instead, ahead of
+    ``segment_bytes``.
 
     Not thread-safe: one caller at a time (the group-commit leader). Each
     ``append`` either writes all its frames or raises; after a raise the
@@ -260,6 +373,7 @@ class WALWriter:
         segment_bytes: int,
         next_lsn: int,
         active: SegmentScan | None,
+        preallocate: bool = True,
     ) -> None:
         self._layout = layout
         self._segment_bytes = segment_bytes
@@ -267,12 +381,26 @@ class WALWriter:
         self.synced_lsn = next_lsn - 1
         self.fd: int | None = None
         self.segment_first_lsn = 0
+        #: where the next frame goes in the active segment
         self.segment_size = 0
+        #: the active segment's bytes that were zero-filled and synced before use
+        self.segment_allocated = 0
         self.bytes_written = 0
+        self._prepare_bytes = min(segment_bytes, _FIRST_PREPARED_BYTES)
+        # a file prepared before a crash: its zeros may not all have been synced
+        _remove_quietly(layout.prepared_segment)
+        self._preparer = _SegmentPreparer(layout) if preallocate else None
         if active is not None and active.end_offset >= SEGMENT_HEADER_BYTES:
-            self.fd = _fs.open_append(active.path)
+            fd = _fs.open_segment(active.path, create=False)
+            self.fd = fd
+            os.lseek(fd, active.end_offset, os.SEEK_SET)
             self.segment_first_lsn = active.first_lsn
             self.segment_size = active.end_offset
+            # the zeros after the frames were synced when the file was prepared
+            # (a cut torn tail was truncated away)
+            self.segment_allocated = os.fstat(fd).st_size
+        if self._preparer is not None:
+            self._preparer.request(self._prepare_bytes)
 
     def append(self, records: Sequence[tuple[int, bytes]], sync: bool) -> None:
         """Write frames for ``(lsn, payload)`` records, in LSN order; fdatasync if ``sync``."""
@@ -287,13 +415,18 @@ class WALWriter:
             frames.append(frame)
             size += len(frame)
             next_lsn += 1
+        # before next_lsn moves: sealing syncs (and counts as synced) only the
+        # records the old segment holds, not the ones about to be written
         if self.fd is None or (
             self.segment_size > SEGMENT_HEADER_BYTES
             and self.segment_size + size > self._segment_bytes
         ):
-            # before next_lsn moves: sealing syncs (and counts as synced) only
-            # the records the old segment holds, not the ones about to be written
-            self._rotate(records[0][0])
+            self._rotate(records[0][0], size, must=True)
+        elif self.segment_size + size > self.segment_allocated and self._preparer is not None:
+            ready = self._preparer.ready_bytes()
+            if ready >= SEGMENT_HEADER_BYTES + size and self.segment_size > SEGMENT_HEADER_BYTES:
+                self._rotate(records[0][0], size, must=False)
+        if self.segment_size == 0:
             header = encode_segment_header(records[0][0])
             frames.insert(0, header)
             size += len(header)
@@ -317,19 +450,49 @@ class WALWriter:
             _fs.fdatasync(self.fd)
         self.synced_lsn = self.next_lsn - 1
 
-    def _rotate(self, first_lsn: int) -> None:
-        """Seal the active segment (synced in full) and create the next one."""
+    def _rotate(self, first_lsn: int, size: int, *, must: bool) -> None:
+        """Seal the active segment (synced in full), then name the next one.
+
+        The next segment is the prepared file when there is one (waited for if
+        it is under way and the rotation cannot be put off), else a new empty
+        file; either way the directory is synced before a frame goes in.
+        """
         if self.fd is not None:
+            self._trim()
             self.sync()
             os.close(self.fd)
             self.fd = None
+            if 0 < size < self.segment_allocated // 2 <= self.segment_size:
+                # small writes filled the preallocated space: prepare more next time
+                self._prepare_bytes = min(self._segment_bytes, 2 * self._prepare_bytes)
         path = self._layout.segment_path(first_lsn)
-        self.fd = _fs.open_append(path)
+        taken = 0
+        if self._preparer is not None:
+            taken = self._preparer.take(path, wait=must)
+        self.fd = _fs.open_segment(path, create=not taken)
         _fs.fsync_dir(self._layout.wal_dir)
         self.segment_first_lsn = first_lsn
         self.segment_size = 0
+        self.segment_allocated = taken
+        if self._preparer is not None:
+            self._preparer.request(self._prepare_bytes)
 
-    def close(self) -> None:
+    def _trim(self) -> None:
+        """Cut the unused zero-filled end off the active segment, synced: a sealed
+        segment (or the last one after a clean close) ends with its last frame."""
+        if self.fd is not None and self.segment_allocated > self.segment_size:
+            _fs.truncate(self.fd, self.segment_size)
+            _fs.fdatasync(self.fd)
+            self.synced_lsn = self.next_lsn - 1
+            self.segment_allocated = self.segment_size
+
+    def close(self, *, trim: bool = False) -> None:
+        """Close the active segment (first, if ``trim``, cut its unused end); stop
+        preparing (a prepared file is removed)."""
         if self.fd is not None:
+            if trim:
+                self._trim()
             os.close(self.fd)
             self.fd = None
+        if self._preparer is not None:
+            self._preparer.close()

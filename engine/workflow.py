@@ -27,18 +27,21 @@ the same store are caught by optimistic checks on the run record
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import copy
 import datetime as dt
 import functools
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import cbor2
 
 from .errors import (
     CheckpointNotFoundError,
+    InvalidValueError,
     RunNotFoundError,
     SchemaVersionError,
     StepNeedsAttentionError,
@@ -108,6 +111,16 @@ def current_step() -> StepContext:
     if ctx is None:
         raise WorkflowError("no step is active here: call this from inside a step's body")
     return ctx
+
+
+@overload
+def step(fn: F, *, name: str | None = None, idempotent: bool = True) -> F: ...
+
+
+@overload
+def step(
+    fn: None = None, *, name: str | None = None, idempotent: bool = True
+) -> Callable[[F], F]: ...
 
 
 def step(
@@ -605,20 +618,21 @@ class Run:
         if action not in ("retry", "skip", "succeed"):
             raise ValueError(f"action must be 'retry', 'skip' or 'succeed', not {action!r}")
         now = utcnow()
-        if action != "succeed" and rec.status == StepStatus.SUCCESS:
-            # Undoing a success: the run's summary must stop counting it.
-            self.record.steps_done -= 1
-            self._summarise()
-        with self._batch() as b:
-            if action == "retry":
-                rec.status = StepStatus.PENDING.value
-            elif action == "skip":
-                rec.status = StepStatus.SKIPPED.value
-            else:
-                self._succeed(b, rec, output, Cost(), now)
-            rec.updated_at = now
-            b.put(keys.step(self.run_id, step_id), rec.to_dict())
-            self._write_run(b)
+        with self._undo_on_error(rec):
+            if action != "succeed" and rec.status == StepStatus.SUCCESS:
+                # Undoing a success: the run's summary must stop counting it.
+                self.record.steps_done -= 1
+                self._summarise()
+            with self._batch() as b:
+                if action == "retry":
+                    rec.status = StepStatus.PENDING.value
+                elif action == "skip":
+                    rec.status = StepStatus.SKIPPED.value
+                else:
+                    self._succeed(b, rec, output, Cost(), now)
+                rec.updated_at = now
+                b.put(keys.step(self.run_id, step_id), rec.to_dict())
+                self._write_run(b)
         self._version_from(b)
 
     def output(self, step_id: str) -> Any:
@@ -751,8 +765,30 @@ class Run:
         if rec.total_steps:
             rec.progress = min(100.0, 100.0 * rec.steps_done / rec.total_steps)
 
+    @contextlib.contextmanager
+    def _undo_on_error(self, rec: StepRecord) -> Iterator[None]:
+        """Put the run and step records back as they were if the change fails.
+
+        The change's commit is the last thing in the block, so an Exception
+        means nothing was written: keeping the mutated records would let the
+        next commit store a state that never happened (e.g. a success counted
+        in ``steps_done`` for a step that failed).
+        """
+        saved_run, saved_step = copy.copy(self.record), copy.copy(rec)
+        try:
+            yield
+        except Exception:
+            self.record.__dict__.update(saved_run.__dict__)
+            rec.__dict__.update(saved_step.__dict__)
+            raise
+
     def _set_output(self, b: Batch, rec: StepRecord, output: Any) -> None:
-        size = len(cbor2.dumps(output)) if output is not None else 0
+        try:
+            size = len(cbor2.dumps(output)) if output is not None else 0
+        except (cbor2.CBOREncodeError, TypeError, ValueError, RecursionError) as exc:
+            raise InvalidValueError(
+                f"output of step {rec.step_id!r} of run {self.run_id!r} cannot be stored: {exc}"
+            ) from None
         if size > self.wf.inline_output_bytes:
             key = keys.output(self.run_id, rec.step_id, rec.attempts, self.record.rollbacks)
             b.put(key, output)
@@ -829,16 +865,17 @@ class StepContext:
             # is impossible here, so another driver left it): same rule.
             raise StepNeedsAttentionError(self.run.run_id, self.step_id)
         now = utcnow()
-        rec.status = StepStatus.RUNNING.value
-        rec.attempts += 1
-        rec.started_at = now
-        rec.updated_at = now
-        rec.error = None
         run = self.run
-        run.record.current_step = self.step_id
-        with run._batch() as b:
-            b.put(keys.step(run.run_id, self.step_id), rec.to_dict())
-            run._write_run(b)
+        with run._undo_on_error(rec):
+            rec.status = StepStatus.RUNNING.value
+            rec.attempts += 1
+            rec.started_at = now
+            rec.updated_at = now
+            rec.error = None
+            run.record.current_step = self.step_id
+            with run._batch() as b:
+                b.put(keys.step(run.run_id, self.step_id), rec.to_dict())
+                run._write_run(b)
         run._version_from(b)
         self._token = _current_step.set(self)
         return self
@@ -871,14 +908,15 @@ class StepContext:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be within 0..1, got {fraction}")
         rec, run = self.record, self.run
-        rec.fraction = fraction
-        rec.cursor = cursor
-        rec.updated_at = utcnow()
-        run._add_cost(rec, self._unflushed)
+        with run._undo_on_error(rec):
+            rec.fraction = fraction
+            rec.cursor = cursor
+            rec.updated_at = utcnow()
+            run._add_cost(rec, self._unflushed)
+            with run._batch() as b:
+                b.put(keys.step(run.run_id, self.step_id), rec.to_dict())
+                run._write_run(b)
         self._unflushed = Cost()
-        with run._batch() as b:
-            b.put(keys.step(run.run_id, self.step_id), rec.to_dict())
-            run._write_run(b)
         run._version_from(b)
 
     def add_cost(self, tokens_in: int = 0, tokens_out: int = 0, usd: float = 0.0,
@@ -892,13 +930,17 @@ class StepContext:
             raise WorkflowError(f"step {self.step_id!r} already succeeded")
         rec, run = self.record, self.run
         now = utcnow()
-        rec.updated_at = now
-        cost, self._unflushed = self._unflushed, Cost()
-        with run._batch() as b:
-            run._succeed(b, rec, output, cost, now)
-            b.put(keys.step(run.run_id, self.step_id), rec.to_dict())
-            run.record.current_step = self.step_id
-            run._write_run(b)
+        # If the commit fails (an output cbor2 cannot encode, a conflict...),
+        # nothing was written: the records stay as they were, the cost stays
+        # to be counted with the failure.
+        with run._undo_on_error(rec):
+            rec.updated_at = now
+            with run._batch() as b:
+                run._succeed(b, rec, output, self._unflushed, now)
+                b.put(keys.step(run.run_id, self.step_id), rec.to_dict())
+                run.record.current_step = self.step_id
+                run._write_run(b)
+        self._unflushed = Cost()
         run._version_from(b)
         self._output = output
         self._completed = True

@@ -14,6 +14,9 @@ What a clean result must satisfy:
   from ``first_lsn`` (those below ``skip_below_lsn`` checked but not kept);
 * ``last_lsn`` is the last LSN checked, ``end_offset`` where they end;
 * a torn tail only in the last segment, and it covers the rest of the file;
+  without one, what follows the frames is zeros only (space preallocated and
+  never written), and a segment without a valid header is accepted only as
+  the last one, when it is torn or all zeros;
 * every kept frame's payload goes through ``decode_payload`` under the same
   contract.
 
@@ -62,6 +65,10 @@ def fix_checksums(data: bytes) -> bytes:
     return bytes(buf)
 
 
+def _all_zero(data: bytes) -> bool:
+    return data.count(0) == len(data)
+
+
 def check_scan(data: bytes, first_lsn: int, is_last: bool, skip_below_lsn: int = 0) -> None:
     try:
         scan = scan_segment(
@@ -80,11 +87,15 @@ def check_result(
         assert scan.torn is None, "torn tail reported for a sealed segment"
     end = scan.end_offset
     assert 0 <= end <= len(data), end
-    if end == 0:  # the header itself is torn: the whole file goes
-        assert is_last
-        assert scan.torn is not None
-        assert scan.torn.offset == 0
+    if end == 0:  # no valid header: a torn header, or a preallocated file never written
+        assert is_last, "a sealed segment without a valid header was accepted"
         assert scan.frames == []
+        assert scan.last_lsn == first_lsn - 1
+        if scan.torn is not None:
+            assert scan.torn.offset == 0
+            assert scan.torn.bytes_cut == len(data)
+        else:
+            assert _all_zero(data), "a header-less segment with data is neither torn nor empty"
         return
     assert end >= SEGMENT_HEADER_BYTES
     checked = scan.last_lsn - first_lsn + 1
@@ -107,8 +118,9 @@ def check_result(
         assert scan.torn.offset == end
         assert scan.torn.bytes_cut == len(data) - end
         assert scan.torn.first_lost_lsn == scan.last_lsn + 1
-    elif is_last:
-        assert end == len(data), "the last segment stops early without a torn tail"
+    else:
+        # what follows the frames can only be preallocated space, never written
+        assert _all_zero(data[end:]), "the scan stops early without a torn tail"
     for frame in scan.frames:
         with contextlib.suppress(WalsyncError):
             decode_payload(frame.payload, str(_PATH), frame.offset, frame.lsn)

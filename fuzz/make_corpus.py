@@ -113,6 +113,8 @@ def build() -> dict[str, dict[str, bytes]]:
         "segment_version_2": bad_header + struct.pack("<Q", xxhash.xxh3_64_intdigest(bad_header)),
         "header_torn": header[: SEGMENT_HEADER_BYTES - 5],
         "first_lsn_9": encode_segment_header(9) + encode_frame(9, 8, empty_ops),
+        "preallocated_tail": header + f1 + bytes(96),
+        "preallocated_empty": bytes(SEGMENT_HEADER_BYTES + 16),
     }
     return {"frame": frame, "segment": segment, "payload": payload}
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
@@ -449,12 +450,23 @@ def test_top_level_help_lists_every_command() -> None:
         assert name in out
 
 
-@pytest.mark.parametrize("name", sorted(main.commands))
-def test_every_command_has_help(name: str) -> None:
+def _command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command and subcommand, as the words that invoke it."""
+    paths = []
+    for name, command in sorted(group.commands.items()):
+        paths.append((*prefix, name))
+        if isinstance(command, click.Group):
+            paths.extend(_command_paths(command, (*prefix, name)))
+    return paths
+
+
+@pytest.mark.parametrize("words", _command_paths(main), ids=" ".join)
+def test_every_command_has_help(words: tuple[str, ...]) -> None:
     for flag in ("--help", "-h"):
-        result = ok(name, flag)
-        assert f"Usage: main {name}" in result.stdout or f"Usage: walsync {name}" in result.stdout
-        assert "Usage:" in result.stdout
+        result = ok(*words, flag)
+        usage = re.search(r"Usage: (\S+) (.*)", result.stdout)
+        assert usage, result.stdout
+        assert usage.group(2).startswith(" ".join(words)), usage.group(0)
 
 
 def test_version() -> None:

@@ -1,0 +1,659 @@
+"""A LangGraph checkpointer on a walsync store (the ``walsync[langgraph]`` extra).
+
+Switching a LangGraph app from ``SqliteSaver`` is one import and one line::
+
+    from engine.langgraph_saver import WalsyncSaver
+
+    with WalsyncSaver.from_path("checkpoints") as saver:
+        graph = builder.compile(checkpointer=saver)
+        graph.invoke(inputs, {"configurable": {"thread_id": "order-42"}})
+
+This is the only module of walsync that imports ``langgraph``.
+
+What is durable when a call returns: ``put`` commits the checkpoint record,
+the channel values that changed (``new_versions``) and its run index entry in
+one ``store.batch()``; ``put_writes`` commits a task's pending writes in one
+batch. With the store's default durability (``local``) both return only after
+the WAL is fsynced, so LangGraph's ``durability="sync"`` really is durable: a
+process killed with SIGKILL resumes on the next ``invoke(None, config)`` with
+the same ``thread_id`` from the last checkpoint, and tasks whose writes were
+recorded are not run again. The maintenance calls (``delete_thread``,
+``delete_for_runs``, ``copy_thread``, ``prune``) are each one atomic batch too.
+
+Keys, under ``prefix`` (default ``lg/``), one value per key::
+
+    lg/c/<thread>/<ns>/<checkpoint_id>           the checkpoint (without channel values),
+                                                 its metadata and parent id
+    lg/b/<thread>/<ns>/<channel>/<version>       one channel value (written once per version)
+    lg/w/<thread>/<ns>/<checkpoint_id>/<task_id>/<idx>   one pending write
+    lg/r/<run_id>/<thread>/<ns>/<checkpoint_id>  index: the checkpoints of a run
+
+So a checkpoint writes only the channels that changed, and ``put_writes``
+only its task's writes. The record kind comes before the thread so that
+listing checkpoints never walks over writes or channel values. Segments are
+escaped so that none contains ``/`` (``%`` -> ``%25``, ``/`` -> ``%2F``,
+``~`` -> ``%7E``; a segment longer than 120 bytes becomes ``~`` and a hash,
+keeping keys under walsync's 511-byte limit). Checkpoint ids get an
+order-preserving escape instead (``.`` -> ``.0``, ``/`` -> ``.1``), so key
+order is id order: LangGraph's ids (uuid6) increase with time, hence ``list``
+returns newest first and ``get_tuple`` without an id finds the latest by a
+reverse scan with limit 1. The raw ids are stored inside the values, so keys
+are never parsed.
+
+Values are what LangGraph's serializer (``self.serde``, ``dumps_typed`` /
+``loads_typed``; JsonPlusSerializer by default, no pickle) produced, stored as
+``[type, bytes]``; walsync compresses large values itself. Every checkpoint
+record carries ``format`` (1); a record of an unknown format is refused.
+
+Semantics follow LangGraph's own savers (SqliteSaver, InMemorySaver): a
+regular write (index >= 0) already stored for (task_id, idx) is kept, the
+special writes of ``WRITES_IDX_MAP`` (error, interrupt, ...) overwrite;
+pending writes come back in ``writes_sort_key`` order; ``list`` filters on
+top-level metadata keys by equality, ``before`` on checkpoint id, and without
+``checkpoint_ns`` in the config lists every namespace of the thread.
+
+Threads: a saver (and its store) may be shared by any number of threads and
+asyncio tasks. Concurrent puts share the store's group commit. The async
+methods run the sync ones in a worker thread (``asyncio.to_thread``): one
+implementation. Maintenance calls wait for running puts and block new ones
+while they run, so that collecting unreferenced channel values never races a
+put that references them. Reads take no lock; a read concurrent with a
+maintenance call may see a checkpoint whose writes are already gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import hashlib
+import random
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    WRITES_IDX_MAP,
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    PendingWrite,
+    get_checkpoint_id,
+    get_checkpoint_metadata,
+    writes_sort_key,
+)
+from langgraph.checkpoint.serde.base import SerializerProtocol
+
+from .errors import ConflictError, FormatVersionError
+from .options import Durability
+from .store import Delete, Put, Store
+
+__all__ = ["DEFAULT_PREFIX", "RECORD_FORMAT", "WalsyncSaver"]
+
+DEFAULT_PREFIX = "lg/"
+#: the format of checkpoint records; bump it (and migrate) when their shape changes
+RECORD_FORMAT = 1
+#: a key segment longer than this (in UTF-8 bytes) is replaced by its hash
+_MAX_SEGMENT_BYTES = 120
+#: how many checkpoint records ``list`` reads per scan when it can stream
+_LIST_PAGE = 64
+#: how often put_writes re-reads after losing a race for the same (task, idx)
+_WRITE_ATTEMPTS = 8
+_STRATEGIES = ("keep_latest", "delete")
+
+
+class WalsyncSaver(BaseCheckpointSaver[str]):
+    """LangGraph's ``BaseCheckpointSaver`` on a walsync :class:`~engine.Store`.
+
+    ``WalsyncSaver(store)`` uses a store the caller opened (and closes);
+    ``WalsyncSaver.from_path(path)`` opens and closes one itself.
+    ``durability`` overrides the store's default for this saver's commits
+    (``"none"`` trades the power-loss guarantee for speed).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        serde: SerializerProtocol | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        durability: Durability | str | None = None,
+    ) -> None:
+        super().__init__(serde=serde)
+        if not prefix or not prefix.endswith("/"):
+            raise ValueError(f"prefix must be non-empty and end with '/', got {prefix!r}")
+        self.store = store
+        self.prefix = prefix
+        self.durability = None if durability is None else Durability(durability)
+        self._lock = _SharedLock()
+
+    @classmethod
+    @contextmanager
+    def from_path(
+        cls,
+        path: str | Path,
+        *,
+        serde: SerializerProtocol | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        **store_options: Any,
+    ) -> Iterator[WalsyncSaver]:
+        """Open (or create) the store at ``path``, yield a saver on it, close the store.
+
+        ``store_options`` go to :meth:`Store.open` (``durability="none"``, ...).
+        """
+        with Store.open(path, **store_options) as store:
+            yield cls(store, serde=serde, prefix=prefix)
+
+    # -- keys ----------------------------------------------------------------
+
+    def _thread_prefix(self, kind: str, thread_id: str) -> str:
+        return f"{self.prefix}{kind}/{_segment(thread_id)}/"
+
+    def _ns_prefix(self, kind: str, thread_id: str, ns: str) -> str:
+        return f"{self._thread_prefix(kind, thread_id)}{_segment(ns)}/"
+
+    def _checkpoint_key(self, thread_id: str, ns: str, checkpoint_id: str) -> str:
+        return self._ns_prefix("c", thread_id, ns) + _sortable(checkpoint_id)
+
+    def _writes_prefix(self, thread_id: str, ns: str, checkpoint_id: str) -> str:
+        return f"{self._ns_prefix('w', thread_id, ns)}{_sortable(checkpoint_id)}/"
+
+    def _blob_key(self, thread_id: str, ns: str, channel: str, version: Any) -> str:
+        return f"{self._ns_prefix('b', thread_id, ns)}{_segment(channel)}/{_segment(str(version))}"
+
+    def _run_key(self, run_id: str, thread_id: str, ns: str, checkpoint_id: str) -> str:
+        return (f"{self.prefix}r/{_segment(run_id)}/{_segment(thread_id)}/{_segment(ns)}/"
+                f"{_sortable(checkpoint_id)}")
+
+    # -- reads ---------------------------------------------------------------
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """The checkpoint named by ``config``, or the thread's latest if it names none."""
+        conf = config["configurable"]
+        thread_id = str(conf["thread_id"])
+        ns = conf.get("checkpoint_ns", "")
+        checkpoint_id = get_checkpoint_id(config)
+        if checkpoint_id:
+            key = self._checkpoint_key(thread_id, ns, checkpoint_id)
+            record = self.store.get(key)
+            if record is None:
+                return None
+            return self._tuple(key, record, config)
+        rows = list(self.store.scan(self._ns_prefix("c", thread_id, ns), reverse=True, limit=1))
+        if not rows:
+            return None
+        return self._tuple(rows[0][0], rows[0][1], None)
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,  # noqa: A002 - LangGraph's parameter name
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        """Checkpoints matching ``config``, ``filter`` and ``before``, newest first."""
+        if limit is not None and limit <= 0:
+            return
+        before_id = get_checkpoint_id(before) if before else None
+        conf = config["configurable"] if config else {}
+        wanted_id = get_checkpoint_id(config) if config else None
+        ns = conf.get("checkpoint_ns")
+        rows: Iterator[tuple[str, Any]]
+        if config is not None and ns is not None and wanted_id:
+            key = self._checkpoint_key(str(conf["thread_id"]), ns, wanted_id)
+            record = self.store.get(key)
+            rows = iter([(key, record)] if record is not None and (
+                before_id is None or wanted_id < before_id) else [])
+        elif config is not None and ns is not None:
+            rows = self._iter_namespace(str(conf["thread_id"]), ns, before_id)
+        else:
+            prefix = (self._thread_prefix("c", str(conf["thread_id"])) if config is not None
+                      else f"{self.prefix}c/")
+            found = [(key, rec) for key, rec in self.store.scan(prefix)
+                     if before_id is None or rec["checkpoint_id"] < before_id]
+            found.sort(key=lambda row: row[1]["checkpoint_id"], reverse=True)
+            rows = iter(found)
+        for key, record in rows:
+            if wanted_id and record["checkpoint_id"] != wanted_id:
+                continue
+            metadata = None
+            if filter:
+                metadata = self._metadata(key, record)
+                if not all(metadata.get(k) == v for k, v in filter.items()):
+                    continue
+            yield self._tuple(key, record, None, metadata)
+            if limit is not None:
+                limit -= 1
+                if limit <= 0:
+                    return
+
+    def _iter_namespace(
+        self, thread_id: str, ns: str, before_id: str | None
+    ) -> Iterator[tuple[str, Any]]:
+        """One namespace's checkpoint records, newest first, read a page at a time."""
+        prefix = self._ns_prefix("c", thread_id, ns)
+        end = prefix + _sortable(before_id) if before_id else None
+        while True:
+            page = list(self.store.scan(prefix, end=end, reverse=True, limit=_LIST_PAGE))
+            yield from page
+            if len(page) < _LIST_PAGE:
+                return
+            end = page[-1][0]
+
+    def _tuple(
+        self,
+        key: str,
+        record: dict[str, Any],
+        config: RunnableConfig | None,
+        metadata: CheckpointMetadata | None = None,
+    ) -> CheckpointTuple:
+        _check_format(key, record)
+        thread_id = record["thread_id"]
+        ns = record["checkpoint_ns"]
+        checkpoint_id = record["checkpoint_id"]
+        checkpoint = self.serde.loads_typed(_typed(record["checkpoint"]))
+        values: dict[str, Any] = {}
+        for channel, version in checkpoint["channel_versions"].items():
+            blob = self.store.get(self._blob_key(thread_id, ns, channel, version))
+            if blob is not None:
+                values[channel] = self.serde.loads_typed(_typed(blob))
+        parent = record["parent_checkpoint_id"]
+        return CheckpointTuple(
+            config=config or _config(thread_id, ns, checkpoint_id),
+            checkpoint=cast(Checkpoint, {**checkpoint, "channel_values": values}),
+            metadata=metadata if metadata is not None else self._metadata(key, record),
+            parent_config=_config(thread_id, ns, parent) if parent else None,
+            pending_writes=self._pending_writes(thread_id, ns, checkpoint_id),
+        )
+
+    def _metadata(self, key: str, record: dict[str, Any]) -> CheckpointMetadata:
+        _check_format(key, record)
+        return cast(CheckpointMetadata, self.serde.loads_typed(_typed(record["metadata"])))
+
+    def _pending_writes(self, thread_id: str, ns: str, checkpoint_id: str) -> builtins.list[
+            PendingWrite]:
+        rows = [rec for _, rec in self.store.scan(self._writes_prefix(thread_id, ns,
+                                                                      checkpoint_id))]
+        rows.sort(key=lambda r: writes_sort_key(r["task_path"], r["task_id"], r["idx"]))
+        return [(r["task_id"], r["channel"], self.serde.loads_typed(_typed(r["value"])))
+                for r in rows]
+
+    # -- writes --------------------------------------------------------------
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Store a checkpoint and the channel values in ``new_versions``, atomically."""
+        conf = config["configurable"]
+        thread_id = str(conf["thread_id"])
+        ns = conf.get("checkpoint_ns", "")
+        checkpoint_id = checkpoint["id"]
+        values = checkpoint["channel_values"]
+        rest = {k: v for k, v in checkpoint.items() if k != "channel_values"}
+        full_metadata = get_checkpoint_metadata(config, metadata)
+        run_id = full_metadata.get("run_id")
+        ops: builtins.list[Put | Delete] = [
+            Put(self._blob_key(thread_id, ns, channel, version),
+                list(self.serde.dumps_typed(values[channel])))
+            for channel, version in new_versions.items() if channel in values
+        ]
+        ops.append(Put(self._checkpoint_key(thread_id, ns, checkpoint_id), {
+            "format": RECORD_FORMAT,
+            "thread_id": thread_id,
+            "checkpoint_ns": ns,
+            "checkpoint_id": checkpoint_id,
+            "parent_checkpoint_id": conf.get("checkpoint_id"),
+            "run_id": None if run_id is None else str(run_id),
+            "checkpoint": list(self.serde.dumps_typed(rest)),
+            "metadata": list(self.serde.dumps_typed(full_metadata)),
+        }))
+        if run_id is not None:
+            ops.append(Put(self._run_key(str(run_id), thread_id, ns, checkpoint_id),
+                           [thread_id, ns, checkpoint_id]))
+        with self._lock.shared():
+            self.store.commit(ops, durability=self.durability)
+        return _config(thread_id, ns, checkpoint_id)
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """Store a task's writes for a checkpoint, atomically.
+
+        A regular write already stored for (task_id, idx) is kept (a retried
+        task must not change what was recorded); special writes overwrite.
+        """
+        conf = config["configurable"]
+        thread_id = str(conf["thread_id"])
+        ns = conf.get("checkpoint_ns", "")
+        checkpoint_id = str(conf["checkpoint_id"])
+        prefix = f"{self._writes_prefix(thread_id, ns, checkpoint_id)}{_segment(task_id)}/"
+        records: dict[str, tuple[int, dict[str, Any]]] = {}
+        for position, (channel, value) in enumerate(writes):
+            idx = WRITES_IDX_MAP.get(channel, position)
+            records[f"{prefix}{idx}"] = (idx, {
+                "task_id": task_id, "task_path": task_path, "idx": idx, "channel": channel,
+                "value": list(self.serde.dumps_typed(value)),
+            })
+        if not records:
+            return
+        keep_first = any(idx >= 0 for idx, _ in records.values())
+        with self._lock.shared():
+            for attempt in range(_WRITE_ATTEMPTS):
+                existing = set(self.store.keys(prefix)) if keep_first else set()
+                # expect=None makes a racing writer of the same (task, idx) lose
+                # with ConflictError instead of overwriting what was recorded.
+                ops: builtins.list[Put | Delete] = [
+                    Put(key, rec, expect=None) if idx >= 0 else Put(key, rec)
+                    for key, (idx, rec) in records.items()
+                    if idx < 0 or key not in existing
+                ]
+                if not ops:
+                    return
+                try:
+                    self.store.commit(ops, durability=self.durability)
+                    return
+                except ConflictError:
+                    if attempt == _WRITE_ATTEMPTS - 1:
+                        raise
+
+    # -- maintenance ---------------------------------------------------------
+
+    def delete_thread(self, thread_id: str) -> None:
+        """Delete every checkpoint, write and channel value of a thread, atomically."""
+        with self._lock.exclusive():
+            self._commit_ops(self._thread_deletes(str(thread_id)))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Delete the checkpoints (and their writes) of these runs, atomically.
+
+        Channel values no checkpoint of the thread references any more go too.
+        As LangGraph warns, deleting a run whose writes a live thread's
+        ``DeltaChannel`` is rebuilt from breaks that channel.
+        """
+        with self._lock.exclusive():
+            doomed: dict[tuple[str, str], set[str]] = {}
+            ops: builtins.list[Put | Delete] = []
+            for run_id in run_ids:
+                for key, (thread_id, ns, checkpoint_id) in self.store.scan(
+                        f"{self.prefix}r/{_segment(str(run_id))}/"):
+                    ops.append(Delete(key))
+                    doomed.setdefault((thread_id, ns), set()).add(checkpoint_id)
+            for (thread_id, ns), ids in doomed.items():
+                records = dict(self._records(thread_id, ns))
+                kept = {cid: rec for cid, rec in records.items() if cid not in ids}
+                for checkpoint_id in ids & records.keys():
+                    ops.extend(self._checkpoint_deletes(records[checkpoint_id], run_index=False))
+                ops.extend(self._unreferenced_blobs(thread_id, ns, kept.values()))
+            self._commit_ops(ops)
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """Copy every checkpoint, write and channel value of a thread to another, atomically.
+
+        The whole parent chain is copied, so the target resumes (and rebuilds
+        delta channels) exactly like the source. Keys the target already has
+        with the same ids are overwritten; its other checkpoints stay.
+        """
+        source, target = str(source_thread_id), str(target_thread_id)
+        with self._lock.exclusive():
+            ops: builtins.list[Put | Delete] = []
+            for kind in ("b", "w"):
+                src_prefix = self._thread_prefix(kind, source)
+                dst_prefix = self._thread_prefix(kind, target)
+                for key, value in self.store.scan(src_prefix):
+                    ops.append(Put(dst_prefix + key[len(src_prefix):], value))
+            src_prefix = self._thread_prefix("c", source)
+            dst_prefix = self._thread_prefix("c", target)
+            for key, record in self.store.scan(src_prefix):
+                _check_format(key, record)
+                copied = {**record, "thread_id": target}
+                ops.append(Put(dst_prefix + key[len(src_prefix):], copied))
+                if record["run_id"] is not None:
+                    ops.append(Put(
+                        self._run_key(record["run_id"], target, record["checkpoint_ns"],
+                                      record["checkpoint_id"]),
+                        [target, record["checkpoint_ns"], record["checkpoint_id"]]))
+            self._commit_ops(ops)
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        """Prune threads, atomically: ``"keep_latest"`` or ``"delete"`` (everything).
+
+        ``keep_latest`` keeps the newest checkpoint of each namespace with its
+        writes, and, when the thread uses ``DeltaChannel``, the ancestors (with
+        their writes) back to the nearest stored value of every delta channel
+        still counting updates (``counters_since_delta_snapshot``), so the
+        kept checkpoint rebuilds the same state. Unreferenced channel values go.
+        """
+        if strategy not in _STRATEGIES:
+            raise ValueError(f"unknown prune strategy {strategy!r}; use one of {_STRATEGIES}")
+        with self._lock.exclusive():
+            ops: builtins.list[Put | Delete] = []
+            for thread_id in map(str, thread_ids):
+                if strategy == "delete":
+                    ops.extend(self._thread_deletes(thread_id))
+                    continue
+                by_ns: dict[str, dict[str, dict[str, Any]]] = {}
+                for key, record in self.store.scan(self._thread_prefix("c", thread_id)):
+                    _check_format(key, record)
+                    by_ns.setdefault(record["checkpoint_ns"], {})[record["checkpoint_id"]] = record
+                for ns, records in by_ns.items():
+                    kept = self._keep_latest(thread_id, ns, records)
+                    for checkpoint_id, record in records.items():
+                        if checkpoint_id not in kept:
+                            ops.extend(self._checkpoint_deletes(record, run_index=True))
+                    ops.extend(self._unreferenced_blobs(
+                        thread_id, ns, [records[cid] for cid in kept]))
+            self._commit_ops(ops)
+
+    def _keep_latest(self, thread_id: str, ns: str, records: dict[str, dict[str, Any]]) -> set[
+            str]:
+        latest = max(records)
+        kept = {latest}
+        metadata = self.serde.loads_typed(_typed(records[latest]["metadata"]))
+        missing = set(metadata.get("counters_since_delta_snapshot") or ())
+        current: str | None = latest
+        while missing and current is not None and current in records:
+            kept.add(current)
+            versions = self._checkpoint(records[current])["channel_versions"]
+            for channel in list(missing):
+                version = versions.get(channel)
+                if version is not None and self.store.get(
+                        self._blob_key(thread_id, ns, channel, version)) is not None:
+                    missing.discard(channel)
+            current = records[current]["parent_checkpoint_id"]
+        return kept
+
+    def _checkpoint(self, record: dict[str, Any]) -> Any:
+        return self.serde.loads_typed(_typed(record["checkpoint"]))
+
+    def _records(self, thread_id: str, ns: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        for key, record in self.store.scan(self._ns_prefix("c", thread_id, ns)):
+            _check_format(key, record)
+            yield record["checkpoint_id"], record
+
+    def _checkpoint_deletes(self, record: dict[str, Any], *, run_index: bool) -> builtins.list[
+            Put | Delete]:
+        thread_id, ns, cid = record["thread_id"], record["checkpoint_ns"], record["checkpoint_id"]
+        ops: builtins.list[Put | Delete] = [Delete(self._checkpoint_key(thread_id, ns, cid))]
+        ops.extend(Delete(k) for k in self.store.keys(self._writes_prefix(thread_id, ns, cid)))
+        if run_index and record["run_id"] is not None:
+            ops.append(Delete(self._run_key(record["run_id"], thread_id, ns, cid)))
+        return ops
+
+    def _unreferenced_blobs(
+        self, thread_id: str, ns: str, kept: Any
+    ) -> builtins.list[Put | Delete]:
+        referenced = {
+            self._blob_key(thread_id, ns, channel, version)
+            for record in kept
+            for channel, version in self._checkpoint(record)["channel_versions"].items()
+        }
+        return [Delete(k) for k in self.store.keys(self._ns_prefix("b", thread_id, ns))
+                if k not in referenced]
+
+    def _thread_deletes(self, thread_id: str) -> builtins.list[Put | Delete]:
+        ops: builtins.list[Put | Delete] = []
+        for key, record in self.store.scan(self._thread_prefix("c", thread_id)):
+            ops.append(Delete(key))
+            if record.get("run_id") is not None:
+                ops.append(Delete(self._run_key(record["run_id"], thread_id,
+                                                record["checkpoint_ns"],
+                                                record["checkpoint_id"])))
+        for kind in ("w", "b"):
+            ops.extend(Delete(k) for k in self.store.keys(self._thread_prefix(kind, thread_id)))
+        return ops
+
+    def _commit_ops(self, ops: Sequence[Put | Delete]) -> None:
+        if ops:
+            self.store.commit(ops, durability=self.durability)
+
+    def get_next_version(self, current: str | None, channel: None) -> str:
+        """``<counter, 32 digits>.<random>``, as LangGraph's SQLite and Postgres savers do."""
+        if current is None:
+            counter = 0
+        elif isinstance(current, int):
+            counter = current
+        else:
+            counter = int(current.split(".")[0])
+        return f"{counter + 1:032}.{random.random():016}"
+
+    # -- async twins: the sync methods, run in a worker thread -----------------
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return await asyncio.to_thread(self.get_tuple, config)
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,  # noqa: A002 - LangGraph's parameter name
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        found = await asyncio.to_thread(
+            lambda: builtins.list(self.list(config, filter=filter, before=before, limit=limit)))
+        for item in found:
+            yield item
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return await asyncio.to_thread(self.put, config, checkpoint, metadata, new_versions)
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        await asyncio.to_thread(self.put_writes, config, writes, task_id, task_path)
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await asyncio.to_thread(self.delete_thread, thread_id)
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        await asyncio.to_thread(self.delete_for_runs, run_ids)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await asyncio.to_thread(self.copy_thread, source_thread_id, target_thread_id)
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        await asyncio.to_thread(lambda: self.prune(thread_ids, strategy=strategy))
+
+
+class _SharedLock:
+    """Any number of shared holders at once, or one exclusive holder.
+
+    Puts hold it shared (they still group-commit together); maintenance calls
+    hold it exclusively. A waiting exclusive holder keeps new shared holders
+    out, so a stream of puts cannot starve it. Not reentrant.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cv:
+            while self._exclusive or self._waiting:
+                self._cv.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._shared -= 1
+                if not self._shared:
+                    self._cv.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cv:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cv.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._exclusive = False
+                self._cv.notify_all()
+
+
+def _segment(text: str) -> str:
+    """A key segment holding no '/': escaped, or hashed when long."""
+    escaped = text.replace("%", "%25").replace("/", "%2F").replace("~", "%7E")
+    if len(escaped.encode()) <= _MAX_SEGMENT_BYTES:
+        return escaped
+    return "~" + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _sortable(checkpoint_id: str) -> str:
+    """A key segment holding no '/' that sorts exactly like ``checkpoint_id``.
+
+    '.' -> '.0' and '/' -> '.1' is a prefix-free code whose two escapes sit,
+    like '.' and '/', between '-' and '0', so key order is id order.
+    """
+    return checkpoint_id.replace(".", ".0").replace("/", ".1")
+
+
+def _config(thread_id: str, ns: str, checkpoint_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
+                             "checkpoint_id": checkpoint_id}}
+
+
+def _typed(value: Any) -> tuple[str, bytes]:
+    """A stored ``[type, bytes]`` back into what ``loads_typed`` takes."""
+    return value[0], value[1]
+
+
+def _check_format(key: str, record: dict[str, Any]) -> None:
+    if record.get("format") != RECORD_FORMAT:
+        raise FormatVersionError(
+            f"LangGraph checkpoint record {key!r} has format {record.get('format')!r}; "
+            f"this walsync reads format {RECORD_FORMAT}",
+        )
