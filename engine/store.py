@@ -757,7 +757,12 @@ class Store:
         for i, (first, path) in enumerate(segments):
             if first == active:
                 break
-            last = segments[i + 1][0] - 1 if i + 1 < len(segments) else applied
+            if i + 1 < len(segments):
+                last = segments[i + 1][0] - 1
+            elif active is None:
+                last = applied  # closing: the writer is gone, the last segment is sealed
+            else:
+                break  # the newest segment may have become active since `active` was read
             if last > limit:
                 break
             freed += path.stat().st_size
