@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from . import cases as _cases  # noqa: F401 - registers the cases
+from . import langgraph_cases as _langgraph_cases  # noqa: F401 - registers its cases
+from . import sync_cases as _sync_cases  # noqa: F401 - registers its cases
+from . import workflow_cases as _workflow_cases  # noqa: F401 - registers its cases
 from .common import fs_info, machine_info
 from .registry import CASES, CaseResult, Context, describe
 from .walsync_cases import load_engine

@@ -71,11 +71,18 @@ class SupabaseTransport:
 
     def __init__(self, url: str, service_role_key: str, *, timeout_seconds: float = 30.0) -> None:
         self.where = url.rstrip("/")
-        self._client: Client = create_client(
-            url, service_role_key,
-            options=ClientOptions(schema=API_SCHEMA, postgrest_client_timeout=timeout_seconds,
-                                  auto_refresh_token=False, persist_session=False),
-        )
+        # The timeout goes on an explicit httpx client: supabase-py >= 2.20 deprecates
+        # ``postgrest_client_timeout`` (a DeprecationWarning on every client created).
+        self._http = httpx.Client(timeout=timeout_seconds)
+        try:
+            self._client: Client = create_client(
+                url, service_role_key,
+                options=ClientOptions(schema=API_SCHEMA, httpx_client=self._http,
+                                      auto_refresh_token=False, persist_session=False),
+            )
+        except BaseException:
+            self._http.close()
+            raise
 
     def call(self, function: str, args: dict[str, Any]) -> Any:
         try:
@@ -101,4 +108,4 @@ class SupabaseTransport:
         return int(self.call("head", {})["head"])
 
     def close(self) -> None:
-        self._client.postgrest.session.close()
+        self._http.close()

@@ -115,11 +115,10 @@ revoke all on walsync.fenced from public, anon, authenticated;
 -- The run a key belongs to (runs/<id>, runs/<id>/..., index/runs/<id>), or null.
 create or replace function walsync.run_of(p_key text) returns text
 language sql immutable parallel safe
-set search_path = pg_catalog
 as $$
   select case
-    when p_key like 'runs/%' then split_part(substr(p_key, 6), '/', 1)
-    when p_key like 'index/runs/%' then split_part(substr(p_key, 12), '/', 1)
+    when p_key like 'runs/%' then pg_catalog.split_part(pg_catalog.substr(p_key, 6), '/', 1)
+    when p_key like 'index/runs/%' then pg_catalog.split_part(pg_catalog.substr(p_key, 12), '/', 1)
   end
 $$;
 
@@ -131,12 +130,13 @@ alter table walsync.leases   enable row level security;
 revoke all on all tables in schema walsync from public, anon, authenticated;
 
 -- a ≤ b for version vectors (missing components are 0).
+-- No SET clause, so the planner can inline it; it names only pg_catalog
+-- objects, and its callers pin search_path themselves.
 create or replace function walsync.vv_leq(a jsonb, b jsonb) returns boolean
 language sql immutable parallel safe
-set search_path = pg_catalog
 as $$
   select not exists (
-    select 1 from jsonb_each_text(a) e
+    select 1 from pg_catalog.jsonb_each_text(a) e
     where e.value::bigint > coalesce((b ->> e.key)::bigint, 0)
   )
 $$;
@@ -173,11 +173,8 @@ set search_path = pg_catalog, walsync
 as $$
 declare
   v_head    bigint;
-  v_fresh   integer;
-  v_merged  integer;
-  v_hlc     bigint;
+  v_result  record;
   v_acked   bigint;
-  v_fenced  jsonb;
 begin
   if p_node is null or p_node = '' then
     raise exception 'push needs a node id' using errcode = '22023';
@@ -186,34 +183,40 @@ begin
   insert into nodes (node_id) values (p_node) on conflict do nothing;
   select pos into v_head from head where id = 1 for update;
 
-  -- Fencing: an entry for a run's keys carrying an older token than the
-  -- run's current lease is refused and recorded, never merged.
-  insert into fenced (origin, lsn, key, run_id, fence, current, data)
-  select p_node, x.lsn, x.key, l.run_id, coalesce(x.fence, 0), l.token, decode(x.data, 'base64')
-  from jsonb_to_recordset(p_entries) as x(lsn bigint, key text, fence bigint, data text)
-  join leases l on l.run_id = walsync.run_of(x.key)
-  where coalesce(x.fence, 0) < l.token
-  on conflict do nothing;
-  select coalesce(jsonb_agg(distinct jsonb_build_object('run_id', f.run_id, 'current', f.current)),
-                  '[]'::jsonb)
-    into v_fenced
-  from fenced f
-  join jsonb_to_recordset(p_entries) as x(lsn bigint, key text) on f.lsn = x.lsn and f.key = x.key
-  where f.origin = p_node;
-
-  with incoming as (
-    select x.lsn, x.idx, x.key, x.deleted, decode(x.data, 'base64') as data, x.codec, x.vv,
-           x.hlc, coalesce(x.fence, 0) as fence, x.value_hash, x.value_json
-    from jsonb_to_recordset(p_entries) as x(
+  -- One statement, so the batch's JSON is parsed once.
+  with x as materialized (
+    select e.lsn, e.idx, e.key, e.deleted, decode(e.data, 'base64') as data, e.codec, e.vv,
+           e.hlc, coalesce(e.fence, 0) as fence, e.value_hash, e.value_json
+    from jsonb_to_recordset(p_entries) as e(
       lsn bigint, idx integer, key text, deleted boolean, data text, codec smallint, vv jsonb,
       hlc bigint, fence bigint, value_hash text, value_json jsonb)
-    where not exists (
-      select 1 from entries e where e.origin = p_node and e.lsn = x.lsn and e.key = x.key)
-      and not exists (
-      select 1 from fenced f where f.origin = p_node and f.lsn = x.lsn and f.key = x.key)
+  ),
+  -- Fencing: an entry for a run's keys carrying an older token than the
+  -- run's current lease is refused and recorded, never merged.
+  refused as materialized (
+    select x.lsn, x.key, l.run_id, x.fence, l.token as current, x.data
+    from x join leases l on l.run_id = walsync.run_of(x.key)
+    where x.fence < l.token
+  ),
+  fenced_rows as (
+    insert into fenced (origin, lsn, key, run_id, fence, current, data)
+    select p_node, lsn, key, run_id, fence, current, data from refused
+    on conflict do nothing
+    returning 1
+  ),
+  -- An entry sent twice in one batch counts once (distinct on its identity).
+  incoming as (
+    select distinct on (x.lsn, x.key) x.* from x
+    where not exists (select 1 from entries e
+                      where e.origin = p_node and e.lsn = x.lsn and e.key = x.key)
+      and not exists (select 1 from refused r where r.lsn = x.lsn and r.key = x.key)
+      and not exists (select 1 from fenced f
+                      where f.origin = p_node and f.lsn = x.lsn and f.key = x.key)
+    order by x.lsn, x.key, x.idx
   ),
   numbered as (
-    select i.*, v_head + row_number() over (order by i.lsn, i.idx) as pos from incoming i
+    select i.*, v_head + row_number() over (order by i.lsn, i.idx, i.key) as pos
+    from incoming i
   ),
   fresh as (
     insert into entries (pos, origin, lsn, idx, key, deleted, data, codec, vv, hlc, fence,
@@ -221,49 +224,49 @@ begin
     select pos, p_node, lsn, idx, key, deleted, data, codec, vv, hlc, fence, value_hash
     from numbered
     returning pos
-  )
-  select count(*) into v_fresh from fresh;
-
-  -- Merge the newest fresh version of each key (a node's later local write
+  ),
+  -- Merge the newest new version of each key (a node's later local write
   -- dominates its earlier ones, so the earlier ones would be dropped anyway).
-  with latest as (
-    select distinct on (n.key) n.*
-    from (select e.*, i.value_json
-          from entries e
-          join jsonb_to_recordset(p_entries) as i(lsn bigint, key text, value_json jsonb)
-            on i.lsn = e.lsn and i.key = e.key
-          where e.origin = p_node and e.pos > v_head) n
-    order by n.key, n.lsn desc, n.idx desc
+  latest as (
+    select distinct on (n.key) n.* from numbered n order by n.key, n.lsn desc, n.idx desc
   ),
   candidates as (
     select l.* from latest l
-    where not exists (
-      select 1 from siblings s where s.key = l.key and walsync.vv_leq(l.vv, s.vv))
+    where not exists (select 1 from siblings s
+                      where s.key = l.key and walsync.vv_leq(l.vv, s.vv))
   ),
   dropped as (
     delete from siblings s using candidates c
     where s.key = c.key and walsync.vv_leq(s.vv, c.vv)
-    returning s.key
+    returning 1
   ),
   added as (
     insert into siblings (key, origin, lsn, deleted, data, codec, vv, hlc, fence, value_hash,
                           value_json, pos)
-    select key, origin, lsn, deleted, data, codec, vv, hlc, fence, value_hash, value_json, pos
+    select key, p_node, lsn, deleted, data, codec, vv, hlc, fence, value_hash, value_json, pos
     from candidates
-    returning key
+    returning 1
   )
-  select (select count(*) from added) into v_merged;
+  select (select count(*) from fresh) as inserted,
+         (select count(*) from added) as merged,
+         (select count(*) from dropped) as dropped,
+         (select count(*) from fenced_rows) as newly_fenced,
+         (select max(hlc) from x) as max_hlc,
+         (select coalesce(jsonb_agg(distinct jsonb_build_object('run_id', run_id,
+                                                                'current', current)),
+                          '[]'::jsonb) from refused) as fenced
+    into v_result;
 
-  update head set pos = v_head + v_fresh where id = 1;
-  select max(x.hlc) into v_hlc from jsonb_to_recordset(p_entries) as x(hlc bigint);
+  update head set pos = v_head + v_result.inserted where id = 1;
   update nodes
      set acked_lsn = greatest(acked_lsn, coalesce(p_through_lsn, 0)),
-         acked_hlc = greatest(acked_hlc, coalesce(v_hlc, 0)),
+         acked_hlc = greatest(acked_hlc, coalesce(v_result.max_hlc, 0)),
          last_push_at = now()
    where node_id = p_node
   returning acked_lsn into v_acked;
-  return jsonb_build_object('acked_lsn', v_acked, 'inserted', v_fresh, 'merged', v_merged,
-                            'head', v_head + v_fresh, 'fenced', v_fenced);
+  return jsonb_build_object('acked_lsn', v_acked, 'inserted', v_result.inserted,
+                            'merged', v_result.merged, 'head', v_head + v_result.inserted,
+                            'fenced', v_result.fenced);
 end
 $$;
 
