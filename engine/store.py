@@ -269,14 +269,17 @@ class Store:
     def _open(self, root: Path, *, create: bool, node_id: str | None) -> None:
         self.path = str(root)
         self._layout = layout = StoreLayout(root)
-        if not layout.store_file.exists():
-            if self.readonly or not create:
-                raise StoreNotFoundError(f"no walsync store at {root}")
-            self._initialise(root, node_id)
+        if not layout.store_file.exists() and (self.readonly or not create):
+            raise StoreNotFoundError(f"no walsync store at {root}")
         if not self.readonly:
+            if not root.exists():
+                root.mkdir(mode=_fs.DIR_MODE, parents=True, exist_ok=True)
+                _fs.fsync_dir(root.parent)
             self._lock = WriterLock(layout.lock_file, self.path)
             self._lock.acquire(self.options.lock_timeout_seconds)
         try:
+            if not layout.store_file.exists():
+                self._initialise(root, node_id)  # under the lock: one creator wins
             self._meta = read_store_file(layout.store_file)
             self.node_id = self._meta["node_id"]
             if node_id is not None and node_id != self.node_id:
@@ -305,16 +308,21 @@ class Store:
             raise
 
     def _initialise(self, root: Path, node_id: str | None) -> None:
+        """Write the STORE file, which marks a directory as a store; it is written first.
+
+        What a creation killed half-way can leave behind (the lock file, a
+        temporary STORE, an empty wal/) does not stop the next attempt;
+        anything else means the directory is not ours.
+        """
         if node_id is not None and not _NODE_ID_RE.match(node_id):
             raise ValueError(f"node id {node_id!r} must be 1-64 of A-Z a-z 0-9 . _ -")
-        if root.exists() and any(p.name != "LOCK" for p in root.iterdir()):
+        layout = self._layout
+        leftovers = {p.name for p in root.iterdir()} - {"LOCK", "STORE.tmp"}
+        if leftovers - {"wal"} or (layout.wal_dir.is_dir() and any(layout.wal_dir.iterdir())):
             raise StoreNotFoundError(
                 f"{root} is not empty and holds no walsync store (no STORE file)",
                 hint="choose an empty or new directory",
             )
-        root.mkdir(mode=_fs.DIR_MODE, parents=True, exist_ok=True)
-        _fs.fsync_dir(root.parent)
-        _fs.make_dir(self._layout.wal_dir)
         meta = {
             "format": STORE_FORMAT_VERSION,
             "node_id": node_id or secrets.token_hex(8),
@@ -812,11 +820,8 @@ class Store:
         raw = self._snapshot.get_entry(_key_bytes(key))
         if raw is None:
             return default
-        sibs = decode_entry(raw)
-        best = sibs[0] if len(sibs) == 1 else winner(sibs)
-        if best.data is None:
-            return default
-        return decode_value(best.codec, best.data)
+        codec, data = _winner_data(raw)
+        return default if data is None else decode_value(codec, data)
 
     def get_version(self, key: str) -> Version | None:
         """The winning version of ``key``; None if absent or deleted."""
@@ -874,11 +879,10 @@ class Store:
             return out
         with self._snapshot.read() as txn:
             for key, raw in self._snapshot.iter_range(txn, lo, hi, reverse):
-                sibs = decode_entry(raw)
-                best = sibs[0] if len(sibs) == 1 else winner(sibs)
-                if best.data is None:
+                codec, data = _winner_data(raw)
+                if data is None:
                     continue
-                out.append((key.decode(), decode_value(best.codec, best.data) if values else None))
+                out.append((key.decode(), decode_value(codec, data) if values else None))
                 if limit is not None and len(out) >= limit:
                     break
         return out
@@ -976,6 +980,18 @@ def _size_or_zero(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def _winner_data(raw: bytes) -> tuple[int, bytes | None]:
+    """(codec, data) of an entry's winner; the common single-sibling entry is read
+    without building Sibling objects (a read hot path: get and scan)."""
+    items = cbor2.loads(raw)
+    if type(items) is list and len(items) == 1 and type(items[0]) is list and len(items[0]) == 7:
+        data, codec = items[0][0], items[0][1]
+        if (data is None or type(data) is bytes) and type(codec) is int:
+            return codec, data
+    best = winner(decode_entry(raw))
+    return best.codec, best.data
 
 
 def _key_bytes(key: str, *, allow_empty: bool = False) -> bytes:

@@ -14,11 +14,14 @@
             recorded <step_id>   the step was 'success' when the run was loaded
             body <step_id>       the step's body ran (its side effect)
             committed <step_id>  run.step() returned: the success is committed
+                                 (only for steps that were not 'success' before)
             resolved <step_id> <retry|succeed>   a needs_attention decision
             done                 the run completed
 
-        It prints READY when the store is open and exits 0 when the run is
-        completed.
+        It prints LOADED once imported, waits for "go" on stdin (so the parent
+        can start it while the previous child still runs), prints "B <step_id>"
+        after a body line and "C <step_id>" after a committed line (the parent
+        times kills by them), and exits 0 when the run is completed.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from engine.workflow import Workflows, current_step
 
 CHAIN_WORKFLOW = "chain"
 CHAIN_RUN = "crash"
-BODY_SECONDS = 0.015
+BODY_SECONDS = 0.008
 
 
 def step_id(i: int) -> str:
@@ -93,17 +96,19 @@ def midstep(store_path: str, idempotent: bool) -> int:
 
 def drive(store_path: str, ledger_path: str, n: int) -> int:
     ledger = Path(ledger_path)
+    # Started ahead of time by the parent: wait for the previous child to die.
+    say("LOADED")
+    if sys.stdin.readline().strip() != "go":
+        return 3
     with Store.open(store_path) as store:
-        log_line(ledger, f"start {os.getpid()}")
-        say("READY")
         run = Workflows(store).run(CHAIN_WORKFLOW, CHAIN_RUN, total_steps=n)
-        for rec in run.ordered_steps():
-            if rec.status == StepStatus.SUCCESS:
-                log_line(ledger, f"recorded {rec.step_id}")
+        recorded = [f"recorded {rec.step_id}" for rec in run.ordered_steps()
+                    if rec.status == StepStatus.SUCCESS]
+        log_line(ledger, "\n".join([f"start {os.getpid()}", *recorded]))
 
         def body(i: int, prev: str) -> str:
             log_line(ledger, f"body {step_id(i)}")
-            current_step().progress(0.5, cursor=i)
+            say(f"B {step_id(i)}")
             time.sleep(BODY_SECONDS)
             return chain_output(prev, i)
 
@@ -113,8 +118,12 @@ def drive(store_path: str, ledger_path: str, n: int) -> int:
                     prev = "seed"
                     for i in range(n):
                         sid = step_id(i)
+                        was_done = run.steps.get(sid) is not None and \
+                            run.steps[sid].status == StepStatus.SUCCESS
                         prev = run.step(sid, body, i, prev, idempotent=is_idempotent(i))
-                        log_line(ledger, f"committed {sid}")
+                        if not was_done:
+                            log_line(ledger, f"committed {sid}")
+                            say(f"C {sid}")
             except StepNeedsAttentionError as exc:
                 # The orchestrator's decision: did the side effect happen?
                 sid = exc.step_id

@@ -15,7 +15,12 @@ from typing import Any
 import pytest
 
 from engine import Store
-from engine.errors import RunNotFoundError, StepNeedsAttentionError, WorkflowError
+from engine.errors import (
+    InvalidValueError,
+    RunNotFoundError,
+    StepNeedsAttentionError,
+    WorkflowError,
+)
 from engine.runs import RunStatus, StepRecord, StepStatus, keys
 from engine.workflow import Run, Workflows, current_run, current_step, step
 
@@ -216,9 +221,14 @@ def test_step_running_non_idempotent_needs_attention_and_pauses_run(store_path: 
         write_step(s1, "r", StepRecord("charge", StepStatus.RUNNING.value, idempotent=False,
                                        seq=1, attempts=1))
         run = wf.get_run("r")
-        with pytest.raises(StepNeedsAttentionError) as info, run:
-            run.step("before", Counter("never"))
-            run.step("charge", body, idempotent=False)
+
+        def drive() -> None:
+            with run:
+                run.step("before", Counter("never"))
+                run.step("charge", body, idempotent=False)
+
+        with pytest.raises(StepNeedsAttentionError) as info:
+            drive()
         assert info.value.step_id == "charge"
         assert info.value.run_id == "r"
         assert body.calls == 0
@@ -244,7 +254,8 @@ def _kill_child_mid_step(store_path: Path, idempotent: bool) -> None:
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     ) as proc:
         try:
-            assert proc.stdout is not None and proc.stderr is not None
+            assert proc.stdout is not None
+            assert proc.stderr is not None
             line = proc.stdout.readline()
             if line.strip() != "MID":
                 proc.kill()
@@ -283,9 +294,14 @@ def test_step_killed_mid_step_non_idempotent_needs_attention(store_path: Path) -
     body = Counter("done")
     with Store.open(store_path) as store:
         run = Workflows(store).get_run("r")
-        with pytest.raises(StepNeedsAttentionError), run:
-            run.step("prep", Counter())
-            run.step("work", body, idempotent=False)
+
+        def drive() -> None:
+            with run:
+                run.step("prep", Counter())
+                run.step("work", body, idempotent=False)
+
+        with pytest.raises(StepNeedsAttentionError):
+            drive()
         assert body.calls == 0
         assert run.status == RunStatus.PAUSED
         assert run.steps["work"].status == StepStatus.NEEDS_ATTENTION
@@ -625,10 +641,16 @@ def test_run_cost_sums_steps_including_failed_attempts(store_path: Path) -> None
 
     with Store.open(store_path) as s1:
         wf = Workflows(s1)
-        run = wf.run("w", "r")
-        with pytest.raises(TimeoutError), run:
-            run.step("cheap", cheap)
-            run.step("flaky", flaky)
+        first = wf.run("w", "r")
+
+        def drive() -> None:
+            with first:
+                first.step("cheap", cheap)
+                first.step("flaky", flaky)
+
+        with pytest.raises(TimeoutError):
+            drive()
+        run = first
         assert run.cost.usd == pytest.approx(0.75)
         run = wf.get_run("r")
         with run:
@@ -684,6 +706,69 @@ def test_run_progress_follows_total_steps(wf: Workflows) -> None:
     assert wf.get_run("r").record.progress == 100.0
 
 
+# ---------------------------------------------------------------- failed commits
+
+
+def test_step_unstorable_output_fails_step_and_keeps_summary_consistent(wf: Workflows) -> None:
+    run = wf.run("w", "r", total_steps=2)
+
+    def unstorable() -> object:
+        current_step().add_cost(usd=0.5)
+        return object()
+
+    def drive() -> None:
+        with run:
+            run.step("a", lambda: "A")
+            run.step("bad", unstorable)
+
+    with pytest.raises(InvalidValueError, match="bad"):
+        drive()
+    assert run.status == RunStatus.FAILED
+    assert run.record.steps_done == 1
+    bad = stored_step(wf.store, "r", "bad")
+    assert bad.status == StepStatus.FAILURE
+    assert bad.error is not None
+    assert bad.error["type"] == "InvalidValueError"
+    assert bad.cost["usd"] == pytest.approx(0.5)
+    stored = wf.get_run("r")
+    assert stored.record.steps_done == 1
+    assert stored.record.progress == 50.0
+    assert stored.cost.usd == pytest.approx(0.5)
+    assert wf.validate(stored.state()) == []
+    with stored:
+        stored.step("a", Counter())
+        assert stored.step("bad", lambda: "fine now") == "fine now"
+    assert stored.record.steps_done == 2
+
+
+def test_step_progress_with_unstorable_cursor_keeps_previous_cursor(wf: Workflows) -> None:
+    run = wf.run("w", "r")
+
+    def body() -> str:
+        ctx = current_step()
+        ctx.progress(0.2, cursor="page-2")
+        with pytest.raises(InvalidValueError):
+            ctx.progress(0.4, cursor=object())
+        assert ctx.cursor == "page-2"
+        assert ctx.record.fraction == pytest.approx(0.2)
+        return "ok"
+
+    with run:
+        assert run.step("s", body) == "ok"
+    assert stored_step(wf.store, "r", "s").status == StepStatus.SUCCESS
+
+
+def test_run_resolve_succeed_with_unstorable_output_changes_nothing(wf: Workflows) -> None:
+    run = _attention_run(wf)
+    with pytest.raises(InvalidValueError):
+        run.resolve("pay", "succeed", object())
+    assert run.steps["pay"].status == StepStatus.NEEDS_ATTENTION
+    assert run.record.steps_done == 0
+    run.pause()
+    assert wf.validate(wf.get_run("r").state()) == []
+    assert stored_step(wf.store, "r", "pay").status == StepStatus.NEEDS_ATTENTION
+
+
 # ---------------------------------------------------------------- commits and large outputs
 
 
@@ -695,7 +780,9 @@ def test_step_completion_and_run_summary_share_one_commit(wf: Workflows) -> None
         sv = wf.store.get_version(keys.step("r", "small"))
         rv = wf.store.get_version(keys.run("r"))
         iv = wf.store.get_version(keys.index("r"))
-        assert sv is not None and rv is not None and iv is not None
+        assert sv is not None
+        assert rv is not None
+        assert iv is not None
         assert sv.lsn == rv.lsn == iv.lsn
         run.step("big", lambda: b"\x01" * 4096)
         rec = run.steps["big"]
@@ -767,7 +854,7 @@ def test_run_snapshot_hydrates_fresh_run_whose_steps_are_skipped(tmp_path: Path)
             run.step("a", lambda: 1)
             run.step("b", lambda: {"big": "y" * 2000})
             run.step("c", lambda: [1, 2])
-            with pytest.raises(ValueError), run.begin("d"):
+            with pytest.raises(ValueError, match="failed step"), run.begin("d"):
                 raise ValueError("failed step is not in the snapshot")
         snap = run.snapshot()
     finally:
