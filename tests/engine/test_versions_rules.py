@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import versions
 from engine.versions import (
     HLC_LOGICAL_BITS,
     HybridClock,
@@ -225,7 +224,7 @@ def test_hybrid_clock_tick_strictly_increases_when_time_goes_backwards(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     now = [2_000_000_000_000_000_000]
-    monkeypatch.setattr(versions.time, "time_ns", lambda: now[0])
+    monkeypatch.setattr(time, "time_ns", lambda: now[0])
     clock = HybridClock()
     seen = []
     for step in [0, 0, -5_000_000_000, 1_000_000, -1]:
@@ -289,7 +288,7 @@ _vv_strategy = st.dictionaries(
 
 def _canonical(sibs: list[Sibling]) -> list[tuple[object, ...]]:
     """Siblings as comparable tuples (a vector's key order does not matter)."""
-    out = []
+    out: list[tuple[object, ...]] = []
     for s in sibs:
         data, codec, vv, hlc, origin, lsn, fence = s.to_wire()
         out.append((data, codec, tuple(sorted(vv.items())), hlc, origin, lsn, fence))
