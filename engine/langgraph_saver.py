@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import hashlib
 import random
 import threading
@@ -101,8 +102,6 @@ RECORD_FORMAT = 1
 _MAX_SEGMENT_BYTES = 120
 #: how many checkpoint records ``list`` reads per scan when it can stream
 _LIST_PAGE = 64
-#: how often put_writes re-reads after losing a race for the same (task, idx)
-_WRITE_ATTEMPTS = 8
 _STRATEGIES = ("keep_latest", "delete")
 
 
@@ -163,7 +162,11 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         return f"{self._ns_prefix('w', thread_id, ns)}{_sortable(checkpoint_id)}/"
 
     def _blob_key(self, thread_id: str, ns: str, channel: str, version: Any) -> str:
-        return f"{self._ns_prefix('b', thread_id, ns)}{_segment(channel)}/{_segment(str(version))}"
+        return self._blob_prefix_key(self._ns_prefix("b", thread_id, ns), channel, version)
+
+    @staticmethod
+    def _blob_prefix_key(blobs: str, channel: str, version: Any) -> str:
+        return f"{blobs}{_segment(channel)}/{_segment(str(version))}"
 
     def _run_key(self, run_id: str, thread_id: str, ns: str, checkpoint_id: str) -> str:
         return (f"{self.prefix}r/{_segment(run_id)}/{_segment(thread_id)}/{_segment(ns)}/"
@@ -210,7 +213,8 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
             rows = iter([(key, record)] if record is not None and (
                 before_id is None or wanted_id < before_id) else [])
         elif config is not None and ns is not None:
-            rows = self._iter_namespace(str(conf["thread_id"]), ns, before_id)
+            page = _LIST_PAGE if filter or limit is None else min(limit, _LIST_PAGE)
+            rows = self._iter_namespace(str(conf["thread_id"]), ns, before_id, page)
         else:
             prefix = (self._thread_prefix("c", str(conf["thread_id"])) if config is not None
                       else f"{self.prefix}c/")
@@ -233,15 +237,15 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                     return
 
     def _iter_namespace(
-        self, thread_id: str, ns: str, before_id: str | None
+        self, thread_id: str, ns: str, before_id: str | None, page_size: int
     ) -> Iterator[tuple[str, Any]]:
         """One namespace's checkpoint records, newest first, read a page at a time."""
         prefix = self._ns_prefix("c", thread_id, ns)
         end = prefix + _sortable(before_id) if before_id else None
         while True:
-            page = list(self.store.scan(prefix, end=end, reverse=True, limit=_LIST_PAGE))
+            page = list(self.store.scan(prefix, end=end, reverse=True, limit=page_size))
             yield from page
-            if len(page) < _LIST_PAGE:
+            if len(page) < page_size:
                 return
             end = page[-1][0]
 
@@ -258,8 +262,9 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         checkpoint_id = record["checkpoint_id"]
         checkpoint = self.serde.loads_typed(_typed(record["checkpoint"]))
         values: dict[str, Any] = {}
+        blobs = self._ns_prefix("b", thread_id, ns)
         for channel, version in checkpoint["channel_versions"].items():
-            blob = self.store.get(self._blob_key(thread_id, ns, channel, version))
+            blob = self.store.get(self._blob_prefix_key(blobs, channel, version))
             if blob is not None:
                 values[channel] = self.serde.loads_typed(_typed(blob))
         parent = record["parent_checkpoint_id"]
@@ -301,8 +306,9 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         rest = {k: v for k, v in checkpoint.items() if k != "channel_values"}
         full_metadata = get_checkpoint_metadata(config, metadata)
         run_id = full_metadata.get("run_id")
+        blobs = self._ns_prefix("b", thread_id, ns)
         ops: builtins.list[Put | Delete] = [
-            Put(self._blob_key(thread_id, ns, channel, version),
+            Put(self._blob_prefix_key(blobs, channel, version),
                 list(self.serde.dumps_typed(values[channel])))
             for channel, version in new_versions.items() if channel in values
         ]
@@ -349,25 +355,28 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
             })
         if not records:
             return
-        keep_first = any(idx >= 0 for idx, _ in records.values())
         with self._lock.shared():
-            for attempt in range(_WRITE_ATTEMPTS):
-                existing = set(self.store.keys(prefix)) if keep_first else set()
-                # expect=None makes a racing writer of the same (task, idx) lose
-                # with ConflictError instead of overwriting what was recorded.
+            stored = set(self.store.keys(prefix)) if any(
+                idx >= 0 for idx, _ in records.values()) else set()
+            while True:
+                # expect=None: a concurrent writer of the same (task, idx) makes
+                # this commit fail with ConflictError instead of overwriting.
                 ops: builtins.list[Put | Delete] = [
                     Put(key, rec, expect=None) if idx >= 0 else Put(key, rec)
                     for key, (idx, rec) in records.items()
-                    if idx < 0 or key not in existing
+                    if idx < 0 or key not in stored
                 ]
                 if not ops:
                     return
                 try:
                     self.store.commit(ops, durability=self.durability)
                     return
-                except ConflictError:
-                    if attempt == _WRITE_ATTEMPTS - 1:
+                except ConflictError as exc:
+                    # The other write may still be in its group commit, not yet
+                    # visible to reads: the conflict itself says the key is taken.
+                    if exc.key in stored or exc.key not in records:
                         raise
+                    stored.add(exc.key)
 
     # -- maintenance ---------------------------------------------------------
 
@@ -579,24 +588,39 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
 
 
 class _SharedLock:
-    """Any number of shared holders at once, or one exclusive holder.
+    """Any number of shared holders at once, or one exclusive holder; not reentrant.
 
     Puts hold it shared (they still group-commit together); maintenance calls
     hold it exclusively. A waiting exclusive holder keeps new shared holders
-    out, so a stream of puts cannot starve it. Not reentrant.
+    out, so a stream of puts cannot starve it; when it is done, the shared
+    holders that were waiting go before the next exclusive one, so a loop of
+    maintenance calls cannot starve the puts either.
     """
 
     def __init__(self) -> None:
         self._cv = threading.Condition()
         self._shared = 0
         self._exclusive = False
-        self._waiting = 0
+        self._exclusive_waiting = 0
+        self._shared_waiting = 0
+        #: shared waiters let in ahead of the next exclusive holder
+        self._admitted = 0
 
     @contextmanager
     def shared(self) -> Iterator[None]:
         with self._cv:
-            while self._exclusive or self._waiting:
-                self._cv.wait()
+            self._shared_waiting += 1
+            try:
+                while self._exclusive or (self._exclusive_waiting and not self._admitted):
+                    self._cv.wait()
+            except BaseException:
+                self._admitted = min(self._admitted, self._shared_waiting - 1)
+                self._cv.notify_all()
+                raise
+            finally:
+                self._shared_waiting -= 1
+            if self._admitted:
+                self._admitted -= 1
             self._shared += 1
         try:
             yield
@@ -609,23 +633,25 @@ class _SharedLock:
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         with self._cv:
-            self._waiting += 1
+            self._exclusive_waiting += 1
             try:
-                while self._exclusive or self._shared:
+                while self._exclusive or self._shared or self._admitted:
                     self._cv.wait()
             finally:
-                self._waiting -= 1
+                self._exclusive_waiting -= 1
             self._exclusive = True
         try:
             yield
         finally:
             with self._cv:
                 self._exclusive = False
+                self._admitted = self._shared_waiting
                 self._cv.notify_all()
 
 
+@functools.lru_cache(maxsize=4096)
 def _segment(text: str) -> str:
-    """A key segment holding no '/': escaped, or hashed when long."""
+    """A key segment holding no '/': escaped, or hashed when long (cached: ids repeat)."""
     escaped = text.replace("%", "%25").replace("/", "%2F").replace("~", "%7E")
     if len(escaped.encode()) <= _MAX_SEGMENT_BYTES:
         return escaped
