@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,13 +66,24 @@ class _Gate:
                     self._cond.notify_all()
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive(self, timeout_seconds: float = 60.0) -> Iterator[None]:
+        deadline = time.monotonic() + timeout_seconds
         with self._cond:
             while self._resizing:
                 self._cond.wait()
             self._resizing = True
             while self._active:
-                self._cond.wait()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._resizing = False
+                    self._cond.notify_all()
+                    raise CapacityError(
+                        "the LMDB map is full and cannot grow while read transactions stay "
+                        "open in this process",
+                        hint="close read views (Store.snapshot()) before committing from the "
+                        "same thread, or open the store with a larger map_size_bytes",
+                    )
+                self._cond.wait(left)
         try:
             yield
         finally:

@@ -24,6 +24,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ __all__ = [
     "CommitResult",
     "Delete",
     "Put",
+    "ReadView",
     "Store",
     "StoreInfo",
     "VersionedValue",
@@ -156,7 +158,9 @@ class StoreInfo:
 
 
 class _Pending:
-    __slots__ = ("done", "error", "hlc", "kind", "lsn", "ops", "payload", "sync")
+    __slots__ = (
+        "done", "error", "hlc", "kind", "lsn", "ops", "payload", "sync", "waiter", "written"
+    )
 
     def __init__(self, lsn: int, hlc: int, ops: list[list[Any]], payload: bytes, sync: bool,
                  kind: int = KIND_LOCAL):
@@ -166,8 +170,13 @@ class _Pending:
         self.ops = ops
         self.payload = payload
         self.sync = sync
+        #: the WAL stage is over for this record (written, and synced if asked)
+        self.written = False
         self.done = False
         self.error: WalsyncError | None = None
+        #: the committing thread sleeps on this (made when it first has to wait),
+        #: so that each wake-up goes to the one thread it concerns
+        self.waiter: threading.Condition | None = None
 
 
 class Batch:
@@ -213,10 +222,19 @@ class Store:
         self._lock: WriterLock | None = None
         self._wal: WALWriter | None = None
         mutex = threading.Lock()
-        #: commit waiters sleep on _cv; a leader gathering a batch sleeps on _gather
+        #: guards the commit pipeline; close and flush wait on _cv, a committer
+        #: on its record's own condition, a leader gathering a batch on _gather
+        self._mutex = mutex
         self._cv = threading.Condition(mutex)
+        #: records waiting for the WAL stage; ``_leading``: a thread holds the WAL
         self._queue: list[_Pending] = []
         self._leading = False
+        #: batches written to the WAL, waiting to be applied to LMDB in LSN
+        #: order; ``_applying``: a thread is applying
+        self._apply_queue: list[list[_Pending]] = []
+        self._applying = False
+        #: an apply failed: no later record can be applied in this process
+        self._apply_error: WalsyncError | None = None
         self._preparing = 0
         self._gather = threading.Condition(mutex)
         self._overlay: dict[str, tuple[int, list[Sibling]]] = {}
@@ -362,7 +380,7 @@ class Store:
         if self._closed:
             return
         with self._cv:
-            while self._leading or self._queue:
+            while self._leading or self._queue or self._applying or self._apply_queue:
                 self._cv.wait()
             self._closed = True
         self._checkpoint_wanted.set()
@@ -446,15 +464,47 @@ class Store:
         return CommitResult(item.lsn, item.hlc, level)
 
     def _submit(self, item: _Pending) -> None:
-        """Queue a record and wait (leading a group commit if nobody is). Holds ``_cv``."""
+        """Queue a record and wait until it is durable and applied. Holds ``_cv``.
+
+        Group commit in two pipelined stages, each led by one waiting thread
+        at a time: the WAL stage writes (and syncs) every queued record in one
+        batch; the apply stage applies written batches to LMDB in LSN order.
+        While one batch is being applied, the next one's write and fdatasync
+        can run.
+        """
         self._queue.append(item)
         if self._leading:
             self._gather.notify()
         while not item.done:
-            if not self._leading:
+            if not item.written and not self._leading:
                 self._lead()
+            elif self._apply_queue and not self._applying:
+                self._apply_written()
             else:
-                self._cv.wait()
+                if item.waiter is None:
+                    item.waiter = threading.Condition(self._mutex)
+                item.waiter.wait()
+
+    def _wake(self) -> None:
+        """After a stage ends: wake the thread that can lead each free stage, and
+        close/flush waiting for the pipeline. Holds ``_cv``."""
+        if not self._leading and self._queue:
+            waiter = self._queue[0].waiter
+            if waiter is not None:
+                waiter.notify()
+        if not self._applying and self._apply_queue:
+            waiter = self._apply_queue[0][0].waiter
+            if waiter is not None:
+                waiter.notify()
+        self._cv.notify_all()
+
+    @staticmethod
+    def _done(batch: list[_Pending], error: WalsyncError | None) -> None:
+        for item in batch:
+            item.error = error
+            item.done = True
+            if item.waiter is not None:
+                item.waiter.notify()
 
     def _finish(self, item: _Pending) -> None:
         if item.error is not None:
@@ -553,7 +603,7 @@ class Store:
         finally:
             with self._cv:
                 self._leading = False
-                self._cv.notify_all()
+                self._wake()
 
     def wal_reader(self) -> WALReader:
         return WALReader(self._layout)
@@ -660,7 +710,8 @@ class Store:
         return decode_entry(raw) if raw is not None else []
 
     def _lead(self) -> None:
-        """Write, sync and apply every queued record. Entered and left holding ``_cv``."""
+        """The WAL stage: write (and sync) every queued record as one batch, then
+        queue it for the apply stage. Entered and left holding ``_cv``."""
         self._leading = True
         try:
             wait = self.options.group_wait_seconds
@@ -686,22 +737,47 @@ class Store:
             else:
                 self._cv.release()
                 try:
-                    error = self._write_batch(batch)
+                    error = self._write_wal(batch)
                 finally:
                     self._cv.acquire()
-            last = batch[-1].lsn
-            if error is None:
-                self._applied_lsn = last
-                for key in [k for k, (lsn, _) in self._overlay.items() if lsn <= last]:
-                    del self._overlay[key]
             for item in batch:
-                item.error = error
-                item.done = True
+                item.written = True
+            if error is None:
+                self._apply_queue.append(batch)
+            else:
+                self._done(batch, error)
         finally:
             self._leading = False
-            self._cv.notify_all()
+            self._wake()
 
-    def _write_batch(self, batch: list[_Pending]) -> WalsyncError | None:
+    def _apply_written(self) -> None:
+        """The apply stage: apply every written batch, in LSN order, in one LMDB
+        transaction, and finish their commits. Entered and left holding ``_cv``."""
+        self._applying = True
+        try:
+            batches = self._apply_queue
+            self._apply_queue = []
+            error = self._apply_error
+            if error is None:
+                self._cv.release()
+                try:
+                    error = self._apply_batches(batches)
+                finally:
+                    self._cv.acquire()
+                if error is None:
+                    last = batches[-1][-1].lsn
+                    self._applied_lsn = last
+                    for key in [k for k, (lsn, _) in self._overlay.items() if lsn <= last]:
+                        del self._overlay[key]
+                else:
+                    self._apply_error = error
+            for batch in batches:
+                self._done(batch, error)
+        finally:
+            self._applying = False
+            self._wake()
+
+    def _write_wal(self, batch: list[_Pending]) -> WalsyncError | None:
         wal = self._wal
         assert wal is not None
         before = wal.bytes_written
@@ -710,13 +786,26 @@ class Store:
         except BaseException as exc:  # noqa: BLE001 - every failure poisons the store
             return self._poison(exc, f"WAL write to segment {wal.segment_first_lsn:016x}.wal")
         self._bytes_since_checkpoint += wal.bytes_written - before
+        return None
+
+    def _apply_batches(self, batches: list[list[_Pending]]) -> WalsyncError | None:
+        puts: list[tuple[bytes, bytes]] = []
+        meta_ops = False
+        hlc = 0
+        for batch in batches:
+            for p in batch:
+                hlc = max(hlc, p.hlc)
+                for key, entry in p.ops:
+                    if not key:
+                        meta_ops = True
+                    puts.append((key.encode(), entry))
         try:
-            self._snapshot.apply([(p.lsn, p.kind, p.hlc, p.ops) for p in batch])
+            self._snapshot.apply_puts(puts, batches[-1][-1].lsn, hlc, meta_ops=meta_ops)
         except BaseException as exc:  # noqa: BLE001
             return self._poison(
                 exc,
-                f"applying LSN {batch[0].lsn}..{batch[-1].lsn} to the snapshot (the records are "
-                "in the WAL and are applied when the store is reopened)",
+                f"applying LSN {batches[0][0].lsn}..{batches[-1][-1].lsn} to the snapshot (the "
+                "records are in the WAL and are applied when the store is reopened)",
             )
         return None
 
@@ -835,13 +924,18 @@ class Store:
     def get_versions(self, key: str) -> list[VersionedValue]:
         """Every visible sibling of ``key`` (tombstones have value None), winner last."""
         self._check_open()
-        raw = self._snapshot.get_entry(_key_bytes(key))
-        if raw is None:
-            return []
-        return [
-            VersionedValue(None if s.data is None else decode_value(s.codec, s.data), s.version)
-            for s in visible_siblings(decode_entry(raw))
-        ]
+        return _versions_of(self._snapshot.get_entry(_key_bytes(key)))
+
+    @contextmanager
+    def snapshot(self) -> Iterator[ReadView]:
+        """A consistent view for several reads: one LMDB read transaction.
+
+        One thread; keep it short. Do not commit from the thread that holds
+        it: should the map need to grow, the commit would wait for the view.
+        """
+        self._check_open()
+        with self._snapshot.read() as txn:
+            yield ReadView(self, txn)
 
     def scan(
         self,
@@ -868,6 +962,13 @@ class Store:
         limit: int | None, *, values: bool,
     ) -> list[tuple[str, Any]]:
         self._check_open()
+        with self._snapshot.read() as txn:
+            return self._scan_in(txn, prefix, start, end, reverse, limit, values=values)
+
+    def _scan_in(
+        self, txn: Any, prefix: str, start: str | None, end: str | None, reverse: bool,
+        limit: int | None, *, values: bool,
+    ) -> list[tuple[str, Any]]:
         lo = _key_bytes(prefix, allow_empty=True)
         hi = _prefix_end(lo)
         if start is not None and _key_bytes(start, allow_empty=True) > lo:
@@ -877,14 +978,13 @@ class Store:
         out: list[tuple[str, Any]] = []
         if limit is not None and limit <= 0:
             return out
-        with self._snapshot.read() as txn:
-            for key, raw in self._snapshot.iter_range(txn, lo, hi, reverse):
-                codec, data = _winner_data(raw)
-                if data is None:
-                    continue
-                out.append((key.decode(), decode_value(codec, data) if values else None))
-                if limit is not None and len(out) >= limit:
-                    break
+        for key, raw in self._snapshot.iter_range(txn, lo, hi, reverse):
+            codec, data = _winner_data(raw)
+            if data is None:
+                continue
+            out.append((key.decode(), decode_value(codec, data) if values else None))
+            if limit is not None and len(out) >= limit:
+                break
         return out
 
     def iter_siblings(
@@ -980,6 +1080,51 @@ def _size_or_zero(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+class ReadView:
+    """Reads from one consistent snapshot (see Store.snapshot)."""
+
+    def __init__(self, store: Store, txn: Any) -> None:
+        self._store = store
+        self._txn = txn
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raw = self._txn.get(_key_bytes(key))
+        if raw is None:
+            return default
+        codec, data = _winner_data(raw)
+        return default if data is None else decode_value(codec, data)
+
+    def get_version(self, key: str) -> Version | None:
+        raw = self._txn.get(_key_bytes(key))
+        if raw is None:
+            return None
+        best = winner(decode_entry(raw))
+        return None if best.deleted else best.version
+
+    def get_versions(self, key: str) -> list[VersionedValue]:
+        return _versions_of(self._txn.get(_key_bytes(key)))
+
+    def scan(self, prefix: str = "", *, start: str | None = None, end: str | None = None,
+             reverse: bool = False, limit: int | None = None) -> list[tuple[str, Any]]:
+        return self._store._scan_in(self._txn, prefix, start, end, reverse, limit, values=True)
+
+
+def _versions_of(raw: bytes | None) -> list[VersionedValue]:
+    if raw is None:
+        return []
+    return [
+        VersionedValue(None if s.data is None else decode_value(s.codec, s.data), s.version)
+        for s in visible_siblings(decode_entry(raw), decode=_plain_bytes)
+    ]
+
+
+def _plain_bytes(sib: Sibling) -> tuple[bool, bytes | None]:
+    """A sibling's identity for collapsing: its value's bytes before compression."""
+    if sib.data is None or sib.codec == CODEC_NONE:
+        return sib.data is None, sib.data
+    return False, cbor2.dumps(decode_value(sib.codec, sib.data))
 
 
 def _winner_data(raw: bytes) -> tuple[int, bytes | None]:
