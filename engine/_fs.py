@@ -64,8 +64,25 @@ def zero_fill(fd: int, size: int, stop: Callable[[], bool]) -> bool:
     return True
 
 
+def _iov_max() -> int:
+    try:
+        limit = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        limit = -1
+    return limit if limit > 0 else 1024
+
+
+#: writev takes at most this many buffers (more fail with EINVAL)
+_IOV_MAX = _iov_max()
+
+
 def writev(fd: int, buffers: Sequence[bytes]) -> int:
     """Write every buffer fully, looping over short writes."""
+    if len(buffers) > _IOV_MAX:
+        # a group commit of more records than the kernel takes in one call
+        return sum(
+            writev(fd, buffers[i : i + _IOV_MAX]) for i in range(0, len(buffers), _IOV_MAX)
+        )
     total = sum(len(b) for b in buffers)
     written = os.writev(fd, buffers)
     if written == total:

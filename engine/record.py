@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +39,13 @@ __all__ = [
     "decode_segment_header",
     "decode_value",
     "encode_entry",
+    "encode_entry_parts",
     "encode_frame",
+    "encode_frame_parts",
     "encode_payload",
+    "encode_payload_parts",
     "encode_segment_header",
+    "join_parts",
 ]
 
 SEGMENT_MAGIC = b"walsync\x00"
@@ -102,15 +107,19 @@ def decode_segment_header(buf: bytes, path: str, lsn: int | None = None) -> int:
     return int(first_lsn)
 
 
-def encode_frame(lsn: int, synced_lsn: int, payload: bytes) -> bytes:
-    """Header and payload; the checksum covers every byte after itself."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
+def _check_payload_size(size: int) -> None:
+    if size > MAX_PAYLOAD_BYTES:
         # decode_frame takes such a frame for damage: writing it would lose the record
         raise CapacityError(
-            f"record payload is {len(payload)} bytes, above the frame limit of "
+            f"record payload is {size} bytes, above the frame limit of "
             f"{MAX_PAYLOAD_BYTES} bytes; nothing was written",
             hint="commit fewer or smaller values per record",
         )
+
+
+def encode_frame(lsn: int, synced_lsn: int, payload: bytes) -> bytes:
+    """Header and payload; the checksum covers every byte after itself."""
+    _check_payload_size(len(payload))
     prefix = _FRAME_PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, 0, len(payload), lsn, synced_lsn)
     if len(payload) <= 65536:
         body = prefix + payload
@@ -118,6 +127,19 @@ def encode_frame(lsn: int, synced_lsn: int, payload: bytes) -> bytes:
     h = xxhash.xxh3_64(prefix)
     h.update(payload)
     return b"".join((_U64.pack(h.intdigest()), prefix, payload))
+
+
+def encode_frame_parts(lsn: int, synced_lsn: int, payload: Sequence[bytes]) -> list[bytes]:
+    """The frame of a payload given in parts, as buffers for ``writev``: the
+    header, then the parts themselves (hashed in place, not copied). The same
+    bytes as ``encode_frame(lsn, synced_lsn, b"".join(payload))``."""
+    size = sum(len(p) for p in payload)
+    _check_payload_size(size)
+    prefix = _FRAME_PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, 0, size, lsn, synced_lsn)
+    h = xxhash.xxh3_64(prefix)
+    for part in payload:
+        h.update(part)
+    return [_U64.pack(h.intdigest()) + prefix, *payload]
 
 
 class FrameStatus:
@@ -194,6 +216,77 @@ def decode_payload(payload: bytes, path: str = "", offset: int = 0, lsn: int = 0
             f"record payload does not decode: {exc}", path=path, offset=offset, lsn=lsn
         ) from None
     return kind, hlc, ops
+
+
+#: a value at least this large is not copied into the record's encodings: the
+#: entry and the payload keep it as a separate buffer (see encode_entry_parts)
+SPLIT_VALUE_BYTES = 1 << 16
+
+#: one sibling, a 7-element array, whose first element is an empty byte string
+_ONE_SIBLING_EMPTY_DATA = b"\x81\x87\x40"
+
+
+def _cbor_head(major: int, length: int) -> bytes:
+    """A CBOR item head, in the shortest form (as cbor2 writes it)."""
+    if length < 24:
+        return bytes((major << 5 | length,))
+    if length < 1 << 8:
+        return bytes((major << 5 | 24, length))
+    if length < 1 << 16:
+        return bytes((major << 5 | 25,)) + length.to_bytes(2, "big")
+    if length < 1 << 32:
+        return bytes((major << 5 | 26,)) + length.to_bytes(4, "big")
+    return bytes((major << 5 | 27,)) + length.to_bytes(8, "big")
+
+
+def encode_entry_parts(siblings: list[Sibling]) -> bytes | list[bytes]:
+    """:func:`encode_entry`'s bytes; for one sibling with a large value, as
+    ``[head, value, tail]`` so that the value's bytes are not copied."""
+    if len(siblings) != 1:
+        return encode_entry(siblings)
+    data = siblings[0].data
+    if data is None or len(data) < SPLIT_VALUE_BYTES:
+        return encode_entry(siblings)
+    wire = siblings[0].to_wire()
+    wire[0] = b""
+    empty = cbor2.dumps([wire])
+    assert empty.startswith(_ONE_SIBLING_EMPTY_DATA)
+    return [b"\x81\x87" + _cbor_head(2, len(data)), data, empty[3:]]
+
+
+def encode_payload_parts(
+    kind: int, hlc: int, ops: Sequence[tuple[str, bytes | list[bytes]]]
+) -> bytes | list[bytes]:
+    """:func:`encode_payload`'s bytes, with entries given in parts (see
+    :func:`encode_entry_parts`) kept as separate buffers: a list of parts when
+    there is one, else plain bytes."""
+    if all(isinstance(entry, bytes) for _key, entry in ops):
+        return encode_payload(kind, hlc, [[key, entry] for key, entry in ops])
+    out: list[bytes] = []
+    cur = bytearray(b"\x83")
+    cur += cbor2.dumps(kind)
+    cur += cbor2.dumps(hlc)
+    cur += _cbor_head(4, len(ops))
+    for key, entry in ops:
+        cur += b"\x82"
+        cur += cbor2.dumps(key)
+        if isinstance(entry, bytes):
+            cur += _cbor_head(2, len(entry))
+            cur += entry
+            continue
+        cur += _cbor_head(2, sum(len(p) for p in entry))
+        for piece in entry[:-2]:
+            cur += piece
+        out.append(bytes(cur))
+        out.append(entry[-2])  # the value: not copied
+        cur = bytearray(entry[-1])
+    out.append(bytes(cur))
+    return out
+
+
+def join_parts(buffer: bytes | list[bytes]) -> bytes:
+    """The bytes of a buffer that may be given in parts."""
+    return buffer if isinstance(buffer, bytes) else b"".join(buffer)
 
 
 def encode_entry(siblings: list[Sibling]) -> bytes:

@@ -60,7 +60,10 @@ from .record import (
     decode_entry,
     decode_value,
     encode_entry,
+    encode_entry_parts,
     encode_payload,
+    encode_payload_parts,
+    join_parts,
 )
 from .replay import RecoveryReport, gap_allowed, recover
 from .snapshot import SnapshotStore
@@ -162,8 +165,8 @@ class _Pending:
         "done", "error", "hlc", "kind", "lsn", "ops", "payload", "sync", "waiter", "written"
     )
 
-    def __init__(self, lsn: int, hlc: int, ops: list[list[Any]], payload: bytes, sync: bool,
-                 kind: int = KIND_LOCAL):
+    def __init__(self, lsn: int, hlc: int, ops: Sequence[Sequence[Any]],
+                 payload: bytes | list[bytes], sync: bool, kind: int = KIND_LOCAL):
         self.kind = kind
         self.lsn = lsn
         self.hlc = hlc
@@ -236,6 +239,8 @@ class Store:
         #: an apply failed: no later record can be applied in this process
         self._apply_error: WalsyncError | None = None
         self._preparing = 0
+        #: records queued or further along, whose commit has not returned yet
+        self._in_pipeline = 0
         self._gather = threading.Condition(mutex)
         self._overlay: dict[str, tuple[int, list[Sibling]]] = {}
         self._next_lsn = 1
@@ -445,18 +450,26 @@ class Store:
             )
         if not ops:
             raise ValueError("a commit needs at least one operation")
+        # _preparing counts commits on their way to the queue, which a leader
+        # gathering a batch waits for (up to group_wait_seconds)
         with self._cv:
             self._preparing += 1
         try:
             prepared = [self._prepare(op) for op in ops]
-        finally:
+        except BaseException:
             with self._cv:
                 self._preparing -= 1
                 if self._leading:
                     self._gather.notify()
+            raise
         with self._cv:
-            self._check_writable()
-            item = self._assign(ops, prepared, level is not Durability.NONE)
+            try:
+                self._check_writable()
+                item = self._assign(ops, prepared, level is not Durability.NONE)
+            finally:
+                self._preparing -= 1
+                if self._leading:
+                    self._gather.notify()
             self._submit(item)
         self._finish(item)
         if level is Durability.REMOTE:
@@ -473,17 +486,23 @@ class Store:
         can run.
         """
         self._queue.append(item)
+        self._in_pipeline += 1
         if self._leading:
             self._gather.notify()
-        while not item.done:
-            if not item.written and not self._leading:
-                self._lead()
-            elif self._apply_queue and not self._applying:
-                self._apply_written()
-            else:
-                if item.waiter is None:
-                    item.waiter = threading.Condition(self._mutex)
-                item.waiter.wait()
+        try:
+            while not item.done:
+                if not item.written and not self._leading:
+                    self._lead()
+                elif self._apply_queue and not self._applying:
+                    self._apply_written()
+                else:
+                    if item.waiter is None:
+                        item.waiter = threading.Condition(self._mutex)
+                    item.waiter.wait()
+        finally:
+            self._in_pipeline -= 1
+            if self._leading:
+                self._gather.notify()
 
     def _wake(self) -> None:
         """After a stage ends: wake the thread that can lead each free stage, and
@@ -675,7 +694,9 @@ class Store:
         lsn = self._next_lsn
         hlc = self._clock.tick()
         node = self.node_id
-        wire_ops: list[list[Any]] = []
+        # a large value stays one buffer, shared by the entry and the payload
+        # (given in parts) until the apply stage joins the entry for LMDB
+        wire_ops: list[tuple[str, bytes | list[bytes]]] = []
         new: dict[str, list[Sibling]] = {}
         with self._snapshot.read() as txn:
             for op, (codec, data) in zip(ops, prepared, strict=True):
@@ -689,11 +710,12 @@ class Store:
                 vv[node] = lsn
                 sib = Sibling(Version(node, lsn, hlc, vv, op.fence, data is None), codec, data)
                 new[key] = [sib]
-                wire_ops.append([key, encode_entry([sib])])
-        payload = encode_payload(KIND_LOCAL, hlc, wire_ops)
-        if len(payload) > MAX_PAYLOAD_BYTES:
+                wire_ops.append((key, encode_entry_parts([sib])))
+        payload = encode_payload_parts(KIND_LOCAL, hlc, wire_ops)
+        size = len(payload) if isinstance(payload, bytes) else sum(len(p) for p in payload)
+        if size > MAX_PAYLOAD_BYTES:
             raise CapacityError(
-                f"a commit of {len(ops)} operations encodes to {len(payload)} bytes, above the "
+                f"a commit of {len(ops)} operations encodes to {size} bytes, above the "
                 f"{MAX_PAYLOAD_BYTES} bytes one record may hold; nothing was written",
                 hint="split the batch into several commits",
             )
@@ -715,10 +737,12 @@ class Store:
         self._leading = True
         try:
             wait = self.options.group_wait_seconds
-            if wait > 0 and self._preparing:
-                # Others are encoding their records right now: let them join.
+            if wait > 0 and self._others_committing():
+                # Other threads are committing right now (preparing a record,
+                # or with an earlier one still being applied, after which they
+                # often commit again): let them join this batch.
                 deadline = time.monotonic() + wait
-                while self._preparing:
+                while self._others_committing():
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -749,6 +773,9 @@ class Store:
         finally:
             self._leading = False
             self._wake()
+
+    def _others_committing(self) -> bool:
+        return self._preparing > 0 or self._in_pipeline > len(self._queue)
 
     def _apply_written(self) -> None:
         """The apply stage: apply every written batch, in LSN order, in one LMDB
@@ -798,7 +825,7 @@ class Store:
                 for key, entry in p.ops:
                     if not key:
                         meta_ops = True
-                    puts.append((key.encode(), entry))
+                    puts.append((key.encode(), join_parts(entry)))
         try:
             self._snapshot.apply_puts(puts, batches[-1][-1].lsn, hlc, meta_ops=meta_ops)
         except BaseException as exc:  # noqa: BLE001

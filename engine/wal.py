@@ -2,9 +2,12 @@
 
 The writer appends frames to the active segment and rotates to a new one
 when it is full; it is not thread-safe, and the store's group-commit leader is
-its only caller. Before a new segment is created the old one is synced, so
+its only caller. Before a new segment is named the old one is synced, so
 every segment but the last is wholly durable: damage there is corruption,
-never a torn tail.
+never a torn tail. Segment files are preallocated (zero-filled and synced
+ahead of time by a background thread) and overwritten in place, so a
+commit's fdatasync flushes data, not file metadata; the scanner takes an
+all-zero rest of a segment for its clean end.
 
 Every frame records the highest LSN that was durable when it was written
 (its *synced LSN*). That is how the scanner tells a torn tail from damage:
@@ -34,12 +37,14 @@ from .record import (
     FRAME_VERSION,
     MAX_PAYLOAD_BYTES,
     SEGMENT_HEADER_BYTES,
+    SPLIT_VALUE_BYTES,
     Frame,
     FrameStatus,
     _xxh3,
     decode_frame,
     decode_segment_header,
     encode_frame,
+    encode_frame_parts,
     encode_segment_header,
 )
 
@@ -402,18 +407,30 @@ class WALWriter:
         if self._preparer is not None:
             self._preparer.request(self._prepare_bytes)
 
-    def append(self, records: Sequence[tuple[int, bytes]], sync: bool) -> None:
-        """Write frames for ``(lsn, payload)`` records, in LSN order; fdatasync if ``sync``."""
-        frames = []
+    def append(self, records: Sequence[tuple[int, bytes | list[bytes]]], sync: bool) -> None:
+        """Write frames for ``(lsn, payload)`` records, in LSN order; fdatasync if ``sync``.
+
+        A payload may come in parts (a large value kept apart, see
+        ``record.encode_payload_parts``): they are hashed and written where
+        they are, never joined. So is a large payload.
+        """
+        frames: list[bytes] = []
         size = 0
         synced = self.synced_lsn
         next_lsn = self.next_lsn
         for lsn, payload in records:
             if lsn != next_lsn:
                 raise AssertionError(f"WAL append out of order: {lsn} != {next_lsn}")
-            frame = encode_frame(lsn, synced, payload)
-            frames.append(frame)
-            size += len(frame)
+            if isinstance(payload, bytes) and len(payload) < SPLIT_VALUE_BYTES:
+                frame = encode_frame(lsn, synced, payload)
+                frames.append(frame)
+                size += len(frame)
+            else:
+                parts = encode_frame_parts(
+                    lsn, synced, [payload] if isinstance(payload, bytes) else payload
+                )
+                frames.extend(parts)
+                size += sum(len(p) for p in parts)
             next_lsn += 1
         # before next_lsn moves: sealing syncs (and counts as synced) only the
         # records the old segment holds, not the ones about to be written

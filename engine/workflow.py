@@ -220,8 +220,16 @@ class Workflows:
         metadata: dict[str, Any] | None = None,
         total_steps: int | None = None,
         max_retries: int = 0,
+        lease: tuple[str, int] | None = None,
     ) -> Run:
-        """The run ``run_id`` if it exists (to resume it), else a new pending run."""
+        """The run ``run_id`` if it exists (to resume it), else a new pending run.
+
+        ``lease`` is ``(holder, token)`` of the run's lease (sync.lease), taken
+        before this call: a new run is created with the token already on its
+        first write, an existing one gets it (``set_lease``). A run created
+        without it and leased afterwards has an unfenced first write, which the
+        server refuses if it arrives after the lease was taken.
+        """
         if run_id is not None:
             existing = self._load(run_id)
             if existing is not None:
@@ -230,6 +238,9 @@ class Workflows:
                         f"run {run_id!r} belongs to workflow {existing.record.workflow!r}, "
                         f"not {workflow!r}"
                     )
+                if lease is not None and \
+                        (existing.record.owner_node, existing.fence) != tuple(lease):
+                    existing.set_lease(*lease)
                 return existing
         run_id = run_id or _new_run_id()
         _check_id("run id", run_id)
@@ -239,8 +250,10 @@ class Workflows:
             schema_version=self.schema_version, inputs=inputs, created_at=now, updated_at=now,
             metadata=dict(metadata or {}), total_steps=total_steps, max_retries=max_retries,
         )
+        if lease is not None:
+            record.owner_node, record.lease_token = lease
         run = Run(self, record, {})
-        with self.store.batch() as b:
+        with run._batch() as b:
             run._write_run(b, expect=None)
         run._version_from(b)
         return run

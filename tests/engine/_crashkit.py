@@ -12,7 +12,8 @@ store. Before each commit it reports an *intent*, after the commit returns an
 lock, so lines never interleave and a line written before a SIGKILL still
 reaches the parent::
 
-    R <pid> <next_lsn>                       store open, workload starts
+    O                                        about to open the store (imports done)
+    R <pid> <next_lsn> <replayed>            store open, workload starts
     I <tid> <seq> <json [[op, key, n], ...]>  about to commit (op "put"/"del";
                                               n: padding length of the value)
     A <tid> <seq> <lsn>                       that commit returned with this LSN
@@ -116,6 +117,8 @@ class ChildConfig:
     #: the share of commits made with durability 'none' (a process crash keeps
     #: them too: they were written before the call returned)
     none_fraction: float = 0.0
+    #: open the store (replaying its WAL), report, and exit without a workload
+    open_only: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -144,13 +147,17 @@ def child_main(config: ChildConfig) -> int:
     from engine import Delete, Put, Store, _failpoints
 
     emit = _Emitter(1)
+    emit("O")
     store = Store.open(
         config.path,
         segment_bytes=config.segment_bytes,
         checkpoint_every_bytes=config.checkpoint_every_bytes,
         durability="local",
     )
-    emit(f"R {os.getpid()} {store.next_lsn}")
+    assert store.recovery is not None
+    emit(f"R {os.getpid()} {store.next_lsn} {store.recovery.replayed_records}")
+    if config.open_only:
+        os._exit(0)  # no close: a later child or the parent carries on from here
     deadline = time.monotonic() + config.max_seconds
     acks = [0]
     acks_lock = threading.Lock()
@@ -225,6 +232,7 @@ class Incarnation:
     """What one child reported: its intents and acknowledgements."""
 
     generation: int
+    opening: bool = False
     ready: bool = False
     pid: int | None = None
     done: bool = False
@@ -235,7 +243,9 @@ class Incarnation:
     def feed(self, line: str) -> None:
         parts = line.split(" ", 3)
         try:
-            if parts[0] == "R":
+            if parts[0] == "O":
+                self.opening = True
+            elif parts[0] == "R":
                 self.ready = True
                 self.pid = int(parts[1])
             elif parts[0] == "I":
@@ -298,6 +308,19 @@ class ChildRun:
         with self._cond:
             self._cond.notify_all()
 
+    def wait_opening(self, timeout: float) -> bool:
+        """Until the child is about to open the store (or it exits)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self.incarnation.opening:
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    return False
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+            return True
+
     def wait_for(self, acks: int, timeout: float) -> bool:
         """Until the child is ready and reported ``acks`` acknowledgements, or it exits."""
         deadline = time.monotonic() + timeout
@@ -349,7 +372,7 @@ class KeyState:
     deleted: bool
 
 
-def read_key(store: Any, key: str) -> KeyState | None | str:
+def read_key(store: Any, key: str) -> KeyState | str | None:
     """The key's one sibling; None if it was never written; a problem string otherwise."""
     versions = store.get_versions(key)
     if not versions:

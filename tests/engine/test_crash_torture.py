@@ -21,16 +21,19 @@ prints it with the command that replays it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import signal
 import threading
 import time
+import traceback
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -58,6 +61,19 @@ FAILPOINTS = ("wal.before_write", "wal.after_write", "wal.after_sync")
 STORE_OPTIONS: dict[str, Any] = {"segment_bytes": 4096, "checkpoint_every_bytes": 16384}
 #: a child that neither dies nor reports within this long is a hang
 CHILD_TIMEOUT_SECONDS = 30.0
+
+
+@contextlib.contextmanager
+def _seeded(test_name: str) -> Iterator[None]:
+    """Any error or failed assert in the block fails the test naming the seed and the
+    command that replays it."""
+    try:
+        yield
+    except Exception:  # noqa: BLE001 - re-raised as a test failure that names the seed
+        pytest.fail(
+            f"{replay_command(SEED, THIS_FILE, test_name)}\n{traceback.format_exc()}",
+            pytrace=False,
+        )
 
 
 @dataclass
@@ -94,7 +110,7 @@ class Lane:
         self.test_name = test_name
         self.cycle = 0
 
-    def fail(self, what: str, mode: str, run: ChildRun | None = None) -> None:
+    def fail(self, what: str, mode: str, run: ChildRun | None = None) -> NoReturn:
         where = f"lane {self.name} cycle {self.cycle} mode {mode}, store {self.path}"
         child = ""
         if run is not None:
@@ -107,8 +123,8 @@ class Lane:
     def cycle_once(self, mode: str, stats: CrashStats) -> None:
         """Start a child, kill it per ``mode``, check the store. ``mode``:
 
-        ``acks``: SIGKILL after a random number of acknowledgements and a
-        random sub-millisecond-to-3-ms delay; ``early``: SIGKILL at a random
+        ``acks``: SIGKILL after a random number of acknowledgements (0-60) and a
+        random delay of 0-3 ms; ``early``: SIGKILL at a random
         time from 30 ms to 150 ms after the start (often during import, open
         or replay); ``env:<failpoint>``: WALSYNC_FAILPOINTS kills the child at
         its first write; ``armed:<failpoint>``: the child switches the
@@ -232,9 +248,10 @@ def test_crash_torture_random_kills_keep_every_acknowledged_commit(tmp_path: Pat
                           none_fraction=0.3 * i))
 
     def drive(lane: Lane) -> None:
-        for _ in range(cycles):
-            lane.cycle_once(_pick_mode(lane.rng), stats)
-        _final_check(lane)
+        with _seeded(name):
+            for _ in range(cycles):
+                lane.cycle_once(_pick_mode(lane.rng), stats)
+            _final_check(lane)
 
     started = time.monotonic()
     with ThreadPoolExecutor(len(lanes)) as pool:
@@ -257,9 +274,10 @@ def test_crash_torture_failpoint_kills_lose_no_acknowledged_commit(
     name = f"test_crash_torture_failpoint_kills_lose_no_acknowledged_commit and {failpoint}"
     lane = Lane(tmp_path, failpoint, random.Random(f"{SEED}/{failpoint}"), f"'{name}'")
     stats = CrashStats()
-    for i in range(10):
-        lane.cycle_once(f"env:{failpoint}" if i % 3 == 0 else f"armed:{failpoint}", stats)
-    _final_check(lane)
+    with _seeded(lane.test_name):
+        for i in range(10):
+            lane.cycle_once(f"env:{failpoint}" if i % 3 == 0 else f"armed:{failpoint}", stats)
+        _final_check(lane)
     assert stats.kills == 10
     assert stats.acknowledged > 0
 
@@ -312,3 +330,106 @@ def test_crash_checker_accepts_consistent_store_and_advances_ledger(tmp_path: Pa
     assert ledger.max_lsn == second + 1
     assert ledger.acknowledged == 2
 
+
+
+REPLAY_RECORDS = 2000
+REPLAY_KILLS = 24
+
+
+def _build_replay_store(path: Path, records: int) -> dict[str, Any]:
+    """A store whose whole WAL (many small segments) must be replayed on open: built,
+    closed with its segments kept, then its snapshot removed. Returns its state."""
+    with Store.open(path, segment_bytes=4096, durability="none") as store:
+        store.set_retain_floor(1)
+        for i in range(records):
+            if i % 10 == 9:
+                with store.batch() as b:
+                    for j in range(3):
+                        b.put(f"batch/{j}", {"i": i, "j": j})
+            elif i % 7 == 6:
+                store.delete(f"key/{(i - 1) % 50}")
+            else:
+                store.put(f"key/{i % 50}", {"i": i, "pad": "r" * (i % 40)})
+        state = dict(store.scan())
+    shutil.rmtree(path / "snapshot")
+    return state
+
+
+def test_crash_torture_kill_during_replay_gives_the_same_state(tmp_path: Path) -> None:
+    """SPEC 2.4: a crash during replay and a second open give the same state. Children
+    open a store that must replay ~75 segments and are killed at random moments of the
+    replay, twice per round; then the parent opens it and finds exactly the state the
+    WAL holds."""
+    name = "test_crash_torture_kill_during_replay_gives_the_same_state"
+    with _seeded(name):
+        _kill_during_replay(tmp_path, name)
+
+
+def _kill_during_replay(tmp_path: Path, name: str) -> None:
+    rng = random.Random(f"{SEED}/{name}")
+    pristine = tmp_path / "pristine"
+    expected = _build_replay_store(pristine, REPLAY_RECORDS)
+    segments = len(list((pristine / "wal").iterdir()))
+    assert segments >= 40
+    # calibrate: how long a child's open (the whole replay) takes, as the parent sees it
+    probe = tmp_path / "probe"
+    shutil.copytree(pristine, probe)
+    config = ChildConfig(path=str(probe), seed=0, generation=0, open_only=True)
+    run = ChildRun(config, stderr_path=tmp_path / "probe.stderr")
+    assert run.wait_opening(CHILD_TIMEOUT_SECONDS)
+    opening = time.monotonic()
+    assert run.wait_for(0, CHILD_TIMEOUT_SECONDS), run.stderr_text()
+    open_seconds = time.monotonic() - opening
+    assert run.finish(CHILD_TIMEOUT_SECONDS) == 0
+    shutil.rmtree(probe)
+
+    lane = Lane(tmp_path, "replay", rng, name)
+    kills = during_open = 0
+    for round_ in range(2 * REPLAY_KILLS):
+        if kills >= REPLAY_KILLS:
+            break
+        store_path = tmp_path / f"round{round_}"
+        shutil.copytree(pristine, store_path)
+        lane.path = store_path
+        for k in range(2):
+            lane.cycle = round_ * 2 + k
+            config = ChildConfig(path=str(store_path), seed=0, generation=0, open_only=True,
+                                 segment_bytes=4096)
+            run = ChildRun(config, stderr_path=tmp_path / f"replay-{round_}-{k}.stderr")
+            try:
+                if not run.wait_opening(CHILD_TIMEOUT_SECONDS):
+                    lane.fail("the child never got to opening the store", "replay", run)
+                time.sleep(rng.uniform(0, 1.1 * open_seconds))
+                run.kill()
+                code = run.finish(CHILD_TIMEOUT_SECONDS)
+            finally:
+                run.kill()
+            if code == -signal.SIGKILL:
+                kills += 1
+                during_open += not run.incarnation.ready
+            elif code != 0:
+                lane.fail(f"the replaying child ended with {code}", "replay", run)
+            verify = engine.verify(store_path)
+            if not verify.ok:
+                lane.fail(f"verify after a kill during replay: {verify.damage}", "replay", run)
+        with Store.open(store_path) as store:
+            got = dict(store.scan())
+            if got != expected:
+                missing = sorted(set(expected) - set(got))[:5]
+                wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])[:5]
+                lane.fail(f"state after replays killed midway differs: missing {missing}, "
+                          f"different {wrong}, extra {sorted(set(got) - set(expected))[:5]}",
+                          "replay")
+            assert store.applied_lsn == REPLAY_RECORDS
+            assert store.next_lsn == REPLAY_RECORDS + 1
+        after = engine.verify(store_path)
+        if not after.ok:
+            lane.fail(f"verify after the final open: {after.damage}", "replay")
+        shutil.rmtree(store_path)
+    print(f"\nreplay kills seed {SEED}: {kills} kills, {during_open} inside the open "
+          f"(replaying {segments} segments takes {open_seconds * 1000:.0f} ms)")
+    hint = replay_command(SEED, THIS_FILE, name)
+    assert kills >= REPLAY_KILLS, f"only {kills} children were killed ({hint})"
+    assert during_open >= REPLAY_KILLS // 4, (
+        f"only {during_open} kills landed inside an open ({hint})"
+    )

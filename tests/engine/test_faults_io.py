@@ -1,0 +1,449 @@
+"""Injected I/O faults: write and fsync errors poison the store, lose nothing committed.
+
+Faults go in through the file-layer seam (``engine._fs``): ``writev``,
+``fdatasync`` or ``fsync_dir`` raise ``OSError(EIO)`` or ``OSError(ENOSPC)`` at
+their Nth call, once or from then on, for every N a small workload reaches.
+Each time the failing commit raises StorePoisonedError (DiskFullError, with a
+hint to free space, for ENOSPC) naming the store; later writes are refused
+without touching the file again (no fsync is retried); reads and close work;
+reopening without the fault replays, keeps every acknowledged commit, and
+shows the failed commit wholly or not at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import engine
+from engine import (
+    Delete,
+    DiskFullError,
+    Put,
+    Store,
+    StorePoisonedError,
+    _failpoints,
+    _fs,
+)
+from engine.snapshot import SnapshotStore
+
+SEGMENT_BYTES = 4096
+#: commits in the workload; values are ~1 KiB, so a segment holds about three
+#: and the workload rotates segments (fsync_dir) several times
+WORKLOAD_COMMITS = 14
+TARGETS = ("writev", "fdatasync", "fsync_dir")
+
+Ops = list[Put | Delete]
+
+
+def _ops(i: int) -> Ops:
+    """Commit ``i`` of the workload: puts, a delete, or a three-key batch."""
+    pad = "x" * (900 + 13 * i)
+    if i % 4 == 3:
+        return [Put(f"b{j}", {"i": i, "j": j, "pad": pad[:200]}) for j in range(3)]
+    if i % 6 == 5:
+        return [Delete(f"k{(i - 1) % 3}")]
+    return [Put(f"k{i % 3}", {"i": i, "pad": pad})]
+
+
+def _durability(i: int) -> str:
+    # a few 'none' commits, so that sealing a segment has unsynced bytes to fdatasync
+    return "none" if i % 5 == 2 else "local"
+
+
+def _apply(state: dict[str, Any], ops: Ops) -> dict[str, Any]:
+    out = dict(state)
+    for op in ops:
+        if isinstance(op, Put):
+            out[op.key] = op.value
+        else:
+            out.pop(op.key, None)
+    return out
+
+
+@dataclass
+class Injector:
+    """Replaces one ``engine._fs`` function; raises at its ``at``-th call (1-based)."""
+
+    real: Callable[..., Any]
+    code: int
+    at: int
+    persistent: bool
+    calls: int = 0
+    raised: int = 0
+    #: calls made after the first fault (a retry of a failed fsync would show here)
+    calls_after_fault: int = 0
+    enabled: bool = True
+    partial: bool = False  # writev only: write half of the bytes before failing
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.enabled:
+            return self.real(*args)
+        self.calls += 1
+        if self.raised:
+            self.calls_after_fault += 1
+        if self.calls == self.at or (self.persistent and self.calls > self.at):
+            self.raised += 1
+            if self.partial:
+                fd, buffers = args
+                data = b"".join(buffers)
+                os.write(fd, data[: len(data) // 2])
+            raise OSError(self.code, f"injected: {os.strerror(self.code)}")
+        return self.real(*args)
+
+
+def _count_calls(tmp_path: Path, target: str) -> int:
+    """How many times the clean workload calls ``_fs.<target>`` after open."""
+    counter = Injector(getattr(_fs, target), errno.EIO, at=0, persistent=False)
+    path = tmp_path / "count"
+    with Store.open(path, segment_bytes=SEGMENT_BYTES) as store:
+        setattr(_fs, target, counter)
+        try:
+            for i in range(WORKLOAD_COMMITS):
+                store.commit(_ops(i), durability=_durability(i))
+        finally:
+            setattr(_fs, target, counter.real)
+    shutil.rmtree(path)
+    return counter.calls
+
+
+@dataclass
+class Outcome:
+    acknowledged: dict[str, Any] = field(default_factory=dict)
+    failed_ops: Ops | None = None
+    failed_index: int | None = None
+    error: BaseException | None = None
+
+
+def _run_until_fault(store: Store) -> Outcome:
+    out = Outcome()
+    for i in range(WORKLOAD_COMMITS):
+        ops = _ops(i)
+        try:
+            store.commit(ops, durability=_durability(i))
+        except engine.WalsyncError as exc:
+            out.failed_ops, out.failed_index, out.error = ops, i, exc
+            return out
+        out.acknowledged = _apply(out.acknowledged, ops)
+    return out
+
+
+def _check_after_fault(store: Store, out: Outcome, code: int, where: str) -> None:
+    exc = out.error
+    assert exc is not None, f"{where}: no commit failed"
+    assert isinstance(exc, StorePoisonedError), f"{where}: {exc!r}"
+    assert store.path in str(exc), f"{where}: the error does not name the store: {exc}"
+    assert isinstance(exc.__cause__, OSError), where
+    assert exc.__cause__.errno == code, where
+    if code == errno.ENOSPC:
+        assert isinstance(exc, DiskFullError), f"{where}: {exc!r}"
+        assert "disk full" in str(exc)
+        assert "free disk space" in exc.hint
+    else:
+        assert not isinstance(exc, DiskFullError), f"{where}: {exc!r}"
+        assert "refuses further writes" in str(exc)
+    assert store.poisoned is not None
+    # later writes are refused, naming the store and the first failure
+    with pytest.raises(StorePoisonedError, match="refuses writes since an earlier failure") as e:
+        store.put("later", 1)
+    assert store.path in str(e.value)
+    with pytest.raises(StorePoisonedError):
+        store.delete("k0")
+    # reads go on: they show exactly what was acknowledged
+    assert dict(store.scan()) == out.acknowledged, where
+    for key, value in out.acknowledged.items():
+        assert store.get(key) == value
+
+
+def _check_reopened(path: Path, out: Outcome, where: str) -> None:
+    assert out.failed_ops is not None
+    with_failed = _apply(out.acknowledged, out.failed_ops)
+    with Store.open(path, segment_bytes=SEGMENT_BYTES) as store:
+        state = dict(store.scan())
+        assert state in (out.acknowledged, with_failed), (
+            f"{where}: after reopening the state is neither the acknowledged commits nor "
+            f"those plus the failed one (wholly): {sorted(state)}"
+        )
+        # and the store takes writes again
+        lsn = store.put("after-reopen", {"ok": True}).lsn
+        assert lsn == store.next_lsn - 1
+    report = engine.verify(path)
+    assert report.ok, f"{where}: {report.damage}"
+    with Store.open(path) as store:
+        assert store.get("after-reopen") == {"ok": True}
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["once", "persistent"])
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC], ids=["EIO", "ENOSPC"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_faults_io_error_at_every_call_poisons_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, code: int, persistent: bool
+) -> None:
+    calls = _count_calls(tmp_path, target)
+    assert calls == WORKLOAD_COMMITS if target == "writev" else calls >= 4
+    for n in range(1, calls + 1):
+        mode = "persistent" if persistent else "once"
+        where = f"{target} {errno.errorcode[code]} at call {n} ({mode})"
+        path = tmp_path / f"n{n}"
+        store = Store.open(path, segment_bytes=SEGMENT_BYTES)
+        injector = Injector(getattr(_fs, target), code, at=n, persistent=persistent)
+        monkeypatch.setattr(_fs, target, injector)
+        try:
+            out = _run_until_fault(store)
+            assert injector.raised >= 1, f"{where}: the fault was never reached"
+            _check_after_fault(store, out, code, where)
+            store.close()
+            assert injector.calls_after_fault == 0, (
+                f"{where}: {target} was called again after it failed"
+            )
+        finally:
+            injector.enabled = False
+            monkeypatch.undo()
+        _check_reopened(path, out, where)
+        shutil.rmtree(path)
+
+
+def test_faults_io_enospc_after_a_partial_write_cuts_the_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills mid-write: half a frame reaches the file, then ENOSPC."""
+    path = tmp_path / "s"
+    store = Store.open(path, segment_bytes=SEGMENT_BYTES)
+    injector = Injector(_fs.writev, errno.ENOSPC, at=6, persistent=True, partial=True)
+    monkeypatch.setattr(_fs, "writev", injector)
+    out = _run_until_fault(store)
+    _check_after_fault(store, out, errno.ENOSPC, "partial write")
+    store.close()
+    monkeypatch.undo()
+    with Store.open(path) as reopened:
+        assert reopened.recovery is not None
+        assert reopened.recovery.torn_tail is not None
+        assert reopened.recovery.torn_tail.first_lost_lsn == 6
+        assert dict(reopened.scan()) == out.acknowledged
+    _check_reopened(path, out, "partial write")
+
+
+def test_faults_io_short_writes_are_completed_by_the_writev_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.writev and os.write may write less than asked: _fs.writev finishes the job."""
+    real_writev, real_write = os.writev, os.write
+    shorts = {"writev": 0, "write": 0}
+
+    def short_writev(fd: int, buffers: list[bytes]) -> int:
+        data = b"".join(buffers)
+        if len(data) < 2:
+            return real_writev(fd, buffers)
+        shorts["writev"] += 1
+        return real_write(fd, data[: len(data) // 3 or 1])
+
+    def short_write(fd: int, data: Any) -> int:
+        shorts["write"] += 1
+        return real_write(fd, bytes(data[:97]))
+
+    path = tmp_path / "s"
+    expected: dict[str, Any] = {}
+    with Store.open(path, segment_bytes=SEGMENT_BYTES) as store:
+        store.set_retain_floor(1)
+        monkeypatch.setattr(os, "writev", short_writev)
+        monkeypatch.setattr(os, "write", short_write)
+        for i in range(WORKLOAD_COMMITS):
+            store.commit(_ops(i), durability=_durability(i))
+            expected = _apply(expected, _ops(i))
+        monkeypatch.undo()
+        assert store.poisoned is None
+    assert shorts["writev"] >= WORKLOAD_COMMITS
+    assert shorts["write"] > shorts["writev"]  # the loop went round more than once
+    # the WAL alone rebuilds the same state: every frame is whole
+    shutil.rmtree(path / "snapshot")
+    with Store.open(path) as store:
+        assert store.recovery is not None
+        assert store.recovery.torn_tail is None
+        assert store.recovery.replayed_records == WORKLOAD_COMMITS
+        assert dict(store.scan()) == expected
+    assert engine.verify(path).ok
+
+
+def test_faults_io_writev_helper_loops_until_every_byte_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = os.write
+    monkeypatch.setattr(os, "writev", lambda fd, bufs: real_write(fd, b"".join(bufs)[:1]))
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:5])))
+    target = tmp_path / "f"
+    fd = _fs.open_append(target)
+    try:
+        buffers = [b"alpha-", b"", b"beta-" * 7, b"gamma"]
+        assert _fs.writev(fd, buffers) == sum(len(b) for b in buffers)
+    finally:
+        os.close(fd)
+    monkeypatch.undo()
+    assert target.read_bytes() == b"".join(buffers)
+
+
+@pytest.mark.parametrize("method", ["apply", "apply_puts"])
+def test_faults_io_snapshot_apply_failure_poisons_and_replays_on_reopen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """The WAL has the record; LMDB failed to take it: the commit fails, the store is
+    poisoned, and reopening applies the record from the WAL."""
+    path = tmp_path / "s"
+    store = Store.open(path)
+    first = store.put("a", 1).lsn
+    calls = {"n": 0}
+
+    def failing(self: SnapshotStore, *args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        raise OSError(errno.EIO, "injected: LMDB write failed")
+
+    # the commit path uses one of the two; fail both, once each
+    originals = {m: getattr(SnapshotStore, m) for m in ("apply", "apply_puts")}
+    monkeypatch.setattr(SnapshotStore, method, failing)
+    other = "apply_puts" if method == "apply" else "apply"
+    monkeypatch.setattr(SnapshotStore, other, failing)
+    with pytest.raises(StorePoisonedError, match="applied when the store is reopened") as exc:
+        store.put("b", {"x": 2})
+    monkeypatch.setattr(SnapshotStore, "apply", originals["apply"])
+    monkeypatch.setattr(SnapshotStore, "apply_puts", originals["apply_puts"])
+    assert calls["n"] == 1
+    assert store.path in str(exc.value)
+    assert not isinstance(exc.value, DiskFullError)
+    with pytest.raises(StorePoisonedError):
+        store.put("c", 3)
+    assert store.get("a") == 1
+    assert store.get("b") is None  # not applied here...
+    store.close()
+    with Store.open(path) as reopened:
+        assert reopened.recovery is not None
+        assert reopened.recovery.replayed_records == 1
+        assert reopened.get("b") == {"x": 2}  # ...but durable in the WAL
+        assert reopened.get("a") == 1
+        assert reopened.next_lsn == first + 2
+    assert engine.verify(path).ok
+
+
+@pytest.fixture
+def failpoints() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        _failpoints.disable()
+
+
+@pytest.mark.usefixtures("failpoints")
+@pytest.mark.parametrize(
+    ("point", "kept"),
+    [("wal.before_write", False), ("wal.after_write", True), ("wal.after_sync", True)],
+)
+def test_faults_io_failpoint_raise_poisons_and_reopen_shows_the_record_or_not(
+    tmp_path: Path, point: str, kept: bool
+) -> None:
+    path = tmp_path / "s"
+    store = Store.open(path)
+    store.put("a", 1)
+    _failpoints.enable(point, "raise")
+    batch: Ops = [Put("x", 1), Put("y", 2), Delete("a")]
+    with pytest.raises(StorePoisonedError, match="FailpointHit") as exc:
+        store.commit(batch)
+    _failpoints.disable()
+    assert point in str(exc.value)
+    assert store.path in str(exc.value)
+    with pytest.raises(StorePoisonedError):
+        store.put("z", 3)
+    assert store.get("a") == 1
+    store.close()
+    with Store.open(path) as reopened:
+        state = dict(reopened.scan())
+    assert state == ({"x": 1, "y": 2} if kept else {"a": 1})
+    assert engine.verify(path).ok
+
+
+def test_faults_io_commit_queued_behind_a_failed_write_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that joined the queue while the group commit before it was failing must
+    not be written after the failure: its LSN would follow a hole in the log (or a
+    failed fsync), and it would be acknowledged on a poisoned store."""
+    path = tmp_path / "s"
+    store = Store.open(path)
+    store.put("a", 1)
+    real = _fs.writev
+    results: dict[str, Any] = {}
+    state = {"calls": 0}
+
+    def second_committer() -> None:
+        try:
+            results["b"] = store.put("b", 2)
+        except engine.WalsyncError as exc:
+            results["b"] = exc
+
+    def failing_writev(fd: int, buffers: list[bytes]) -> int:
+        state["calls"] += 1
+        if state["calls"] == 1:
+            thread = threading.Thread(target=second_committer)
+            thread.start()
+            results["thread"] = thread
+            deadline = time.monotonic() + 10
+            while not store._queue and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert store._queue, "the second commit never queued"
+            raise OSError(errno.EIO, "injected: write failed")
+        return real(fd, buffers)
+
+    monkeypatch.setattr(_fs, "writev", failing_writev)
+    with pytest.raises(StorePoisonedError):
+        store.put("c", 3)
+    results["thread"].join(10)
+    monkeypatch.undo()
+    assert isinstance(results["b"], StorePoisonedError), (
+        f"a commit was acknowledged on a poisoned store: {results['b']!r}"
+    )
+    assert state["calls"] == 1
+    store.close()
+    with Store.open(path) as reopened:  # no hole: the log is a clean prefix
+        assert dict(reopened.scan()) == {"a": 1}
+        assert reopened.put("d", 4).lsn == 2
+    assert engine.verify(path).ok
+
+
+def test_faults_io_close_after_fsync_failure_does_not_sync_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsyncgate: after a failed fdatasync, close must not fdatasync the file again (a
+    second call could report success for pages the kernel already dropped)."""
+    path = tmp_path / "s"
+    store = Store.open(path)
+    store.put("a", 1, durability="none")
+    injector = Injector(_fs.fdatasync, errno.EIO, at=1, persistent=False)
+    monkeypatch.setattr(_fs, "fdatasync", injector)
+    with pytest.raises(StorePoisonedError):
+        store.put("b", 2)
+    store.close()
+    monkeypatch.undo()
+    assert injector.calls == 1
+    with Store.open(path) as reopened:
+        assert reopened.get("a") == 1
+        assert reopened.get("b") == 2  # written before the failed sync; replayed
+
+
+def test_faults_io_writev_helper_writes_more_buffers_than_iov_max(tmp_path: Path) -> None:
+    """A group commit of more frames than one writev call takes (IOV_MAX, 1024 on
+    Linux; more fail with EINVAL) is still written whole, in order."""
+    buffers = [f"{i:05d};".encode() for i in range(2500)]
+    target = tmp_path / "f"
+    fd = _fs.open_append(target)
+    try:
+        assert _fs.writev(fd, buffers) == 6 * 2500
+    finally:
+        os.close(fd)
+    assert target.read_bytes() == b"".join(buffers)
+
