@@ -270,8 +270,8 @@ class RemoteDurabilityTimeoutError(DurabilityError):
 
     def __init__(self, lsn: int, timeout_seconds: float) -> None:
         super().__init__(
-            f"commit at LSN {lsn} is durable locally but was not acknowledged by the sync "
-            f"server within {timeout_seconds:g} s"
+            f"commit at LSN {lsn} is durable locally but not yet replicated: the sync server "
+            f"did not acknowledge it within {timeout_seconds:g} s"
         )
         self.lsn = lsn
 
