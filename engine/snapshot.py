@@ -17,6 +17,7 @@ pass a gate that the resize waits on.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ import lmdb
 
 from . import _fs
 from .errors import CapacityError, CorruptionError, StoreStateError
+from .record import decode_entry
 
 __all__ = ["AppliedRecord", "SnapshotStore"]
 
@@ -50,20 +52,24 @@ class _Gate:
         self._cond = threading.Condition(threading.Lock())
         self._active = 0
         self._resizing = False
+        self._shared = _SharedHold(self)
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self) -> _SharedHold:
+        """``with gate.shared():`` holds the gate shared (a plain object, not a
+        generator: every commit passes here twice)."""
+        return self._shared
+
+    def _enter_shared(self) -> None:
         with self._cond:
             while self._resizing:
                 self._cond.wait()
             self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                if self._active == 0:
-                    self._cond.notify_all()
+
+    def _exit_shared(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._active == 0 and self._resizing:
+                self._cond.notify_all()  # exclusive() waits for the last one out
 
     @contextmanager
     def exclusive(self, timeout_seconds: float = 60.0) -> Iterator[None]:
@@ -92,16 +98,39 @@ class _Gate:
                 self._cond.notify_all()
 
 
+class _SharedHold:
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: _Gate) -> None:
+        self._gate = gate
+
+    def __enter__(self) -> None:
+        self._gate._enter_shared()
+
+    def __exit__(self, *exc: object) -> None:
+        self._gate._exit_shared()
+
+
 class SnapshotStore:
     def __init__(self, path: Path, *, map_size_bytes: int, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
+        self._map_size_bytes = map_size_bytes
         if not readonly:
+            _finish_compaction(path)
             _fs.make_dir(path)
+        self.env = self._open_env()
+        self.env.reader_check()
+        self._data = self.env.open_db(_DATA_DB, create=not readonly)
+        self._meta = self.env.open_db(_META_DB, create=not readonly)
+        self._gate = _Gate()
+
+    def _open_env(self) -> lmdb.Environment:
+        path, readonly = self.path, self.readonly
         try:
-            self.env = lmdb.open(
+            return lmdb.open(
                 str(path),
-                map_size=map_size_bytes,
+                map_size=self._map_size_bytes,
                 subdir=True,
                 readonly=readonly,
                 create=not readonly,
@@ -123,10 +152,6 @@ class SnapshotStore:
                     "from another process",
                 ) from None
             raise CorruptionError(f"cannot open the LMDB snapshot: {exc}", path=str(path)) from None
-        self.env.reader_check()
-        self._data = self.env.open_db(_DATA_DB, create=not readonly)
-        self._meta = self.env.open_db(_META_DB, create=not readonly)
-        self._gate = _Gate()
 
     # -- reads ---------------------------------------------------------------
 
@@ -311,5 +336,65 @@ class SnapshotStore:
         except OSError:
             return 0
 
+    def compact(self, purge_tombstones: bool = False) -> tuple[int, int]:
+        """Rewrite the snapshot without free pages: (bytes before, bytes after).
+
+        LMDB never shrinks its file; this copies the live pages into a new one
+        (fsynced), then swaps directories. A crash at any point leaves either
+        the old snapshot or the complete new one (``_finish_compaction``).
+        ``purge_tombstones`` also drops deleted keys' tombstones (only safe for
+        a store that has never synced: the caller decides).
+        """
+        with self._gate.exclusive():
+            before = self.file_bytes()
+            if purge_tombstones:
+                self._purge_tombstones()
+            self.env.sync(True)
+            fresh, old = _compaction_paths(self.path)
+            if fresh.exists():
+                shutil.rmtree(fresh)
+            _fs.make_dir(fresh)
+            self.env.copy(str(fresh), compact=True)
+            fd = os.open(fresh / "data.mdb", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _fs.fsync(fd)
+            finally:
+                os.close(fd)
+            _fs.fsync_dir(fresh)
+            self.env.close()
+            _fs.rename(self.path, old)
+            _fs.rename(fresh, self.path)
+            _fs.fsync_dir(self.path.parent)
+            shutil.rmtree(old)
+            self.env = self._open_env()
+            self._data = self.env.open_db(_DATA_DB)
+            self._meta = self.env.open_db(_META_DB)
+            return before, self.file_bytes()
+
+    def _purge_tombstones(self) -> None:
+        with self.env.begin(write=True, db=self._data) as txn:
+            doomed = [bytes(k) for k, v in txn.cursor()
+                      if all(s.data is None for s in decode_entry(bytes(v)))]
+            for key in doomed:
+                txn.delete(key)
+
     def close(self) -> None:
         self.env.close()
+
+
+def _compaction_paths(path: Path) -> tuple[Path, Path]:
+    return path.with_name(path.name + ".compact"), path.with_name(path.name + ".old")
+
+
+def _finish_compaction(path: Path) -> None:
+    """Complete or undo a compaction a crash interrupted (see SnapshotStore.compact)."""
+    fresh, old = _compaction_paths(path)
+    if not path.exists():
+        if fresh.exists():  # the copy was complete and synced before the swap began
+            _fs.rename(fresh, path)
+        elif old.exists():
+            _fs.rename(old, path)
+        _fs.fsync_dir(path.parent)
+    for leftover in (fresh, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)

@@ -8,9 +8,13 @@ keeps it, a power loss may not.
 
 Threads: a Store may be shared by any number of threads. Commits take a short
 lock to check ``expect=``, assign the LSN and version, then join a group
-commit: the first waiting thread leads, writes every pending frame with one
-``writev`` and one ``fdatasync``, applies them to LMDB in one transaction and
-wakes the others. Not fork-safe: open the store after forking.
+commit of two pipelined stages, each led by one of the waiting threads: the
+WAL stage writes every queued frame with one ``writev`` and one
+``fdatasync``; the apply stage applies written batches to LMDB, strictly in
+LSN order, in one transaction, and wakes their committers. The next batch's
+write and fdatasync overlap the previous batch's apply; a commit still
+returns only once its record is durable (as asked) and applied. Not
+fork-safe: open the store after forking.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ __all__ = [
     "ANY",
     "CheckpointResult",
     "CommitResult",
+    "CompactResult",
     "Delete",
     "Put",
     "ReadView",
@@ -138,6 +143,13 @@ class CheckpointResult:
     lsn: int
     segments_removed: int
     bytes_removed: int
+
+
+@dataclass(frozen=True)
+class CompactResult:
+    checkpoint_lsn: int
+    snapshot_bytes_before: int
+    snapshot_bytes_after: int
 
 
 @dataclass(frozen=True)
@@ -483,7 +495,14 @@ class Store:
         at a time: the WAL stage writes (and syncs) every queued record in one
         batch; the apply stage applies written batches to LMDB in LSN order.
         While one batch is being applied, the next one's write and fdatasync
-        can run.
+        can run. A thread whose record is written keeps leading the WAL stage
+        for the records queued meanwhile if another waiting thread can take
+        the apply stage (it is woken for it), so the WAL stage does not wait
+        for a thread to wake up.
+
+        Every thread in here is running a stage, waiting on its record's
+        condition, or about to re-check; whenever a stage is free and has
+        work, a thread that will take it is either awake or notified.
         """
         self._queue.append(item)
         self._in_pipeline += 1
@@ -491,9 +510,11 @@ class Store:
             self._gather.notify()
         try:
             while not item.done:
-                if not item.written and not self._leading:
-                    self._lead()
+                if (not self._leading and self._queue
+                        and (not item.written or self._hand_over_apply(item))):
+                    self._lead(item)
                 elif self._apply_queue and not self._applying:
+                    self._wake_wal_leader()
                     self._apply_written()
                 else:
                     if item.waiter is None:
@@ -503,6 +524,26 @@ class Store:
             self._in_pipeline -= 1
             if self._leading:
                 self._gather.notify()
+            self._wake()
+
+    def _hand_over_apply(self, item: _Pending) -> bool:
+        """May the thread of ``item`` (written, not yet applied) lead the WAL stage
+        for others? Yes if the apply stage needs nobody, or another waiting
+        thread with a written record can take it (it is woken). Holds ``_cv``."""
+        if self._applying or not self._apply_queue:
+            return True
+        for batch in self._apply_queue:
+            for other in batch:
+                if other is not item and other.waiter is not None:
+                    other.waiter.notify()
+                    return True
+        return False
+
+    def _wake_wal_leader(self) -> None:
+        if not self._leading and self._queue:
+            waiter = self._queue[0].waiter
+            if waiter is not None:
+                waiter.notify()
 
     def _wake(self) -> None:
         """After a stage ends: wake the thread that can lead each free stage, and
@@ -731,18 +772,18 @@ class Store:
         raw = txn.get(key.encode())
         return decode_entry(raw) if raw is not None else []
 
-    def _lead(self) -> None:
+    def _lead(self, mine: _Pending) -> None:
         """The WAL stage: write (and sync) every queued record as one batch, then
         queue it for the apply stage. Entered and left holding ``_cv``."""
         self._leading = True
         try:
             wait = self.options.group_wait_seconds
-            if wait > 0 and self._others_committing():
+            if wait > 0 and self._others_committing(mine):
                 # Other threads are committing right now (preparing a record,
                 # or with an earlier one still being applied, after which they
                 # often commit again): let them join this batch.
                 deadline = time.monotonic() + wait
-                while self._others_committing():
+                while self._others_committing(mine):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -772,10 +813,13 @@ class Store:
                 self._done(batch, error)
         finally:
             self._leading = False
-            self._wake()
+            self._cv.notify_all()
 
-    def _others_committing(self) -> bool:
-        return self._preparing > 0 or self._in_pipeline > len(self._queue)
+    def _others_committing(self, mine: _Pending) -> bool:
+        """Whether commits other than the queued ones and the leader's own are under way."""
+        if self._preparing > 0:
+            return True
+        return self._in_pipeline - len(self._queue) - mine.written > 0
 
     def _apply_written(self) -> None:
         """The apply stage: apply every written batch, in LSN order, in one LMDB
@@ -802,7 +846,7 @@ class Store:
                 self._done(batch, error)
         finally:
             self._applying = False
-            self._wake()
+            self._cv.notify_all()
 
     def _write_wal(self, batch: list[_Pending]) -> WalsyncError | None:
         wal = self._wal
@@ -859,6 +903,34 @@ class Store:
             raise StoreClosedError(f"store {self.path} is closed")
         self._check_writable()
         return self._checkpoint(include_active=False)
+
+    def compact(self, *, purge_tombstones: bool = False) -> CompactResult:
+        """Checkpoint, then rewrite the snapshot file without its free pages.
+
+        LMDB reuses freed pages but never shrinks its file; after deleting
+        much (retention), this gives the space back. It blocks commits and
+        reads while it copies (about the time to copy the live data).
+        ``purge_tombstones`` drops the tombstones of deleted keys, which are
+        otherwise kept for sync; it is refused once the store has synced,
+        since other replicas still need them.
+        """
+        self._check_writable()
+        if purge_tombstones and (self.sync_state("acked_lsn") is not None
+                                 or self.record_meta("pull_cursor") is not None):
+            raise ValueError("tombstones of a store that syncs are kept until every replica "
+                             "has seen them; compact without purge_tombstones")
+        checkpoint = self.checkpoint()
+        with self._cv:
+            while self._leading or self._queue or self._applying or self._apply_queue:
+                self._cv.wait()
+            self._leading = True  # hold off group commits while the file is swapped
+        try:
+            before, after = self._snapshot.compact(purge_tombstones)
+        finally:
+            with self._cv:
+                self._leading = False
+                self._cv.notify_all()
+        return CompactResult(checkpoint.lsn, before, after)
 
     def _checkpoint(self, *, include_active: bool) -> CheckpointResult:
         with self._checkpoint_lock:
