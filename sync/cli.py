@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
@@ -37,7 +38,7 @@ from engine.errors import SyncConfigError
 from engine.runs import Cost
 from engine.workflow import Workflows
 
-from .replicator import Replicator, ReplicatorOptions
+from .replicator import LAST_ERROR, Replicator, ReplicatorOptions
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -339,8 +340,12 @@ def _replicator(store: Store, pull: bool = True) -> Replicator:
 @click.option("--no-pull", is_flag=True, help="Only ship this store's writes.")
 @click.option("--status-every", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds between status lines (0: none).")
+@click.option("--timeout", "timeout_seconds", type=click.FloatRange(min=0), default=60.0,
+              show_default=True,
+              help="With --once: give up retrying an unreachable server after this long.")
 @_handles_errors
-def sync_command(store_path: str, once: bool, no_pull: bool, status_every: float) -> None:
+def sync_command(store_path: str, once: bool, no_pull: bool, status_every: float,
+                 timeout_seconds: float) -> None:
     """Replicate the store to the server continuously (the sync worker).
 
     Server from WALSYNC_PG_DSN, or SUPABASE_URL + SUPABASE_SERVICE_ROLE_KEY.
@@ -350,9 +355,17 @@ def sync_command(store_path: str, once: bool, no_pull: bool, status_every: float
     with Store.open(store_path, create=False) as store:
         rep = _replicator(store, pull=not no_pull)
         if once:
-            pushed, pulled = rep._with_retries(rep.run_once)
+            # Transient faults are retried, but not forever: stop() ends the retry loop,
+            # which then raises the last error (exit 1).
+            deadline = threading.Timer(timeout_seconds, rep.stop)
+            deadline.daemon = True
+            deadline.start()
+            try:
+                pushed, pulled = rep._with_retries(rep.run_once)
+            finally:
+                deadline.cancel()
+                rep.close()
             click.echo(f"pushed {pushed} entries, pulled {pulled}; acked LSN {rep.acked_lsn}")
-            rep.close()
             return
         click.echo(f"syncing {store.path} (node {store.node_id}) with {describe_target()}")
         rep.start()
@@ -386,24 +399,68 @@ def status(store_path: str, as_json: bool) -> None:
         local_acked = int.from_bytes(raw, "little") if raw else 0
         cursor = int(store.record_meta("pull_cursor") or 0)
         node = store.node_id
+        raw_error = store.sync_state(LAST_ERROR)
+        oldest = _oldest_unshipped(store, local_acked, info.applied_lsn)
     result: dict[str, Any] = {"node_id": node, "applied_lsn": info.applied_lsn,
                               "acked_lsn_local": local_acked, "pull_cursor": cursor,
-                              "server": describe_target()}
+                              "server": describe_target(),
+                              "last_error": json.loads(raw_error) if raw_error else None,
+                              "oldest_unreplicated_age_seconds": oldest}
     try:
         transport = transport_from_env()
-        server = transport.node_status(node)
-        result.update(acked_lsn=server.acked_lsn, server_head=transport.head(),
-                      recovery_point_unix_ms=(server.acked_hlc >> 16) or None,
-                      server_error=None)
-        transport.close()
+        try:
+            server = transport.node_status(node)
+            leases = transport.call("leases", {"p_holder": node})
+            result.update(acked_lsn=server.acked_lsn, server_head=transport.head(),
+                          recovery_point_unix_ms=(server.acked_hlc >> 16) or None,
+                          leases_held=[lease["run_id"] for lease in leases if lease["live"]],
+                          server_error=None)
+        finally:
+            transport.close()
     except WalsyncError as exc:
         result.update(acked_lsn=local_acked, server_error=str(exc))
-    result["unreplicated_entries"] = max(0, info.applied_lsn - int(result["acked_lsn"]))
+    # Records up to the local acknowledgement are on the server or are merge records
+    # (pulled from others, never shipped), which the server's acked_lsn need not cover.
+    result["unreplicated_entries"] = max(
+        0, info.applied_lsn - max(int(result["acked_lsn"]), local_acked))
     if as_json:
         _emit(result)
         return
     for k, v in result.items():
         click.echo(f"{k:<24} {v}")
+
+
+def _oldest_unshipped(store: Store, acked: int, applied: int) -> float | None:
+    """Seconds since the oldest local commit the server has not acknowledged."""
+    if applied <= acked:
+        return None
+    try:
+        for rec in store.wal_reader().read(acked, applied, 1000):
+            if rec.local:
+                return max(0.0, time.time() - (rec.hlc >> 16) / 1000)
+    except WalsyncError:
+        return None
+    return None
+
+
+@main.command()
+@store_option
+@click.option("--purge-tombstones", is_flag=True,
+              help="Also drop deleted keys' tombstones (stores that never synced only).")
+@json_option
+@_handles_errors
+def compact(store_path: str, purge_tombstones: bool, as_json: bool) -> None:
+    """Checkpoint, then shrink the snapshot file to its live data.
+
+    Frees the space retention and deletes left; blocks writes while it copies.
+    """
+    with Store.open(store_path, create=False) as store:
+        result = store.compact(purge_tombstones=purge_tombstones)
+    if as_json:
+        _emit(result)
+    else:
+        click.echo(f"snapshot {result.snapshot_bytes_before} -> {result.snapshot_bytes_after} "
+                   f"bytes (checkpointed at LSN {result.checkpoint_lsn})")
 
 
 @main.command("restore")

@@ -62,7 +62,9 @@ def transport_from_env(environ: Mapping[str, str] | None = None,
                                  timeout_seconds=timeout_seconds)
     if s.get("SUPABASE_URL"):
         raise SyncConfigError("SUPABASE_URL is set but SUPABASE_SERVICE_ROLE_KEY is not")
-    raise SyncConfigError("no sync server configured")
+    raise SyncConfigError("no sync server configured: set WALSYNC_PG_DSN (a PostgreSQL DSN), "
+                          "or SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY, in the environment "
+                          "or in a WALSYNC_CONFIG file")
 
 
 def describe_target(environ: Mapping[str, str] | None = None) -> str:

@@ -12,6 +12,12 @@ make two hosts believe they hold a run at once. A holder renews well before
 expiry (every third of the TTL by default) and must stop driving the run as
 soon as a renewal fails.
 
+The holder is the store's node id: a replicator that finds its own stale
+writes refused while its node holds the lease does not report the run lost.
+Take the lease before creating a run and create it under the lease
+(``Workflows.run(..., lease=(node_id, token))``), so its first write carries
+the token too.
+
 Threads: ``Leases`` owns its transport; ``keep_alive`` renews from a
 background thread. Use a transport of its own, not the replicator's.
 """

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -54,6 +55,8 @@ log = logging.getLogger("walsync.replicator")
 
 _ACKED = "acked_lsn"
 _CURSOR = "pull_cursor"
+#: sync_state name of the last error (JSON: message, at_unix, stopped)
+LAST_ERROR = "last_error"
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,10 @@ class ReplicatorStatus:
     #: runs whose writes the server refused (run id -> the current lease token)
     lost_runs: dict[str, int] = field(default_factory=dict)
     fenced_runs: int = 0
+    #: runs this node leases itself (holder = its node id) whose older writes the
+    #: server refused, made before it took the lease or without its token (run id
+    #: -> the lease token): not lost, but those writes are not on the server
+    stale_refused: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -172,6 +179,14 @@ class Replicator:
             except WalsyncError as exc:
                 self._fail(SyncError(f"replicator stopped: {exc}", hint=exc.hint))
                 return
+            except Exception as exc:
+                # Anything else (a bug, a library's surprise) would end the thread
+                # silently while status() says running and 'remote' commits wait
+                # out their whole timeout: stop visibly instead.
+                log.exception("sync: unexpected error")
+                self._fail(SyncError(f"replicator stopped: unexpected {type(exc).__name__}: "
+                                     f"{exc}"))
+                return
             timeout = max(0.0, self._next_pull - time.monotonic()) if self.options.pull else None
             self._wake.wait(timeout)
             self._wake.clear()
@@ -184,13 +199,15 @@ class Replicator:
         def note(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             self._status.retries += 1
-            self._status.last_error = str(exc)
-            self._status.last_error_at = time.time()
+            self._record_error(str(exc), stopped=False)
             log.warning("sync: %s (retry %d)", exc, state.attempt_number)
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(RemoteUnavailableError),
-            wait=tenacity.wait_exponential_jitter(initial=opts.retry_initial_seconds,
+            # Full jitter: a random wait below min(initial * 2**n, max). (Not
+            # wait_exponential_jitter: its jitter defaults to a whole second and
+            # its 'initial' argument is deprecated since tenacity 9.)
+            wait=tenacity.wait_random_exponential(multiplier=opts.retry_initial_seconds,
                                                   max=opts.retry_max_seconds),
             stop=lambda state: self._stop.is_set(),
             sleep=self._pause,
@@ -203,12 +220,19 @@ class Replicator:
         """tenacity's sleep: cut short by stop()."""
         self._stop.wait(seconds)
 
+    def _record_error(self, message: str, *, stopped: bool) -> None:
+        """Keep the last error in status and in the store, for `walsync status`."""
+        self._status.last_error = message
+        self._status.last_error_at = time.time()
+        doc = {"message": message, "at_unix": self._status.last_error_at, "stopped": stopped}
+        with contextlib.suppress(WalsyncError):
+            self.store.set_sync_state(LAST_ERROR, json.dumps(doc).encode())
+
     def _fail(self, exc: SyncError) -> None:
         self._fatal = exc
         self._status.running = False
         self._status.stopped_reason = str(exc)
-        self._status.last_error = str(exc)
-        self._status.last_error_at = time.time()
+        self._record_error(str(exc), stopped=True)
         log.error("sync stopped: %s", exc)
         with self._acked_cv:
             self._acked_cv.notify_all()
@@ -266,6 +290,16 @@ class Replicator:
         for item in fenced:
             run_id, current = str(item["run_id"]), int(item["current"])
             if run_id in self._status.lost_runs:
+                continue
+            if item.get("holder") == self.store.node_id:
+                # This node holds the run's lease: what was refused are its own
+                # writes from before it took the lease (e.g. the run's creation)
+                # or written without the token. The run was not taken over.
+                if self._status.stale_refused.get(run_id) != current:
+                    self._status.stale_refused[run_id] = current
+                    log.warning("sync: run %s: writes this host made before taking its lease "
+                                "(token %d) or without the token were refused by the server",
+                                run_id, current)
                 continue
             self._status.lost_runs[run_id] = current
             self._status.fenced_runs += 1
