@@ -14,7 +14,7 @@ from .errors import CorruptionError, StoreNotFoundError
 from .layout import StoreLayout
 from .record import decode_payload
 from .replay import gap_allowed
-from .snapshot import SnapshotStore
+from .snapshot import SnapshotStore, SnapshotUninitialisedError
 from .store import read_store_file
 from .wal import TornTail, scan_segment
 
@@ -92,11 +92,15 @@ def verify(
     # snapshot that the next writer initialises, not damage. LMDB cannot open
     # it read-only.
     if data_file.exists() and data_file.stat().st_size > 0:
-        snapshot = SnapshotStore(layout.snapshot_dir, map_size_bytes=1 << 20, readonly=True)
         try:
-            applied = snapshot.applied_lsn()
-        finally:
-            snapshot.close()
+            snapshot = SnapshotStore(layout.snapshot_dir, map_size_bytes=1 << 20, readonly=True)
+        except SnapshotUninitialisedError:
+            snapshot = None  # as empty as a 0-byte file: the next writer creates the tables
+        if snapshot is not None:
+            try:
+                applied = snapshot.applied_lsn()
+            finally:
+                snapshot.close()
     report = VerifyReport(str(path), str(meta["node_id"]), applied, lsn_gaps=gaps)
     segments = layout.list_segments()
     total = sum(p.stat().st_size for _, p in segments)

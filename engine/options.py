@@ -36,9 +36,12 @@ class StoreOptions:
     compress_level: int = 3
     map_size_bytes: int = 1 << 36
     #: the leader of a group commit waits up to this long for more committers,
-    #: but only while several threads are committing (single-thread latency
-    #: never pays it)
-    group_wait_seconds: float = 0.0002
+    #: but only while other threads are committing (preparing a record, or
+    #: waiting for an earlier one to be applied); single-thread latency never
+    #: pays it. Off by default: with the WAL and apply stages pipelined, the
+    #: records queued during one fdatasync form the next batch anyway, and
+    #: waiting left the WAL idle (8 threads: ~15% fewer commits/s at 0.2 ms)
+    group_wait_seconds: float = 0.0
     #: checkpoint by itself once this many WAL bytes were written since the last
     checkpoint_every_bytes: int = 128 * 1024 * 1024
     lock_timeout_seconds: float = 0.0

@@ -184,25 +184,24 @@ def _replay_segment(
     for lsn, offset, size in iter_frames(data, path, first_lsn, scan, is_last=is_last):
         if lsn < from_lsn:
             continue
-        mark = len(puts)
         try:
-            # The common shape, checked inline; anything else (or a decode
-            # error) is left to decode_payload for the exact verdict.
+            # The common shape (one put), checked inline; anything else (several
+            # operations, a meta op, or a decode error) is left to
+            # decode_payload for the exact verdict. Nothing is kept before
+            # every check passed.
             record = loads(view[offset + FRAME_HEADER_BYTES : offset + size])
-            if type(record) is not list or len(record) != 3:
-                raise ValueError
             kind, hlc, ops = record
-            if kind not in _KINDS or type(hlc) is not int or type(ops) is not list:
+            if (
+                type(record) is not list or kind not in _KINDS or type(hlc) is not int
+                or type(ops) is not list or len(ops) != 1
+            ):
                 raise ValueError
-            for op in ops:
-                key, entry = op
-                if type(op) is not list or type(key) is not str or type(entry) is not bytes:
-                    raise ValueError
-                if not key:
-                    meta_ops = True
-                append((key.encode(), entry))
+            op = ops[0]
+            key, entry = op
+            if type(op) is not list or type(key) is not str or type(entry) is not bytes or not key:
+                raise ValueError
+            append((key.encode(), entry))
         except Exception:  # noqa: BLE001 - decode_payload raises the right error, or accepts
-            del puts[mark:]
             payload = data[offset + FRAME_HEADER_BYTES : offset + size]
             _kind, hlc, checked = decode_payload(payload, name, offset, lsn)
             for key, entry in checked:

@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -111,6 +112,45 @@ class _SharedHold:
         self._gate._exit_shared()
 
 
+#: (pairs, last LSN, highest HLC, whether a pair is a meta op): apply_puts' arguments
+ApplyPuts = tuple[list[tuple[bytes, bytes]], int, int, bool]
+
+
+class ApplyAhead:
+    """An apply filled on a helper thread, committed or aborted on the caller's word."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._decision: bool | None = None
+        self._done = False
+        #: why filling or committing failed (nothing was applied then)
+        self.error: BaseException | None = None
+        self.committed = False
+
+    def finish(self, commit: bool) -> None:
+        """Commit (the records are durable) or abort, and wait until it is done."""
+        with self._cond:
+            self._decision = commit
+            self._cond.notify_all()
+            while not self._done:
+                self._cond.wait()
+
+    def wait_decision(self) -> bool:
+        with self._cond:
+            while self._decision is None:
+                self._cond.wait()
+            return self._decision
+
+    def set_done(self) -> None:
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+
+class SnapshotUninitialisedError(StoreStateError):
+    """A read-only open found an LMDB environment whose tables were never created."""
+
+
 class SnapshotStore:
     def __init__(self, path: Path, *, map_size_bytes: int, readonly: bool = False) -> None:
         self.path = path
@@ -121,9 +161,17 @@ class SnapshotStore:
             _fs.make_dir(path)
         self.env = self._open_env()
         self.env.reader_check()
-        self._data = self.env.open_db(_DATA_DB, create=not readonly)
-        self._meta = self.env.open_db(_META_DB, create=not readonly)
+        try:
+            self._data = self.env.open_db(_DATA_DB, create=not readonly)
+            self._meta = self.env.open_db(_META_DB, create=not readonly)
+        except lmdb.NotFoundError:
+            self.env.close()
+            raise SnapshotUninitialisedError(
+                f"the snapshot {path} has no tables yet: its creation was cut short",
+                hint="open the store for writing once; it creates them and replays the WAL",
+            ) from None
         self._gate = _Gate()
+        self._ahead: ThreadPoolExecutor | None = None
 
     def _open_env(self) -> lmdb.Environment:
         path, readonly = self.path, self.readonly
@@ -284,6 +332,52 @@ class SnapshotStore:
                         self._apply_meta_op(txn, entry)
             self._set_applied(txn, last_lsn, hlc)
 
+    def apply_ahead(self, build: Callable[[], ApplyPuts]) -> ApplyAhead:
+        """Start :meth:`apply_puts` on a helper thread, to commit later.
+
+        The helper builds the pairs (``build()``), opens the write transaction
+        and fills it while the caller goes on (writing the WAL: both copy
+        large values, and both release the GIL doing it); nothing is visible
+        or on disk until the caller's ``finish(commit=True)``, which it gives
+        only once the records are durable. If filling fails, ``finish``
+        reports the error and the caller applies the usual way. The caller
+        must hold the apply stage (no other apply runs meanwhile) and must not
+        open a write transaction itself before ``finish``.
+        """
+        if self._ahead is None:
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="walsync-apply")
+        job = ApplyAhead()
+        self._ahead.submit(self._run_ahead, job, build)
+        return job
+
+    def _run_ahead(self, job: ApplyAhead, build: Callable[[], ApplyPuts]) -> None:
+        try:
+            puts, last_lsn, hlc, meta_ops = build()
+            with self._gate.shared():
+                txn = self.env.begin(write=True, db=self._data)
+                try:
+                    if not meta_ops:
+                        txn.cursor().putmulti(puts)
+                    else:
+                        for key, entry in puts:
+                            if key:
+                                txn.put(key, entry)
+                            else:
+                                self._apply_meta_op(txn, entry)
+                    self._set_applied(txn, last_lsn, hlc)
+                except BaseException:
+                    txn.abort()
+                    raise
+                if job.wait_decision():
+                    txn.commit()
+                    job.committed = True
+                else:
+                    txn.abort()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            job.error = exc
+        finally:
+            job.set_done()
+
     def _set_applied(self, txn: lmdb.Transaction, last_lsn: int, hlc: int) -> None:
         txn.put(_APPLIED_LSN, last_lsn.to_bytes(8, "little"), db=self._meta)
         old = txn.get(_HLC, db=self._meta)
@@ -379,6 +473,9 @@ class SnapshotStore:
                 txn.delete(key)
 
     def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.shutdown()
+            self._ahead = None
         self.env.close()
 
 

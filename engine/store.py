@@ -800,11 +800,35 @@ class Store:
                     f"{self._poisoned}"
                 )
             else:
+                # A large batch next in line to apply is applied alongside its
+                # WAL write (see _write_and_apply): this thread takes the
+                # apply stage too.
+                ahead = (
+                    not self._applying and not self._apply_queue
+                    and self._apply_error is None
+                    and sum(_payload_bytes(p.payload) for p in batch) >= _APPLY_AHEAD_BYTES
+                )
+                if ahead:
+                    self._applying = True
+                apply_failed = False
                 self._cv.release()
                 try:
-                    error = self._write_wal(batch)
+                    if ahead:
+                        error, apply_failed = self._write_and_apply(batch)
+                    else:
+                        error = self._write_wal(batch)
                 finally:
                     self._cv.acquire()
+                if ahead:
+                    self._applying = False
+                    for item in batch:
+                        item.written = True
+                    if error is None:
+                        self._applied(batch[-1].lsn)
+                    elif apply_failed:
+                        self._apply_error = error
+                    self._done(batch, error)
+                    return
             for item in batch:
                 item.written = True
             if error is None:
@@ -836,10 +860,7 @@ class Store:
                 finally:
                     self._cv.acquire()
                 if error is None:
-                    last = batches[-1][-1].lsn
-                    self._applied_lsn = last
-                    for key in [k for k, (lsn, _) in self._overlay.items() if lsn <= last]:
-                        del self._overlay[key]
+                    self._applied(batches[-1][-1].lsn)
                 else:
                     self._apply_error = error
             for batch in batches:
@@ -847,6 +868,32 @@ class Store:
         finally:
             self._applying = False
             self._cv.notify_all()
+
+    def _applied(self, last: int) -> None:
+        """Records up to ``last`` are in the snapshot. Holds ``_cv``."""
+        self._applied_lsn = last
+        for key in [k for k, (lsn, _) in self._overlay.items() if lsn <= last]:
+            del self._overlay[key]
+
+    def _write_and_apply(self, batch: list[_Pending]) -> tuple[WalsyncError | None, bool]:
+        """Write a large batch to the WAL while a helper thread fills its LMDB
+        transaction; commit that only once the WAL write (and sync) succeeded.
+
+        Both copy the large values, and both release the GIL doing it, so a
+        big commit costs about the longer of the two, not their sum. Nothing
+        is visible or in the snapshot before the commit, which comes after the
+        WAL is durable (FORMAT.md invariant 4). Returns the error, and whether
+        it was the apply that failed.
+        """
+        job = self._snapshot.apply_ahead(lambda: _puts_of([batch]))
+        error = self._write_wal(batch)
+        job.finish(commit=error is None)
+        if error is not None or job.committed:
+            return error, False
+        # filling or committing failed: nothing was applied; the usual way
+        # grows a full map, or poisons the store
+        error = self._apply_batches([batch])
+        return error, error is not None
 
     def _write_wal(self, batch: list[_Pending]) -> WalsyncError | None:
         wal = self._wal
@@ -860,18 +907,9 @@ class Store:
         return None
 
     def _apply_batches(self, batches: list[list[_Pending]]) -> WalsyncError | None:
-        puts: list[tuple[bytes, bytes]] = []
-        meta_ops = False
-        hlc = 0
-        for batch in batches:
-            for p in batch:
-                hlc = max(hlc, p.hlc)
-                for key, entry in p.ops:
-                    if not key:
-                        meta_ops = True
-                    puts.append((key.encode(), join_parts(entry)))
+        puts, last, hlc, meta_ops = _puts_of(batches)
         try:
-            self._snapshot.apply_puts(puts, batches[-1][-1].lsn, hlc, meta_ops=meta_ops)
+            self._snapshot.apply_puts(puts, last, hlc, meta_ops=meta_ops)
         except BaseException as exc:  # noqa: BLE001
             return self._poison(
                 exc,
@@ -1268,6 +1306,32 @@ def _check_expect(key: str, expect: Any, current: list[Sibling]) -> None:
         raise TypeError(f"expect= takes a Version, None or ANY, not {type(expect).__name__}")
     if actual is None or (actual.origin, actual.lsn) != (expect.origin, expect.lsn):
         raise ConflictError(key, expect, actual)
+
+
+#: a batch of at least this many payload bytes is applied alongside its WAL
+#: write (Store._write_and_apply); smaller ones the usual way, after it
+_APPLY_AHEAD_BYTES = 1 << 20
+
+
+def _payload_bytes(payload: bytes | list[bytes]) -> int:
+    return len(payload) if isinstance(payload, bytes) else sum(len(p) for p in payload)
+
+
+def _puts_of(
+    batches: list[list[_Pending]],
+) -> tuple[list[tuple[bytes, bytes]], int, int, bool]:
+    """The snapshot writes of written batches: (pairs, last LSN, highest HLC, any meta op)."""
+    puts: list[tuple[bytes, bytes]] = []
+    meta_ops = False
+    hlc = 0
+    for batch in batches:
+        for p in batch:
+            hlc = max(hlc, p.hlc)
+            for key, entry in p.ops:
+                if not key:
+                    meta_ops = True
+                puts.append((key.encode(), join_parts(entry)))
+    return puts, batches[-1][-1].lsn, hlc, meta_ops
 
 
 def _fresh(error: WalsyncError) -> WalsyncError:

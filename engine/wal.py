@@ -475,13 +475,13 @@ class WALWriter:
         file; either way the directory is synced before a frame goes in.
         """
         if self.fd is not None:
+            if 0 < size < self.segment_allocated // 2 <= self.segment_size:
+                # small writes filled the preallocated space: prepare more next time
+                self._prepare_bytes = min(self._segment_bytes, 2 * self._prepare_bytes)
             self._trim()
             self.sync()
             os.close(self.fd)
             self.fd = None
-            if 0 < size < self.segment_allocated // 2 <= self.segment_size:
-                # small writes filled the preallocated space: prepare more next time
-                self._prepare_bytes = min(self._segment_bytes, 2 * self._prepare_bytes)
         path = self._layout.segment_path(first_lsn)
         taken = 0
         if self._preparer is not None:

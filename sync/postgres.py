@@ -14,9 +14,10 @@ from typing import Any
 
 import psycopg
 
-from engine.errors import RemoteUnavailableError, SyncError
+from engine.errors import RemoteAuthError, RemoteUnavailableError, SyncError
 
 from .remote import (
+    PUSH_ARRAYS,
     NodeStatus,
     PullPage,
     PushAck,
@@ -24,11 +25,22 @@ from .remote import (
     node_status,
     pull_page,
     push_ack,
+    push_arrays,
 )
 
 __all__ = ["PostgresTransport", "classify", "redact_dsn"]
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+#: push's array arguments, typed, in binary (``%b``); psycopg picks the narrowest integer
+#: array type and sends lists of text, which the casts widen / parse
+_PUSH_TYPES = {"p_lsn": "bigint[]", "p_idx": "integer[]", "p_key": "text[]",
+               "p_deleted": "boolean[]", "p_data": "bytea[]", "p_codec": "smallint[]",
+               "p_vv": "text[]::jsonb[]", "p_hlc": "bigint[]", "p_fence": "bigint[]",
+               "p_value_hash": "text[]", "p_value_json": "text[]"}
+_PUSH_SQL = ("select walsync_api.push(p_node => %s, p_through_lsn => %s, "
+             + ", ".join(f"{name} => %b::{_PUSH_TYPES[name]}" for name in PUSH_ARRAYS)
+             + ")").encode()
 
 
 def redact_dsn(dsn: str) -> str:
@@ -41,12 +53,34 @@ def redact_dsn(dsn: str) -> str:
     return f"postgresql://{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
+#: a refused login: libpq reports it without a SQLSTATE (28P01 / 28000 on the server), so
+#: it is recognised by the server's message (or libpq's own, for a missing password)
+_LOGIN_REFUSED = re.compile(
+    r"password authentication failed|authentication failed for user|no pg_hba\.conf entry"
+    r"|pg_hba\.conf rejects|role \"[^\"]*\" does not exist|no password supplied"
+    r"|permission denied for database|tenant or user not found",
+    re.IGNORECASE)
+
+
+def _login_refused(exc: BaseException) -> str | None:
+    """The server's reason when a connection attempt was refused for its credentials."""
+    text = str(exc)
+    match = _LOGIN_REFUSED.search(text)
+    if match is None:
+        return None
+    fatal = re.search(r"FATAL:\s*([^\n]*)", text)
+    return (fatal.group(1) if fatal else match.group(0)).strip()
+
+
 def classify(exc: BaseException, where: str) -> SyncError:
     """Map a psycopg error to the sync error tree by SQLSTATE (credentials never included)."""
     state = getattr(exc, "sqlstate", None) or ""
     text = getattr(getattr(exc, "diag", None), "message_primary", None) or type(exc).__name__
     message = f"{where}: {text}" + (f" (SQLSTATE {state})" if state else "")
     if isinstance(exc, psycopg.OperationalError) and not state:
+        refused = _login_refused(exc)
+        if refused is not None:
+            return RemoteAuthError(f"{where}: the server refused the login ({refused})")
         return RemoteUnavailableError(f"{where}: cannot reach the database ({type(exc).__name__})")
     if not state and isinstance(exc, psycopg.InterfaceError):
         return RemoteUnavailableError(f"{where}: connection lost ({type(exc).__name__})")
@@ -59,9 +93,16 @@ class PostgresTransport:
     name = "postgres"
 
     def __init__(self, dsn: str, *, timeout_seconds: float = 30.0,
-                 connect_timeout_seconds: float = 10.0) -> None:
+                 connect_timeout_seconds: float = 10.0,
+                 idle_in_transaction_seconds: float = 5.0) -> None:
         self._dsn = dsn
         self._timeout_ms = int(timeout_seconds * 1000)
+        # A call's transaction holds locks from its result until its COMMIT (the
+        # lock every push takes, a lease's row). A process frozen in between
+        # (SIGSTOP, a VM pause, a GC pause) must not hold them for everyone: the
+        # server ends a transaction left idle this long (the call's COMMIT then
+        # fails, the caller sees RemoteUnavailableError and retries).
+        self._idle_ms = max(1, int(idle_in_transaction_seconds * 1000))
         self._connect_timeout = max(1, int(connect_timeout_seconds))
         self._conn: psycopg.Connection[Any] | None = None
         self.where = redact_dsn(dsn)
@@ -81,12 +122,16 @@ class PostgresTransport:
             raise ValueError(f"bad function or argument name: {function}({', '.join(args)})")
         named = ", ".join(f"{k} => %({k})s" for k in args)
         params = {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in args.items()}
-        sql = f"select walsync_api.{function}({named})"
+        return self._execute(function, f"select walsync_api.{function}({named})".encode(),
+                             params)
+
+    def _execute(self, function: str, sql: bytes, params: Any) -> Any:
         conn = self._connection()
         try:
             with conn.transaction():
-                conn.execute(f"set local statement_timeout = {self._timeout_ms}")
-                row = conn.execute(sql.encode(), params).fetchone()
+                conn.execute(f"set local statement_timeout = {self._timeout_ms}; "
+                             f"set local idle_in_transaction_session_timeout = {self._idle_ms}")
+                row = conn.execute(sql, params).fetchone()
         except psycopg.Error as exc:
             error = classify(exc, f"{function} on {self.where}")
             if isinstance(error, RemoteUnavailableError):
@@ -95,8 +140,12 @@ class PostgresTransport:
         return None if row is None else row[0]
 
     def push(self, node_id: str, through_lsn: int, entries: list[dict[str, Any]]) -> PushAck:
-        return push_ack(self.call("push", {"p_node": node_id, "p_through_lsn": through_lsn,
-                                           "p_entries": entries}))
+        """One call with the batch as parallel arrays, sent in binary: no JSON document
+        to build or parse, bytes as bytea (version vectors and JSON views go as text,
+        cast to jsonb by the server)."""
+        arrays = push_arrays(entries, vv_as_text=True)
+        return push_ack(self._execute("push", _PUSH_SQL, (
+            node_id, through_lsn, *(arrays[name] for name in PUSH_ARRAYS))))
 
     def pull(self, node_id: str, after: int, limit: int) -> PullPage:
         return pull_page(self.call("pull", {"p_node": node_id, "p_after": after,

@@ -12,6 +12,10 @@ RemoteAuthError, RemoteSchemaError and RemoteRejectedError are permanent
 
 from __future__ import annotations
 
+import base64
+import json
+import json.encoder
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,12 +27,15 @@ from engine.errors import (
     SyncError,
 )
 
-__all__ = ["NodeStatus", "PullPage", "PushAck", "Transport", "error_for_sqlstate"]
+__all__ = ["PUSH_ARRAYS", "NodeStatus", "PullPage", "PushAck", "Transport", "error_for_sqlstate",
+           "json_text", "push_arrays"]
 
 #: SQLSTATEs worth retrying: connection trouble, shutdown, overload,
-#: serialization failures and deadlocks, statement timeouts, lock timeouts
-_TRANSIENT = frozenset({"57P01", "57P02", "57P03", "53300", "53400", "40001", "40P01", "57014",
-                        "55P03", "58000"})
+#: serialization failures and deadlocks, statement timeouts, lock timeouts, a
+#: session the server ended for idling (in a transaction: 25P03, e.g. after the
+#: client was paused between a call's result and its COMMIT; or at all: 57P05)
+_TRANSIENT = frozenset({"57P01", "57P02", "57P03", "57P05", "53300", "53400", "40001", "40P01",
+                        "57014", "55P03", "58000", "25P03"})
 
 
 def error_for_sqlstate(state: str, message: str) -> SyncError:
@@ -102,3 +109,79 @@ def node_status(doc: dict[str, Any]) -> NodeStatus:
     known = {"node_id", "acked_lsn", "acked_hlc", "pull_cursor"}
     return NodeStatus(str(doc["node_id"]), int(doc["acked_lsn"]), int(doc["acked_hlc"]),
                       int(doc["pull_cursor"]), {k: v for k, v in doc.items() if k not in known})
+
+
+# -- push's arguments ------------------------------------------------------------------
+
+#: the array arguments of ``walsync_api.push``, in order: element i of each is entry i
+PUSH_ARRAYS = ("p_lsn", "p_idx", "p_key", "p_deleted", "p_data", "p_codec", "p_vv", "p_hlc",
+               "p_fence", "p_value_hash", "p_value_json")
+
+
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _make_json_text() -> Callable[[Any], str]:
+    """Compact ASCII JSON (no NaN): the stdlib's C encoder, built once instead of per
+    value (``json.dumps`` builds one per call: most of its cost for small values)."""
+    fallback = json.JSONEncoder(separators=(",", ":"), check_circular=False,
+                                allow_nan=False).encode
+    make = getattr(json.encoder, "c_make_encoder", None)  # None without the C accelerator
+    if make is None:
+        return fallback
+    try:
+        encode = make(None, _not_json, json.encoder.encode_basestring_ascii, None, ":", ",",
+                      False, False, False)
+        probe = {"a": [1, "\u00e9", None, 1.5, True]}
+        if "".join(encode(probe, 0)) != fallback(probe):  # another signature: do not guess
+            return fallback
+    except (TypeError, ValueError):
+        return fallback
+
+    def json_text(value: Any) -> str:
+        return "".join(encode(value, 0))
+
+    return json_text
+
+
+#: ``value`` as compact ASCII JSON text
+json_text = _make_json_text()
+
+
+def _stored_bytes(data: Any) -> bytes | None:
+    if data is None or type(data) is bytes:
+        return data
+    if isinstance(data, str):  # the JSON form of a wire entry
+        return base64.b64decode(data, validate=True)
+    return bytes(data)
+
+
+def push_arrays(entries: Sequence[Mapping[str, Any]], *, vv_as_text: bool
+                ) -> dict[str, list[Any]]:
+    """A batch of wire entries as ``walsync_api.push``'s parallel arrays, in its order.
+
+    ``p_data`` holds bytes (an entry's ``data`` may be bytes or base64 text),
+    ``p_value_json`` JSON text, ``p_vv`` JSON text if ``vv_as_text`` else dicts;
+    ``p_fence`` defaults to 0. A malformed entry raises RemoteRejectedError.
+    """
+    try:
+        return {
+            "p_lsn": [e["lsn"] for e in entries],
+            "p_idx": [e.get("idx", 0) for e in entries],
+            "p_key": [e["key"] for e in entries],
+            "p_deleted": [bool(e["deleted"]) for e in entries],
+            "p_data": [_stored_bytes(e.get("data")) for e in entries],
+            "p_codec": [e.get("codec") or 0 for e in entries],
+            "p_vv": [json_text(vv if type(vv) is dict else dict(vv)) if vv_as_text
+                     else (vv if type(vv) is dict else dict(vv))
+                     for vv in (e["vv"] for e in entries)],
+            "p_hlc": [e["hlc"] for e in entries],
+            "p_fence": [e.get("fence") or 0 for e in entries],
+            "p_value_hash": [e.get("value_hash") for e in entries],
+            "p_value_json": [None if (v := e.get("value_json")) is None else json_text(v)
+                             for e in entries],
+        }
+    except (KeyError, TypeError, ValueError) as exc:  # binascii.Error is a ValueError
+        raise RemoteRejectedError(f"push: a wire entry is malformed ({type(exc).__name__}: "
+                                  f"{exc})") from None

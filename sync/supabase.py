@@ -16,13 +16,14 @@ from typing import Any
 
 import httpx
 from postgrest.exceptions import APIError
-from supabase import Client, ClientOptions, create_client
+from supabase import Client, ClientOptions, SupabaseException, create_client
 
 from engine.errors import (
     RemoteAuthError,
     RemoteRejectedError,
     RemoteSchemaError,
     RemoteUnavailableError,
+    SyncConfigError,
     SyncError,
 )
 
@@ -34,6 +35,7 @@ from .remote import (
     node_status,
     pull_page,
     push_ack,
+    push_arrays,
 )
 
 __all__ = ["SupabaseTransport", "classify_api_error"]
@@ -41,9 +43,15 @@ __all__ = ["SupabaseTransport", "classify_api_error"]
 API_SCHEMA = "walsync_api"
 
 
-def classify_api_error(exc: APIError, where: str) -> SyncError:
+def classify_api_error(exc: APIError, where: str, status: int | None = None) -> SyncError:
+    """By PostgREST's ``code``; without one (a JSON error from whatever sits in front
+    of PostgREST, e.g. an API gateway's ``{"message": "Invalid API key"}``), by the
+    response's HTTP ``status`` when the caller saw it."""
     code = str(exc.code or "")
     message = f"{where}: {exc.message or 'request failed'}" + (f" ({code})" if code else "")
+    if not code and status is not None:
+        code = str(status)
+        message += f" (HTTP {status})"
     if code.startswith("PGRST"):
         if code in ("PGRST000", "PGRST001", "PGRST002", "PGRST003"):
             return RemoteUnavailableError(message)
@@ -73,29 +81,46 @@ class SupabaseTransport:
         self.where = url.rstrip("/")
         # The timeout goes on an explicit httpx client: supabase-py >= 2.20 deprecates
         # ``postgrest_client_timeout`` (a DeprecationWarning on every client created).
-        self._http = httpx.Client(timeout=timeout_seconds)
+        self._http = httpx.Client(timeout=timeout_seconds,
+                                  event_hooks={"response": [self._saw_response]})
+        self._status: int | None = None
         try:
             self._client: Client = create_client(
                 url, service_role_key,
                 options=ClientOptions(schema=API_SCHEMA, httpx_client=self._http,
                                       auto_refresh_token=False, persist_session=False),
             )
+        except SupabaseException as exc:  # a malformed URL or key: a configuration error
+            self._http.close()
+            raise SyncConfigError(f"SUPABASE_URL / SUPABASE_SERVICE_ROLE_KEY rejected by "
+                                  f"supabase-py: {exc.message} (the URL must look like "
+                                  "https://<project>.supabase.co)") from None
         except BaseException:
             self._http.close()
             raise
 
+    def _saw_response(self, response: httpx.Response) -> None:
+        """The HTTP status of the last response (supabase-py's errors do not carry it)."""
+        self._status = response.status_code
+
     def call(self, function: str, args: dict[str, Any]) -> Any:
+        self._status = None
         try:
             return self._client.rpc(function, args).execute().data
         except APIError as exc:
-            raise classify_api_error(exc, f"{function} on {self.where}") from None
+            raise classify_api_error(exc, f"{function} on {self.where}", self._status) from None
         except httpx.TransportError as exc:
             raise RemoteUnavailableError(
                 f"{function} on {self.where}: {type(exc).__name__}") from None
 
     def push(self, node_id: str, through_lsn: int, entries: list[dict[str, Any]]) -> PushAck:
+        """The batch as push's parallel arrays in the JSON body: PostgREST types them by
+        the function's signature (bytea elements as ``\\x`` hex text, version vectors as
+        objects, JSON views as JSON text)."""
+        arrays = push_arrays(entries, vv_as_text=False)
+        arrays["p_data"] = [None if d is None else "\\x" + d.hex() for d in arrays["p_data"]]
         return push_ack(self.call("push", {"p_node": node_id, "p_through_lsn": through_lsn,
-                                           "p_entries": entries}))
+                                           **arrays}))
 
     def pull(self, node_id: str, after: int, limit: int) -> PullPage:
         return pull_page(self.call("pull", {"p_node": node_id, "p_after": after,
