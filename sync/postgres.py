@@ -18,12 +18,9 @@ from engine.errors import RemoteAuthError, RemoteUnavailableError, SyncError
 
 from .remote import (
     PUSH_ARRAYS,
-    NodeStatus,
-    PullPage,
     PushAck,
+    RpcTransport,
     error_for_sqlstate,
-    node_status,
-    pull_page,
     push_ack,
     push_arrays,
 )
@@ -87,7 +84,7 @@ def classify(exc: BaseException, where: str) -> SyncError:
     return error_for_sqlstate(state, message)
 
 
-class PostgresTransport:
+class PostgresTransport(RpcTransport):
     """Thread rules: one thread at a time (the replicator's)."""
 
     name = "postgres"
@@ -146,16 +143,6 @@ class PostgresTransport:
         arrays = push_arrays(entries, vv_as_text=True)
         return push_ack(self._execute("push", _PUSH_SQL, (
             node_id, through_lsn, *(arrays[name] for name in PUSH_ARRAYS))))
-
-    def pull(self, node_id: str, after: int, limit: int) -> PullPage:
-        return pull_page(self.call("pull", {"p_node": node_id, "p_after": after,
-                                            "p_limit": limit}))
-
-    def node_status(self, node_id: str) -> NodeStatus:
-        return node_status(self.call("node_status", {"p_node": node_id}))
-
-    def head(self) -> int:
-        return int(self.call("head", {})["head"])
 
     def _drop(self) -> None:
         if self._conn is not None:

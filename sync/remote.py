@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import json.encoder
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -94,6 +95,24 @@ class Transport(Protocol):
         """Call any ``walsync_api`` function by name (leases, restore, conflicts)."""
 
     def close(self) -> None: ...
+
+
+class RpcTransport(ABC):
+    """What both transports do the same way, in terms of their ``call``."""
+
+    @abstractmethod
+    def call(self, function: str, args: dict[str, Any]) -> Any:
+        """Call ``walsync_api.<function>`` with named arguments; its JSON result."""
+
+    def pull(self, node_id: str, after: int, limit: int) -> PullPage:
+        return pull_page(self.call("pull", {"p_node": node_id, "p_after": after,
+                                            "p_limit": limit}))
+
+    def node_status(self, node_id: str) -> NodeStatus:
+        return node_status(self.call("node_status", {"p_node": node_id}))
+
+    def head(self) -> int:
+        return int(self.call("head", {})["head"])
 
 
 def push_ack(doc: dict[str, Any]) -> PushAck:

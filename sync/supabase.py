@@ -28,12 +28,9 @@ from engine.errors import (
 )
 
 from .remote import (
-    NodeStatus,
-    PullPage,
     PushAck,
+    RpcTransport,
     error_for_sqlstate,
-    node_status,
-    pull_page,
     push_ack,
     push_arrays,
 )
@@ -72,7 +69,7 @@ def classify_api_error(exc: APIError, where: str, status: int | None = None) -> 
     return error_for_sqlstate(code, message)
 
 
-class SupabaseTransport:
+class SupabaseTransport(RpcTransport):
     """Thread rules: one thread at a time (the replicator's)."""
 
     name = "supabase"
@@ -121,16 +118,6 @@ class SupabaseTransport:
         arrays["p_data"] = [None if d is None else "\\x" + d.hex() for d in arrays["p_data"]]
         return push_ack(self.call("push", {"p_node": node_id, "p_through_lsn": through_lsn,
                                            **arrays}))
-
-    def pull(self, node_id: str, after: int, limit: int) -> PullPage:
-        return pull_page(self.call("pull", {"p_node": node_id, "p_after": after,
-                                            "p_limit": limit}))
-
-    def node_status(self, node_id: str) -> NodeStatus:
-        return node_status(self.call("node_status", {"p_node": node_id}))
-
-    def head(self) -> int:
-        return int(self.call("head", {})["head"])
 
     def close(self) -> None:
         self._http.close()
