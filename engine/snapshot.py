@@ -322,15 +322,20 @@ class SnapshotStore:
         self, puts: Sequence[tuple[bytes, bytes]], last_lsn: int, hlc: int, meta_ops: bool
     ) -> None:
         with self.env.begin(write=True, db=self._data) as txn:
-            if not meta_ops:
-                txn.cursor().putmulti(puts)
-            else:
-                for key, entry in puts:
-                    if key:
-                        txn.put(key, entry)
-                    else:
-                        self._apply_meta_op(txn, entry)
-            self._set_applied(txn, last_lsn, hlc)
+            self._fill(txn, puts, last_lsn, hlc, meta_ops)
+
+    def _fill(self, txn: lmdb.Transaction, puts: Sequence[tuple[bytes, bytes]], last_lsn: int,
+              hlc: int, meta_ops: bool) -> None:
+        """Write the pairs (the empty key: a record's meta op) and the applied LSN."""
+        if not meta_ops:
+            txn.cursor().putmulti(puts)
+        else:
+            for key, entry in puts:
+                if key:
+                    txn.put(key, entry)
+                else:
+                    self._apply_meta_op(txn, entry)
+        self._set_applied(txn, last_lsn, hlc)
 
     def apply_ahead(self, build: Callable[[], ApplyPuts]) -> ApplyAhead:
         """Start :meth:`apply_puts` on a helper thread, to commit later.
@@ -356,15 +361,7 @@ class SnapshotStore:
             with self._gate.shared():
                 txn = self.env.begin(write=True, db=self._data)
                 try:
-                    if not meta_ops:
-                        txn.cursor().putmulti(puts)
-                    else:
-                        for key, entry in puts:
-                            if key:
-                                txn.put(key, entry)
-                            else:
-                                self._apply_meta_op(txn, entry)
-                    self._set_applied(txn, last_lsn, hlc)
+                    self._fill(txn, puts, last_lsn, hlc, meta_ops)
                 except BaseException:
                     txn.abort()
                     raise
