@@ -24,7 +24,8 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from functools import wraps
 from typing import Any, TypeVar
@@ -78,6 +79,18 @@ def _jsonable(obj: Any) -> Any:
 
 def _emit(obj: Any) -> None:
     click.echo(json.dumps(_jsonable(obj), sort_keys=True))
+
+
+@contextmanager
+def _progress(label: str, *, show_pos: bool) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr, driven by a library's ``progress(done, total)`` callback."""
+    with click.progressbar(length=1, label=label, file=sys.stderr, show_pos=show_pos) as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.length = max(total, 1)
+            bar.update(done - bar.pos)
+
+        yield advance
 
 
 def _handles_errors(fn: F) -> F:
@@ -166,13 +179,7 @@ def inspect(store_path: str, as_json: bool) -> None:
 @_handles_errors
 def verify(store_path: str, as_json: bool) -> None:
     """Check every checksum and LSN; exit 3 if damage is found."""
-    with click.progressbar(length=1, label="verifying", file=sys.stderr,
-                           show_pos=False) as bar:
-
-        def advance(done: int, total: int) -> None:
-            bar.length = max(total, 1)
-            bar.update(done - bar.pos)
-
+    with _progress("verifying", show_pos=False) as advance:
         report = engine.verify(store_path, progress=advance)
     if as_json:
         _emit({"ok": report.ok, "records": report.records, "segments": len(report.segments),
@@ -479,13 +486,7 @@ def restore_command(dest: str, prefix: str, lost_node: str | None, force: bool,
 
     transport = transport_from_env()
     try:
-        with click.progressbar(length=1, label="restoring keys", file=sys.stderr,
-                               show_pos=True) as bar:
-
-            def advance(done: int, total: int) -> None:
-                bar.length = max(total, 1)
-                bar.update(done - bar.pos)
-
+        with _progress("restoring keys", show_pos=True) as advance:
             report = restore(transport, dest, prefix=prefix, lost_node=lost_node, force=force,
                              progress=advance)
     finally:
