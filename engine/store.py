@@ -967,7 +967,7 @@ class Store:
         finally:
             with self._cv:
                 self._leading = False
-                self._cv.notify_all()
+                self._wake()  # committers that queued meanwhile wait on their own conditions
         return CompactResult(checkpoint.lsn, before, after)
 
     def _checkpoint(self, *, include_active: bool) -> CheckpointResult:

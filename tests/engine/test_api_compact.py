@@ -65,3 +65,35 @@ def test_compact_interrupted_by_a_crash_leaves_a_whole_snapshot(tmp_path: Path,
         assert [store.get(f"k{i}") for i in range(50)] == list(range(50))
     assert not fresh.exists()
     assert not old.exists()
+
+
+def test_compact_while_other_threads_commit_loses_and_blocks_nothing(tmp_path: Path) -> None:
+    import threading
+
+    with Store.open(tmp_path / "s") as store:
+        _fill_and_delete(store, 1000)
+        stop = threading.Event()
+        written: list[int] = []
+        errors: list[BaseException] = []
+
+        def writer(n: int) -> None:
+            i = 0
+            try:
+                while not stop.is_set():
+                    store.put(f"w/{n}/{i}", i, durability="none")
+                    written.append(1)
+                    i += 1
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(3):
+            store.compact()
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads), "a committer never woke up"
+        assert not errors
+        assert len(store.keys("w/")) == len(written)
