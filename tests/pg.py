@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg
@@ -359,11 +360,24 @@ class PostgresCluster:
                              dbname=dbname or self.dbname, user=user, connect_timeout="10")
 
     def create_database(self, name: str, template: str | None = None) -> str:
-        """CREATE DATABASE name TEMPLATE (default ``template_db``); returns its superuser DSN."""
-        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY WAL_LOG").format(
-                sql.Identifier(name), sql.Identifier(template or self.template_db)))
-        return self.dsn(name)
+        """CREATE DATABASE name TEMPLATE (default ``template_db``); returns its superuser DSN.
+
+        Cloning needs the template to have no other session; one that is just
+        ending (an autovacuum worker, a connection closing) makes it fail with
+        55006, so that is retried for a few seconds.
+        """
+        statement = sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY WAL_LOG").format(
+            sql.Identifier(name), sql.Identifier(template or self.template_db))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+                    conn.execute(statement)
+                return self.dsn(name)
+            except psycopg.errors.ObjectInUse:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def drop_database(self, name: str) -> None:
         """DROP DATABASE ... WITH (FORCE): also ends connections still open to it."""
