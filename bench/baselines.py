@@ -306,6 +306,20 @@ def make_state(i: int, approx_bytes: int) -> dict[str, Any]:
     }
 
 
+def save_json_atomically(state: Any, tmp: Path, target: Path, directory: Path) -> None:
+    """The naive checkpointer: json.dump to tmp, fsync, rename over target, fsync the dir."""
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, target)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 class JsonCheckpointer:
     """json.dump to a temp file, fsync, rename over the target, fsync the directory."""
 
@@ -319,16 +333,7 @@ class JsonCheckpointer:
     def op(self, i: int) -> None:
         state = self.states[i % len(self.states)]
         state["step"] = i
-        with open(self.tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(self.tmp, self.target)
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        save_json_atomically(state, self.tmp, self.target, self.dir)
 
     def close(self) -> None:
         return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,7 @@ def describe(exc: BaseException) -> str:
 
 
 def interleaved_latency(
-    targets: dict[str, Target], n: int, rounds: int, warmup: int,
+    targets: Mapping[str, Target], n: int, rounds: int, warmup: int,
     errors: dict[str, str], initial_warmup: int = 0,
 ) -> dict[str, list[int]]:
     """Latency samples (ns) per target, measured in alternating rounds.

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .baselines import save_json_atomically
 from .cases import check, fmt, ratio
 from .common import median, percentile, us
 from .registry import CaseResult, Context, case, describe
@@ -165,16 +166,7 @@ class NaiveJsonRun:
         run["current_step"] = step_id
 
     def checkpoint(self) -> None:
-        with open(self.tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(self.tmp, self.target)
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        save_json_atomically(self.state, self.tmp, self.target, self.dir)
 
 
 @case("workflow_step_checkpoint",
