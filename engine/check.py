@@ -14,7 +14,7 @@ from .errors import CorruptionError, StoreNotFoundError
 from .layout import StoreLayout
 from .record import decode_payload
 from .replay import gap_allowed
-from .snapshot import SnapshotStore, SnapshotUninitialisedError
+from .snapshot import SnapshotStore, SnapshotUninitialisedError, compaction_survivor
 from .store import read_store_file
 from .wal import TornTail, scan_segment
 
@@ -86,14 +86,16 @@ def verify(
     meta = read_store_file(layout.store_file)
     gaps = [(int(a), int(b)) for a, b in meta.get("lsn_gaps", [])]
     applied = 0
-    data_file = layout.snapshot_dir / "data.mdb"
+    # a compaction killed between its renames leaves the snapshot under another name
+    snapshot_dir = compaction_survivor(layout.snapshot_dir)
+    data_file = snapshot_dir / "data.mdb"
     # An empty data.mdb is an environment whose creation was cut short (a crash
     # in the first open, or in a rebuild after snapshot/ was removed): an empty
     # snapshot that the next writer initialises, not damage. LMDB cannot open
     # it read-only.
     if data_file.exists() and data_file.stat().st_size > 0:
         try:
-            snapshot = SnapshotStore(layout.snapshot_dir, map_size_bytes=1 << 20, readonly=True)
+            snapshot = SnapshotStore(snapshot_dir, map_size_bytes=1 << 20, readonly=True)
         except SnapshotUninitialisedError:
             snapshot = None  # as empty as a 0-byte file: the next writer creates the tables
         if snapshot is not None:
@@ -106,8 +108,11 @@ def verify(
     total = sum(p.stat().st_size for _, p in segments)
     done = 0
     prev_last: int | None = None
+    # only a writer that died with the store open (or is running) can have
+    # left a torn tail; after a clean close the whole WAL was synced
+    may_be_torn = not layout.closed_cleanly()
     for i, (first, seg_path) in enumerate(segments):
-        is_last = i == len(segments) - 1
+        is_last = i == len(segments) - 1 and may_be_torn
         if progress is not None:
             progress(done, total)
         done += seg_path.stat().st_size

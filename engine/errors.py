@@ -11,6 +11,7 @@ the same call again, unchanged, can succeed)::
     │   ├── StoreNotFoundError
     │   ├── StoreLockedError       another process holds the writer lock
     │   ├── ReadOnlyStoreError
+    │   ├── StoreIOError           a file operation failed opening or repairing a store
     │   └── StorePoisonedError     a write or fsync failed; reopen to recover
     │       └── DiskFullError      (also a CapacityError)
     ├── CapacityError
@@ -18,7 +19,8 @@ the same call again, unchanged, can succeed)::
     │   └── DiskFullError
     ├── CorruptionError            damage found on disk, with path / offset / LSN
     │   ├── FormatVersionError     a file written by an incompatible version
-    │   └── LSNGapError            a missing segment or a hole in the LSNs
+    │   ├── LSNGapError            a missing segment or a hole in the LSNs
+    │   └── ExportFormatError      an export file damaged, truncated, or not one
     ├── ConflictError              an ``expect=`` check failed
     ├── WorkflowError              the workflow layer
     │   ├── RunNotFoundError
@@ -36,6 +38,7 @@ the same call again, unchanged, can succeed)::
         ├── RemoteAuthError        bad credentials or privileges (permanent)
         ├── RemoteSchemaError      schema missing or of another version (permanent)
         ├── RemoteRejectedError    the server refused the data (permanent)
+        ├── SyncProtocolError      the server's answer is malformed (permanent)
         ├── SyncConfigError        missing or malformed sync settings
         ├── LeaseHeldError         another host holds the run's lease
         ├── LeaseLostError         this host's lease was taken over (fenced)
@@ -47,6 +50,8 @@ missing key is not an error (``get`` returns ``None``).
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "CapacityError",
     "CheckpointNotFoundError",
@@ -54,6 +59,7 @@ __all__ = [
     "CorruptionError",
     "DiskFullError",
     "DurabilityError",
+    "ExportFormatError",
     "FormatVersionError",
     "InvalidKeyError",
     "InvalidRunStateError",
@@ -73,12 +79,14 @@ __all__ = [
     "SchemaVersionError",
     "StepNeedsAttentionError",
     "StoreClosedError",
+    "StoreIOError",
     "StoreLockedError",
     "StoreNotFoundError",
     "StorePoisonedError",
     "StoreStateError",
     "SyncConfigError",
     "SyncError",
+    "SyncProtocolError",
     "ValueTooLargeError",
     "WalsyncError",
     "WorkflowError",
@@ -140,6 +148,30 @@ class StorePoisonedError(StoreStateError):
     hint = "close and reopen the store; the WAL replays and nothing acknowledged is lost"
 
 
+class StoreIOError(StoreStateError):
+    """A file operation failed while a store was being opened or repaired.
+
+    What failed was never reported as done, so nothing acknowledged is lost;
+    ``__cause__`` holds the OSError (naming the file where the system does).
+    """
+
+    retryable = True
+    hint = ("check the disk and the system log (dmesg), then open the store again; "
+            "nothing acknowledged was lost")
+
+
+def error_from_os(exc: OSError, doing: str) -> StoreIOError | DiskFullError:
+    """The project's error for an OSError met while ``doing`` something outside a
+    commit (opening, repairing): disk full, or an I/O failure; ``exc`` is its cause."""
+    error: StoreIOError | DiskFullError
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        error = DiskFullError(f"disk full {doing}: {exc}")
+    else:
+        error = StoreIOError(f"{type(exc).__name__} {doing}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
 class CapacityError(WalsyncError):
     """A size limit was reached."""
 
@@ -194,6 +226,13 @@ class FormatVersionError(CorruptionError):
 
 class LSNGapError(CorruptionError):
     pass
+
+
+class ExportFormatError(CorruptionError):
+    """An export file that does not check out: refused before anything is imported."""
+
+    hint = "nothing was imported; export the data again from the source store, or use an " \
+        "intact copy of the file"
 
 
 class ConflictError(WalsyncError):
@@ -317,6 +356,16 @@ class LeaseLostError(SyncError):
 
 class RestoreError(SyncError):
     hint = "restore into an empty directory (or pass --force), and check the server"
+
+
+class SyncProtocolError(SyncError):
+    """An answer from the server lacks the shape the sync protocol gives it.
+
+    Retrying would get the same answer: the server runs another protocol version, or
+    something between (a proxy, an API gateway) answers in its place.
+    """
+
+    hint = "run `walsync migrate` against the server, and check what sits in front of it"
 
 
 def _describe(version: object) -> str:

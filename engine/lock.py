@@ -34,7 +34,7 @@ class WriterLock:
         self._fd: int | None = None
 
     def acquire(self, timeout_seconds: float = 0.0) -> None:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _fs.FILE_MODE)
+        fd = _fs.open_lock(self._path)
         deadline = time.monotonic() + timeout_seconds
         delay = 0.005
         while True:
@@ -47,13 +47,19 @@ class WriterLock:
                     raise StoreLockedError(self._store_path, read_holder_pid(self._path)) from None
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            _fs.truncate(fd, 0)
+            _fs.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)  # drops the flock: a failed open must not keep the store locked
+            raise
         self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            try:
+                with contextlib.suppress(OSError):
+                    _fs.truncate(fd, 0)
+            finally:
+                os.close(fd)  # whatever happened above: closing drops the flock

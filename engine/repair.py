@@ -11,13 +11,16 @@ may already hold records under them.
 from __future__ import annotations
 
 import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _fs
-from .errors import CorruptionError, FormatVersionError, StoreNotFoundError
+from .errors import (
+    CorruptionError,
+    FormatVersionError,
+    StoreNotFoundError,
+    error_from_os,
+)
 from .layout import StoreLayout
 from .lock import WriterLock
 from .record import (
@@ -54,11 +57,15 @@ def repair(path: str | Path, *, lock_timeout_seconds: float = 0.0) -> RepairRepo
     if not layout.store_file.exists():
         raise StoreNotFoundError(f"no walsync store at {path}")
     lock = WriterLock(layout.lock_file, str(path))
-    lock.acquire(lock_timeout_seconds)
     try:
-        return _repair_locked(layout)
-    finally:
-        lock.release()
+        lock.acquire(lock_timeout_seconds)
+        try:
+            return _repair_locked(layout)
+        finally:
+            lock.release()
+    except OSError as exc:
+        # each step leaves the store openable or repairable again (see above)
+        raise error_from_os(exc, f"repairing store {path}") from exc
 
 
 def _find_damage(
@@ -132,15 +139,14 @@ def _repair_locked(layout: StoreLayout) -> RepairReport:
     meta["min_next_lsn"] = max(int(meta.get("min_next_lsn", 1)), last_lost + 1)
     write_store_file(layout.store_file, meta)
 
-    quarantine = _new_quarantine_dir(layout)
+    quarantine = layout.new_quarantine_dir()
     moved: list[str] = []
     for i in range(index, len(segments)):
         seg_path = segments[i][1]
         target = quarantine / seg_path.name
         if i == index and offset >= SEGMENT_HEADER_BYTES:
-            shutil.copyfile(seg_path, target)
-            _fsync_file(target)
-            fd = os.open(seg_path, os.O_WRONLY | os.O_CLOEXEC)
+            _fs.copy_file(seg_path, target)
+            fd = _fs.open_segment(seg_path, create=False)
             try:
                 _fs.truncate(fd, offset)
                 _fs.fsync(fd)
@@ -167,27 +173,3 @@ def _repair_locked(layout: StoreLayout) -> RepairReport:
         str(quarantine),
         moved,
     )
-
-
-def _new_quarantine_dir(layout: StoreLayout) -> Path:
-    """``quarantine/<UTC time>/``, or ``<UTC time>-<n>`` if that exists (two repairs
-    in one second): an earlier repair's files are never mixed with these."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    _fs.make_dir(layout.quarantine_dir)
-    quarantine = layout.quarantine_dir / stamp
-    n = 1
-    while True:
-        try:
-            quarantine.mkdir(mode=_fs.DIR_MODE)
-            return quarantine
-        except FileExistsError:
-            n += 1
-            quarantine = layout.quarantine_dir / f"{stamp}-{n}"
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _fs.fsync(fd)
-    finally:
-        os.close(fd)

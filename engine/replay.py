@@ -26,6 +26,7 @@ from pathlib import Path
 import cbor2
 
 from . import _fs
+from .base import SnapshotRebuild
 from .errors import LSNGapError
 from .layout import StoreLayout
 from .record import FRAME_HEADER_BYTES, KIND_LOCAL, KIND_MERGE, decode_payload
@@ -57,6 +58,9 @@ class RecoveryReport:
     #: durability 'none'), or LSNs a repair reserved and the WAL does not hold:
     #: recorded as a known hole so the log stays checkable
     wal_hole: tuple[int, int] | None = None
+    #: set when the snapshot was not trusted (the machine went down with the
+    #: store open) and was rebuilt from its base
+    snapshot_rebuilt: SnapshotRebuild | None = None
 
     @property
     def records_per_second(self) -> float:
@@ -102,6 +106,8 @@ def recover(
             lsn=applied + 1,
         )
 
+    # only a writer that died with the store open can have left a torn tail
+    may_be_torn = not layout.closed_cleanly()
     replayed = 0
     prev_last: int | None = None
     scan: SegmentScan | None = None
@@ -113,7 +119,7 @@ def recover(
     try:
         for i in range(start, len(segments)):
             first, path = segments[i]
-            is_last = i == len(segments) - 1
+            is_last = i == len(segments) - 1 and may_be_torn
             if prev_last is not None and first != prev_last + 1 and not gap_allowed(
                 gaps, prev_last + 1, first - 1
             ):
@@ -235,7 +241,7 @@ def _cut_tail(layout: StoreLayout, scan: SegmentScan) -> None:
         _fs.unlink(scan.path)
         _fs.fsync_dir(layout.wal_dir)
         return
-    fd = os.open(scan.path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = _fs.open_segment(scan.path, create=False)
     try:
         _fs.truncate(fd, torn.offset)
         _fs.fsync(fd)

@@ -16,13 +16,13 @@ pass a gate that the resize waits on.
 
 from __future__ import annotations
 
+import errno
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, cast
 
@@ -159,7 +159,17 @@ class SnapshotStore:
         if not readonly:
             _finish_compaction(path)
             _fs.make_dir(path)
+        created = not readonly and not (path / "data.mdb").exists()
         self.env = self._open_env()
+        if created:
+            # LMDB made its files just now and never syncs a directory: without
+            # this, a power loss after a checkpoint or a clean close could lose
+            # the file's name while the WAL below it is gone
+            try:
+                _fs.fsync_dir(path)
+            except BaseException:
+                self.env.close()  # a leaked handle would refuse every later open
+                raise
         self.env.reader_check()
         try:
             self._data = self.env.open_db(_DATA_DB, create=not readonly)
@@ -279,13 +289,7 @@ class SnapshotStore:
         """Apply records in LSN order in one transaction with the new applied LSN."""
         if not records:
             return
-        while True:
-            try:
-                with self._gate.shared():
-                    self._apply_once(records)
-                return
-            except lmdb.MapFullError:
-                self._grow()
+        self._write("apply", lambda: self._apply_once(records))
 
     def _apply_once(self, records: Sequence[AppliedRecord]) -> None:
         last_lsn = records[-1][0]
@@ -310,13 +314,7 @@ class SnapshotStore:
         is a meta op; ``meta_ops`` says whether any pair has one (without, the
         pairs go to LMDB in one ``putmulti`` call).
         """
-        while True:
-            try:
-                with self._gate.shared():
-                    self._apply_puts_once(puts, last_lsn, hlc, meta_ops)
-                return
-            except lmdb.MapFullError:
-                self._grow()
+        self._write("apply", lambda: self._apply_puts_once(puts, last_lsn, hlc, meta_ops))
 
     def _apply_puts_once(
         self, puts: Sequence[tuple[bytes, bytes]], last_lsn: int, hlc: int, meta_ops: bool
@@ -392,13 +390,51 @@ class SnapshotStore:
         return None if raw is None else cbor2.loads(raw)
 
     def put_meta(self, name: bytes, value: bytes) -> None:
+        def put() -> None:
+            with self.env.begin(write=True) as txn:
+                txn.put(name, value, db=self._meta)
+
+        self._write("meta write", put)
+
+    def _write(self, doing: str, transaction: Callable[[], None]) -> None:
+        """Run a write ``transaction``, growing the map while it is full.
+
+        When LMDB fails to write (a page, its meta page) it may refuse every
+        later transaction of this handle (MDB_PANIC): the handle is reopened,
+        so reads go on from the last commit, and an OSError naming the file is
+        raised (the store refuses writes from then on; reopening it replays
+        the WAL).
+        """
         while True:
             try:
-                with self._gate.shared(), self.env.begin(write=True) as txn:
-                    txn.put(name, value, db=self._meta)
+                with self._gate.shared():
+                    transaction()
                 return
             except lmdb.MapFullError:
                 self._grow()
+            except lmdb.Error as exc:
+                failure = exc
+                break
+        with self._gate.exclusive():
+            self._reopen_env()
+        raise self._os_error(failure, doing) from failure
+
+    def _reopen_env(self) -> None:
+        """A fresh LMDB handle, after a failure left this one unusable. The caller
+        holds the gate exclusively."""
+        with suppress(lmdb.Error):
+            self.env.close()
+        self.env = self._open_env()
+        self._data = self.env.open_db(_DATA_DB)
+        self._meta = self.env.open_db(_META_DB)
+
+    def _os_error(self, exc: lmdb.Error, doing: str) -> OSError:
+        """LMDB's error as the OSError it stands for (EIO when it is LMDB's own),
+        naming the snapshot file, for the store to report (ENOSPC: disk full)."""
+        code = getattr(exc, "code", 0)
+        if not isinstance(code, int) or code <= 0:
+            code = errno.EIO
+        return OSError(code, f"LMDB {doing} failed: {exc}", str(self.path / "data.mdb"))
 
     def write_raw(self, fn: Callable[[lmdb.Transaction], None]) -> None:
         """Run ``fn`` in a write transaction on the data table (repair, tools)."""
@@ -412,14 +448,46 @@ class SnapshotStore:
             try:
                 self.env.set_mapsize(new_size)
             except lmdb.Error as exc:
+                # a failed remap leaves the handle without a map: reads would
+                # crash; a fresh handle maps the file at its current size
+                self._reopen_env()
                 raise CapacityError(
                     f"cannot grow the LMDB map of {self.path} to {new_size} bytes: {exc}",
                     hint="free disk space or address space",
                 ) from None
 
     def sync(self) -> None:
-        """Make every applied transaction durable (a checkpoint's first half)."""
-        self.env.sync(True)
+        """Make every applied transaction durable (a checkpoint's first half).
+
+        A sync interrupted by a signal reported nothing about the data and is
+        asked again; any other failure is raised as an OSError naming the file.
+        """
+        while True:
+            try:
+                self.env.sync(True)
+                return
+            except lmdb.Error as exc:
+                if getattr(exc, "code", 0) == errno.EINTR:
+                    continue
+                raise self._os_error(exc, "sync") from exc
+
+    def copy_to(self, directory: Path) -> int:
+        """Write a compact copy of the snapshot as one read transaction sees it
+        into the empty ``directory`` and fsync it; return the LSN it holds.
+
+        Commits go on meanwhile (the copy is a reader). It is the checkpoint's
+        base: LMDB runs without fsync, so after a power loss only a file that
+        nothing has written since it was synced can be trusted.
+        """
+        with self._gate.shared():
+            txn = self._begin_read()
+            try:
+                raw = txn.get(_APPLIED_LSN, db=self._meta)
+                self.env.copy(str(directory), compact=True, txn=txn)
+            finally:
+                txn.abort()
+        _sync_copied_file(directory / "data.mdb")
+        return int.from_bytes(raw, "little") if raw else 0
 
     def file_bytes(self) -> int:
         try:
@@ -443,20 +511,15 @@ class SnapshotStore:
             self.env.sync(True)
             fresh, old = _compaction_paths(self.path)
             if fresh.exists():
-                shutil.rmtree(fresh)
+                _fs.remove_tree(fresh)
             _fs.make_dir(fresh)
             self.env.copy(str(fresh), compact=True)
-            fd = os.open(fresh / "data.mdb", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _fs.fsync(fd)
-            finally:
-                os.close(fd)
-            _fs.fsync_dir(fresh)
+            _sync_copied_file(fresh / "data.mdb")
             self.env.close()
             _fs.rename(self.path, old)
             _fs.rename(fresh, self.path)
             _fs.fsync_dir(self.path.parent)
-            shutil.rmtree(old)
+            _fs.remove_tree(old)
             self.env = self._open_env()
             self._data = self.env.open_db(_DATA_DB)
             self._meta = self.env.open_db(_META_DB)
@@ -476,8 +539,25 @@ class SnapshotStore:
         self.env.close()
 
 
+def _sync_copied_file(path: Path) -> None:
+    """LMDB creates a copy with the process umask: make it 0600, fsync it and its directory."""
+    os.chmod(path, _fs.FILE_MODE)
+    _fs.fsync_file(path)
+    _fs.fsync_dir(path.parent)
+
+
 def _compaction_paths(path: Path) -> tuple[Path, Path]:
     return path.with_name(path.name + ".compact"), path.with_name(path.name + ".old")
+
+
+def compaction_survivor(path: Path) -> Path:
+    """The snapshot directory the next writer's open will use (``_finish_compaction``):
+    ``path``, or what a compaction interrupted between its renames left. For readers
+    that must not finish the compaction themselves (``verify``)."""
+    fresh, old = _compaction_paths(path)
+    if path.exists():
+        return path
+    return fresh if fresh.exists() else old if old.exists() else path
 
 
 def _finish_compaction(path: Path) -> None:
@@ -491,4 +571,4 @@ def _finish_compaction(path: Path) -> None:
         _fs.fsync_dir(path.parent)
     for leftover in (fresh, old):
         if leftover.exists():
-            shutil.rmtree(leftover)
+            _fs.remove_tree(leftover)

@@ -36,6 +36,16 @@ from typing import Any
 import cbor2
 
 from . import _fs
+from .base import (
+    SnapshotRebuild,
+    clear_open_marker,
+    finish_base_swap,
+    read_base_lsn,
+    rebuild_snapshot,
+    untrusted_snapshot_reason,
+    write_base,
+    write_open_marker,
+)
 from .errors import (
     CapacityError,
     ConflictError,
@@ -48,12 +58,16 @@ from .errors import (
     StoreClosedError,
     StoreNotFoundError,
     StorePoisonedError,
+    StoreStateError,
     ValueTooLargeError,
     WalsyncError,
+    error_from_os,
 )
+from .events import CheckpointEvent, Event, EventBus
 from .feed import WALReader
 from .layout import StoreLayout
 from .lock import WriterLock
+from .metrics import StoreMetrics, StoreStats
 from .options import Durability, StoreOptions
 from .record import (
     CODEC_NONE,
@@ -174,7 +188,8 @@ class StoreInfo:
 
 class _Pending:
     __slots__ = (
-        "done", "error", "hlc", "kind", "lsn", "ops", "payload", "sync", "waiter", "written"
+        "done", "error", "hlc", "kind", "lsn", "notes", "ops", "payload", "sync", "waiter",
+        "written",
     )
 
     def __init__(self, lsn: int, hlc: int, ops: Sequence[Sequence[Any]],
@@ -192,6 +207,8 @@ class _Pending:
         #: the committing thread sleeps on this (made when it first has to wait),
         #: so that each wake-up goes to the one thread it concerns
         self.waiter: threading.Condition | None = None
+        #: events this commit carries (store.events publishes them after its CommitEvent)
+        self.notes: tuple[Event, ...] = ()
 
 
 class Batch:
@@ -207,6 +224,8 @@ class Batch:
         self._durability = durability
         self._fence = fence
         self.ops: list[Put | Delete] = []
+        #: events published with the commit, after its CommitEvent (see Store.commit)
+        self.notes: list[Event] = []
         self.result: CommitResult | None = None
 
     def put(self, key: str, value: Any, *, expect: Any = ANY, fence: int | None = None) -> None:
@@ -220,7 +239,8 @@ class Batch:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None and self.ops:
-            self.result = self._store.commit(self.ops, durability=self._durability)
+            self.result = self._store.commit(self.ops, durability=self._durability,
+                                             notes=self.notes)
 
 
 class Store:
@@ -264,11 +284,16 @@ class Store:
         self._gaps: list[tuple[int, int]] = []
         self._meta: dict[str, Any] = {}
         self._checkpoint_lock = threading.Lock()
+        #: the LSN the snapshot's base copy holds; WAL at or below it may go
+        self._base_lsn = 0
         self._bytes_since_checkpoint = 0
         self._checkpoint_wanted = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._replicator: Any = None
         self._listeners: list[Callable[[int], None]] = []
+        self._metrics = StoreMetrics()
+        #: subscriptions to what happens here (engine/events.py)
+        self.events = EventBus()
 
     # -- opening and closing -------------------------------------------------
 
@@ -298,7 +323,12 @@ class Store:
         store = cls()
         store.options = opts
         store.readonly = readonly
-        store._open(Path(path), create=create, node_id=node_id)
+        try:
+            store._open(Path(path), create=create, node_id=node_id)
+        except OSError as exc:
+            # a failed file operation (the open left nothing behind): a clear
+            # error; opening again once the cause is gone replays as usual
+            raise error_from_os(exc, f"opening store {path}") from exc
         return store
 
     def _open(self, root: Path, *, create: bool, node_id: str | None) -> None:
@@ -308,8 +338,7 @@ class Store:
             raise StoreNotFoundError(f"no walsync store at {root}")
         if not self.readonly:
             if not root.exists():
-                root.mkdir(mode=_fs.DIR_MODE, parents=True, exist_ok=True)
-                _fs.fsync_dir(root.parent)
+                _fs.make_dir(root, parents=True)
             self._lock = WriterLock(layout.lock_file, self.path)
             self._lock.acquire(self.options.lock_timeout_seconds)
         try:
@@ -322,6 +351,12 @@ class Store:
                     f"store {root} already has node id {self.node_id!r}, not {node_id!r}"
                 )
             self._gaps = [(int(a), int(b)) for a, b in self._meta.get("lsn_gaps", [])]
+            rebuild = self._check_snapshot_trust()
+            if not self.readonly:
+                # before LMDB writes a page (creating its file, replaying): a power
+                # loss from here on leaves the marker, and the next boot rebuilds
+                # the snapshot instead of trusting pages that were never synced
+                write_open_marker(layout)
             self._snapshot = SnapshotStore(
                 layout.snapshot_dir,
                 map_size_bytes=self.options.map_size_bytes,
@@ -329,6 +364,10 @@ class Store:
             )
             if not self.readonly:
                 self._recover()
+                if rebuild is not None and self.recovery is not None:
+                    self.recovery = replace(self.recovery, snapshot_rebuilt=rebuild)
+                self._base_lsn = read_base_lsn(layout)
+                self._bytes_since_checkpoint = self._wal_bytes_above_base()
             self._closed = False
         except BaseException:
             # Close what was opened: a leaked LMDB handle would make every later
@@ -365,6 +404,36 @@ class Store:
             "lsn_gaps": [],
         }
         write_store_file(self._layout.store_file, meta)
+
+    def _wal_bytes_above_base(self) -> int:
+        """WAL bytes a checkpoint would let go: closing makes no base, so a
+        store used in many short sessions still checkpoints when this is due."""
+        assert self._wal is not None
+        sealed = sum(path.stat().st_size for first, path in self._layout.list_segments()
+                     if first > self._base_lsn and first != self._wal.segment_first_lsn)
+        return sealed + self._wal.segment_size
+
+    def _check_snapshot_trust(self) -> SnapshotRebuild | None:
+        """After a machine crash, rebuild the snapshot from its base (engine/base.py)."""
+        layout = self._layout
+        if self.readonly:
+            reason = untrusted_snapshot_reason(layout)
+            if reason is not None:
+                raise StoreStateError(
+                    f"store {self.path}: {reason}; its snapshot cannot be read safely",
+                    hint="open it for writing once (e.g. `walsync verify` after `walsync "
+                    "checkpoint`): the writer rebuilds the snapshot from its last "
+                    "checkpoint and the WAL",
+                )
+            return None
+        finish_base_swap(layout)
+        reason = untrusted_snapshot_reason(layout)
+        if reason is None:
+            return None
+        rebuild = rebuild_snapshot(layout, reason)
+        log.warning("store %s: %s; snapshot moved to %s and rebuilt from the base at LSN %d "
+                    "and the WAL", self.path, reason, rebuild.quarantine, rebuild.base_lsn)
+        return rebuild
 
     def _recover(self) -> None:
         _fs.make_dir(self._layout.wal_dir)
@@ -407,8 +476,19 @@ class Store:
             if self._wal is not None and self._poisoned is None:
                 self._wal.sync()
                 self._wal.close(trim=True)
-                self._checkpoint(include_active=True)
+                # no new base here: closing stays cheap; the WAL above the
+                # base waits for the next checkpoint that makes one
+                self._checkpoint(include_active=True, new_base=False)
+                clear_open_marker(self._layout)
+        except WalsyncError:
+            raise
+        except Exception as exc:
+            # nothing is lost (the WAL holds every record) but this handle
+            # cannot finish: say so, as a write failure would
+            raise _fresh(self._poison(exc, "close")) from exc
         finally:
+            # subscribers get what was published, then their delivery ends
+            self.events.close()
             if self._wal is not None:
                 self._wal.close()
             self._snapshot.close()
@@ -451,9 +531,28 @@ class Store:
         return Batch(self, durability, fence)
 
     def commit(
-        self, ops: Sequence[Put | Delete], *, durability: Durability | str | None = None
+        self, ops: Sequence[Put | Delete], *, durability: Durability | str | None = None,
+        notes: Sequence[Event] = (),
     ) -> CommitResult:
-        """Commit operations as one atomic record."""
+        """Commit operations as one atomic record.
+
+        ``notes`` are events the commit carries (the workflow layer's run and
+        step transitions): ``store.events`` publishes them, stamped with the
+        commit's LSN, right after its CommitEvent, only if it commits.
+        """
+        started = time.perf_counter_ns()
+        try:
+            result = self._commit(ops, durability, notes)
+        except WalsyncError as exc:
+            self._metrics.record_error(exc)
+            raise
+        self._metrics.commit_ns.observe(time.perf_counter_ns() - started)
+        return result
+
+    def _commit(
+        self, ops: Sequence[Put | Delete], durability: Durability | str | None,
+        notes: Sequence[Event] = (),
+    ) -> CommitResult:
         level = self.options.durability if durability is None else Durability(durability)
         self._check_writable()
         if level is Durability.REMOTE and self._replicator is None:
@@ -482,6 +581,8 @@ class Store:
                 self._preparing -= 1
                 if self._leading:
                     self._gather.notify()
+            if notes:
+                item.notes = tuple(notes)
             self._submit(item)
         self._finish(item)
         if level is Durability.REMOTE:
@@ -558,8 +659,11 @@ class Store:
                 waiter.notify()
         self._cv.notify_all()
 
-    @staticmethod
-    def _done(batch: list[_Pending], error: WalsyncError | None) -> None:
+    def _done(self, batch: list[_Pending], error: WalsyncError | None) -> None:
+        """Finish a batch's commits. Holds ``_cv``: batches applied are finished in
+        LSN order, so their events are published (one non-blocking put) in it."""
+        if error is None:
+            self.events.publish(batch)
         for item in batch:
             item.error = error
             item.done = True
@@ -619,6 +723,13 @@ class Store:
         lsn = self._next_lsn
         hlc = self._clock.tick()
         payload = encode_payload(KIND_MERGE, hlc, ops)
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            # refused here, before the WAL: a frame the writer rejects poisons the store
+            raise CapacityError(
+                f"a merge of {len(new)} keys encodes to {len(payload)} bytes, above the "
+                f"{MAX_PAYLOAD_BYTES} bytes one record may hold; nothing was written",
+                hint="merge fewer versions per call",
+            )
         self._next_lsn = lsn + 1
         for key, sibs in new.items():
             self._overlay[key] = (lsn, sibs)
@@ -627,7 +738,11 @@ class Store:
     # -- hooks for the sync layer ---------------------------------------------
 
     def add_commit_listener(self, listener: Callable[[int], None]) -> None:
-        """Call ``listener(lsn)`` after each commit returns; it must not block."""
+        """Call ``listener(lsn)`` in the committing thread after each commit; it must not block.
+
+        The replicator's wake-up: immediate, and no queue can lose it. Hooks
+        that may be slow or fail subscribe to ``store.events`` instead.
+        """
         self._listeners.append(listener)
 
     def remove_commit_listener(self, listener: Callable[[int], None]) -> None:
@@ -657,7 +772,10 @@ class Store:
                 self._cv.wait()
             self._leading = True
         try:
+            unsynced = wal.synced_lsn < wal.next_lsn - 1
             wal.sync()
+            if unsynced:
+                self._metrics.record_sync()
         except BaseException as exc:
             raise _fresh(self._poison(exc, "WAL flush")) from exc
         finally:
@@ -899,11 +1017,13 @@ class Store:
         wal = self._wal
         assert wal is not None
         before = wal.bytes_written
+        sync = any(p.sync for p in batch)
         try:
-            wal.append([(p.lsn, p.payload) for p in batch], any(p.sync for p in batch))
+            wal.append([(p.lsn, p.payload) for p in batch], sync)
         except BaseException as exc:  # noqa: BLE001 - every failure poisons the store
             return self._poison(exc, f"WAL write to segment {wal.segment_first_lsn:016x}.wal")
         self._bytes_since_checkpoint += wal.bytes_written - before
+        self._metrics.record_group_commit(len(batch), wal.bytes_written - before, sync)
         return None
 
     def _apply_batches(self, batches: list[list[_Pending]]) -> WalsyncError | None:
@@ -970,7 +1090,18 @@ class Store:
                 self._wake()  # committers that queued meanwhile wait on their own conditions
         return CompactResult(checkpoint.lsn, before, after)
 
-    def _checkpoint(self, *, include_active: bool) -> CheckpointResult:
+    def _checkpoint(self, *, include_active: bool, new_base: bool = True) -> CheckpointResult:
+        """A failed sync or removal poisons the store: a later checkpoint whose sync
+        reported success could not be trusted to cover the pages this one lost,
+        and it would then remove WAL segments still needed."""
+        try:
+            return self._checkpoint_once(include_active, new_base)
+        except WalsyncError:
+            raise
+        except Exception as exc:
+            raise _fresh(self._poison(exc, "checkpoint")) from exc
+
+    def _checkpoint_once(self, include_active: bool, new_base: bool) -> CheckpointResult:
         with self._checkpoint_lock:
             with self._cv:
                 applied = self._applied_lsn
@@ -978,9 +1109,16 @@ class Store:
                 self._bytes_since_checkpoint = 0
             self._snapshot.sync()
             self._checkpoint_lsn = applied
+            self._metrics.record_checkpoint()
+            if new_base:
+                self._base_lsn = write_base(self._layout, self._snapshot)
             floor = self.retain_floor
-            limit = applied if floor is None else min(applied, floor - 1)
+            limit = min(applied, self._base_lsn)
+            if floor is not None:
+                limit = min(limit, floor - 1)
             removed, freed = self._remove_segments_through(limit, active, applied)
+            self.events.emit(CheckpointEvent(lsn=applied, segments_removed=removed,
+                                             bytes_removed=freed))
             return CheckpointResult(applied, removed, freed)
 
     def _remove_segments_through(
@@ -1024,7 +1162,8 @@ class Store:
                 return
             try:
                 self._checkpoint(include_active=False)
-            except Exception:
+            except Exception as exc:
+                self._metrics.record_error(exc)
                 log.exception("background checkpoint of %s failed", self.path)
 
     @property
@@ -1165,6 +1304,28 @@ class Store:
     @property
     def poisoned(self) -> WalsyncError | None:
         return self._poisoned
+
+    def stats(self) -> StoreStats:
+        """Counters since this process opened the store: commit latency (p50, p99),
+        WAL bytes and syncs, group-commit sizes, replay at open, errors. Cheap,
+        from any thread, also after close (what ``--metrics-port`` exposes)."""
+        return self._metrics.snapshot(self.recovery, self.applied_lsn if not self._closed
+                                      else self._applied_lsn, self._poisoned is not None)
+
+    @property
+    def wal_end_bytes(self) -> int:
+        """WAL bytes through the last written frame, counted like ``WALReader.position_bytes``
+        (kept segments in full, the active one without its preallocated zeros)."""
+        wal = self._wal
+        writing = wal is not None and wal.fd is not None
+        active, written = (wal.segment_first_lsn, wal.segment_size) if wal else (0, 0)
+        total = 0
+        for first, path in self._layout.list_segments():
+            if writing and first >= active:
+                total += written
+                break
+            total += _size_or_zero(path)
+        return total
 
     def info(self) -> StoreInfo:
         self._check_open()

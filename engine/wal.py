@@ -19,6 +19,7 @@ from n on were never known durable, and they are cut as a torn tail.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -186,7 +187,8 @@ def iter_frames(
                 else "checksum mismatch"
             )
             raise CorruptionError(
-                f"{what} in a sealed segment", path=name, offset=offset, lsn=expected
+                f"{what} in a segment that was synced in full (sealed, or the last one "
+                "of a cleanly closed store)", path=name, offset=offset, lsn=expected
             )
         _decide_tail(scan, data, offset, expected, name)
         break
@@ -451,7 +453,10 @@ class WALWriter:
         assert self.fd is not None
         if _failpoints.ACTIVE:
             _failpoints.hit("wal.before_write")
-        _fs.writev(self.fd, frames)
+        written = _fs.writev(self.fd, frames)
+        if written != size:
+            # never counted as written: the next frame would land after a hole
+            raise OSError(errno.EIO, f"short write: {written} of {size} bytes")
         self.segment_size += size
         self.bytes_written += size
         if _failpoints.ACTIVE:

@@ -47,6 +47,7 @@ from .errors import (
     StepNeedsAttentionError,
     WorkflowError,
 )
+from .events import Event, RunCheckpointEvent, RunEvent, StepEvent
 from .runs import (
     RUN_STATUSES,
     STEP_STATUSES,
@@ -59,7 +60,7 @@ from .runs import (
     keys,
     utcnow,
 )
-from .store import ANY, Batch, Store
+from .store import ANY, Batch, Put, Store
 from .versions import Version
 
 __all__ = [
@@ -253,6 +254,7 @@ class Workflows:
         if lease is not None:
             record.owner_node, record.lease_token = lease
         run = Run(self, record, {})
+        run._seen_status = None  # its first commit creates it
         with run._batch() as b:
             run._write_run(b, expect=None)
         run._version_from(b)
@@ -484,6 +486,10 @@ class Run:
         self._token: contextvars.Token[Run | None] | None = None
         #: steps found interrupted when the run was started: (step id, action taken)
         self.interrupted: list[tuple[str, str]] = []
+        #: statuses as last committed, against which a commit's transitions are
+        #: announced (store.events): the run's, and each step's
+        self._seen_status: str | None = record.status
+        self._seen_steps: dict[str, str] = {sid: s.status for sid, s in steps.items()}
 
     @property
     def run_id(self) -> str:
@@ -664,10 +670,12 @@ class Run:
     def checkpoint(self, name: str, description: str = "", tags: Sequence[str] = ()) -> None:
         """Record the run and its steps as they are now, under ``name``."""
         _check_id("checkpoint name", name)
-        self.store.put(keys.checkpoint(self.run_id, name), fence=self.fence, value={
-            "name": name, "description": description, "tags": list(tags),
-            "created_at": utcnow(), **self.state(),
-        })
+        with self._batch() as b:
+            b.put(keys.checkpoint(self.run_id, name), {
+                "name": name, "description": description, "tags": list(tags),
+                "created_at": utcnow(), **self.state(),
+            })
+            b.notes.append(RunCheckpointEvent(run_id=self.run_id, name=name, action="created"))
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Named checkpoints, oldest first."""
@@ -720,6 +728,8 @@ class Run:
                 self.record.status = RunStatus.PAUSED.value
             self.record.metadata["rolled_back_to"] = name
             self.steps = cp_steps
+            b.notes.append(RunCheckpointEvent(run_id=self.run_id, name=name,
+                                              action="rolled_back"))
             self._write_run(b)
         self._version_from(b)
         return RollbackReport(name, n, discarded, restored)
@@ -744,6 +754,7 @@ class Run:
         fresh.rollbacks = n
         replacement = Run(self.wf, fresh, {})
         replacement._version = self._version
+        replacement._seen_status = self._seen_status
         with self._batch() as b:
             b.put(prefix + "__run__", self.record.to_dict())
             for sid, rec in self.steps.items():
@@ -762,11 +773,45 @@ class Run:
         self.record.updated_at = utcnow()
         b.put(keys.run(self.run_id), self.record.to_dict(), expect=expect)
         b.put(keys.index(self.run_id), self.record.index_entry())
+        b.notes.extend(self._transitions(b))
+
+    def _transitions(self, b: Batch) -> list[Event]:
+        """The step and run status changes the batch makes, as events it carries.
+
+        Compared with the statuses last committed, not with the records in
+        memory, which a failed commit may have changed and put back.
+        """
+        out: list[Event] = []
+        prefix = keys.steps(self.run_id)
+        for op in b.ops:
+            if isinstance(op, Put) and op.key.startswith(prefix) and isinstance(op.value, dict):
+                sid = op.key[len(prefix):]
+                old, new = self._seen_steps.get(sid), str(op.value["status"])
+                if new != old:
+                    out.append(StepEvent(run_id=self.run_id, step_id=sid, old_status=old,
+                                         new_status=new,
+                                         attempts=int(op.value.get("attempts") or 0)))
+        if self.record.status != self._seen_status:
+            out.append(RunEvent(run_id=self.run_id, old_status=self._seen_status,
+                                new_status=self.record.status))
+        return out
 
     def _version_from(self, b: Batch) -> None:
-        """Remember the run record's version after a commit (for the next expect=)."""
+        """Remember the run record's version after a commit (for the next expect=),
+        and the statuses it committed (for the next transitions)."""
         if b.result is not None:
             self._version = Version(self.store.node_id, b.result.lsn, b.result.hlc, {})
+            prefix = keys.steps(self.run_id)
+            for op in b.ops:
+                if op.key.startswith(prefix):
+                    sid = op.key[len(prefix):]
+                    if isinstance(op, Put) and isinstance(op.value, dict):
+                        self._seen_steps[sid] = str(op.value["status"])
+                    else:
+                        self._seen_steps.pop(sid, None)
+            for note in b.notes:
+                if isinstance(note, RunEvent):
+                    self._seen_status = note.new_status
 
     def _commit_run(self) -> None:
         with self._batch() as b:

@@ -19,6 +19,7 @@ from pathlib import Path
 import cbor2
 import xxhash
 
+from engine.export import ExportHeader, ExportWriter
 from engine.record import (
     CODEC_NONE,
     KIND_LOCAL,
@@ -33,7 +34,7 @@ from engine.record import (
 from engine.versions import Sibling, Version
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
-TARGETS = ("frame", "segment", "payload")
+TARGETS = ("frame", "segment", "payload", "export")
 HLC = 1_700_000_000_000 << 16
 
 
@@ -116,7 +117,41 @@ def build() -> dict[str, dict[str, bytes]]:
         "preallocated_tail": header + f1 + bytes(96),
         "preallocated_empty": bytes(SEGMENT_HEADER_BYTES + 16),
     }
-    return {"frame": frame, "segment": segment, "payload": payload}
+
+    store_scope = ExportHeader("node-a", "store", "", 1_700_000_000_000, 9)
+    valid = _export(store_scope, [("blob", zipped), ("run/1", left), ("run/1", right),
+                                  ("run/2", tombstone)])
+    version_2 = bytearray(valid)
+    version_2[8] = 2
+    export = {
+        "export_store": valid,
+        "export_empty": _export(ExportHeader("node-b", "prefix", "none/", 1, 0), []),
+        "export_run": _export(ExportHeader("node-a", "run", "r1", 2, 3),
+                              [("index/runs/r1", plain), ("runs/r1", plain)]),
+        "export_flipped": _flip(valid, 60),
+        "export_truncated": valid[:-11],
+        "export_trailing_byte": valid + b"\x00",
+        "export_version_2": _fix_export(bytes(version_2)),
+        "export_bad_value": _export(store_scope, [("k", Sibling(plain.version, 1, b"junk"))]),
+    }
+    return {"frame": frame, "segment": segment, "payload": payload, "export": export}
+
+
+def _export(header: ExportHeader, records: list[tuple[str, Sibling]]) -> bytes:
+    chunks: list[bytes] = []
+    writer = ExportWriter(chunks.append, header)
+    for key, sibling in records:
+        writer.add(key, sibling)
+    writer.finish()
+    return b"".join(chunks)
+
+
+def _fix_export(data: bytes) -> bytes:
+    """An export with its checksums made right after an edit (see fuzz_export.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fuzz_export import fix_checksums
+
+    return fix_checksums(data)
 
 
 def main(argv: list[str]) -> int:

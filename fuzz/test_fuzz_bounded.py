@@ -33,7 +33,7 @@ from engine.record import encode_frame, encode_segment_header
 
 FUZZ_DIR = Path(__file__).resolve().parent
 ROOT = FUZZ_DIR.parent
-TARGETS = ("frame", "segment", "payload")
+TARGETS = ("frame", "segment", "payload", "export")
 #: iterations per target in the bounded atheris run, and its time bound (seconds)
 RUNS = int(os.environ.get("WALSYNC_FUZZ_RUNS", "4000"))
 MAX_SECONDS = int(os.environ.get("WALSYNC_FUZZ_SECONDS", "10"))
@@ -100,6 +100,7 @@ def test_seed_corpus_meets_the_contract(target: str) -> None:
         ("payload", "decode_payload", cbor2.dumps([0, 1, []])),
         ("payload", "decode_value", cbor2.dumps(1)),
         ("payload", "decode_entry", cbor2.dumps([])),
+        ("export", "ExportReader", b"walsyncX"),
     ],
 )
 def test_foreign_exceptions_escape_the_target(
@@ -262,3 +263,129 @@ def mutated_payloads(draw: st.DrawFn) -> bytes:
 @given(data=st.one_of(payloads(), shaped_payloads(), mutated_payloads()))
 def test_contract_on_payloads(data: bytes) -> None:
     _target("payload").test_one_input(data)
+
+
+@st.composite
+def mutated_exports(draw: st.DrawFn) -> bytes:
+    """A seed export mutated, then (half the time) with its checksums made right."""
+    seed = draw(st.sampled_from(sorted(_seeds()["export"].values())))
+    data = _mutate(draw, seed)
+    if draw(st.booleans()):
+        data = _target("export").fix_checksums(data)
+    return data
+
+
+@HYPOTHESIS
+@given(data=mutated_exports())
+def test_contract_on_mutated_exports(data: bytes) -> None:
+    _target("export").test_one_input(data)
+
+
+# -- the server's answers (fuzz_server_rows) ------------------------------------------
+
+
+def test_server_rows_seed_corpus_is_current_and_meets_the_contract() -> None:
+    module = _target("server_rows")
+    seeds = module.seeds()
+    corpus = FUZZ_DIR / "corpus" / "server_rows"
+    for name, data in seeds.items():
+        path = corpus / name
+        assert path.is_file(), f"{path} is missing: run python fuzz/fuzz_server_rows.py " \
+            "--write-corpus"
+        assert path.read_bytes() == data, f"{path} is stale: run python " \
+            "fuzz/fuzz_server_rows.py --write-corpus"
+        module.test_one_input(data)
+    assert sorted(p.name for p in corpus.iterdir()) == sorted(seeds)
+
+
+@pytest.mark.parametrize("attr", ["pull_page", "push_ack", "node_status", "head_of",
+                                  "state_page", "supabase"])
+def test_server_rows_foreign_exceptions_escape_the_target(
+    monkeypatch: pytest.MonkeyPatch, attr: str
+) -> None:
+    module = _target("server_rows")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("a decoder bug")
+
+    monkeypatch.setattr(module, attr, broken)
+    with pytest.raises(KeyError, match="a decoder bug"):
+        module.test_one_input(module.seeds()["pull_page"])
+
+
+@pytest.mark.skipif(not HAVE_ATHERIS, reason="atheris is not installed (Linux, CPython < 3.13)")
+def test_server_rows_atheris_bounded_run(tmp_path: Path) -> None:
+    work = tmp_path / "corpus"
+    work.mkdir()
+    cmd = [sys.executable, str(FUZZ_DIR / "fuzz_server_rows.py"), f"-runs={RUNS}",
+           f"-max_total_time={MAX_SECONDS}", f"-seed={SEED}", "-timeout=10",
+           "-rss_limit_mb=2048", f"-artifact_prefix={tmp_path}/", str(work),
+           str(FUZZ_DIR / "corpus" / "server_rows")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          timeout=MAX_SECONDS + 110, check=False)
+    log = proc.stderr + proc.stdout
+    crashes = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    assert proc.returncode == 0, (
+        f"fuzz_server_rows found a contract violation (exit {proc.returncode}); "
+        f"artifacts {crashes} in {tmp_path}\n{log[-6000:]}")
+    assert "INFO: Instrumenting sync.remote" in log, "sync was not instrumented"
+    assert "Done " in log, log[-2000:]
+
+
+JSON_ANY = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=3),
+    max_leaves=8,
+)
+
+
+def _answers() -> list[tuple[int, Any]]:
+    import json
+
+    return sorted(((blob[0], json.loads(blob[1:])) for name, blob in
+                   _target("server_rows").seeds().items() if name != "pull_cbor"),
+                  key=repr)
+
+
+@st.composite
+def shaped_answers(draw: st.DrawFn) -> bytes:
+    """A real answer with fields replaced, removed or added, as JSON or CBOR."""
+    import json
+
+    selector, doc = draw(st.sampled_from(_answers()))
+    as_cbor = draw(st.booleans())
+    leaf = CBOR_ANY if as_cbor else JSON_ANY
+
+    def mangle(node: Any, depth: int) -> Any:
+        if draw(st.integers(0, 9)) == 0:
+            return draw(leaf)
+        if isinstance(node, dict) and depth < 4:
+            out = {k: mangle(v, depth + 1) for k, v in node.items()
+                   if draw(st.integers(0, 11)) != 0}
+            if draw(st.integers(0, 7)) == 0:
+                out[draw(st.text(max_size=6))] = draw(leaf)
+            return out
+        if isinstance(node, list) and depth < 4:
+            return [mangle(v, depth + 1) for v in node] + draw(st.lists(leaf, max_size=1))
+        return node
+
+    body = mangle(doc, 0)
+    if as_cbor:
+        encoded: bytes = cbor2.dumps(body)
+    else:
+        encoded = json.dumps(body).encode()
+    return bytes([draw(st.integers(0, 255)) if draw(st.booleans()) else selector]) + encoded
+
+
+@HYPOTHESIS
+@given(data=st.binary(max_size=512))
+def test_server_rows_contract_on_arbitrary_bytes(data: bytes) -> None:
+    _target("server_rows").test_one_input(data)
+
+
+@HYPOTHESIS
+@given(data=st.one_of(shaped_answers(), shaped_answers().map(lambda b: b[:-1])))
+def test_server_rows_contract_on_shaped_answers(data: bytes) -> None:
+    _target("server_rows").test_one_input(data)

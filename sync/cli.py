@@ -10,9 +10,9 @@ Exit codes:
 0     success
 1     an error (the message and a hint are on stderr)
 2     usage error
-3     damage found (``verify``), or open refused for damage
+3     damage found (``verify``), open refused for damage, or a damaged export file
 4     the store is locked by another process
-5     not found: no store at the path, or no such key
+5     not found: no store at the path, no such key, run or export file
 ====  =====================================================
 """
 
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from functools import wraps
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -40,6 +40,9 @@ from engine.runs import Cost
 from engine.workflow import Workflows
 
 from .replicator import LAST_ERROR, Replicator, ReplicatorOptions
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -315,9 +318,14 @@ def scan(store_path: str, prefix: str, start: str | None, end: str | None, limit
 @main.command()
 @click.option("--dsn-env", default="WALSYNC_PG_DSN", show_default=True,
               help="Environment variable holding a PostgreSQL DSN with rights to create schemas.")
+@click.option("--tenant-mode", is_flag=True,
+              help="Also apply tenant mode: rows scoped by a JWT claim (stays on once applied).")
+@click.option("--tenant-claim", default=None, metavar="NAME",
+              help="With --tenant-mode: the JWT claim naming the tenant (first run: tenant_id; "
+                   "later runs keep the one set).")
 @json_option
 @_handles_errors
-def migrate(dsn_env: str, as_json: bool) -> None:
+def migrate(dsn_env: str, tenant_mode: bool, tenant_claim: str | None, as_json: bool) -> None:
     """Apply the server schema (idempotent). Needs a direct PostgreSQL DSN."""
     from .migrate import migrate as apply
 
@@ -325,7 +333,7 @@ def migrate(dsn_env: str, as_json: bool) -> None:
     if not dsn:
         raise SyncConfigError(f"{dsn_env} is not set: migrate needs a PostgreSQL DSN "
                               "(Supabase: the database connection string)")
-    report = apply(dsn)
+    report = apply(dsn, tenant_mode=tenant_mode, tenant_claim=tenant_claim)
     if as_json:
         _emit(report)
     else:
@@ -333,6 +341,8 @@ def migrate(dsn_env: str, as_json: bool) -> None:
             click.echo(f"applied {name}")
         click.echo(f"schema up to date ({len(report.applied)} applied, "
                    f"{len(report.already)} already there)")
+        if report.tenant_claim is not None:
+            click.echo(f"tenant mode on (JWT claim {report.tenant_claim!r})")
 
 
 def _replicator(store: Store, pull: bool = True) -> Replicator:
@@ -350,15 +360,21 @@ def _replicator(store: Store, pull: bool = True) -> Replicator:
 @click.option("--timeout", "timeout_seconds", type=click.FloatRange(min=0), default=60.0,
               show_default=True,
               help="With --once: give up retrying an unreachable server after this long.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535),
+              help="Serve Prometheus metrics on this port at /metrics (0: any free port).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address the metrics endpoint listens on.")
 @_handles_errors
 def sync_command(store_path: str, once: bool, no_pull: bool, status_every: float,
-                 timeout_seconds: float) -> None:
+                 timeout_seconds: float, metrics_port: int | None, metrics_host: str) -> None:
     """Replicate the store to the server continuously (the sync worker).
 
     Server from WALSYNC_PG_DSN, or SUPABASE_URL + SUPABASE_SERVICE_ROLE_KEY.
     """
     from .config import describe_target
 
+    if once and metrics_port is not None:
+        raise click.UsageError("--metrics-port serves the continuous worker, not --once")
     with Store.open(store_path, create=False) as store:
         rep = _replicator(store, pull=not no_pull)
         if once:
@@ -375,8 +391,12 @@ def sync_command(store_path: str, once: bool, no_pull: bool, status_every: float
             click.echo(f"pushed {pushed} entries, pulled {pulled}; acked LSN {rep.acked_lsn}")
             return
         click.echo(f"syncing {store.path} (node {store.node_id}) with {describe_target()}")
-        rep.start()
+        metrics = None
         try:
+            if metrics_port is not None:
+                metrics = _serve_metrics(store, rep, metrics_host, metrics_port)
+                click.echo(f"metrics on {metrics.url}")
+            rep.start()
             while rep.error is None:
                 time.sleep(status_every or 3600)
                 if status_every:
@@ -388,8 +408,19 @@ def sync_command(store_path: str, once: bool, no_pull: bool, status_every: float
             click.echo("stopping")
         finally:
             rep.close()
+            if metrics is not None:
+                metrics.close()
         if rep.error is not None:
             raise rep.error
+
+
+def _serve_metrics(store: Store, rep: Replicator, host: str, port: int) -> MetricsServer:
+    from .metrics import serve
+
+    try:
+        return serve(store, rep, port, host)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve metrics on {host}:{port}: {exc}") from exc
 
 
 @main.command()
@@ -468,6 +499,88 @@ def compact(store_path: str, purge_tombstones: bool, as_json: bool) -> None:
     else:
         click.echo(f"snapshot {result.snapshot_bytes_before} -> {result.snapshot_bytes_after} "
                    f"bytes (checkpointed at LSN {result.checkpoint_lsn})")
+
+
+def _refuse(message: str, hint: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    click.echo(f"hint: {hint}", err=True)
+    sys.exit(code)
+
+
+@main.command("export")
+@store_option
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--run", "run_id", help="Only this run: its record, its keys, its index entry.")
+@click.option("--prefix", help="Only the keys under this prefix.")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@json_option
+@_handles_errors
+def export_command(store_path: str, file: str, run_id: str | None, prefix: str | None,
+                   force: bool, as_json: bool) -> None:
+    """Write a run, a prefix or the whole store to FILE, portable and checksummed.
+
+    Every version goes along (concurrent siblings, tombstones), so `walsync
+    import` merges them into another store like a sync pull; exit 5 if the
+    run does not exist.
+    """
+    if run_id is not None and prefix is not None:
+        raise click.UsageError("pass --run or --prefix, not both")
+    try:
+        with _open_read(store_path) as store, \
+                _progress("exporting keys", show_pos=True) as advance:
+            report = engine.export_file(store, file, prefix=prefix, run_id=run_id,
+                                        overwrite=force, progress=advance)
+    except engine.errors.RunNotFoundError as exc:
+        _refuse(str(exc), "list runs with `walsync runs list`", EXIT_NOT_FOUND)
+        return
+    except FileExistsError:
+        _refuse(f"{file} exists", "pass --force to replace it, or choose another name",
+                EXIT_ERROR)
+        return
+    except OSError as exc:
+        _refuse(f"cannot write {file}: {exc.strerror or exc}", "check the directory and its "
+                "permissions", EXIT_ERROR)
+        return
+    if as_json:
+        _emit(report)
+    else:
+        click.echo(f"exported {report.keys} keys ({report.records} versions, "
+                   f"{report.value_bytes} value bytes) of {report.header.scope} "
+                   f"{report.header.scope_value!r} to {report.path} ({report.file_bytes} bytes)")
+
+
+@main.command("import")
+@store_option
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--create", is_flag=True, help="Create the store if it does not exist.")
+@json_option
+@_handles_errors
+def import_command(store_path: str, file: str, create: bool, as_json: bool) -> None:
+    """Load an export FILE into the store: all of it, or nothing.
+
+    The whole file is verified before anything is written (exit 3 if it is
+    damaged or truncated); versions merge like a sync pull, so importing
+    twice changes nothing. Exit 5 if FILE or the store does not exist.
+    """
+    if not os.path.isfile(file):
+        _refuse(f"no export file {file}", "check the path (`walsync export` writes one)",
+                EXIT_NOT_FOUND)
+        return
+    try:
+        with Store.open(store_path, create=create) as store, \
+                _progress("verifying, then importing", show_pos=False) as advance:
+            report = engine.import_file(store, file, progress=advance)
+    except OSError as exc:
+        _refuse(f"cannot read {file}: {exc.strerror or exc}", "check the file's permissions",
+                EXIT_ERROR)
+        return
+    if as_json:
+        _emit(report)
+        return
+    done = (f"written as one record, LSN {report.lsn}" if report.lsn is not None
+            else "nothing new: the store already held every version")
+    click.echo(f"imported {report.keys} keys ({report.records} versions) of "
+               f"{report.scope} {report.scope_value!r} from node {report.source_node}: {done}")
 
 
 @main.command("restore")

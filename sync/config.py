@@ -1,7 +1,11 @@
 """Sync settings from the environment (or a config file), never the command line.
 
 ``WALSYNC_PG_DSN`` selects the ``postgres`` transport; ``SUPABASE_URL`` and
-``SUPABASE_SERVICE_ROLE_KEY`` select ``supabase``. ``WALSYNC_CONFIG`` may name
+``SUPABASE_SERVICE_ROLE_KEY`` select ``supabase``. In tenant mode a worker uses
+a tenant-scoped key instead: ``WALSYNC_SUPABASE_KEY`` (a JWT carrying the
+tenant claim, sent as the bearer token) with ``SUPABASE_ANON_KEY`` as the
+``apikey`` Supabase's gateway checks (the tenant key itself when unset); setting
+both kinds of key is refused rather than guessed. ``WALSYNC_CONFIG`` may name
 a file of ``NAME=value`` lines with the same names (mode 0600 recommended);
 the environment wins over the file. Secrets stay out of shell history, logs,
 errors and status output.
@@ -19,7 +23,8 @@ from .remote import Transport
 
 __all__ = ["describe_target", "load_settings", "transport_from_env"]
 
-_NAMES = ("WALSYNC_PG_DSN", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WALSYNC_TRANSPORT")
+_NAMES = ("WALSYNC_PG_DSN", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WALSYNC_TRANSPORT",
+          "WALSYNC_SUPABASE_KEY", "SUPABASE_ANON_KEY")
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -55,13 +60,24 @@ def transport_from_env(environ: Mapping[str, str] | None = None,
         from .postgres import PostgresTransport
 
         return PostgresTransport(s["WALSYNC_PG_DSN"], timeout_seconds=timeout_seconds)
+    tenant_key = s.get("WALSYNC_SUPABASE_KEY")
+    if s.get("SUPABASE_URL") and tenant_key and s.get("SUPABASE_SERVICE_ROLE_KEY"):
+        # a tenant's worker must never fall back to the service role's all-tenant reach
+        raise SyncConfigError("both SUPABASE_SERVICE_ROLE_KEY and WALSYNC_SUPABASE_KEY (a "
+                              "tenant-scoped key) are set: set one")
+    if s.get("SUPABASE_URL") and tenant_key:
+        from .supabase import SupabaseTransport
+
+        return SupabaseTransport(s["SUPABASE_URL"], s.get("SUPABASE_ANON_KEY") or tenant_key,
+                                 access_token=tenant_key, timeout_seconds=timeout_seconds)
     if s.get("SUPABASE_URL") and s.get("SUPABASE_SERVICE_ROLE_KEY"):
         from .supabase import SupabaseTransport
 
         return SupabaseTransport(s["SUPABASE_URL"], s["SUPABASE_SERVICE_ROLE_KEY"],
                                  timeout_seconds=timeout_seconds)
     if s.get("SUPABASE_URL"):
-        raise SyncConfigError("SUPABASE_URL is set but SUPABASE_SERVICE_ROLE_KEY is not")
+        raise SyncConfigError("SUPABASE_URL is set but neither SUPABASE_SERVICE_ROLE_KEY nor "
+                              "WALSYNC_SUPABASE_KEY is")
     raise SyncConfigError("no sync server configured: set WALSYNC_PG_DSN (a PostgreSQL DSN), "
                           "or SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY, in the environment "
                           "or in a WALSYNC_CONFIG file")

@@ -9,6 +9,13 @@ object the files create is missing although its file is recorded (say,
 ``drop schema walsync_api cascade``), every file is applied again (each is
 safe to apply more than once): ``walsync migrate`` is the repair the sync
 errors point to.
+
+Tenant mode (``migrate(dsn, tenant_mode=True)``, ``walsync migrate
+--tenant-mode``) applies the files under ``migrations/tenant/`` after the
+default ones. A plain run never turns it on; once on (its file is recorded),
+every run that applies or re-applies a default file applies the tenant files
+again, because the default files re-create the API functions without tenant
+scoping.
 """
 
 from __future__ import annotations
@@ -20,12 +27,18 @@ from typing import Any
 
 import psycopg
 
+from engine.errors import SyncConfigError
+
 from .postgres import classify, redact_dsn
 
-__all__ = ["MIGRATIONS_DIR", "MigrationReport", "list_migrations", "migrate"]
+__all__ = ["MIGRATIONS_DIR", "TENANT_MIGRATIONS_DIR", "MigrationReport", "list_migrations",
+           "migrate"]
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+TENANT_MIGRATIONS_DIR = MIGRATIONS_DIR / "tenant"
 _NAME = re.compile(r"^(\d{14})_([a-z0-9_]+)\.sql$")
+#: a JWT claim name: plain (tenant_id) or namespaced (https://example.com/tenant)
+_CLAIM = re.compile(r"^[A-Za-z0-9_.:/-]{1,200}$")
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,8 @@ class MigrationReport:
     already: list[str]
     #: objects that were missing although their migration was recorded (re-created)
     repaired: list[str] = field(default_factory=list)
+    #: the JWT claim naming the tenant when tenant mode is on, else None
+    tenant_claim: str | None = None
 
 
 _CREATES = re.compile(
@@ -41,10 +56,11 @@ _CREATES = re.compile(
     r"(walsync(?:_api)?\.[a-z_][a-z0-9_]*)", re.IGNORECASE)
 
 
-def _missing_objects(conn: psycopg.Connection[Any]) -> list[str]:
+def _missing_objects(conn: psycopg.Connection[Any], tenant: bool) -> list[str]:
     """Tables, views and functions the migration files create that the database lacks."""
     missing = []
-    for _, path in list_migrations():
+    files = list_migrations() + (list_migrations(tenant=True) if tenant else [])
+    for _, path in files:
         for kind, name in _CREATES.findall(path.read_text()):
             schema, _, obj = name.lower().partition(".")
             if kind.lower() == "function":
@@ -59,48 +75,89 @@ def _missing_objects(conn: psycopg.Connection[Any]) -> list[str]:
     return missing
 
 
-def list_migrations() -> list[tuple[str, Path]]:
+def list_migrations(*, tenant: bool = False) -> list[tuple[str, Path]]:
+    """The default files in order, or with ``tenant`` the tenant-mode files."""
     out = []
-    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+    for path in sorted((TENANT_MIGRATIONS_DIR if tenant else MIGRATIONS_DIR).glob("*.sql")):
         m = _NAME.match(path.name)
         if m:
             out.append((m.group(1), path))
     return out
 
 
-def migrate(dsn: str) -> MigrationReport:
-    """Apply every migration not yet applied; needs a role that may create schemas."""
+def _apply(conn: psycopg.Connection[Any], version: str, path: Path, force: bool) -> bool:
+    """Apply one file in its own transaction unless it is recorded (and not ``force``)."""
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(hashtext('walsync.migrate'))")
+        conn.execute("create schema if not exists walsync")
+        conn.execute(
+            "create table if not exists walsync.schema_migrations ("
+            " version text primary key,"
+            " name text not null,"
+            " applied_at timestamptz not null default now())"
+        )
+        conn.execute("alter table walsync.schema_migrations enable row level security")
+        row = conn.execute(
+            "select 1 from walsync.schema_migrations where version = %s", (version,)
+        ).fetchone()
+        if row and not force:
+            return False
+        conn.execute(path.read_bytes())
+        conn.execute(
+            "insert into walsync.schema_migrations (version, name) values (%s, %s)"
+            " on conflict (version) do nothing",
+            (version, path.name),
+        )
+        return True
+
+
+def _tenant_mode_on(conn: psycopg.Connection[Any]) -> bool:
+    versions = [version for version, _ in list_migrations(tenant=True)]
+    row = conn.execute("select exists (select 1 from walsync.schema_migrations "
+                       "where version = any(%s))", (versions,)).fetchone()
+    return bool(row and row[0])
+
+
+def migrate(dsn: str, *, tenant_mode: bool = False,
+            tenant_claim: str | None = None) -> MigrationReport:
+    """Apply every migration not yet applied; needs a role that may create schemas.
+
+    ``tenant_mode`` turns tenant mode on (it stays on); ``tenant_claim`` (with
+    ``tenant_mode``) names the JWT claim that carries the tenant.
+    """
+    if tenant_claim is not None and not tenant_mode:
+        raise SyncConfigError("a tenant claim needs tenant mode (--tenant-mode)")
+    if tenant_claim is not None and not _CLAIM.match(tenant_claim):
+        raise SyncConfigError(f"tenant claim {tenant_claim!r} is not a JWT claim name "
+                              "(letters, digits and _ . : / -)")
     applied: list[str] = []
     already: list[str] = []
+    claim: str | None = None
     try:
         with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
             recorded = conn.execute(
                 "select to_regclass('walsync.schema_migrations') is not null").fetchone()
-            repaired = _missing_objects(conn) if recorded and recorded[0] else []
+            was_recorded = bool(recorded and recorded[0])
+            tenant_on = was_recorded and _tenant_mode_on(conn)
+            tenant = tenant_mode or tenant_on
+            repaired = _missing_objects(conn, tenant_on) if was_recorded else []
             for version, path in list_migrations():
+                done = _apply(conn, version, path, force=bool(repaired))
+                (applied if done else already).append(path.name)
+            if tenant:
+                # after any default file ran, its functions replaced the tenant-mode ones
+                force = bool(repaired or applied)
+                for version, path in list_migrations(tenant=True):
+                    done = _apply(conn, version, path, force=force)
+                    (applied if done else already).append(path.name)
                 with conn.transaction():
-                    conn.execute("select pg_advisory_xact_lock(hashtext('walsync.migrate'))")
-                    conn.execute("create schema if not exists walsync")
-                    conn.execute(
-                        "create table if not exists walsync.schema_migrations ("
-                        " version text primary key,"
-                        " name text not null,"
-                        " applied_at timestamptz not null default now())"
-                    )
-                    conn.execute("alter table walsync.schema_migrations enable row level security")
+                    if tenant_claim is not None:
+                        conn.execute("update walsync.tenant_settings set claim = %s "
+                                     "where id = 1 and claim is distinct from %s",
+                                     (tenant_claim, tenant_claim))
                     row = conn.execute(
-                        "select 1 from walsync.schema_migrations where version = %s", (version,)
-                    ).fetchone()
-                    if row and not repaired:
-                        already.append(path.name)
-                        continue
-                    conn.execute(path.read_bytes())
-                    conn.execute(
-                        "insert into walsync.schema_migrations (version, name) values (%s, %s)"
-                        " on conflict (version) do nothing",
-                        (version, path.name),
-                    )
-                    applied.append(path.name)
+                        "select claim from walsync.tenant_settings where id = 1").fetchone()
+                    claim = None if row is None else str(row[0])
     except psycopg.Error as exc:
         raise classify(exc, f"migrating {redact_dsn(dsn)}") from None
-    return MigrationReport(applied, already, repaired)
+    return MigrationReport(applied, already, repaired, claim)

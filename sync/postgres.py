@@ -8,13 +8,17 @@ Credentials come from the DSN, which is never logged or put in an error.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import socket
+import threading
 from typing import Any
 
 import psycopg
 
-from engine.errors import RemoteAuthError, RemoteUnavailableError, SyncError
+from engine.errors import RemoteAuthError, RemoteUnavailableError, SyncError, SyncProtocolError
 
 from .remote import (
     PUSH_ARRAYS,
@@ -84,6 +88,43 @@ def classify(exc: BaseException, where: str) -> SyncError:
     return error_for_sqlstate(state, message)
 
 
+class _Deadline:
+    """Cuts a call's connection when the server stays silent past the deadline.
+
+    psycopg has no client-side read timeout: on a half-open connection (the server
+    host vanished without a FIN, a NAT forgot the flow) a call would wait for TCP to
+    give up, a quarter of an hour. ``statement_timeout`` cannot help, the server
+    never sees the statement. Shutting the socket down from a timer thread ends the
+    wait with a connection error, which the caller retries on a new connection.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], seconds: float) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._done = False
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:  # finish() cannot return while the socket is being cut
+            if self._done:
+                return
+            self.fired = True
+            try:
+                fd = os.dup(self._conn.pgconn.socket)
+            except (OSError, psycopg.Error):
+                return
+            with socket.socket(fileno=fd) as sock, contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
+
+
 class PostgresTransport(RpcTransport):
     """Thread rules: one thread at a time (the replicator's)."""
 
@@ -91,9 +132,14 @@ class PostgresTransport(RpcTransport):
 
     def __init__(self, dsn: str, *, timeout_seconds: float = 30.0,
                  connect_timeout_seconds: float = 10.0,
-                 idle_in_transaction_seconds: float = 5.0) -> None:
+                 idle_in_transaction_seconds: float = 5.0,
+                 answer_timeout_seconds: float | None = None) -> None:
         self._dsn = dsn
         self._timeout_ms = int(timeout_seconds * 1000)
+        # The server ends a statement after timeout_seconds and says so; a call with
+        # no answer at all well after that is on a dead connection (see _Deadline).
+        self._answer_seconds = (answer_timeout_seconds if answer_timeout_seconds is not None
+                                else timeout_seconds + 5.0)
         # A call's transaction holds locks from its result until its COMMIT (the
         # lock every push takes, a lease's row). A process frozen in between
         # (SIGSTOP, a VM pause, a GC pause) must not hold them for everyone: the
@@ -124,16 +170,28 @@ class PostgresTransport(RpcTransport):
 
     def _execute(self, function: str, sql: bytes, params: Any) -> Any:
         conn = self._connection()
+        deadline = _Deadline(conn, self._answer_seconds)
         try:
             with conn.transaction():
                 conn.execute(f"set local statement_timeout = {self._timeout_ms}; "
                              f"set local idle_in_transaction_session_timeout = {self._idle_ms}")
                 row = conn.execute(sql, params).fetchone()
         except psycopg.Error as exc:
+            deadline.finish()
+            if deadline.fired:
+                self._drop()
+                raise RemoteUnavailableError(
+                    f"{function} on {self.where}: no answer within {self._answer_seconds:g} s "
+                    "(connection dropped)") from None
             error = classify(exc, f"{function} on {self.where}")
             if isinstance(error, RemoteUnavailableError):
                 self._drop()
             raise error from None
+        except RecursionError:  # psycopg's json.loads on a jsonb nested past the limit
+            raise SyncProtocolError(f"{function} on {self.where}: the answer is nested too "
+                                    "deeply to decode") from None
+        finally:
+            deadline.finish()
         return None if row is None else row[0]
 
     def push(self, node_id: str, through_lsn: int, entries: list[dict[str, Any]]) -> PushAck:

@@ -26,10 +26,14 @@ from engine.errors import (
     RemoteSchemaError,
     RemoteUnavailableError,
     SyncError,
+    SyncProtocolError,
 )
+from engine.record import CODEC_NONE, CODEC_ZSTD
+from engine.versions import Sibling, Version
 
 __all__ = ["PUSH_ARRAYS", "NodeStatus", "PullPage", "PushAck", "Transport", "error_for_sqlstate",
-           "json_text", "push_arrays"]
+           "head_of", "json_text", "node_status", "pull_page", "push_ack", "push_arrays",
+           "state_page", "wire_sibling"]
 
 #: SQLSTATEs worth retrying: connection trouble, shutdown, overload,
 #: serialization failures and deadlocks, statement timeouts, lock timeouts, a
@@ -67,6 +71,12 @@ class PullPage:
     #: the position to pass to the next pull
     next: int
     head: int
+    #: the entries decoded, ``(key, Sibling)`` each (decoded here when not given)
+    siblings: list[tuple[str, Sibling]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.entries and not self.siblings:
+            object.__setattr__(self, "siblings", [wire_sibling(e) for e in self.entries])
 
 
 @dataclass(frozen=True)
@@ -112,22 +122,135 @@ class RpcTransport(ABC):
         return node_status(self.call("node_status", {"p_node": node_id}))
 
     def head(self) -> int:
-        return int(self.call("head", {})["head"])
+        return head_of(self.call("head", {}))
 
 
-def push_ack(doc: dict[str, Any]) -> PushAck:
-    return PushAck(int(doc["acked_lsn"]), int(doc["inserted"]), int(doc["merged"]),
-                   int(doc["head"]), list(doc.get("fenced") or []))
+# -- the server's answers --------------------------------------------------------------
+#
+# Each answer is checked here, once, against the shape the protocol gives it: a
+# malformed one (another protocol version, a proxy answering in the server's place)
+# raises SyncProtocolError, never a KeyError or TypeError deep in the replicator, and
+# nothing half-checked reaches the store.
+
+#: integers the server sends are bigints
+_BIGINT = 2**63
 
 
-def pull_page(doc: dict[str, Any]) -> PullPage:
-    return PullPage(list(doc["entries"]), int(doc["next"]), int(doc["head"]))
+def _kind(value: Any) -> str:
+    if isinstance(value, str):
+        return f"text {value[:40]!r}"
+    return "null" if value is None else type(value).__name__
 
 
-def node_status(doc: dict[str, Any]) -> NodeStatus:
+def _object(doc: Any, what: str) -> dict[Any, Any]:
+    if type(doc) is not dict:
+        raise SyncProtocolError(f"{what}: the server answered {_kind(doc)}, not a JSON object")
+    return doc
+
+
+def _int(doc: dict[Any, Any], name: str, what: str) -> int:
+    value = doc.get(name)
+    if type(value) is not int or not 0 <= value < _BIGINT:
+        raise SyncProtocolError(f"{what}: {name!r} is {_kind(value)}, not a bigint >= 0")
+    return value
+
+
+def _text(doc: dict[Any, Any], name: str, what: str) -> str:
+    value = doc.get(name)
+    if type(value) is not str or not value:
+        raise SyncProtocolError(f"{what}: {name!r} is {_kind(value)}, not a non-empty text")
+    return value
+
+
+def _text_or_null(doc: dict[Any, Any], name: str, what: str) -> str | None:
+    return None if doc.get(name) is None else _text(doc, name, what)
+
+
+def wire_sibling(entry: Any, what: str = "pull") -> tuple[str, Sibling]:
+    """A wire entry from the server (``data`` base64 text or bytes, with ``origin``) as
+    ``(key, Sibling)``; SyncProtocolError if any field lacks its type."""
+    e = _object(entry, f"{what}: an entry")
+    key = _text(e, "key", f"{what}: an entry")
+    origin = _text(e, "origin", f"{what}: an entry")
+    where = f"{what}: entry {origin}:{e.get('lsn')!r} of key {key[:80]!r}"
+    lsn = _int(e, "lsn", where)
+    hlc = _int(e, "hlc", where)
+    fence = 0 if e.get("fence") is None else _int(e, "fence", where)
+    codec = CODEC_NONE if e.get("codec") is None else _int(e, "codec", where)
+    if codec not in (CODEC_NONE, CODEC_ZSTD):
+        raise SyncProtocolError(f"{where}: unknown codec {codec}")
+    vv = e.get("vv")
+    if type(vv) is not dict or not all(
+            type(k) is str and type(n) is int and 0 <= n < _BIGINT for k, n in vv.items()):
+        raise SyncProtocolError(f"{where}: 'vv' is {_kind(vv)}, not a version vector")
+    deleted = e.get("deleted", False)
+    if type(deleted) is not bool:
+        raise SyncProtocolError(f"{where}: 'deleted' is {_kind(deleted)}, not a boolean")
+    data = e.get("data")
+    raw: bytes | None
+    if deleted or data is None:
+        raw = None
+    elif type(data) is str:
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except ValueError:  # binascii.Error
+            raise SyncProtocolError(f"{where}: 'data' is not base64") from None
+    elif type(data) is bytes:
+        raw = data
+    else:
+        raise SyncProtocolError(f"{where}: 'data' is {_kind(data)}, not base64 text")
+    return key, Sibling(Version(origin, lsn, hlc, dict(vv), fence, raw is None), codec, raw)
+
+
+def push_ack(doc: Any) -> PushAck:
+    d = _object(doc, "push")
+    fenced = d.get("fenced") or []
+    if type(fenced) is not list:
+        raise SyncProtocolError(f"push: 'fenced' is {_kind(fenced)}, not a list")
+    for item in fenced:
+        run = _object(item, "push: a fenced run")
+        _text(run, "run_id", "push: a fenced run")
+        _int(run, "current", "push: a fenced run")
+        _text_or_null(run, "holder", "push: a fenced run")
+    return PushAck(_int(d, "acked_lsn", "push"), _int(d, "inserted", "push"),
+                   _int(d, "merged", "push"), _int(d, "head", "push"), list(fenced))
+
+
+def pull_page(doc: Any) -> PullPage:
+    d = _object(doc, "pull")
+    entries = d.get("entries")
+    if type(entries) is not list:
+        raise SyncProtocolError(f"pull: 'entries' is {_kind(entries)}, not a list")
+    siblings = [wire_sibling(e) for e in entries]
+    return PullPage(entries, _int(d, "next", "pull"), _int(d, "head", "pull"), siblings)
+
+
+def node_status(doc: Any) -> NodeStatus:
+    d = _object(doc, "node_status")
     known = {"node_id", "acked_lsn", "acked_hlc", "pull_cursor"}
-    return NodeStatus(str(doc["node_id"]), int(doc["acked_lsn"]), int(doc["acked_hlc"]),
-                      int(doc["pull_cursor"]), {k: v for k, v in doc.items() if k not in known})
+    return NodeStatus(_text(d, "node_id", "node_status"), _int(d, "acked_lsn", "node_status"),
+                      _int(d, "acked_hlc", "node_status"), _int(d, "pull_cursor", "node_status"),
+                      {k: v for k, v in d.items() if type(k) is str and k not in known})
+
+
+def head_of(doc: Any) -> int:
+    return _int(_object(doc, "head"), "head", "head")
+
+
+def state_page(doc: Any) -> dict[str, Any]:
+    """A ``state_page`` answer, checked: every row a wire entry (with ``value_hash``
+    text or null), ``last_key`` text or null, ``done`` a boolean."""
+    d = _object(doc, "state_page")
+    rows = d.get("rows")
+    if type(rows) is not list:
+        raise SyncProtocolError(f"state_page: 'rows' is {_kind(rows)}, not a list")
+    for row in rows:
+        wire_sibling(row, "state_page")
+        _text_or_null(row, "value_hash", "state_page: a row")
+    _text_or_null(d, "last_key", "state_page")
+    if type(d.get("done")) is not bool:
+        raise SyncProtocolError(f"state_page: 'done' is {_kind(d.get('done'))}, not a boolean")
+    return d
 
 
 # -- push's arguments ------------------------------------------------------------------

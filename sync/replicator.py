@@ -45,11 +45,13 @@ from engine.errors import (
     SyncError,
     WalsyncError,
 )
+from engine.events import LeaseLostEvent
+from engine.metrics import LATENCY_BOUNDS_NS, Histogram, HistogramSnapshot
 
-from .merge import record_to_wire, sibling_from_wire, sibling_to_wire
+from .merge import record_to_wire, sibling_to_wire
 from .remote import Transport
 
-__all__ = ["Replicator", "ReplicatorOptions", "ReplicatorStatus"]
+__all__ = ["Replicator", "ReplicatorOptions", "ReplicatorStats", "ReplicatorStatus"]
 
 log = logging.getLogger("walsync.replicator")
 
@@ -103,6 +105,36 @@ class ReplicatorStatus:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ReplicatorStats:
+    """Counters since the replicator was made, and lags now (what metrics expose)."""
+
+    node_id: str
+    running: bool
+    acked_lsn: int
+    lag_entries: int
+    lag_bytes: int
+    lag_seconds: float
+    #: seconds per successful push call (one batch of entries)
+    push_duration: HistogramSnapshot
+    pushed_entries: int
+    #: WAL frame bytes of the local records pushed
+    pushed_bytes: int
+    pulls: int
+    pulled_entries: int
+    #: retries of a ship-and-pull round after a transient server fault
+    retries: int
+    conflicts: int
+    #: the server's refusals of this node's writes to runs another host leases
+    #: (one per run per pushed batch)
+    fenced_writes: int
+    #: runs taken over by another host
+    lost_runs: int
+    last_push_unix: float | None
+    last_pull_unix: float | None
+    last_error_unix: float | None
+
+
 class Replicator:
     def __init__(
         self, store: Store, transport: Transport, options: ReplicatorOptions | None = None
@@ -124,6 +156,11 @@ class Replicator:
         self._next_pull = 0.0
         self._skipped_cursor: int | None = None
         self._lost_callbacks: list[Callable[[LeaseLostError], None]] = []
+        #: written by the replicator's thread only; read by stats()
+        self._push_ns = Histogram(LATENCY_BOUNDS_NS, divisor=1e9)
+        self._pushed_bytes = 0
+        self._pulls = 0
+        self._fenced_writes = 0
         store.add_commit_listener(self._on_commit)
 
     # -- lifecycle -------------------------------------------------------------
@@ -275,18 +312,23 @@ class Replicator:
             if not entries:  # only merge records: nothing the server needs
                 self._set_acked(records[-1].lsn)
                 continue
+            started = time.perf_counter_ns()
             ack = self.transport.push(store.node_id, records[-1].lsn, entries)
+            self._push_ns.observe(time.perf_counter_ns() - started)
             if ack.fenced:
-                self._report_fenced(ack.fenced)
+                self._fenced_writes += len(ack.fenced)
+                self._report_fenced(ack.fenced, entries)
             total += len(entries)
             self._status.pushed_entries += len(entries)
+            self._pushed_bytes += sum(rec.size_bytes for rec in records if rec.local)
             self._status.last_push_at = time.time()
             self._status.server_head = ack.head
             self._set_acked(max(ack.acked_lsn, records[-1].lsn))
         return total
 
-    def _report_fenced(self, fenced: list[dict[str, Any]]) -> None:
-        """The server refused this node's writes to runs another host now leases."""
+    def _report_fenced(self, fenced: list[dict[str, Any]], entries: list[dict[str, Any]]) -> None:
+        """The server refused this node's writes to runs another host now leases
+        (``entries``: the pushed batch, which says what token those writes carried)."""
         for item in fenced:
             run_id, current = str(item["run_id"]), int(item["current"])
             if run_id in self._status.lost_runs:
@@ -305,6 +347,10 @@ class Replicator:
             self._status.fenced_runs += 1
             log.error("sync: run %s was taken over (lease token %d): this host's writes to it "
                       "were refused by the server", run_id, current)
+            token, lsn = _refused_writes(entries, run_id, current)
+            self.store.events.emit(LeaseLostEvent(
+                lsn=lsn, run_id=run_id, token=token, current_token=current,
+                holder=None if item.get("holder") is None else str(item["holder"])))
             for callback in self._lost_callbacks:
                 try:
                     callback(LeaseLostError(
@@ -380,7 +426,7 @@ class Replicator:
                 if page.next >= page.head:
                     break
                 continue
-            items = [(e["key"], sibling_from_wire(e)) for e in page.entries]
+            items = page.siblings  # checked by the transport: no malformed entry here
             store.apply_remote(items, meta={_CURSOR: page.next})
             total += len(items)
             self._status.pulled_entries += len(items)
@@ -390,6 +436,7 @@ class Replicator:
             if page.next >= page.head:
                 break
         self._status.pull_cursor = self._pull_cursor()
+        self._pulls += 1
         return total
 
     def _pull_cursor(self) -> int:
@@ -433,7 +480,40 @@ class Replicator:
         s.pull_cursor = self._pull_cursor()
         return s
 
+    def stats(self) -> ReplicatorStats:
+        """A frozen copy of the counters, with the lags computed now; from any thread."""
+        s = self.status()
+        return ReplicatorStats(
+            node_id=s.node_id, running=s.running, acked_lsn=s.acked_lsn,
+            lag_entries=s.lag_entries, lag_bytes=s.lag_bytes, lag_seconds=s.lag_seconds,
+            push_duration=self._push_ns.snapshot(), pushed_entries=s.pushed_entries,
+            pushed_bytes=self._pushed_bytes, pulls=self._pulls,
+            pulled_entries=s.pulled_entries, retries=s.retries, conflicts=s.conflicts,
+            fenced_writes=self._fenced_writes, lost_runs=s.fenced_runs,
+            last_push_unix=s.last_push_at, last_pull_unix=s.last_pull_at,
+            last_error_unix=s.last_error_at,
+        )
+
     def _lag_bytes(self) -> int:
         if self._acked >= self.store.applied_lsn:
             return 0
-        return max(0, self.store.info().wal_bytes - self._reader.position_bytes())
+        # wal_end_bytes, not info().wal_bytes: the active segment's preallocated
+        # zeros are not lag
+        return max(0, self.store.wal_end_bytes - self._reader.position_bytes())
+
+
+def _run_of(key: str) -> str | None:
+    """The run a key belongs to: the Python twin of the SQL ``walsync.run_of``."""
+    for prefix in ("runs/", "index/runs/"):
+        if key.startswith(prefix):
+            return key[len(prefix):].split("/", 1)[0]
+    return None
+
+
+def _refused_writes(entries: list[dict[str, Any]], run_id: str, current: int) -> tuple[int, int]:
+    """(token, newest LSN) of a pushed batch's writes to ``run_id`` that carried an
+    older token than ``current``: the ones the server refused."""
+    refused = [e for e in entries if int(e["fence"]) < current and _run_of(e["key"]) == run_id]
+    if not refused:
+        return 0, 0
+    return max(int(e["fence"]) for e in refused), max(int(e["lsn"]) for e in refused)

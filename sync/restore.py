@@ -28,7 +28,7 @@ from engine.versions import Sibling
 from engine.workflow import Workflows
 
 from .merge import sibling_from_wire
-from .remote import Transport
+from .remote import Transport, state_page
 
 __all__ = ["RestoreReport", "restore"]
 
@@ -72,8 +72,9 @@ def _runs_of(transport: Transport, node: str, page_keys: int) -> list[str]:
     runs: list[str] = []
     after: str | None = None
     while True:
-        doc = transport.call("state_page", {"p_prefix": "index/runs/", "p_after_key": after,
-                                            "p_limit": page_keys})
+        doc = state_page(transport.call("state_page", {"p_prefix": "index/runs/",
+                                                       "p_after_key": after,
+                                                       "p_limit": page_keys}))
         best: dict[str, tuple[tuple[int, int, str, int], str]] = {}
         for row in doc["rows"]:
             order = (int(row["fence"]), int(row["hlc"]), str(row["origin"]), int(row["lsn"]))
@@ -114,8 +115,9 @@ def restore(
             exact_run = p.startswith("runs/") and lost_node is not None
             after: str | None = None
             while True:
-                doc = transport.call("state_page", {"p_prefix": p, "p_after_key": after,
-                                                    "p_limit": page_keys})
+                doc = state_page(transport.call("state_page", {"p_prefix": p,
+                                                               "p_after_key": after,
+                                                               "p_limit": page_keys}))
                 rows = [r for r in doc["rows"]
                         if not exact_run or r["key"] == p or r["key"].startswith(p + "/")]
                 items = [(r["key"], _checked(r)) for r in rows]

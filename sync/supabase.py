@@ -1,4 +1,5 @@
-"""The ``supabase`` transport: supabase-py, RPC over PostgREST, service-role key.
+"""The ``supabase`` transport: supabase-py, RPC over PostgREST, service-role key
+(or, in tenant mode, a tenant-scoped key).
 
 The only module that imports supabase. What supabase-py does that shapes this
 module: it does not retry POSTs or timeouts (the replicator's tenacity loop
@@ -25,6 +26,7 @@ from engine.errors import (
     RemoteUnavailableError,
     SyncConfigError,
     SyncError,
+    SyncProtocolError,
 )
 
 from .remote import (
@@ -74,22 +76,26 @@ class SupabaseTransport(RpcTransport):
 
     name = "supabase"
 
-    def __init__(self, url: str, service_role_key: str, *, timeout_seconds: float = 30.0) -> None:
+    def __init__(self, url: str, service_role_key: str, *, timeout_seconds: float = 30.0,
+                 access_token: str | None = None) -> None:
+        """``access_token``: a tenant-scoped JWT sent as the bearer token, with
+        ``service_role_key`` then only the ``apikey`` (on Supabase, the project's anon
+        key: its API gateway admits a request by that header; the JWT sets the role)."""
         self.where = url.rstrip("/")
         # The timeout goes on an explicit httpx client: supabase-py >= 2.20 deprecates
         # ``postgrest_client_timeout`` (a DeprecationWarning on every client created).
         self._http = httpx.Client(timeout=timeout_seconds,
                                   event_hooks={"response": [self._saw_response]})
         self._status: int | None = None
+        options = ClientOptions(schema=API_SCHEMA, httpx_client=self._http,
+                                auto_refresh_token=False, persist_session=False)
+        if access_token is not None:
+            options.headers["Authorization"] = f"Bearer {access_token}"
         try:
-            self._client: Client = create_client(
-                url, service_role_key,
-                options=ClientOptions(schema=API_SCHEMA, httpx_client=self._http,
-                                      auto_refresh_token=False, persist_session=False),
-            )
+            self._client: Client = create_client(url, service_role_key, options=options)
         except SupabaseException as exc:  # a malformed URL or key: a configuration error
             self._http.close()
-            raise SyncConfigError(f"SUPABASE_URL / SUPABASE_SERVICE_ROLE_KEY rejected by "
+            raise SyncConfigError(f"SUPABASE_URL or the Supabase key rejected by "
                                   f"supabase-py: {exc.message} (the URL must look like "
                                   "https://<project>.supabase.co)") from None
         except BaseException:
@@ -109,6 +115,15 @@ class SupabaseTransport(RpcTransport):
         except httpx.TransportError as exc:
             raise RemoteUnavailableError(
                 f"{function} on {self.where}: {type(exc).__name__}") from None
+        except (ValueError, RecursionError) as exc:
+            if self._status is None:  # raised before any answer: not the server's doing
+                raise
+            # postgrest-py decodes a 2xx body with json.loads and lets a UnicodeDecodeError
+            # (a body that claims UTF-16 by its first bytes) or a RecursionError (nesting
+            # past the interpreter's limit) through
+            raise SyncProtocolError(f"{function} on {self.where}: the answer (HTTP "
+                                    f"{self._status}) does not decode: {type(exc).__name__}"
+                                    ) from None
 
     def push(self, node_id: str, through_lsn: int, entries: list[dict[str, Any]]) -> PushAck:
         """The batch as push's parallel arrays in the JSON body: PostgREST types them by

@@ -118,6 +118,15 @@ def _build(path: Path) -> Pristine:
     return Pristine(path, records, [p.name for _, p in segments], frames)
 
 
+@pytest.fixture(autouse=True)
+def writer_died(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read every working copy as a store whose writer died with it open (the OPEN
+    marker left behind), the one case where a damaged last record may be a torn
+    tail; each open and close of a copy would otherwise clear the marker. A
+    cleanly closed store is stricter still (test_corruption_large.py)."""
+    monkeypatch.setattr(StoreLayout, "closed_cleanly", lambda self: False)
+
+
 @pytest.fixture
 def no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip fsyncs for tests that open a store hundreds of times: what they check is
@@ -544,7 +553,7 @@ def test_corruption_second_repair_in_the_same_second_gets_its_own_quarantine(
 ) -> None:
     fixed = time.gmtime(1_800_000_000)
     clock = SimpleNamespace(strftime=time.strftime, gmtime=lambda *_: fixed)
-    monkeypatch.setattr(importlib.import_module("engine.repair"), "time", clock)
+    monkeypatch.setattr(importlib.import_module("engine.layout"), "time", clock)
     work, _applied = _damaged_store(pristine, tmp_path, "deleted")
     seg3 = _wal(work, pristine.segments[2])
     seg3_bytes = seg3.read_bytes()

@@ -11,7 +11,16 @@ while traffic flows, from any thread:
 * ``delay_seconds``: sleep this long before forwarding each chunk (both directions);
 * ``truncate_next(n, to_client=True)``: the next chunk in that direction, on whichever
   connection carries it first, is cut to its first ``n`` bytes, then that connection is
-  reset (a response or request torn mid-message).
+  reset (a response or request torn mid-message);
+* ``blackhole = True``: half-open connections. Every open connection, and every one
+  accepted while it is on, goes silent for good: what either end sends is swallowed,
+  nothing is forwarded, nothing is closed or reset (a peer that vanished without a FIN, a
+  NAT that forgot the flow). Only the client's own timeout gets it out. ``False`` lets
+  new connections through again; the silent ones stay silent until their client closes;
+* ``heal()``: lift every fault at once (refuse, delay, pending truncations, blackhole).
+
+``upstream`` may be reassigned while running (a server restarted on another port): new
+connections go there.
 
 Bounded: at most ``max_connections`` open pairs (more are reset on accept), one thread per
 pair plus the accept thread, every socket polled with a short timeout so ``stop()`` ends
@@ -42,10 +51,12 @@ def _reset(sock: socket.socket) -> None:
 
 
 class _Pair:
-    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+    def __init__(self, client: socket.socket, upstream: socket.socket | None) -> None:
         self.client = client
         self.upstream = upstream
         self.cut = threading.Event()
+        #: half-open: swallow everything, forward nothing, close nothing
+        self.silent = upstream is None
 
 
 class FaultProxy:
@@ -54,6 +65,7 @@ class FaultProxy:
         self.max_connections = max_connections
         self.delay_seconds = 0.0
         self._refuse = False
+        self._blackhole = False
         self._truncate: dict[bool, int] = {}  # to_client -> bytes to let through
         self._lock = threading.Lock()
         self._pairs: set[_Pair] = set()
@@ -63,6 +75,7 @@ class FaultProxy:
         self._stopping = threading.Event()
         self.accepted = 0
         self.resets = 0
+        self.swallowed_bytes = 0
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> FaultProxy:
@@ -121,9 +134,34 @@ class FaultProxy:
         if value:
             self.reset_all()
 
+    @property
+    def blackhole(self) -> bool:
+        return self._blackhole
+
+    @blackhole.setter
+    def blackhole(self, value: bool) -> None:
+        self._blackhole = value
+        if value:
+            with self._lock:
+                for pair in self._pairs:
+                    pair.silent = True
+
     def truncate_next(self, nbytes: int, *, to_client: bool = True) -> None:
         with self._lock:
             self._truncate[to_client] = max(0, nbytes)
+
+    @property
+    def truncation_pending(self) -> bool:
+        with self._lock:
+            return bool(self._truncate)
+
+    def heal(self) -> None:
+        """Lift every fault: traffic on new connections flows normally again."""
+        self.refuse = False
+        self.blackhole = False
+        self.delay_seconds = 0.0
+        with self._lock:
+            self._truncate.clear()
 
     @property
     def open_connections(self) -> int:
@@ -147,15 +185,18 @@ class FaultProxy:
                 _reset(client)
                 self.resets += 1
                 continue
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=2)
-            except OSError:  # the server is down: so is the connection
-                _reset(client)
-                self.resets += 1
-                continue
+            upstream: socket.socket | None = None
+            if not self._blackhole:  # a silent connection never reaches the server
+                try:
+                    upstream = socket.create_connection(self.upstream, timeout=2)
+                except OSError:  # the server is down: so is the connection
+                    _reset(client)
+                    self.resets += 1
+                    continue
             for s in (client, upstream):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                s.settimeout(None)
+                if s is not None:
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    s.settimeout(None)
             pair = _Pair(client, upstream)
             thread = threading.Thread(target=self._pump, args=(pair,), name="fault-proxy-pair",
                                       daemon=True)
@@ -167,7 +208,8 @@ class FaultProxy:
     def _pump(self, pair: _Pair) -> None:
         sel = selectors.DefaultSelector()
         sel.register(pair.client, selectors.EVENT_READ, (pair.upstream, False))
-        sel.register(pair.upstream, selectors.EVENT_READ, (pair.client, True))
+        if pair.upstream is not None:
+            sel.register(pair.upstream, selectors.EVENT_READ, (pair.client, True))
         clean = False
         try:
             while not pair.cut.is_set() and not self._stopping.is_set():
@@ -177,10 +219,19 @@ class FaultProxy:
                     try:
                         data = src.recv(_CHUNK)
                     except OSError:
+                        if pair.silent and src is not pair.client:
+                            sel.unregister(src)
+                            continue
                         return
+                    if not data and pair.silent and src is not pair.client:
+                        sel.unregister(src)  # the server gave up: the client is not told
+                        continue
                     if not data:  # an orderly close: pass it on
                         clean = True
                         return
+                    if pair.silent:  # half-open: the bytes vanish, nobody is told
+                        self.swallowed_bytes += len(data)
+                        continue
                     if self.delay_seconds > 0:
                         pair.cut.wait(self.delay_seconds)
                         if pair.cut.is_set():
@@ -197,14 +248,15 @@ class FaultProxy:
                         return
         finally:
             sel.close()
+            ends = [s for s in (pair.client, pair.upstream) if s is not None]
             if clean:
-                for s in (pair.client, pair.upstream):
+                for s in ends:
                     with contextlib.suppress(OSError):
                         s.shutdown(socket.SHUT_RDWR)
                     s.close()
             else:
-                _reset(pair.client)
-                _reset(pair.upstream)
+                for s in ends:
+                    _reset(s)
                 self.resets += 1
             with self._lock:
                 self._pairs.discard(pair)

@@ -1,23 +1,33 @@
-"""Network faults between the replicator's postgres transport and the database
-(SPEC 7: dropped connections, delays, torn messages and a server restart lose nothing and
-duplicate nothing). The faults come from tests/sync/_proxy.py, a loopback TCP proxy.
+"""Network faults between the replicator's transports and the server (SPEC 7: dropped
+connections, delays, torn messages, half-open connections and a server restart lose
+nothing and duplicate nothing), and answers that are not the server's (something in its
+place answers garbage: a clear SyncProtocolError, never a KeyError or a hang). The faults
+come from tests/sync/_proxy.py, a loopback TCP proxy; the seeded sweep over every fault
+kind and both transports is test_faults_network_sweep.py.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from engine import Store
-from engine.errors import RemoteUnavailableError, SyncError
+from engine.errors import RemoteUnavailableError, SyncError, SyncProtocolError
 from sync.migrate import migrate
 from sync.postgres import PostgresTransport
+from sync.remote import pull_page, push_ack, state_page
 from sync.replicator import Replicator, ReplicatorOptions
+from sync.supabase import SupabaseTransport
+from tests.gateway import service_role_key
 from tests.pg import PostgresCluster
 from tests.sync._helpers import entry, query, server_entry_ids, wait_for, with_port
 from tests.sync._proxy import FaultProxy
@@ -212,5 +222,190 @@ def test_faults_network_sync_errors_never_leak_the_password(
             assert isinstance(err, RemoteUnavailableError)
             assert secret not in str(err)
             assert secret not in repr(err)
+    finally:
+        t.close()
+
+
+def _in_thread(fn: Callable[[], Any], timeout: float) -> BaseException | None:
+    """Run ``fn`` in a thread; its exception, or fail if it is still running at ``timeout``
+    (a call that hangs must fail the test, not stall the suite)."""
+    box: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            box.append(exc)
+        else:
+            box.append(None)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert box, f"the call still waits after {timeout} s"
+    return box[0]
+
+
+def test_faults_network_half_open_connection_is_cut_after_the_answer_timeout(
+        pg_db: str, proxy: FaultProxy) -> None:
+    """psycopg has no read timeout: without the transport's own deadline a call on a
+    connection whose peer went silent waits until TCP gives up (a quarter of an hour)."""
+    t = PostgresTransport(with_port(pg_db, proxy.port), timeout_seconds=0.3,
+                          connect_timeout_seconds=2, answer_timeout_seconds=0.6)
+    try:
+        assert t.head() == 0
+        proxy.blackhole = True  # the open connection goes silent, nothing is reset
+        started = time.monotonic()
+        error = _in_thread(t.head, timeout=10)
+        assert isinstance(error, RemoteUnavailableError), error
+        assert "no answer within 0.6 s" in str(error)
+        assert 0.6 <= time.monotonic() - started < 5
+        assert proxy.swallowed_bytes > 0  # the request did go into the void
+        proxy.blackhole = False
+        assert _call_until_ok(t, "head", {}) == {"head": 0, "schema_version": 1}
+        t.push("A", 1, [entry("A", 1, "k", 1)])
+    finally:
+        t.close()
+    assert server_entry_ids(pg_db) == [("A", 1, "k")]
+
+
+def test_faults_network_replicator_gets_through_a_half_open_connection(
+        tmp_path: Path, pg_db: str, proxy: FaultProxy) -> None:
+    t = PostgresTransport(with_port(pg_db, proxy.port), timeout_seconds=0.3,
+                          connect_timeout_seconds=2, answer_timeout_seconds=0.6)
+    with Store.open(tmp_path / "A", node_id="A") as store:
+        rep = Replicator(store, t, OPTIONS).start()
+        try:
+            store.put("k", 1)
+            wait_for(lambda: rep.status().lag_entries == 0, what="the first ack")
+            proxy.blackhole = True
+            store.put("k", 2)
+            time.sleep(0.2)
+            proxy.blackhole = False  # the connection in use stays dead: only a timeout helps
+            last = store.put("k", 3).lsn
+            wait_for(lambda: rep.acked_lsn >= last, timeout=10, what="the ack after the cut")
+            assert rep.error is None
+            assert rep.status().retries >= 1
+        finally:
+            rep.close()
+    assert sorted(lsn for _o, lsn, _k in server_entry_ids(pg_db)) == [1, 2, 3]
+
+
+# -- something in the server's place answers garbage ----------------------------------
+
+
+class _Canned(BaseHTTPRequestHandler):
+    """Answers ``POST .../rpc/<fn>`` with the server's canned ``answers[fn]`` (or
+    ``answers["*"]``): a (status, body)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        answers = self.server.answers  # type: ignore[attr-defined]
+        status, body = answers.get(self.path.rsplit("/", 1)[-1], answers["*"])
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+@pytest.fixture
+def impostor() -> Iterator[ThreadingHTTPServer]:
+    """An HTTP server in PostgREST's place that answers what ``.answers`` holds."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Canned)
+    server.daemon_threads = True
+    server.answers = {"*": (200, b"{}")}  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
+                              daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (b"<html>502 Bad Gateway</html>", "not a JSON object"),
+    (b"\xff\xfe{", "UnicodeDecodeError"),  # a BOM makes json.loads try UTF-16
+    (b"[" * 5000 + b"]" * 5000, "RecursionError"),
+    (b'{"head": "7"}', "'head' is text"),
+    (b'{"head": -1}', "not a bigint"),
+])
+def test_faults_network_garbage_answers_raise_a_protocol_error(
+        impostor: ThreadingHTTPServer, body: bytes, reason: str) -> None:
+    impostor.answers = {"*": (200, body)}  # type: ignore[attr-defined]
+    t = SupabaseTransport(f"http://127.0.0.1:{impostor.server_address[1]}",
+                          service_role_key(), timeout_seconds=5)
+    try:
+        with pytest.raises(SyncProtocolError, match=reason):
+            t.head()
+    finally:
+        t.close()
+
+
+def test_faults_network_replicator_stops_on_a_garbage_pull_and_keeps_the_entries(
+        tmp_path: Path, impostor: ThreadingHTTPServer) -> None:
+    """A pull page whose entry lacks its fields stopped the replicator with "unexpected
+    KeyError"; now it is a protocol error, named in status, and nothing is merged."""
+    status_doc = {"node_id": "A", "acked_lsn": 0, "acked_hlc": 0, "pull_cursor": 0}
+    page = {"entries": [{"key": "k", "origin": "B", "lsn": 1}], "next": 1, "head": 1}
+    impostor.answers = {  # type: ignore[attr-defined]
+        "*": (404, b"{}"), "node_status": (200, json.dumps(status_doc).encode()),
+        "pull": (200, json.dumps(page).encode())}
+    t = SupabaseTransport(f"http://127.0.0.1:{impostor.server_address[1]}",
+                          service_role_key(), timeout_seconds=5)
+    with Store.open(tmp_path / "A", node_id="A") as store:
+        rep = Replicator(store, t, ReplicatorOptions(pull_interval_seconds=0.01)).start()
+        try:
+            wait_for(lambda: rep.error is not None, what="the replicator to stop")
+            assert isinstance(rep.error, SyncProtocolError)
+            assert "entry B:1 of key 'k'" in str(rep.error)
+            assert rep.status().stopped_reason == str(rep.error)
+            assert store.get("k") is None
+        finally:
+            rep.close()
+
+
+@pytest.mark.parametrize(("decode", "doc", "reason"), [
+    (push_ack, {"acked_lsn": 1, "inserted": 1, "merged": 0, "head": 1,
+                "fenced": [{"current": 2}]}, "'run_id'"),
+    (push_ack, ["acked_lsn", 1], "not a JSON object"),
+    (pull_page, {"entries": {}, "next": 1, "head": 1}, "'entries'"),
+    (pull_page, {"entries": [entry("A", 1, "k", 1) | {"origin": "A", "data": "@@"}],
+                 "next": 1, "head": 1}, "not base64"),
+    (pull_page, {"entries": [entry("A", 1, "k", 1) | {"origin": "A", "vv": {"A": "1"}}],
+                 "next": 1, "head": 1}, "version vector"),
+    (pull_page, {"entries": [entry("A", 1, "k", 1) | {"origin": "A", "codec": 9}],
+                 "next": 1, "head": 1}, "unknown codec"),
+    (state_page, {"rows": [], "last_key": None}, "'done'"),
+    (state_page, {"rows": [entry("A", 1, "k", 1) | {"origin": "A", "value_hash": 5}],
+                  "last_key": "k", "done": True}, "'value_hash'"),
+])
+def test_faults_network_malformed_documents_raise_a_protocol_error(
+        decode: Callable[[Any], Any], doc: Any, reason: str) -> None:
+    with pytest.raises(SyncProtocolError, match=reason):
+        decode(doc)
+
+
+def test_faults_network_postgres_answer_nested_past_the_limit_raises_a_protocol_error(
+        pg_db: str) -> None:
+    """psycopg decodes jsonb with json.loads, which raises RecursionError on nesting
+    past the interpreter's limit: an answer like that is the server's fault, not a crash."""
+    migrate(pg_db)
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        conn.execute("create function walsync_api.deep_probe() returns jsonb language sql "
+                     "as $$ select (repeat('[', 5000) || repeat(']', 5000))::jsonb $$")
+    t = PostgresTransport(pg_db, connect_timeout_seconds=2)
+    try:
+        with pytest.raises(SyncProtocolError, match="nested too deeply"):
+            t.call("deep_probe", {})
+        assert t.head() == 0  # the connection is still good
     finally:
         t.close()

@@ -1,0 +1,172 @@
+"""What keeps the snapshot trustworthy across a power loss: its base copy and the OPEN marker.
+
+LMDB runs without fsync between checkpoints (the WAL is the source of truth).
+A *process* crash loses nothing of it: the kernel still holds and writes every
+page. A *machine* crash (power loss, kernel panic) can leave the file torn:
+pages written since the last sync may be lost or half-written while LMDB's
+meta page points at them, and pages freed after the sync may have been
+overwritten. Replaying the WAL cannot mend a tree whose pages are garbage.
+
+So every checkpoint writes a compact, synced copy of the snapshot, the base,
+into ``snapshot-base/`` and WAL segments are removed only below the base's
+LSN: base + WAL always rebuild the state. A writer leaves the ``OPEN`` marker
+(with the machine's boot id) while it has the store open and removes it on a
+clean close. Opening a store whose marker names another boot means the machine
+went down under it: the snapshot is moved to ``quarantine/`` and rebuilt from
+the base (or from empty if no checkpoint ever made one) and the WAL. Where the
+system gives no boot id, every unclean shutdown is treated that way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _fs
+from .errors import CorruptionError
+from .layout import StoreLayout
+from .snapshot import SnapshotStore
+
+__all__ = [
+    "SnapshotRebuild",
+    "clear_open_marker",
+    "finish_base_swap",
+    "read_base_lsn",
+    "rebuild_snapshot",
+    "untrusted_snapshot_reason",
+    "write_base",
+    "write_open_marker",
+]
+
+BASE_FORMAT_VERSION = 1
+_BASE_INFO = "BASE"
+
+
+@dataclass(frozen=True)
+class SnapshotRebuild:
+    """Reported by an open that did not trust the snapshot it found."""
+
+    reason: str
+    #: the LSN the base held (0: no checkpoint had made one; rebuilt from empty)
+    base_lsn: int
+    #: where the untrusted snapshot was moved (never deleted by walsync)
+    quarantine: str
+
+
+def _swap_paths(layout: StoreLayout) -> tuple[Path, Path]:
+    base = layout.base_dir
+    return base.with_name(base.name + ".tmp"), base.with_name(base.name + ".old")
+
+
+def write_base(layout: StoreLayout, snapshot: SnapshotStore) -> int:
+    """Replace the base with a synced copy of the snapshot; return its LSN.
+
+    Written beside the old one and swapped by two renames: a crash leaves the
+    old base, or the complete new one (``finish_base_swap``).
+    """
+    fresh, old = _swap_paths(layout)
+    if fresh.exists():
+        shutil.rmtree(fresh)
+    _fs.make_dir(fresh)
+    lsn = snapshot.copy_to(fresh)
+    info = {"format": BASE_FORMAT_VERSION, "lsn": lsn, "created_unix_ms": int(time.time() * 1000)}
+    _fs.atomic_write(fresh / _BASE_INFO, json.dumps(info).encode())
+    if layout.base_dir.exists():
+        _fs.rename(layout.base_dir, old)
+    _fs.rename(fresh, layout.base_dir)
+    _fs.fsync_dir(layout.root)
+    if old.exists():
+        shutil.rmtree(old)
+    return lsn
+
+
+def finish_base_swap(layout: StoreLayout) -> None:
+    """Complete or undo a base swap that a crash interrupted."""
+    fresh, old = _swap_paths(layout)
+    if not layout.base_dir.exists():
+        if (fresh / _BASE_INFO).exists():  # written and synced before the swap began
+            _fs.rename(fresh, layout.base_dir)
+        elif old.exists():
+            _fs.rename(old, layout.base_dir)
+        _fs.fsync_dir(layout.root)
+    for leftover in (fresh, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+
+
+def read_base_lsn(layout: StoreLayout) -> int:
+    """The LSN the base holds; 0 if there is none yet."""
+    path = layout.base_dir / _BASE_INFO
+    try:
+        info = json.loads(path.read_bytes())
+        return int(info["lsn"])
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptionError(f"cannot read the snapshot base's description: {exc}",
+                              path=str(path)) from None
+
+
+def untrusted_snapshot_reason(layout: StoreLayout) -> str | None:
+    """Why the snapshot cannot be trusted, or None if the last writer closed
+    cleanly or only its process died (same boot: the kernel kept its pages)."""
+    try:
+        raw = layout.open_marker.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        marker = json.loads(raw)
+        previous = marker.get("boot_id") if isinstance(marker, dict) else None
+        pid = marker.get("pid") if isinstance(marker, dict) else None
+    except ValueError:
+        previous = pid = None
+    now = _fs.boot_id()
+    if previous is not None and now is not None and previous == now:
+        return None
+    if previous is None or now is None:
+        return (f"the store was not closed cleanly (writer pid {pid}) and this system "
+                "cannot tell whether the machine restarted since")
+    return (f"the machine restarted while the store was open (writer pid {pid}): "
+            "writes to the snapshot that were never synced may be torn")
+
+
+def write_open_marker(layout: StoreLayout) -> None:
+    info = {"boot_id": _fs.boot_id(), "pid": os.getpid(),
+            "opened_unix_ms": int(time.time() * 1000)}
+    _fs.atomic_write(layout.open_marker, json.dumps(info).encode())
+
+
+def clear_open_marker(layout: StoreLayout) -> None:
+    if layout.open_marker.exists():
+        _fs.unlink(layout.open_marker)
+        _fs.fsync_dir(layout.root)
+
+
+def rebuild_snapshot(layout: StoreLayout, reason: str) -> SnapshotRebuild:
+    """Move the untrusted snapshot aside and put a copy of the base in its place.
+
+    Replay then brings it up to the end of the WAL. Idempotent: a crash
+    during the rebuild leaves the marker, and the next open rebuilds again.
+    """
+    quarantine = layout.new_quarantine_dir()
+    if layout.snapshot_dir.exists():
+        _fs.rename(layout.snapshot_dir, quarantine / layout.snapshot_dir.name)
+        _fs.fsync_dir(quarantine)
+        _fs.fsync_dir(layout.root)
+    _fs.make_dir(layout.snapshot_dir)
+    lsn = read_base_lsn(layout)
+    if lsn:
+        target = layout.snapshot_dir / "data.mdb"
+        shutil.copyfile(layout.base_dir / "data.mdb", target)
+        os.chmod(target, _fs.FILE_MODE)
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _fs.fsync(fd)
+        finally:
+            os.close(fd)
+        _fs.fsync_dir(layout.snapshot_dir)
+    return SnapshotRebuild(reason, lsn, str(quarantine))

@@ -1,0 +1,41 @@
+"""Per-test kill counts of a crash suite, written to the terminal when the module ends.
+
+Each crash test asserts its own floor of kills; the summary shows the counts
+(and their sum) in a normal, captured run, so that "at least 1,000 kill points
+per CI run" can be read off the CI log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+
+@dataclass
+class KillSummary:
+    module: str
+    rows: list[tuple[str, int, int, str]] = field(default_factory=list)
+
+    def add(self, test: str, kills: int, floor: int, detail: str = "") -> None:
+        self.rows.append((test, kills, floor, detail))
+
+    def lines(self) -> list[str]:
+        total = sum(kills for _, kills, _, _ in self.rows)
+        out = [f"crash kills in {self.module}: {total} "
+               f"(floor {sum(floor for _, _, floor, _ in self.rows)})"]
+        out.extend(f"  {kills:5d} (floor {floor}) {test}{': ' + detail if detail else ''}"
+                   for test, kills, floor, detail in self.rows)
+        return out
+
+
+def kill_summary_fixture(request: pytest.FixtureRequest) -> Iterator[KillSummary]:
+    """The body of a module-scoped ``kill_summary`` fixture."""
+    summary = KillSummary(request.module.__name__)
+    yield summary
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and summary.rows:
+        reporter.ensure_newline()
+        for line in summary.lines():
+            reporter.write_line(line)
