@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +69,7 @@ def write_base(layout: StoreLayout, snapshot: SnapshotStore) -> int:
     """
     fresh, old = _swap_paths(layout)
     if fresh.exists():
-        shutil.rmtree(fresh)
+        _fs.remove_tree(fresh)
     _fs.make_dir(fresh)
     lsn = snapshot.copy_to(fresh)
     info = {"format": BASE_FORMAT_VERSION, "lsn": lsn, "created_unix_ms": int(time.time() * 1000)}
@@ -80,7 +79,7 @@ def write_base(layout: StoreLayout, snapshot: SnapshotStore) -> int:
     _fs.rename(fresh, layout.base_dir)
     _fs.fsync_dir(layout.root)
     if old.exists():
-        shutil.rmtree(old)
+        _fs.remove_tree(old)
     return lsn
 
 
@@ -95,7 +94,7 @@ def finish_base_swap(layout: StoreLayout) -> None:
         _fs.fsync_dir(layout.root)
     for leftover in (fresh, old):
         if leftover.exists():
-            shutil.rmtree(leftover)
+            _fs.remove_tree(leftover)
 
 
 def read_base_lsn(layout: StoreLayout) -> int:
@@ -160,13 +159,6 @@ def rebuild_snapshot(layout: StoreLayout, reason: str) -> SnapshotRebuild:
     _fs.make_dir(layout.snapshot_dir)
     lsn = read_base_lsn(layout)
     if lsn:
-        target = layout.snapshot_dir / "data.mdb"
-        shutil.copyfile(layout.base_dir / "data.mdb", target)
-        os.chmod(target, _fs.FILE_MODE)
-        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _fs.fsync(fd)
-        finally:
-            os.close(fd)
+        _fs.copy_file(layout.base_dir / "data.mdb", layout.snapshot_dir / "data.mdb")
         _fs.fsync_dir(layout.snapshot_dir)
     return SnapshotRebuild(reason, lsn, str(quarantine))
