@@ -4,6 +4,7 @@ with that commit's LSN; a change that was not committed announces nothing."""
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,7 +162,9 @@ def test_events_after_reopen_report_against_the_stored_state(store_path: Path) -
     with Store.open(store_path) as s1:
         run = Workflows(s1).run("w", "r4")
         run.start()
-        run.begin("charge", idempotent=False).__enter__()  # the process dies in the body
+        # the process dies in the body (entered in a context of its own, so the
+        # step it makes current does not leak into later tests)
+        contextvars.copy_context().run(run.begin("charge", idempotent=False).__enter__)
     with Store.open(store_path) as s2:
         run = Workflows(s2).get_run("r4")
         with s2.events.subscribe(kinds=("run", "step")) as sub:
