@@ -98,6 +98,7 @@ class Zygote:
         if not data:
             self._proc.kill()
             self._proc.wait()
+            self._sock.close()
             raise ZygoteError(f"the fork server did not start:\n{self.log_text()}")
         return int(json.loads(data)["ready"])
 

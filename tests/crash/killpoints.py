@@ -29,11 +29,13 @@ name their own phases (the workflow child enters ``begin`` before each step,
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 WHEN = ("before", "after")
@@ -59,6 +61,14 @@ class KillPlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> KillPlan | None:
         return None if data is None else cls(**data)
+
+
+def engine_failpoints(repo_root: Path) -> tuple[str, ...]:
+    """Every named failpoint the engine's code hits (``_failpoints.hit("name")``)."""
+    names: set[str] = set()
+    for path in (repo_root / "engine").glob("*.py"):
+        names.update(re.findall(r"_failpoints\.hit\(\s*\"([^\"]+)\"", path.read_text()))
+    return tuple(sorted(names))
 
 
 def _caller() -> str:

@@ -34,7 +34,7 @@ def crash_seed() -> int:
 
 def replay_command(seed: int, nodeid: str) -> str:
     """The shell line that runs test ``nodeid`` again with ``seed``."""
-    return f"{SEED_VARIABLE}={seed} .venv/bin/python -m pytest -p no:cacheprovider '{nodeid}'"
+    return f"{SEED_VARIABLE}={seed} .venv/bin/python -m pytest '{nodeid}'"
 
 
 def replay_header(seed: int, nodeid: str) -> str:

@@ -27,13 +27,15 @@ from typing import Any
 
 import engine
 from engine import Store
-from tests.crash.children import Child, Zygote
-from tests.crash.killpoints import WHEN, KillPlan
+from tests.crash.children import REPO_ROOT, Child, Zygote
+from tests.crash.killpoints import WHEN, KillPlan, engine_failpoints
 from tests.crash.ledger import KeyState, Ledger, Observed
 from tests.crash.seeds import CrashViolation
 from tests.crash.store_load import Incarnation, StoreChildConfig
 
 ENTRY = "tests.crash.store_load:child_main"
+#: the failpoints of WALWriter.append, which every commit passes
+WRITE_PATH_FAILPOINTS = tuple(f for f in engine_failpoints(REPO_ROOT) if f.startswith("wal."))
 STORE_OPTIONS: dict[str, Any] = {"segment_bytes": 4096, "checkpoint_every_bytes": 16384}
 #: a child that neither dies nor reports within this long is a hang
 CHILD_TIMEOUT_SECONDS = 30.0
@@ -165,20 +167,29 @@ class StoreLane:
         return CrashViolation(text)
 
     def config(self, kill: Kill) -> StoreChildConfig:
+        """The next child's workload. A child that may miss its kill point ends soon
+        (after the open for a point of the open, after a few commits for one of the
+        close) and compacts early, so that a miss costs little."""
         self.generations += 1
         rng = self.rng
-        max_acks = 100_000
-        if kill.plan is not None:
-            max_acks = kill.plan.after_acks + rng.randint(30, 100)
-        return StoreChildConfig(
+        config = StoreChildConfig(
             path=str(self.path), seed=rng.randrange(2**31), generation=self.generations,
             segment_bytes=STORE_OPTIONS["segment_bytes"],
             checkpoint_every_bytes=STORE_OPTIONS["checkpoint_every_bytes"],
-            max_acks=max_acks, none_fraction=self.none_fraction,
+            max_acks=100_000, none_fraction=self.none_fraction,
             compact_after=rng.randint(2, 12) if rng.random() < 0.5 else -1,
             kill=kill.plan.to_dict() if kill.plan is not None else None,
             discover=self.discover,
         )
+        if kill.plan is not None:
+            config.max_acks = kill.plan.after_acks + rng.randint(30, 60)
+            config.compact_after = rng.randint(1, 5)
+            config.checkpoint_fraction = 0.05
+            if kill.plan.phase == "open":
+                config.open_only = True
+            elif kill.plan.phase == "close":
+                config.max_acks = rng.randint(5, 20)
+        return config
 
     def run_child(self, kill: Kill, config: StoreChildConfig | None = None) -> Incarnation:
         """Start a child, let it die per ``kill``, check the store. Returns its report."""
@@ -274,8 +285,10 @@ class StoreLane:
             raise self.fail(f"final verify: {report.damage}", None)
 
 
-#: a kill point whose plan missed this many times in a row is not sought any more
-MAX_MISSES = 2
+def misses_allowed(phase: str, frequency: float) -> int:
+    """After this many misses in a row a kill point is not sought any more: more for
+    points most children reach, and for points of the open (a miss there is cheap)."""
+    return 6 if phase == "open" else 3 if frequency >= 0.3 else 2
 
 
 @dataclass
@@ -285,8 +298,8 @@ class PointSweep:
     ``next_plan`` picks the least-killed (point, phase, when), the points
     reached by most children first, so a sweep long enough kills at every
     point before and after the call. A point only some children reach (one
-    that needs a particular crash before it, say) may miss; after
-    ``MAX_MISSES`` misses in a row it is not sought any more.
+    that needs a particular crash before it, say) may miss; after a few
+    misses in a row (``misses_allowed``) it is not sought any more.
     """
 
     #: (point, phase) -> the most hits one child reported
@@ -317,7 +330,8 @@ class PointSweep:
         )
 
     def open_combos(self) -> list[tuple[str, str, str]]:
-        return [c for c in self.combos() if self.misses[c] < MAX_MISSES]
+        return [c for c in self.combos()
+                if self.misses[c] < misses_allowed(c[1], self.frequency(c[0], c[1]))]
 
     def next_plan(self, rng: random.Random) -> KillPlan | None:
         combos = self.open_combos()

@@ -130,6 +130,7 @@ def child_main(report_fd: int, args: dict[str, Any]) -> int:
     assert store.recovery is not None
     emit(f"R {store.next_lsn} {store.recovery.replayed_records}")
     if config.open_only:
+        points.report_counts()
         return 0  # no close: a later child or the parent carries on from here
     points.enter("run")
     deadline = time.monotonic() + config.max_seconds

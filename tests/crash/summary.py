@@ -7,6 +7,7 @@ per CI run" can be read off the CI log.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -35,7 +36,11 @@ def kill_summary_fixture(request: pytest.FixtureRequest) -> Iterator[KillSummary
     summary = KillSummary(request.module.__name__)
     yield summary
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and summary.rows:
-        reporter.ensure_newline()
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or not summary.rows:
+        return
+    # past output capturing, as capsys.disabled() does: shown in a passing run too
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        reporter.write("\n")
         for line in summary.lines():
             reporter.write_line(line)

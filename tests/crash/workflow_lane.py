@@ -56,7 +56,7 @@ MAX_CHILDREN = 600
 BACKSTOP_EVENTS = 6
 FAILPOINTS = ("wal.before_write", "wal.after_write", "wal.after_sync")
 #: hooks of engine seams a workflow commit goes through (any caller)
-SEAM_HOOKS = ("fs.writev", "fs.fdatasync", "lmdb.apply", "fs.open_segment", "fs.fsync_dir")
+SEAM_HOOKS = ("fs.writev", "fs.fdatasync", "lmdb.apply_puts", "fs.open_segment", "fs.fsync_dir")
 
 
 @dataclass(frozen=True)
@@ -164,8 +164,8 @@ class WorkflowLane:
         base.mkdir()
         store_path, ledger = base / "store", base / "side-effects.log"
         ledger.touch()
-        kills = 0
-        for attempt in range(MAX_CHILDREN):  # noqa: SIM113 - kills are not every attempt
+        kills: list[str] = []  # how each child died
+        for attempt in range(MAX_CHILDREN):
             self.children += 1
             effects = check_side_effects(ledger.read_text().split("\n"))
             kill = choose_kill(self.rng, effects, self.body_seconds)
@@ -174,7 +174,7 @@ class WorkflowLane:
                                          kill=kill.plan.to_dict() if kill.plan else None)
             child = self.zygote.spawn(ENTRY, config.to_dict(), base / f"child-{attempt % 4}.log")
             try:
-                code = self._let_die(child, kill)
+                code, backstop = self._let_die(child, kill)
             finally:
                 child.kill()
                 child.close()
@@ -186,24 +186,28 @@ class WorkflowLane:
                 self.final_check(store_path, effects, kill, child, ledger)
                 self.reruns += sum(n - 1 for n in effects.bodies.values())
                 self.tally.add("completed", killed=False, acks=effects.committed)
-                return kills
+                return len(kills)
             if code != -signal.SIGKILL:
                 raise self.fail(f"the child ended with {code}", kill, child, ledger)
             killed_at = next((line for line in child.lines if line.startswith("K ")), None)
-            if kill.plan is not None and killed_at is None:
-                raise self.fail("the child died of SIGKILL before its kill point", kill, child)
             mode = kill.kind
-            if killed_at is not None:
-                mode = f"{kill.plan.phase}:{killed_at.split()[1]}" if kill.plan else mode
-            elif kill.plan is not None:
-                mode = "backstop"
+            if kill.plan is not None:
+                if killed_at is not None:
+                    mode = f"{kill.plan.phase}:{killed_at.split()[1]}"
+                elif backstop:
+                    mode = "backstop"
+                else:
+                    raise self.fail("the child died of SIGKILL before its kill point", kill,
+                                    child)
             self.kill_points[mode] = self.kill_points.get(mode, 0) + 1
-            self.check_store(store_path, effects, kill, child, ledger, on_copy=kills % 2 == 1)
-            kills += 1
+            self.check_store(store_path, effects, kill, child, ledger,
+                             on_copy=len(kills) % 2 == 1)
+            kills.append(mode)
             self.tally.add(mode.split(":")[0], killed=True, acks=0)
         raise self.fail(f"the run did not complete in {MAX_CHILDREN} children", None)
 
-    def _let_die(self, child: Child, kill: WorkflowKill) -> int:
+    def _let_die(self, child: Child, kill: WorkflowKill) -> tuple[int, bool]:
+        """The child's exit code, and whether the backstop killed it."""
         events = [0]
         bodies = [0]
 
@@ -216,6 +220,7 @@ class WorkflowLane:
             return of[0] >= limit
 
         timeout = CHILD_TIMEOUT_SECONDS
+        backstop = False
         if kill.kind == "time":
             child.sleep(kill.seconds)
             child.kill()
@@ -230,8 +235,9 @@ class WorkflowLane:
         else:
             # the kill point may not come in this child: a backstop keeps runs short
             if child.wait_until(lambda: reached(BACKSTOP_EVENTS, events), timeout):
+                backstop = not any(line.startswith("K ") for line in child.lines)
                 child.kill()
-        return child.finish(CHILD_TIMEOUT_SECONDS)
+        return child.finish(CHILD_TIMEOUT_SECONDS), backstop
 
     def check_store(self, store_path: Path, effects: SideEffects, kill: WorkflowKill,
                     child: Child, ledger: Path, *, on_copy: bool) -> None:
@@ -319,10 +325,10 @@ def run_problems(store: Store, effects: SideEffects) -> list[str]:
     for sid, e in sorted(effects.acked):
         if e != epoch:
             continue
-        rec = run.steps.get(sid)
-        if rec is None or rec.status != StepStatus.SUCCESS:
+        found = run.steps.get(sid)
+        if found is None or found.status != StepStatus.SUCCESS:
             problems.append(f"the acknowledged success of {sid} in epoch {e} is lost: "
-                            f"{rec.status if rec else 'no record'}")
+                            f"{found.status if found else 'no record'}")
     if run.record.steps_done != successes:
         problems.append(f"the run counts {run.record.steps_done} steps done, its steps "
                         f"{successes}")

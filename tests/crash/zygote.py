@@ -101,6 +101,20 @@ def _child(
         os._exit(code)
 
 
+def probe(report_fd: int, args: dict[str, Any]) -> int:
+    """An entry for the harness's own tests: report this child's threads and open
+    descriptors (``T <n>``, ``F <fd> <target>``), then exit with ``args["code"]``
+    (or raise, if ``args["raise"]``)."""
+    lines = [f"T {threading.active_count()}"]
+    for name in sorted(os.listdir("/proc/self/fd"), key=int):
+        with contextlib.suppress(OSError):
+            lines.append(f"F {name} {os.readlink(f'/proc/self/fd/{name}')}")
+    os.write(report_fd, ("\n".join(lines) + "\n").encode())
+    if args.get("raise"):
+        raise RuntimeError("the probe was asked to fail")
+    return int(args.get("code", 0))
+
+
 def serve(sock: socket.socket) -> None:
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -122,12 +136,12 @@ def serve(sock: socket.socket) -> None:
     _send(sock, {"ready": os.getpid()})
     try:
         while True:
-            ready, _, _ = select.select([sock, wake_r], [], [])
+            ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
             if wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 4096)
                 reap()
-            if sock not in ready:
+            if sock.fileno() not in ready:
                 continue
             data, fds, _, _ = socket.recv_fds(sock, _MAX_PACKET, 4)
             if not data:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 import signal
 import threading
@@ -34,11 +33,12 @@ import pytest
 import engine
 from engine import Store
 from tests.crash.children import REPO_ROOT, Zygote
-from tests.crash.killpoints import KillPlan
+from tests.crash.killpoints import KillPlan, engine_failpoints
 from tests.crash.ledger import KeyState, Ledger
 from tests.crash.seeds import CrashViolation, crash_seed, seeded
 from tests.crash.store_lane import (
     CHILD_TIMEOUT_SECONDS,
+    WRITE_PATH_FAILPOINTS,
     Kill,
     PointSweep,
     StoreLane,
@@ -54,28 +54,18 @@ pytestmark = pytest.mark.crash
 SEED = crash_seed()
 
 
-def engine_failpoints() -> tuple[str, ...]:
-    """Every named failpoint the engine's code hits."""
-    names = set()
-    for path in (REPO_ROOT / "engine").glob("*.py"):
-        names.update(re.findall(r"_failpoints\.hit\(\s*\"([^\"]+)\"", path.read_text()))
-    return tuple(sorted(names))
-
-
-FAILPOINTS = engine_failpoints()
-#: the failpoints of WALWriter.append, which every commit passes
-WRITE_PATH_FAILPOINTS = tuple(f for f in FAILPOINTS if f.startswith("wal."))
+FAILPOINTS = engine_failpoints(REPO_ROOT)
 
 RANDOM_LANES = 2
-RANDOM_KILLS_PER_LANE = 180
+RANDOM_KILLS_PER_LANE = 220
 SWEEP_LANES = 2
-SWEEP_KILL_FLOOR = 150
+SWEEP_KILL_FLOOR = 200
 #: every (point, phase, when) reached by at least this share of children is killed at
 SWEEP_MIN_FREQUENCY = 0.5
 SWEEP_MAX_CYCLES = 600
-FAILPOINT_KILLS = 25
+FAILPOINT_KILLS = 30
 REPLAY_RECORDS = 2000
-REPLAY_ROUNDS = 24
+REPLAY_ROUNDS = 30
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +156,9 @@ def test_crash_torture_kill_point_sweep_kills_at_every_engine_seam(
                     sweep.learn(inc)
 
         def done() -> bool:
-            return tally.kills >= SWEEP_KILL_FLOOR and not sweep.unkilled(SWEEP_MIN_FREQUENCY)
+            with lock:
+                return (tally.kills >= SWEEP_KILL_FLOOR
+                        and not sweep.unkilled(SWEEP_MIN_FREQUENCY))
 
         def drive(lane: StoreLane) -> None:
             census(lane)
@@ -211,7 +203,7 @@ def test_crash_torture_failpoint_kills_lose_no_acknowledged_commit(
         tally = Tally()
         lane = StoreLane(zygote, tmp_path, failpoint, random.Random(f"{SEED}/{failpoint}"),
                          tally)
-        probe = Kill("point", plan=KillPlan(f"failpoint.{failpoint}", phase="open"))
+        probe = Kill("point", plan=KillPlan(f"failpoint.{failpoint}"))  # the first hit
         if lane.run_child(probe).killed_at is None:
             elsewhere = [p.relative_to(REPO_ROOT) for p in (REPO_ROOT / "tests").rglob("*.py")
                          if p.name != Path(__file__).name and failpoint in p.read_text()]
@@ -220,7 +212,7 @@ def test_crash_torture_failpoint_kills_lose_no_acknowledged_commit(
             return
         for i in range(1, FAILPOINT_KILLS):
             if i % 3 == 0:
-                plan = KillPlan(f"failpoint.{failpoint}", phase="open")
+                plan = KillPlan(f"failpoint.{failpoint}")
             else:
                 plan = KillPlan(f"failpoint.{failpoint}", nth=lane.rng.randint(1, 3),
                                 after_acks=lane.rng.randint(1, 40))
@@ -254,29 +246,42 @@ def test_crash_torture_kills_while_creating_a_store(
         plans = [KillPlan(point, when, phase="open")
                  for point, phase, when in sweep.combos() if phase == "open"]
         assert len(plans) >= 10, sweep.table()
+        killed: set[str] = set()
         for n, plan in enumerate(plans):
-            lane = StoreLane(zygote, tmp_path / f"c{n}", f"create{n}", rng, tally)
-            config = lane.config(Kill("point", plan=plan))
-            inc = lane.run_child(Kill("point", plan=plan), config)
-            if inc.killed_at is None:
-                raise CrashViolation(f"creating a store never reached {plan}")
-            # the directory keeps working: a child commits, the parent checks
-            lane.run_child(Kill("acks", acks=5))
-            shutil.rmtree(lane.root)
-        kill_summary.add("kills while creating a store", tally.kills, 20)
-        assert tally.kills >= 2 * len(plans), tally.summary()
+            # a point of a background thread (segment preparation) may come after the
+            # open or not at all in a short life: a few tries
+            for attempt in range(3):
+                lane = StoreLane(zygote, tmp_path / f"c{n}-{attempt}", f"create{n}", rng, tally)
+                inc = lane.run_child(Kill("point", plan=plan))
+                # the directory keeps working: a child commits, the parent checks
+                lane.run_child(Kill("acks", acks=5))
+                shutil.rmtree(lane.root)
+                if inc.killed_at is not None:
+                    killed.add(plan.point)
+                    break
+        kill_summary.add("kills while creating a store", tally.kills, 40)
+        print(f"\ncreation kills, seed {SEED}: {tally.summary()}; killed at {sorted(killed)}")
+        creating = {p for p in (plan.point for plan in plans)
+                    if p.endswith(("@write_store_file", "@Store._open", "@Store._recover",
+                                   "@SnapshotStore.__init__"))}
+        assert len(creating) >= 5, creating
+        assert creating <= killed
+        assert tally.kills >= 40, tally.summary()
 
 
 def test_crash_torture_compaction_killed_between_its_renames_verifies(
     zygote: Zygote, tmp_path: Path, request: pytest.FixtureRequest, kill_summary: KillSummary,
 ) -> None:
-    """A compaction killed after moving the old snapshot aside (and before or after
-    moving the new one in) leaves no snapshot/ directory: verify must read the one
-    the next open will use, not report the WAL's start as damage."""
+    """A compaction killed right after moving the old snapshot aside leaves no
+    snapshot/ directory: verify must read the one the next open will use, not report
+    the WAL's start as damage (it did). Then one killed right after moving the new
+    one in, with the old one still beside it."""
     with seeded(SEED, request.node.nodeid):
         tally = Tally()
         lane = StoreLane(zygote, tmp_path, "compact", random.Random(f"{SEED}/compact"), tally)
-        lane.run_child(Kill("acks", acks=40))  # segments removed: the WAL starts above 1
+        # the parent's check closes the store, which removes the checkpointed
+        # segments: the WAL now starts above LSN 1
+        lane.run_child(Kill("acks", acks=40))
         for nth in (1, 2):
             plan = KillPlan("fs.rename@SnapshotStore.compact", "after", nth=nth)
             config = lane.config(Kill("point", plan=plan))
@@ -315,8 +320,9 @@ def test_crash_torture_kill_during_replay_gives_the_same_state(
 ) -> None:
     """SPEC 2.4: a crash during replay and a second open give the same state. Children
     open a store that must replay ~75 segments and are killed in the replay, twice per
-    round: once at a random moment of the open, once at a random LMDB transaction of
-    the replay; then the parent opens it and finds exactly the state the WAL holds."""
+    round: at a random LMDB transaction of the replay, then at a random moment of what
+    is left of it (this child may finish); then the parent opens the store and finds
+    exactly the state the WAL holds."""
     with seeded(SEED, request.node.nodeid):
         _kill_during_replay(zygote, tmp_path, kill_summary)
 
@@ -361,12 +367,13 @@ def _kill_during_replay(zygote: Zygote, tmp_path: Path, kill_summary: KillSummar
     assert replay_txns >= 2, inc.counts
     shutil.rmtree(probe)
 
-    kills = in_open = 0
+    kills = in_open = point_kills = 0
     for round_ in range(REPLAY_ROUNDS):
         store_path = tmp_path / f"round{round_}"
         shutil.copytree(pristine, store_path)
-        plans = [None, KillPlan("lmdb.apply_puts@_replay_segment", rng.choice(("before", "after")),
-                                nth=rng.randint(1, replay_txns), phase="open")]
+        # the kill point first: a timed kill may leave less to replay
+        plans = [KillPlan("lmdb.apply_puts@_replay_segment", rng.choice(("before", "after")),
+                          nth=rng.randint(1, replay_txns), phase="open"), None]
         for k, plan in enumerate(plans):
             log = tmp_path / f"replay-{round_}-{k}.log"
             kill_after = None if plan else rng.uniform(0, 1.1 * life_seconds)
@@ -375,6 +382,7 @@ def _kill_during_replay(zygote: Zygote, tmp_path: Path, kill_summary: KillSummar
             where = f"round {round_} child {k} ({plan or 'timed kill'}), log {log}"
             if code == -signal.SIGKILL:
                 kills += 1
+                point_kills += plan is not None
                 in_open += not inc.ready
                 if plan is not None and inc.killed_at is None:
                     raise CrashViolation(f"{where}: killed before its kill point")
@@ -398,12 +406,13 @@ def _kill_during_replay(zygote: Zygote, tmp_path: Path, kill_summary: KillSummar
         if not after.ok:
             raise CrashViolation(f"round {round_}: verify after the final open: {after.damage}")
         shutil.rmtree(store_path)
-    kill_summary.add("kills during replay", kills, REPLAY_ROUNDS + REPLAY_ROUNDS // 2,
+    kill_summary.add("kills during replay", kills, REPLAY_ROUNDS + REPLAY_ROUNDS // 4,
                      f"{in_open} inside the open; {segments} segments, "
                      f"{replay_txns} replay transactions")
     print(f"\nreplay kills, seed {SEED}: {kills} kills, {in_open} inside the open "
           f"(a child's replay of {segments} segments takes {life_seconds * 1000:.0f} ms)")
-    assert kills >= REPLAY_ROUNDS + REPLAY_ROUNDS // 2
+    assert point_kills == REPLAY_ROUNDS
+    assert kills >= REPLAY_ROUNDS + REPLAY_ROUNDS // 4
     assert in_open >= REPLAY_ROUNDS
 
 

@@ -1,241 +1,158 @@
-"""SIGKILL a process driving a run, many times; the run completes, no success re-runs.
+"""SIGKILL the process driving a run, hundreds of times: it completes, no success re-runs.
 
-The child (tests/workflow/_child.py ``drive``) drives a 50-step chained run and
-logs to a side-effect ledger (append mode, fsync per line): ``recorded s``
-for each step it found 'success' when it loaded the run, ``body s`` when a
-step's body runs, ``committed s`` after ``run.step`` returned. A ``body s``
-line after a ``recorded s`` or ``committed s`` line means the body of a step
-already recorded 'success' ran again: the one thing resuming must never do.
-A step may show several ``body`` lines only while its success was not yet
-committed. Every 10th step is not idempotent: the child resolves it from the
-ledger after a kill, so its body runs exactly once.
+Children forked by the crash harness (tests/crash/) drive a 40-step chained run
+with named checkpoints and one rollback (tests/crash/workflow_load.py), logging
+their side effects to a ledger file. Each is killed at a seeded moment: in a
+step's body, after some step events, at a random time (in the open, the load,
+the settling of interrupted steps), or at a kill point inside a commit of a
+given phase (the start of a drive, a step's 'running' or 'success' commit, a
+checkpoint, the rollback, a needs_attention decision) or at an engine seam.
+After every kill the ledger and the reopened store are checked
+(tests/crash/workflow_lane.py); the completed run is checked at the end.
 
-Seeded: the seed is printed, with a command that replays it, on failure.
+Seeded: every failure prints the seed and the command that replays it; the
+kill counts are written to the terminal at the end of the module.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import select
 import shlex
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from engine import Store, verify
-from engine.runs import RunStatus, StepStatus
+from engine import Store
+from engine.runs import RunStatus
 from engine.workflow import Workflows
-from tests.workflow._child import CHAIN_RUN, expected_outputs, is_idempotent, step_id
+from tests.crash.children import REPO_ROOT, Zygote
+from tests.crash.seeds import crash_seed, seeded
+from tests.crash.store_lane import Tally
+from tests.crash.summary import KillSummary, kill_summary_fixture
+from tests.crash.workflow_lane import WorkflowLane, run_problems
+from tests.crash.workflow_load import (
+    CHAIN_RUN,
+    CHAIN_WORKFLOW,
+    STEPS,
+    check_side_effects,
+    expected_outputs,
+    step_id,
+)
 
 pytestmark = pytest.mark.crash
 
-CHILD = Path(__file__).resolve().parent / "_child.py"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-THIS_FILE = "tests/workflow/test_crash_resume.py"
-STEPS = 50
-MIN_KILLS = 15
-#: how a kill is timed: after the child reports 1..MAX_EVENTS step events
-#: (a body started, a success committed) plus up to MAX_EVENT_DELAY_SECONDS,
-#: or at a time up to MAX_TIME_DELAY_SECONDS after "go" (this one may land in
-#: the store's open and recovery). Every step body sleeps BODY_SECONDS
-#: (8 ms), so a child gets at most ~3 steps done: 50 steps take >= 16 kills.
-MAX_EVENTS = 4
-MAX_EVENT_DELAY_SECONDS = 0.006
-MAX_TIME_DELAY_SECONDS = 0.025
-MAX_CHILDREN = 400
-CHILD_TIMEOUT_SECONDS = 60.0
-
-
-def crash_seed() -> int:
-    text = os.environ.get("WALSYNC_CRASH_SEED", "").strip()
-    return int(text) if text else random.SystemRandom().randrange(1, 2**31)
-
-
 SEED = crash_seed()
+LANES = 2
+KILLS_PER_LANE = 170
+#: a run takes at least this many kills (a child gets a few steps done at most)
+MIN_KILLS_PER_RUN = 12
 
 
-def replay_hint(test_name: str) -> str:
-    return (f"seed {SEED}; replay: WALSYNC_CRASH_SEED={SEED} .venv/bin/python -m pytest "
-            f"'{THIS_FILE}::{test_name}'")
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote]:
+    with Zygote(tmp_path_factory.mktemp("zygote")) as z:
+        yield z
 
 
-@dataclass
-class LedgerCheck:
-    violations: list[str] = field(default_factory=list)
-    bodies: dict[str, int] = field(default_factory=dict)
-    committed: set[str] = field(default_factory=set)
-    starts: int = 0
+@pytest.fixture(scope="module")
+def kill_summary(request: pytest.FixtureRequest) -> Iterator[KillSummary]:
+    yield from kill_summary_fixture(request)
 
 
-def check_ledger(lines: list[str]) -> LedgerCheck:
-    """Find body lines of steps already acknowledged as 'success' (see module doc)."""
-    out = LedgerCheck()
-    acked: dict[str, str] = {}
-    for n, line in enumerate(lines, 1):
-        if not line:
-            continue
-        word, _, rest = line.partition(" ")
-        if word == "start":
-            out.starts += 1
-        elif word in ("recorded", "committed"):
-            acked.setdefault(rest, f"line {n}: {line}")
-            if word == "committed":
-                out.committed.add(rest)
-        elif word == "body":
-            out.bodies[rest] = out.bodies.get(rest, 0) + 1
-            if rest in acked:
-                out.violations.append(
-                    f"line {n}: body of {rest} ran after its success was acknowledged "
-                    f"({acked[rest]})"
-                )
-    return out
+def test_crash_resume_random_sigkills_never_rerun_a_success(
+    zygote: Zygote, tmp_path: Path, request: pytest.FixtureRequest, kill_summary: KillSummary,
+) -> None:
+    """Two lanes drive runs to completion, one after the other, until each was killed
+    KILLS_PER_LANE times; every run completes with the chain's outputs."""
+    with seeded(SEED, request.node.nodeid):
+        tally = Tally()
+        lanes = [WorkflowLane(zygote, tmp_path / f"lane{i}", str(i),
+                              random.Random(f"{SEED}/workflow/{i}"), tally)
+                 for i in range(LANES)]
+        per_run: list[int] = []
+
+        def drive(lane: WorkflowLane) -> None:
+            kills = 0
+            while kills < KILLS_PER_LANE:
+                n = lane.drive_run()
+                per_run.append(n)
+                kills += n
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(LANES) as pool:
+            for future in [pool.submit(drive, lane) for lane in lanes]:
+                future.result()
+        modes: dict[str, int] = {}
+        for lane in lanes:
+            for mode, n in lane.kill_points.items():
+                modes[mode] = modes.get(mode, 0) + n
+        detail = (f"{len(per_run)} runs completed, "
+                  + ", ".join(f"{m} {n}" for m, n in sorted(modes.items())))
+        kill_summary.add("workflow kills", tally.kills, LANES * KILLS_PER_LANE, detail)
+        print(f"\nworkflow crash seed {SEED}: {tally.kills} kills, {detail}; "
+              f"{sum(lane.reruns for lane in lanes)} interrupted bodies re-ran; "
+              f"{time.monotonic() - started:.1f} s")
+        assert tally.kills >= LANES * KILLS_PER_LANE
+        assert min(per_run) >= MIN_KILLS_PER_RUN, per_run
+        phases = {mode.split(":")[0] for mode in modes}
+        assert {"body", "events", "time", "start", "begin", "complete", "checkpoint",
+                "rollback", "resolve"} <= phases, modes
+
+
+# -- the checkers are not vacuous -------------------------------------------------------
 
 
 def test_crash_checker_flags_body_after_acknowledged_success() -> None:
-    ok = check_ledger(["start 1", "body s000", "start 2", "body s000", "committed s000",
-                       "start 3", "recorded s000", "body s001"])
+    ok = check_side_effects(["start 1 0", "body s000 0", "start 2 0", "body s000 0",
+                             "committed s000 0", "start 3 0", "recorded s000 0",
+                             "body s001 0", "rollback c000 1", "body s000 1"])
     assert ok.violations == []
-    assert ok.bodies == {"s000": 2, "s001": 1}
-    after_commit = check_ledger(["body s000", "committed s000", "body s000"])
+    assert ok.bodies == {("s000", 0): 2, ("s001", 0): 1, ("s000", 1): 1}
+    assert ok.epoch == 1
+    after_commit = check_side_effects(["body s000 0", "committed s000 0", "body s000 0"])
     assert len(after_commit.violations) == 1
     assert "s000" in after_commit.violations[0]
-    after_load = check_ledger(["body s004", "start 2", "recorded s004", "body s004"])
+    after_load = check_side_effects(["body s004 0", "start 2 0", "recorded s004 0",
+                                     "body s004 0"])
     assert len(after_load.violations) == 1
+    after_resolve = check_side_effects(["body s009 0", "resolved s009 0 succeed",
+                                        "body s009 0"])
+    assert len(after_resolve.violations) == 1
 
 
-def read_until(proc: subprocess.Popen[bytes], word: bytes, deadline: float) -> bool:
-    """True when the child printed ``word``; False if it exited first."""
-    assert proc.stdout is not None
-    buf = b""
-    while word not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"child did not say {word!r} in time")
-        ready, _, _ = select.select([proc.stdout], [], [], left)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                return False
-            buf += chunk
-    return True
+def test_crash_checker_flags_a_twice_run_non_idempotent_step_and_a_lost_rollback() -> None:
+    twice = check_side_effects(["body s009 0", "start 2 0", "body s009 0"])
+    assert twice.violations == [
+        "line 3: body s009 0: the non-idempotent s009 ran 2 times in epoch 0"]
+    idempotent_twice = check_side_effects(["body s008 0", "start 2 0", "body s008 0"])
+    assert idempotent_twice.violations == []
+    lost = check_side_effects(["rollback c014 1", "start 7 0"])
+    assert len(lost.violations) == 1
+    assert "the rollback was lost" in lost.violations[0]
 
 
-def wait_for_events(proc: subprocess.Popen[bytes], events: int, deadline: float) -> None:
-    """Return once the child printed ``events`` step events, exited, or time ran out."""
-    assert proc.stdout is not None
-    seen = 0
-    while seen < events:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        ready, _, _ = select.select([proc.stdout], [], [], left)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                return
-            seen += chunk.count(b"\n")
-
-
-def spawn_driver(store_path: Path, ledger: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, str(CHILD), "drive", str(store_path), str(ledger), str(STEPS)],
-        cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-
-
-def reap(proc: subprocess.Popen[bytes]) -> str:
-    """Kill (if still alive) and wait for a child; close its pipes; return its stderr."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=CHILD_TIMEOUT_SECONDS)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()
-    return err
-
-
-def test_crash_resume_random_sigkills_never_rerun_a_success(tmp_path: Path) -> None:
-    name = "test_crash_resume_random_sigkills_never_rerun_a_success"
-    rng = random.Random(SEED)
-    store_path = tmp_path / "store"
-    ledger = tmp_path / "side-effects.log"
-    kills = completed_at = 0
-    # Created here, not by a child: a SIGKILL inside Store.open's first-time
-    # initialisation leaves a directory that later opens refuse (an engine
-    # issue, reported separately); this suite is about the workflow layer.
-    Store.open(store_path).close()
-    ledger.touch()
-    upcoming = spawn_driver(store_path, ledger)
-    try:
-        for child in range(MAX_CHILDREN):
-            proc = upcoming
-            try:
-                deadline = time.monotonic() + CHILD_TIMEOUT_SECONDS
-                assert read_until(proc, b"LOADED", deadline), reap(proc)
-                # The next child imports while this one runs; it opens the
-                # store only when told to, after this one is dead.
-                upcoming = spawn_driver(store_path, ledger)
-                assert proc.stdin is not None
-                proc.stdin.write(b"go\n")
-                proc.stdin.flush()
-                if rng.random() < 0.3:
-                    delay = rng.uniform(0.0, MAX_TIME_DELAY_SECONDS)
-                else:
-                    wait_for_events(proc, rng.randint(1, MAX_EVENTS), deadline)
-                    delay = rng.uniform(0.0, MAX_EVENT_DELAY_SECONDS)
-                try:
-                    proc.wait(timeout=delay)
-                except subprocess.TimeoutExpired:
-                    proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=CHILD_TIMEOUT_SECONDS)
-            finally:
-                err = reap(proc)
-            violations = check_ledger(ledger.read_text().split("\n")).violations
-            assert violations == [], f"after child {child}: " + "\n".join(violations[:20])
-            if proc.returncode == -signal.SIGKILL:
-                kills += 1
-                continue
-            assert proc.returncode == 0, f"child {child} exited {proc.returncode}: {err}"
-            completed_at = child
-            break
-        else:
-            pytest.fail(f"the run did not complete in {MAX_CHILDREN} children")
-
-        lines = ledger.read_text().split("\n")
-        result = check_ledger(lines)
-        assert result.violations == [], "\n".join(result.violations[:20])
-        assert kills >= MIN_KILLS, f"only {kills} kills before the run completed"
-        assert lines[-2] == "done"
-        expected = expected_outputs(STEPS)
-        for i in range(STEPS):
-            sid = step_id(i)
-            assert result.bodies.get(sid, 0) >= 1, f"{sid} never ran"
-            if not is_idempotent(i):
-                assert result.bodies[sid] == 1, f"non-idempotent {sid} ran {result.bodies[sid]}x"
-        assert verify(store_path).ok
-        with Store.open(store_path) as store:
-            run = Workflows(store).get_run(CHAIN_RUN)
-            assert run.status == RunStatus.COMPLETED
-            assert run.record.steps_done == STEPS
-            assert run.record.progress == 100.0
-            assert [s.step_id for s in run.ordered_steps()] == list(expected)
-            assert all(s.status == StepStatus.SUCCESS for s in run.steps.values())
-            assert run.snapshot() == expected
-        reruns = sum(n - 1 for n in result.bodies.values())
-        print(f"\nworkflow crash seed {SEED}: {kills} kills, {result.starts} starts, "
-              f"completed by child {completed_at}, {reruns} interrupted bodies re-ran")
-    except BaseException:
-        print(f"\n{replay_hint(name)}")
-        raise
-    finally:
-        reap(upcoming)
+def test_crash_run_checker_flags_a_lost_success_and_a_foreign_output(tmp_path: Path) -> None:
+    """The store side of the workflow checker: an acknowledged success that is not in
+    the store, and a success whose output is not the chain's, are both reported."""
+    outputs = expected_outputs()
+    with Store.open(tmp_path / "s") as store:
+        run = Workflows(store).run(CHAIN_WORKFLOW, CHAIN_RUN, total_steps=STEPS)
+        with run:
+            run.step(step_id(0), lambda: outputs[step_id(0)])
+            run.step(step_id(1), lambda: "not the chain's")
+        ledger = ["start 1 0", "body s000 0", "committed s000 0", "body s001 0",
+                  "committed s001 0", "body s002 0", "committed s002 0"]
+        problems = run_problems(store, check_side_effects(ledger))
+    assert problems == [
+        "s001 holds output \"not the chain's\", not the chain's",
+        "the acknowledged success of s002 in epoch 0 is lost: no record",
+    ]
 
 
 # ---------------------------------------------------------------- the README's demo
