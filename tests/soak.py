@@ -1,6 +1,6 @@
 """Soak: crash (and fault) torture rounds for a chosen duration, with counts.
 
-    .venv/bin/python -m tests.soak --minutes 30 [--seed S] [--only engine,workflow]
+    .venv/bin/python -m tests.soak --minutes 30 [--seed S] [--only engine,workflow,network]
     .venv/bin/python -m tests.soak --replay engine:1234567   # one round again
 
 Not part of the unit suite (CI runs the bounded crash tests instead). Runs the
@@ -15,7 +15,9 @@ round found a violation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import logging
 import random
 import shutil
 import sys
@@ -26,15 +28,32 @@ from pathlib import Path
 
 from tests.crash.children import Zygote
 from tests.crash.rounds import Round, RoundResult, store_round, workflow_round
+from tests.pg import PostgresCluster
+from tests.sync.netfaults import soak_round
 
 
-def registry(zygote: Zygote) -> list[tuple[str, Round]]:
-    """The rounds a soak runs in turn. A round of another suite (the sync network
-    faults, say) is one more line here."""
+class _Cluster(PostgresCluster):
+    """Started by the first network round, removed when the soak ends."""
+
+    def close(self) -> None:
+        self.cleanup()
+
+
+def registry(zygote: Zygote, cluster: PostgresCluster) -> list[tuple[str, Round]]:
+    """The rounds a soak runs in turn; a round of another suite is one more line here."""
     return [
         ("engine", functools.partial(store_round, zygote)),
         ("workflow", functools.partial(workflow_round, zygote)),
+        ("network", functools.partial(network_round, cluster)),
     ]
+
+
+def network_round(cluster: PostgresCluster, rng: random.Random, workdir: Path) -> RoundResult:
+    """Sync network faults (tests/sync/netfaults.py) against a throwaway cluster that
+    the soak starts on the first such round; rounds share one database."""
+    if not cluster.running:
+        cluster.start()
+    return soak_round(cluster, cluster.dsn(), rng, workdir)
 
 
 @dataclass
@@ -87,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay", metavar="NAME:SEED", help="run one round with its seed")
     parser.add_argument("--workdir", type=Path, help="where rounds run (default: a temp dir)")
     args = parser.parse_args(argv)
+    # the faults are injected on purpose: the store's and replicator's warnings about
+    # them (retries, torn tails cut) would bury the counts; errors still show
+    logging.getLogger("walsync").setLevel(logging.ERROR)
     replay_name, _, replay_seed = (args.replay or "").partition(":")
     if args.replay and not replay_seed.isdigit():
         parser.error("--replay takes NAME:SEED")
@@ -97,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     totals = Totals(seed)
     started = time.monotonic()
     try:
-        with Zygote(root / "zygote") as zygote:
-            rounds = registry(zygote)
+        with Zygote(root / "zygote") as zygote, contextlib.closing(_Cluster()) as cluster:
+            rounds = registry(zygote, cluster)
             names = [name for name, _ in rounds]
             wanted = {replay_name} if args.replay else set(
                 args.only.split(",") if args.only else names)

@@ -50,6 +50,7 @@ from sync.postgres import PostgresTransport
 from sync.remote import Transport
 from sync.replicator import Replicator, ReplicatorOptions
 from sync.supabase import SupabaseTransport
+from tests.crash.rounds import RoundResult as CrashRoundResult
 from tests.gateway import PostgrestGateway
 from tests.pg import PostgresCluster
 from tests.sync._helpers import local_entries, with_port
@@ -605,3 +606,13 @@ def run_round(rng: random.Random, workdir: Path, dsn: str, cluster: PostgresClus
     migrate(with_port(dsn, cluster.port))
     round_ = _Round(rng, workdir, dsn, cluster, transport, fault, commits)
     return round_.run(plan_faults(rng, fault))
+
+
+def soak_round(cluster: PostgresCluster, dsn: str, rng: random.Random,
+               workdir: Path) -> CrashRoundResult:
+    """One round for ``python -m tests.soak`` (its Round shape): a random transport and
+    fault kind; the faults injected count as its faults, nothing is killed."""
+    result = run_round(rng, workdir, dsn, cluster)
+    violations = [f"{result.summary()}\n{v}" for v in result.violations]
+    return CrashRoundResult("network", kills=0, acknowledged=result.commits_acknowledged,
+                            faults=result.faults_injected, violations=violations)
