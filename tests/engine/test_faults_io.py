@@ -37,39 +37,12 @@ from engine import (
     _fs,
 )
 from engine.snapshot import SnapshotStore
+from tests.engine._faults import Ops, apply_ops, durability_of, ops_of
 
 SEGMENT_BYTES = 4096
 #: commits in the workload; values are ~1 KiB, so a segment holds about three
 #: and the workload rotates segments (fsync_dir) several times
 WORKLOAD_COMMITS = 14
-
-Ops = list[Put | Delete]
-
-
-def _ops(i: int) -> Ops:
-    """Commit ``i`` of the workload: puts, a delete, or a three-key batch."""
-    pad = "x" * (900 + 13 * i)
-    if i % 4 == 3:
-        return [Put(f"b{j}", {"i": i, "j": j, "pad": pad[:200]}) for j in range(3)]
-    if i % 6 == 5:
-        return [Delete(f"k{(i - 1) % 3}")]
-    return [Put(f"k{i % 3}", {"i": i, "pad": pad})]
-
-
-def _durability(i: int) -> str:
-    # a few 'none' commits, so that sealing a segment has unsynced bytes to fdatasync
-    return "none" if i % 5 == 2 else "local"
-
-
-def _apply(state: dict[str, Any], ops: Ops) -> dict[str, Any]:
-    out = dict(state)
-    for op in ops:
-        if isinstance(op, Put):
-            out[op.key] = op.value
-        else:
-            out.pop(op.key, None)
-    return out
-
 
 @dataclass
 class Injector:
@@ -113,13 +86,13 @@ class Outcome:
 def _run_until_fault(store: Store) -> Outcome:
     out = Outcome()
     for i in range(WORKLOAD_COMMITS):
-        ops = _ops(i)
+        ops = ops_of(i)
         try:
-            store.commit(ops, durability=_durability(i))
+            store.commit(ops, durability=durability_of(i))
         except engine.WalsyncError as exc:
             out.failed_ops, out.failed_index, out.error = ops, i, exc
             return out
-        out.acknowledged = _apply(out.acknowledged, ops)
+        out.acknowledged = apply_ops(out.acknowledged, ops)
     return out
 
 
@@ -152,7 +125,7 @@ def _check_after_fault(store: Store, out: Outcome, code: int, where: str) -> Non
 
 def _check_reopened(path: Path, out: Outcome, where: str) -> None:
     assert out.failed_ops is not None
-    with_failed = _apply(out.acknowledged, out.failed_ops)
+    with_failed = apply_ops(out.acknowledged, out.failed_ops)
     with Store.open(path, segment_bytes=SEGMENT_BYTES) as store:
         state = dict(store.scan())
         assert state in (out.acknowledged, with_failed), (
@@ -213,8 +186,8 @@ def test_faults_io_short_writes_are_completed_by_the_writev_loop(
         monkeypatch.setattr(os, "writev", short_writev)
         monkeypatch.setattr(os, "write", short_write)
         for i in range(WORKLOAD_COMMITS):
-            store.commit(_ops(i), durability=_durability(i))
-            expected = _apply(expected, _ops(i))
+            store.commit(ops_of(i), durability=durability_of(i))
+            expected = apply_ops(expected, ops_of(i))
         monkeypatch.undo()
         assert store.poisoned is None
     assert shorts["writev"] >= WORKLOAD_COMMITS

@@ -39,6 +39,7 @@ from engine.record import (
     Frame,
     FrameStatus,
 )
+from tests.engine._faults import apply_ops
 from tests.engine._fstrace import (
     Ack,
     CrashState,
@@ -80,15 +81,6 @@ def _durability(i: int) -> str:
     return "none" if i % 4 == 1 else "local"
 
 
-def _apply(state: dict[str, Any], ops: Ops) -> dict[str, Any]:
-    out = dict(state)
-    for op in ops:
-        if isinstance(op, Put):
-            out[op.key] = op.value
-        else:
-            out.pop(op.key, None)
-    return out
-
 
 #: commits per phase; after each phase: a checkpoint, a clean close (never
 #: compacted: LMDB's own file is still the one it created), a reopen and a
@@ -119,7 +111,7 @@ def _expected_states() -> list[dict[str, Any]]:
     """``states[p]``: what a reader sees after the commits of LSN 1..p."""
     states: list[dict[str, Any]] = [{}]
     for i in range(sum(PHASES)):
-        states.append(_apply(states[-1], _ops(i)))
+        states.append(apply_ops(states[-1], _ops(i)))
     for p in range(1, len(states)):
         assert states[p] != states[p - 1]
     return states
