@@ -8,6 +8,8 @@ PostgreSQL (tests/pg.py, tests/gateway.py): nothing here runs unless a test asks
 * ``pg_db``: a fresh database per test (``CREATE DATABASE ... TEMPLATE``, ~40 ms), yielded
   as its superuser DSN and dropped after; the cluster is restarted first if the test left
   it stopped (e.g. after ``pg_cluster.kill()``).
+* ``zygote`` (module) and ``kill_summary`` (module): the crash suites' fork server and
+  their per-module kill counts (tests/crash/).
 * ``pg_gateway``: a factory ``pg_gateway(schemas=[...], **options)`` for PostgREST-compatible
   gateways on ``pg_db``, stopped after the test.
 """
@@ -21,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.crash.children import Zygote
+from tests.crash.summary import KillSummary, kill_summary_fixture
 from tests.pg import PostgresCluster, PostgresError
 
 if TYPE_CHECKING:
@@ -71,3 +75,14 @@ def pg_gateway(pg_db: str) -> Iterator[Callable[..., PostgrestGateway]]:
     finally:
         for gateway in started:
             gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote]:
+    with Zygote(tmp_path_factory.mktemp("zygote")) as z:
+        yield z
+
+
+@pytest.fixture(scope="module")
+def kill_summary(request: pytest.FixtureRequest) -> Iterator[KillSummary]:
+    yield from kill_summary_fixture(request)

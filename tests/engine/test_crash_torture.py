@@ -23,7 +23,6 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from tests.crash.store_lane import (
     random_kill,
 )
 from tests.crash.store_load import Incarnation, StoreChildConfig, batch_key, make_value, single_key
-from tests.crash.summary import KillSummary, kill_summary_fixture
+from tests.crash.summary import KillSummary
 
 pytestmark = pytest.mark.crash
 
@@ -66,17 +65,6 @@ SWEEP_MAX_CYCLES = 600
 FAILPOINT_KILLS = 30
 REPLAY_RECORDS = 2000
 REPLAY_ROUNDS = 30
-
-
-@pytest.fixture(scope="module")
-def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote]:
-    with Zygote(tmp_path_factory.mktemp("zygote")) as z:
-        yield z
-
-
-@pytest.fixture(scope="module")
-def kill_summary(request: pytest.FixtureRequest) -> Iterator[KillSummary]:
-    yield from kill_summary_fixture(request)
 
 
 def _in_parallel(*jobs: Any) -> None:

@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from engine.workflow import Workflows
 from tests.crash.children import REPO_ROOT, Zygote
 from tests.crash.seeds import crash_seed, seeded
 from tests.crash.store_lane import Tally
-from tests.crash.summary import KillSummary, kill_summary_fixture
+from tests.crash.summary import KillSummary
 from tests.crash.workflow_lane import WorkflowLane, run_problems
 from tests.crash.workflow_load import (
     CHAIN_RUN,
@@ -52,17 +51,6 @@ LANES = 2
 KILLS_PER_LANE = 170
 #: a run takes at least this many kills (a child gets a few steps done at most)
 MIN_KILLS_PER_RUN = 12
-
-
-@pytest.fixture(scope="module")
-def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote]:
-    with Zygote(tmp_path_factory.mktemp("zygote")) as z:
-        yield z
-
-
-@pytest.fixture(scope="module")
-def kill_summary(request: pytest.FixtureRequest) -> Iterator[KillSummary]:
-    yield from kill_summary_fixture(request)
 
 
 def test_crash_resume_random_sigkills_never_rerun_a_success(
