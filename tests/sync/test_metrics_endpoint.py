@@ -254,6 +254,7 @@ def test_cli_sync_serves_every_metric_with_its_type(tmp_path: Path, schema: str)
            if k not in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WALSYNC_CONFIG",
                         "WALSYNC_TRANSPORT", "WALSYNC_STORE")}
     env["WALSYNC_PG_DSN"] = schema
+    env["PYTHONFAULTHANDLER"] = "1"
     proc = subprocess.Popen(
         [str(WALSYNC), "sync", "--store", str(path), "--metrics-port", "0",
          "--status-every", "0"],
@@ -282,7 +283,13 @@ def test_cli_sync_serves_every_metric_with_its_type(tmp_path: Path, schema: str)
         assert scrape["walsync_commits_total"] == 0  # the worker process committed nothing
         assert scrape["walsync_replay_records"] == 0  # a clean close left nothing to replay
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=20)
+        try:
+            _, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            # say where it is stuck: faulthandler prints every thread's stack on SIGABRT
+            proc.send_signal(signal.SIGABRT)
+            _, stderr = proc.communicate(timeout=10)
+            pytest.fail(f"the worker did not stop within 30 s of SIGINT:\n{stderr}")
         assert proc.returncode == 0, stderr
     finally:
         if proc.poll() is None:
