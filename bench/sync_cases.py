@@ -3,7 +3,10 @@
     .venv/bin/python -m bench.run --only sync_push,sync_lag,sync_restore,remote_commit
 
 One throwaway PostgreSQL cluster (tests/pg.py: the installed binaries, a free
-loopback port, fsync on as a real server would run) serves every case.
+loopback port, the test harness's settings: fsync off, its files in memory
+where /dev/shm allows) serves every case, walsync and its baselines alike, so
+the ratios compare like with like; a durable server on a disk adds its own
+commit cost to both sides.
 
 ``sync_push``: N local 1 KiB commits are shipped by the replicator
 (``Replicator.ship``, postgres transport, batches of 1,000) into a fresh

@@ -29,6 +29,10 @@ from .record import (
 __all__ = ["CommittedRecord", "WALReader"]
 
 _READ_BYTES = 4 * 1024 * 1024
+#: bytes read per record asked for, when fewer records are asked for than fill
+#: _READ_BYTES: a reader asked for a few records at a time does not copy megabytes
+#: each time (a frame longer than the read is read on its own, below)
+_READ_BYTES_PER_RECORD = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +139,7 @@ class WALReader:
         except FileNotFoundError:
             return 0
         try:
-            data = os.pread(fd, _READ_BYTES, self._offset)
+            data = os.pread(fd, min(_READ_BYTES, limit * _READ_BYTES_PER_RECORD), self._offset)
             pos = 0
             while pos < len(data) and self._next_lsn <= upto_lsn and limit > 0:
                 status, frame = decode_frame(data, pos, name)

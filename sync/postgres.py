@@ -9,21 +9,31 @@ Credentials come from the DSN, which is never logged or put in an error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
 import socket
+import struct
 import threading
 from typing import Any
 
 import psycopg
+from psycopg.abc import AdaptContext
 
-from engine.errors import RemoteAuthError, RemoteUnavailableError, SyncError, SyncProtocolError
+from engine.errors import (
+    RemoteAuthError,
+    RemoteRejectedError,
+    RemoteUnavailableError,
+    SyncError,
+    SyncProtocolError,
+)
 
 from .remote import (
     PUSH_ARRAYS,
     PushAck,
     RpcTransport,
+    WireBatch,
     error_for_sqlstate,
     push_ack,
     push_arrays,
@@ -33,15 +43,104 @@ __all__ = ["PostgresTransport", "classify", "redact_dsn"]
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
-#: push's array arguments, typed, in binary (``%b``); psycopg picks the narrowest integer
-#: array type and sends lists of text, which the casts widen / parse
-_PUSH_TYPES = {"p_lsn": "bigint[]", "p_idx": "integer[]", "p_key": "text[]",
-               "p_deleted": "boolean[]", "p_data": "bytea[]", "p_codec": "smallint[]",
-               "p_vv": "text[]::jsonb[]", "p_hlc": "bigint[]", "p_fence": "bigint[]",
-               "p_value_hash": "text[]", "p_value_json": "text[]"}
+#: push's array arguments: the element type each is sent as, in PostgreSQL's binary
+#: array format (version vectors go as JSON text, which the server casts to jsonb)
+_PUSH_ELEMENTS = {"p_lsn": "int8", "p_idx": "int4", "p_key": "text", "p_deleted": "bool",
+                  "p_data": "bytea", "p_codec": "int2", "p_vv": "text", "p_hlc": "int8",
+                  "p_fence": "int8", "p_value_hash": "text", "p_value_json": "text"}
+_PUSH_CASTS = {"p_vv": "::jsonb[]"}
 _PUSH_SQL = ("select walsync_api.push(p_node => %s, p_through_lsn => %s, "
-             + ", ".join(f"{name} => %b::{_PUSH_TYPES[name]}" for name in PUSH_ARRAYS)
+             + ", ".join(f"{name} => %b{_PUSH_CASTS.get(name, '')}" for name in PUSH_ARRAYS)
              + ")").encode()
+
+
+class _BinaryArray(bytes):
+    """An array parameter already in PostgreSQL's binary format (its type: ``oid``)."""
+
+    __slots__ = ()
+    oid = 0
+    element_oid = 0
+
+
+class _BinaryArrayDumper(psycopg.adapt.Dumper):
+    """Sends a _BinaryArray as it is, typed by its class."""
+
+    format = psycopg.pq.Format.BINARY
+
+    def __init__(self, cls: type, context: AdaptContext | None = None) -> None:
+        super().__init__(cls, context)
+        self.oid = cls.oid if issubclass(cls, _BinaryArray) else 0
+
+    def dump(self, obj: Any) -> bytes:
+        return obj  # type: ignore[no-any-return]  # a _BinaryArray: bytes already
+
+
+#: a _BinaryArray class per element type (named as PostgreSQL names it): its oid is the
+#: array type's, ``element_oid`` the element's
+_ARRAY_CLASSES: dict[str, type[_BinaryArray]] = {
+    name: type(f"_{name.capitalize()}Array", (_BinaryArray,), {
+        "__slots__": (), "oid": psycopg.postgres.types[name].array_oid,
+        "element_oid": psycopg.postgres.types[name].oid})
+    for name in set(_PUSH_ELEMENTS.values())}
+#: struct codes and sizes of the fixed-width element types
+_FIXED = {"int8": ("q", 8), "int4": ("i", 4), "int2": ("h", 2), "bool": ("?", 1)}
+#: one dimension: ndim, has nulls, element oid, length, lower bound
+_ARRAY_HEADER = struct.Struct(">iiIii")
+_NULL_ELEMENT = b"\xff\xff\xff\xff"
+
+
+@functools.lru_cache(maxsize=32)
+def _fixed_struct(code: str, size: int, n: int) -> struct.Struct:
+    """``n`` elements of one fixed-width type, each after its length."""
+    return struct.Struct(">" + f"i{code}" * n)
+
+
+def _binary_array(element: str, values: list[Any]) -> _BinaryArray:
+    """``values`` (None: a null element) as an array of ``element`` in binary format:
+    a few list and join operations instead of a Python call per element."""
+    cls = _ARRAY_CLASSES[element]
+    oid = cls.element_oid
+    n = len(values)
+    if n == 0:
+        return cls(struct.pack(">iiI", 0, 0, oid))
+    fixed = _FIXED.get(element)
+    if fixed is not None and None not in values:
+        code, size = fixed
+        flat = [x for v in values for x in (size, v)]
+        return cls(_ARRAY_HEADER.pack(1, 0, oid, n, 1) + _fixed_struct(code, size, n).pack(*flat))
+    parts = [b""]
+    add = parts.append
+    nulls = 0
+    if fixed is not None:
+        one = struct.Struct(f">i{fixed[0]}")
+        for v in values:
+            if v is None:
+                add(_NULL_ELEMENT)
+                nulls = 1
+            else:
+                add(one.pack(fixed[1], v))
+    else:
+        for v in values:
+            if v is None:
+                add(_NULL_ELEMENT)
+                nulls = 1
+                continue
+            raw = v if type(v) is bytes else v.encode()
+            add(len(raw).to_bytes(4, "big"))
+            add(raw)
+    parts[0] = _ARRAY_HEADER.pack(1, nulls, oid, n, 1)
+    return cls(b"".join(parts))
+
+
+def _push_params(entries: list[dict[str, Any]]) -> list[_BinaryArray]:
+    """push's arrays of ``entries``, in order, encoded for sending; a malformed entry
+    (a field of the wrong type or out of its column's range) raises RemoteRejectedError."""
+    arrays = push_arrays(entries, vv_as_text=True, json_as_bytes=True)
+    try:
+        return [_binary_array(_PUSH_ELEMENTS[name], arrays[name]) for name in PUSH_ARRAYS]
+    except (struct.error, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise RemoteRejectedError(f"push: a wire entry is malformed ({type(exc).__name__}: "
+                                  f"{exc})") from None
 
 
 def redact_dsn(dsn: str) -> str:
@@ -158,6 +257,8 @@ class PostgresTransport(RpcTransport):
                                              prepare_threshold=None)
             except psycopg.Error as exc:
                 raise classify(exc, f"connecting to {self.where}") from None
+            for cls in _ARRAY_CLASSES.values():
+                self._conn.adapters.register_dumper(cls, _BinaryArrayDumper)
         return self._conn
 
     def call(self, function: str, args: dict[str, Any]) -> Any:
@@ -194,13 +295,19 @@ class PostgresTransport(RpcTransport):
             deadline.finish()
         return None if row is None else row[0]
 
+    def prepare_push(self, entries: WireBatch) -> None:
+        """Encode a batch's arrays now, on any thread (no connection is touched), for
+        the ``push`` that follows."""
+        entries.keep(self.name, _push_params(entries))
+
     def push(self, node_id: str, through_lsn: int, entries: list[dict[str, Any]]) -> PushAck:
-        """One call with the batch as parallel arrays, sent in binary: no JSON document
-        to build or parse, bytes as bytea (version vectors and JSON views go as text,
-        cast to jsonb by the server)."""
-        arrays = push_arrays(entries, vv_as_text=True)
-        return push_ack(self._execute("push", _PUSH_SQL, (
-            node_id, through_lsn, *(arrays[name] for name in PUSH_ARRAYS))))
+        """One call with the batch as parallel arrays in PostgreSQL's binary format: no
+        JSON document to build or parse, bytes as bytea (version vectors and JSON views
+        go as text, cast to jsonb by the server)."""
+        params = entries.kept(self.name) if isinstance(entries, WireBatch) else None
+        if params is None:
+            params = _push_params(entries)
+        return push_ack(self._execute("push", _PUSH_SQL, (node_id, through_lsn, *params)))
 
     def _drop(self) -> None:
         if self._conn is not None:

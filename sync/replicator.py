@@ -18,13 +18,16 @@ backoff, jitter and a cap (tenacity); permanent ones stop the replicator,
 whose status then names the error; every entry stays in the WAL.
 
 Threads: one background thread (``start``) or the caller's (``run_once``);
-``status`` and ``wait_acknowledged`` may be called from any thread.
+``status`` and ``wait_acknowledged`` may be called from any thread. While a
+full batch is pushed, a short-lived thread reads and encodes the next one
+(pushes themselves stay one at a time, on the shipping thread).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -49,7 +52,7 @@ from engine.events import LeaseLostEvent
 from engine.metrics import LATENCY_BOUNDS_NS, Histogram, HistogramSnapshot
 
 from .merge import record_to_wire, sibling_to_wire
-from .remote import Transport
+from .remote import Transport, WireBatch
 
 __all__ = ["Replicator", "ReplicatorOptions", "ReplicatorStats", "ReplicatorStatus"]
 
@@ -133,6 +136,57 @@ class ReplicatorStats:
     last_push_unix: float | None
     last_pull_unix: float | None
     last_error_unix: float | None
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Records after an acknowledged LSN, as the wire entries of one push."""
+
+    #: the last record read: what the server acknowledges once it has the entries
+    through_lsn: int
+    entries: WireBatch
+    #: WAL frame bytes of the local records
+    size_bytes: int
+    #: shippable records were left after it (it was cut by a count or byte limit)
+    more: bool
+
+
+#: records an ahead thread reads and decodes between two releases of the GIL: the
+#: pushing thread takes it back several times per push (each socket write, the answer)
+#: and would otherwise wait out the interpreter's switch interval (5 ms) each time
+_YIELD_EVERY = 50
+
+
+class _Ahead:
+    """Builds the next batch on a short-lived thread while the current one is pushed.
+
+    The caller takes the batch (``result``) or waits the thread out (``wait``) before
+    it reads the WAL itself again: one reader, one thread at a time.
+    """
+
+    def __init__(self, build: Callable[[int, int], _Batch], after_lsn: int,
+                 upto_lsn: int) -> None:
+        self._batch: _Batch | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(build, after_lsn, upto_lsn),
+                                        name="walsync-ship-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, build: Callable[[int, int], _Batch], after_lsn: int, upto_lsn: int) -> None:
+        try:
+            self._batch = build(after_lsn, upto_lsn)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the shipping thread
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> _Batch:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._batch is not None
+        return self._batch
 
 
 class Replicator:
@@ -290,41 +344,91 @@ class Replicator:
         return pushed, pulled
 
     def ship(self) -> int:
-        """Push every durable, applied record after the acknowledged LSN."""
+        """Push every durable, applied record after the acknowledged LSN.
+
+        Batches go out one at a time, in LSN order, each acknowledged only once the
+        server confirmed it. While one is in flight the next is read and encoded on a
+        short-lived thread (``_Ahead``): the server's work and the client's overlap.
+        """
         store = self.store
         if store.shippable_lsn < store.applied_lsn:
             store.flush()
         total = 0
-        while True:
-            upto = store.shippable_lsn
-            try:
-                records = self._reader.read(self._acked, upto, self.options.batch_records,
-                                            self.options.batch_bytes)
-            except LSNGapError:
-                total += self._bootstrap()
-                continue
+        ahead: _Ahead | None = None
+        try:
+            while True:
+                try:
+                    if ahead is not None:
+                        batch, ahead = ahead.result(), None
+                    else:
+                        batch = self._build(self._acked, store.shippable_lsn)
+                except LSNGapError:
+                    total += self._bootstrap()
+                    continue
+                if batch.through_lsn <= self._acked:
+                    break
+                if batch.more:  # a full batch: more is waiting, read it during the push
+                    ahead = _Ahead(functools.partial(self._build, step=_YIELD_EVERY),
+                                   batch.through_lsn, store.shippable_lsn)
+                total += self._push_batch(batch)
+                if ahead is not None and self._acked != batch.through_lsn:
+                    # the server had acknowledged further: read on from its LSN instead
+                    ahead.wait()
+                    ahead = None
+        finally:
+            if ahead is not None:
+                # a push failed: the reader is the other thread's until it returns,
+                # and the next ship reads again after the acknowledged LSN
+                ahead.wait()
+        return total
+
+    def _build(self, after_lsn: int, upto_lsn: int, step: int = 0) -> _Batch:
+        """The next batch after ``after_lsn``: read, decoded and encoded for the server.
+        Runs on the shipping thread or on an ``_Ahead`` one, never on both at once (the
+        reader is not thread-safe). With ``step``, records are read ``step`` at a time
+        and the GIL is released in between (see _YIELD_EVERY)."""
+        opts = self.options
+        entries = WireBatch()
+        through = after_lsn
+        count = size = read_bytes = 0
+        while count < opts.batch_records and read_bytes < opts.batch_bytes:
+            records = self._reader.read(through, upto_lsn,
+                                        min(step or opts.batch_records, opts.batch_records - count),
+                                        opts.batch_bytes - read_bytes)
             if not records:
                 break
-            entries: list[dict[str, Any]] = []
             for rec in records:
                 if rec.local:
                     entries.extend(record_to_wire(rec.lsn, rec.ops))
-            if not entries:  # only merge records: nothing the server needs
-                self._set_acked(records[-1].lsn)
-                continue
-            started = time.perf_counter_ns()
-            ack = self.transport.push(store.node_id, records[-1].lsn, entries)
-            self._push_ns.observe(time.perf_counter_ns() - started)
-            if ack.fenced:
-                self._fenced_writes += len(ack.fenced)
-                self._report_fenced(ack.fenced, entries)
-            total += len(entries)
-            self._status.pushed_entries += len(entries)
-            self._pushed_bytes += sum(rec.size_bytes for rec in records if rec.local)
-            self._status.last_push_at = time.time()
-            self._status.server_head = ack.head
-            self._set_acked(max(ack.acked_lsn, records[-1].lsn))
-        return total
+                    size += rec.size_bytes
+                read_bytes += rec.size_bytes
+            count += len(records)
+            through = records[-1].lsn
+            if step:
+                time.sleep(0)  # see _YIELD_EVERY
+        prepare = getattr(self.transport, "prepare_push", None)
+        if entries and prepare is not None:
+            prepare(entries)
+        return _Batch(through, entries, size, after_lsn < through < upto_lsn)
+
+    def _push_batch(self, batch: _Batch) -> int:
+        """Push one batch and acknowledge it as far as the server confirmed: the count."""
+        entries = batch.entries
+        if not entries:  # only merge records: nothing the server needs
+            self._set_acked(batch.through_lsn)
+            return 0
+        started = time.perf_counter_ns()
+        ack = self.transport.push(self.store.node_id, batch.through_lsn, entries)
+        self._push_ns.observe(time.perf_counter_ns() - started)
+        if ack.fenced:
+            self._fenced_writes += len(ack.fenced)
+            self._report_fenced(ack.fenced, entries)
+        self._status.pushed_entries += len(entries)
+        self._pushed_bytes += batch.size_bytes
+        self._status.last_push_at = time.time()
+        self._status.server_head = ack.head
+        self._set_acked(max(ack.acked_lsn, batch.through_lsn))
+        return len(entries)
 
     def _report_fenced(self, fenced: list[dict[str, Any]], entries: list[dict[str, Any]]) -> None:
         """The server refused this node's writes to runs another host now leases

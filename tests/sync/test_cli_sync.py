@@ -87,12 +87,13 @@ def init_store(cli: Cli, path: Path, node: str) -> str:
 def test_cli_migrate_twice_is_idempotent(cli: Cli, pg_db: str) -> None:
     first = cli("migrate")
     assert "applied 20261123000001_walsync_schema.sql" in first.output
-    assert "schema up to date (2 applied, 0 already there)" in first.output
+    assert "schema up to date (3 applied, 0 already there)" in first.output
     again = cli.json("migrate")
     assert again["applied"] == []
     assert again["already"] == ["20261123000001_walsync_schema.sql",
-                                "20261123000002_leases_restore.sql"]
-    assert query(pg_db, "select count(*) from walsync.schema_migrations") == [(2,)]
+                                "20261123000002_leases_restore.sql",
+                                "20261123000003_push_faster.sql"]
+    assert query(pg_db, "select count(*) from walsync.schema_migrations") == [(3,)]
 
 
 def test_cli_sync_once_ships_and_status_reports_the_recovery_point(

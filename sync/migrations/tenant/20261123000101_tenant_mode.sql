@@ -189,13 +189,20 @@ set plan_cache_mode = auto
 set jit = off
 as $$
 declare
-  v_tenant  text := walsync.require_tenant();
-  v_n       integer := coalesce(cardinality(p_lsn), 0);
-  v_head    bigint;
-  v_min     bigint;
-  v_max     bigint;
-  v_result  record;
-  v_acked   bigint;
+  v_tenant      text := walsync.require_tenant();
+  v_n           integer := coalesce(cardinality(p_lsn), 0);
+  v_head        bigint;
+  v_entry_pos   bigint[];
+  v_sibling_pos bigint[];
+  v_drop        tid[];
+  v_refused     boolean;
+  v_fenced      jsonb;
+  v_max_hlc     bigint;
+  v_inserted    bigint := 0;
+  v_merged      bigint := 0;
+  v_acked       bigint;
+  v_min         bigint;
+  v_max         bigint;
 begin
   if p_node is null or p_node = '' then
     raise exception 'push needs a node id' using errcode = '22023';
@@ -212,36 +219,27 @@ begin
   insert into nodes (tenant, node_id) values (v_tenant, p_node) on conflict do nothing;
   insert into head (tenant, pos) values (v_tenant, 0) on conflict do nothing;
   select pos into v_head from head where tenant = v_tenant for update;
+  -- the batch's LSN range bounds the duplicate checks below to an index range (as
+  -- constants: a bound taken from the batch inside the query would not be one)
   select min(l), max(l) into v_min, v_max from unnest(p_lsn) l;
+  -- The deciding statement: a big batch gets a plan made for its arrays (their
+  -- sizes, its LSN range); a small one reuses the cached generic plan.
   perform set_config('plan_cache_mode',
                      case when v_n > 64 then 'force_custom_plan' else 'force_generic_plan' end,
                      true);
-
   with x as materialized (
     select u.n, u.lsn, u.idx, u.key, coalesce(u.fence, 0) as fence, u.vv
     from unnest(p_lsn, p_idx, p_key, p_fence, p_vv) with ordinality
          as u(lsn, idx, key, fence, vv, n)
   ),
-  w as not materialized (
-    select u.n, u.lsn, u.idx, u.key, u.deleted, u.data, u.codec, u.vv, u.hlc,
-           coalesce(u.fence, 0) as fence, u.value_hash, u.value_json
-    from unnest(p_lsn, p_idx, p_key, p_deleted, p_data, p_codec, p_vv, p_hlc, p_fence,
-                p_value_hash, p_value_json)
-         with ordinality as u(lsn, idx, key, deleted, data, codec, vv, hlc, fence, value_hash,
-                              value_json, n)
-  ),
+  -- Fencing: an entry for a run's keys carrying an older token than the
+  -- run's current lease is refused (recorded below), never merged.
   refused as materialized (
     select x.n, x.lsn, x.key, l.run_id, x.fence, l.token as current, l.holder
     from x join leases l on l.tenant = v_tenant and l.run_id = walsync.run_of(x.key)
     where x.fence < l.token
   ),
-  fenced_rows as (
-    insert into fenced (tenant, origin, lsn, key, run_id, fence, current, data)
-    select v_tenant, p_node, r.lsn, r.key, r.run_id, r.fence, r.current, w.data
-    from refused r join w on w.n = r.n
-    on conflict do nothing
-    returning 1
-  ),
+  -- An entry sent twice in one batch counts once (distinct on its identity).
   incoming as (
     select distinct on (x.lsn, x.key) x.* from x
     where not exists (select 1 from entries e
@@ -257,9 +255,14 @@ begin
     select i.*, v_head + row_number() over (order by i.lsn, i.idx, i.key) as pos
     from incoming i
   ),
+  -- Merge the newest new version of each key (a node's later local write
+  -- dominates its earlier ones, so the earlier ones would be dropped anyway).
   latest as (
     select distinct on (nb.key) nb.* from numbered nb order by nb.key, nb.lsn desc, nb.idx desc
   ),
+  -- Each key's stored siblings, read once through the primary key (one index
+  -- probe per key): is the new version dominated by (or equal to) one of them,
+  -- and which of them does it dominate ("a <= b" is walsync.vv_leq written out).
   candidates as materialized (
     select l.n, l.pos, p.dropping from latest l
     cross join lateral (
@@ -274,54 +277,70 @@ begin
       from siblings s where s.tenant = v_tenant and s.key = l.key
     ) p
     where not p.dominated
-  ),
-  slots as materialized (
-    select array_agg(coalesce(nb.pos, 0) order by x.n) as entry_pos,
-           array_agg(coalesce(c.pos, 0) order by x.n) as sibling_pos
-    from x left join numbered nb on nb.n = x.n left join candidates c on c.n = x.n
-  ),
-  fresh as (
-    insert into entries (tenant, pos, origin, lsn, idx, key, deleted, data, codec, vv, hlc,
-                         fence, value_hash)
-    select v_tenant, (select entry_pos from slots)[w.n], p_node, w.lsn, w.idx, w.key,
-           w.deleted, w.data, w.codec, w.vv, w.hlc, w.fence, w.value_hash
-    from w where (select entry_pos from slots)[w.n] > 0
-    returning pos
-  ),
-  dropped as (
-    delete from siblings
-    where tenant = v_tenant and ctid = any (array(select unnest(c.dropping) from candidates c))
-    returning 1
-  ),
-  added as (
-    insert into siblings (tenant, key, origin, lsn, deleted, data, codec, vv, hlc, fence,
-                          value_hash, value_json, pos)
-    select v_tenant, w.key, p_node, w.lsn, w.deleted, w.data, w.codec, w.vv, w.hlc, w.fence,
-           w.value_hash, w.value_json::jsonb, (select sibling_pos from slots)[w.n]
-    from w where (select sibling_pos from slots)[w.n] > 0
-    returning 1
   )
-  select (select count(*) from fresh) as inserted,
-         (select count(*) from added) as merged,
-         (select count(*) from dropped) as dropped,
-         (select count(*) from fenced_rows) as newly_fenced,
-         (select max(h) from unnest(p_hlc) h) as max_hlc,
+  -- By ordinal: the entry's position if it is new (else 0), and again if it is
+  -- merged into siblings; the siblings it drops; what fencing refused.
+  select array_agg(coalesce(nb.pos, 0) order by x.n),
+         array_agg(coalesce(c.pos, 0) order by x.n),
+         (select array_agg(t) from candidates c2, unnest(c2.dropping) t),
+         exists (select 1 from refused),
          (select coalesce(jsonb_agg(distinct jsonb_build_object('run_id', run_id,
                                                                 'current', current,
                                                                 'holder', holder)),
-                          '[]'::jsonb) from refused) as fenced
-    into v_result;
+                          '[]'::jsonb) from refused),
+         (select max(h) from unnest(p_hlc) h)
+    into v_entry_pos, v_sibling_pos, v_drop, v_refused, v_fenced, v_max_hlc
+  from x left join numbered nb on nb.n = x.n left join candidates c on c.n = x.n;
 
-  update head set pos = v_head + v_result.inserted where tenant = v_tenant;
+  if v_refused then
+    -- the same refusals, with the bytes kept for inspection
+    insert into fenced (tenant, origin, lsn, key, run_id, fence, current, data)
+    select v_tenant, p_node, u.lsn, u.key, l.run_id, coalesce(u.fence, 0), l.token, u.data
+    from unnest(p_lsn, p_key, p_fence, p_data) as u(lsn, key, fence, data)
+    join leases l on l.tenant = v_tenant and l.run_id = walsync.run_of(u.key)
+    where coalesce(u.fence, 0) < l.token
+    on conflict do nothing;
+  end if;
+  if v_drop is not null then
+    -- planned for its tids each time: a cached plan made while the table was small
+    -- could scan all of it
+    perform set_config('plan_cache_mode', 'force_custom_plan', true);
+    delete from siblings where tenant = v_tenant and ctid = any (v_drop);
+  end if;
+  -- The wide columns, streamed from the arguments into the tables: one plan for
+  -- every call (no join, nothing to estimate), never a copy of the arrays.
+  perform set_config('plan_cache_mode', 'force_generic_plan', true);
+  if v_n > 0 then
+    insert into entries (tenant, pos, origin, lsn, idx, key, deleted, data, codec, vv, hlc,
+                         fence, value_hash)
+    select v_tenant, v_entry_pos[u.n], p_node, u.lsn, u.idx, u.key, u.deleted, u.data, u.codec, u.vv,
+           u.hlc, coalesce(u.fence, 0), u.value_hash
+    from unnest(p_lsn, p_idx, p_key, p_deleted, p_data, p_codec, p_vv, p_hlc, p_fence,
+                p_value_hash) with ordinality
+         as u(lsn, idx, key, deleted, data, codec, vv, hlc, fence, value_hash, n)
+    where v_entry_pos[u.n] > 0;
+    get diagnostics v_inserted = row_count;
+    insert into siblings (tenant, key, origin, lsn, deleted, data, codec, vv, hlc, fence,
+                          value_hash, value_json, pos)
+    select v_tenant, u.key, p_node, u.lsn, u.deleted, u.data, u.codec, u.vv, u.hlc, coalesce(u.fence, 0),
+           u.value_hash, u.value_json::jsonb, v_sibling_pos[u.n]
+    from unnest(p_lsn, p_key, p_deleted, p_data, p_codec, p_vv, p_hlc, p_fence, p_value_hash,
+                p_value_json) with ordinality
+         as u(lsn, key, deleted, data, codec, vv, hlc, fence, value_hash, value_json, n)
+    where v_sibling_pos[u.n] > 0;
+    get diagnostics v_merged = row_count;
+  end if;
+
+  update head set pos = v_head + v_inserted where tenant = v_tenant;
   update nodes
      set acked_lsn = greatest(acked_lsn, coalesce(p_through_lsn, 0)),
-         acked_hlc = greatest(acked_hlc, coalesce(v_result.max_hlc, 0)),
+         acked_hlc = greatest(acked_hlc, coalesce(v_max_hlc, 0)),
          last_push_at = now()
    where tenant = v_tenant and node_id = p_node
   returning acked_lsn into v_acked;
-  return jsonb_build_object('acked_lsn', v_acked, 'inserted', v_result.inserted,
-                            'merged', v_result.merged, 'head', v_head + v_result.inserted,
-                            'fenced', v_result.fenced);
+  return jsonb_build_object('acked_lsn', v_acked, 'inserted', v_inserted,
+                            'merged', v_merged, 'head', v_head + v_inserted,
+                            'fenced', v_fenced);
 end
 $$;
 

@@ -1,0 +1,245 @@
+"""Shipping with the next batch read while the current one is pushed (sync/replicator.py).
+
+Pushes fail mid-pipeline, with the next batch being built on the other thread: before
+the server got the batch, and after it committed it (the acknowledgement lost). Every
+push starts right after the acknowledged LSN and runs in LSN order, the persisted
+acknowledgement never passes what the server confirmed, and in the end the server holds
+every entry exactly once. Also: a prepared batch's encoding is used only for exactly the
+entries it was made from, upgrading a database (tenant mode too) installs the new push,
+and the WAL reader asked for a few records reads about that much.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from engine import Store
+from engine.errors import RemoteUnavailableError
+from sync.migrate import _apply, list_migrations, migrate
+from sync.postgres import PostgresTransport
+from sync.remote import PushAck, WireBatch
+from sync.replicator import Replicator, ReplicatorOptions
+from tests.sync._helpers import entry, local_entries, query, server_entry_ids
+
+pytestmark = pytest.mark.postgres
+
+
+class FlakyTransport:
+    """A postgres transport whose pushes number ``fail_before`` fail before reaching the
+    server and ``fail_after`` fail once the server committed them; each failure waits
+    until the batch after it is being built on another thread: it happens mid-pipeline."""
+
+    name = "postgres"
+
+    def __init__(self, real: PostgresTransport, store: Store, *, fail_before: set[int],
+                 fail_after: set[int]) -> None:
+        self.real = real
+        self.store = store
+        self.fail_before = fail_before
+        self.fail_after = fail_after
+        self.calls = 0
+        #: the highest LSN the server confirmed so far
+        self.confirmed = 0
+        #: (first entry LSN, through LSN, persisted acknowledgement) of each push
+        self.pushes: list[tuple[int, int, int]] = []
+        #: first entry LSNs of the batches built off the shipping thread
+        self.built_ahead: set[int] = set()
+        self.built = threading.Condition()
+        self.violations: list[str] = []
+
+    def _acked(self) -> int:
+        raw = self.store.sync_state("acked_lsn")
+        return int.from_bytes(raw, "little") if raw else 0
+
+    def prepare_push(self, entries: WireBatch) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            with self.built:
+                self.built_ahead.add(int(entries[0]["lsn"]))
+                self.built.notify_all()
+        self.real.prepare_push(entries)
+
+    def push(self, node_id: str, through_lsn: int, entries: list[dict[str, Any]]) -> PushAck:
+        self.calls += 1
+        acked = self._acked()
+        lsns = [int(e["lsn"]) for e in entries]
+        if acked > self.confirmed:
+            self.violations.append(f"acknowledged {acked}, the server confirmed {self.confirmed}")
+        if lsns != sorted(lsns) or lsns[0] != acked + 1 or lsns[-1] > through_lsn:
+            self.violations.append(f"push {self.calls}: LSNs {lsns[0]}..{lsns[-1]} through "
+                                   f"{through_lsn} after acknowledged {acked}")
+        self.pushes.append((lsns[0], through_lsn, acked))
+        if self.calls in self.fail_before | self.fail_after:
+            with self.built:  # every record has entries: the next batch starts right after
+                assert self.built.wait_for(lambda: through_lsn + 1 in self.built_ahead, 10)
+        if self.calls in self.fail_before:
+            raise RemoteUnavailableError("injected: the batch never reached the server")
+        ack = self.real.push(node_id, through_lsn, entries)
+        self.confirmed = max(self.confirmed, ack.acked_lsn)
+        if self.calls in self.fail_after:
+            raise RemoteUnavailableError("injected: the acknowledgement was lost")
+        return ack
+
+    def node_status(self, node_id: str) -> Any:
+        return self.real.node_status(node_id)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def _store_with_records(path: Path, count: int) -> Store:
+    store = Store.open(path, node_id="A", durability="none")
+    for i in range(count):
+        if i % 3:
+            store.put(f"k/{i % 17}", {"i": i})
+        else:
+            with store.batch() as batch:  # records of two keys
+                batch.put(f"t/{i}/a", i)
+                batch.put(f"t/{i}/b", -i)
+    store.flush()
+    return store
+
+
+def test_pipelined_ship_survives_push_failures_mid_pipeline_in_lsn_order(
+        tmp_path: Path, pg_db: str) -> None:
+    migrate(pg_db)
+    store = _store_with_records(tmp_path / "a", 120)
+    try:
+        flaky = FlakyTransport(PostgresTransport(pg_db), store, fail_before={2, 6},
+                               fail_after={4, 9})
+        rep = Replicator(store, flaky, ReplicatorOptions(pull=False, batch_records=10))
+        failures = 0
+        while True:
+            try:
+                rep.ship()
+                break
+            except RemoteUnavailableError:
+                failures += 1
+                assert failures <= 4
+        assert failures == 4
+        assert flaky.violations == []
+        assert len(flaky.built_ahead) >= 8  # the batches after the first were read ahead
+        # after each failure the batch is sent again from the acknowledged LSN
+        firsts = [first for first, _, _ in flaky.pushes]
+        for call in (2, 4, 6, 9):
+            assert firsts[call] == firsts[call - 1]
+        assert rep.acked_lsn == store.shippable_lsn == flaky.confirmed
+        assert int.from_bytes(store.sync_state("acked_lsn") or b"", "little") == rep.acked_lsn
+        expected = sorted(("A", int(e["lsn"]), e["key"]) for e in local_entries(store))
+        assert sorted(server_entry_ids(pg_db)) == expected  # each once: the ids are the key
+        assert query(pg_db, "select acked_lsn from walsync.nodes where node_id = 'A'") == [
+            (store.shippable_lsn,)]
+        positions = [p for (p,) in query(pg_db, "select pos from walsync.entries order by pos")]
+        assert positions == list(range(1, len(expected) + 1))
+    finally:
+        flaky.close()
+        store.close()
+
+
+def test_pipelined_ship_sends_each_record_once_across_calls(
+        tmp_path: Path, pg_db: str) -> None:
+    migrate(pg_db)
+    store = _store_with_records(tmp_path / "a", 35)
+    try:
+        rep = Replicator(store, PostgresTransport(pg_db),
+                         ReplicatorOptions(pull=False, batch_records=10))
+        assert rep.ship() == len(local_entries(store))
+        assert rep.acked_lsn == store.shippable_lsn
+        assert rep.ship() == 0  # nothing new: no push
+        store.put("late", 1)
+        store.flush()
+        assert rep.ship() == 1
+        assert rep.acked_lsn == store.shippable_lsn
+    finally:
+        rep.close()
+        store.close()
+
+
+def test_prepared_encoding_is_used_only_for_the_entries_it_was_made_from(pg_db: str) -> None:
+    migrate(pg_db)
+    t = PostgresTransport(pg_db)
+    try:
+        batch = WireBatch([entry("A", n, f"k{n}", n) for n in range(1, 5)])
+        t.prepare_push(batch)
+        assert batch.kept("postgres") is not None
+        assert batch.kept("supabase") is None
+        t.push("A", 2, batch[:2])  # a slice is a plain list: encoded again
+        assert server_entry_ids(pg_db) == [("A", 1, "k1"), ("A", 2, "k2")]
+        batch.pop()  # changed after it was encoded: its encoding is stale
+        assert batch.kept("postgres") is None
+        ack = t.push("A", 3, batch)
+        assert (ack.inserted, ack.acked_lsn) == (1, 3)
+        assert server_entry_ids(pg_db)[-1] == ("A", 3, "k3")
+        t.prepare_push(batch)
+        assert batch.kept("postgres") is not None
+        batch[0] = entry("A", 4, "k4", 4)  # replaced in place
+        assert batch.kept("postgres") is None
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("tenant", [False, True])
+def test_migrate_upgrades_push_on_a_database_from_before(pg_db: str, tenant: bool) -> None:
+    """A database holding schema version 2 (and tenant mode, if on) gets the new push
+    from a plain ``migrate``, tenant-scoped again when tenant mode is on."""
+    older = [m for m in list_migrations() if m[0] < "20261123000003"]
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        for version, path in older:
+            _apply(conn, version, path, force=False)
+        if tenant:
+            for version, path in list_migrations(tenant=True):
+                _apply(conn, version, path, force=False)
+    before = PostgresTransport(pg_db)
+    try:
+        assert before.push("A", 1, [entry("A", 1, "k", 1)]).inserted == 1
+    finally:
+        before.close()
+    report = migrate(pg_db)
+    assert "20261123000003_push_faster.sql" in report.applied
+    [(source, owner)] = query(
+        pg_db, "select p.prosrc, pg_get_userbyid(p.proowner) from pg_proc p "
+               "where p.oid = 'walsync_api.push(text, bigint, bigint[], integer[], text[], "
+               "boolean[], bytea[], smallint[], jsonb[], bigint[], bigint[], text[], "
+               "text[])'::regprocedure")
+    assert ("require_tenant()" in source) is tenant
+    assert (owner == "walsync_tenant_api") is tenant
+    after = PostgresTransport(pg_db)
+    try:
+        again = after.push("A", 1, [entry("A", 1, "k", 1)])
+        assert (again.inserted, again.merged, again.acked_lsn) == (0, 0, 1)
+        ack = after.push("A", 2, [entry("A", 2, "k", 2, {"A": 2})])
+        assert (ack.inserted, ack.merged, ack.head) == (1, 1, 2)
+    finally:
+        after.close()
+    assert query(pg_db, "select key, origin, lsn from walsync.siblings") == [("k", "A", 2)]
+
+
+def test_wal_reader_asked_for_a_few_records_reads_about_that_much(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read ahead in steps of a few records, the reader copies about those records from the
+    segment (the active one is preallocated: a fixed 4 MiB read copied 4 MiB every time)."""
+    import engine.feed
+
+    store = _store_with_records(tmp_path / "a", 40)
+    sizes: list[int] = []
+    real_pread = engine.feed.os.pread
+
+    def pread(fd: int, size: int, offset: int) -> bytes:
+        sizes.append(size)
+        return real_pread(fd, size, offset)
+
+    try:
+        monkeypatch.setattr(engine.feed.os, "pread", pread)
+        reader = store.wal_reader()
+        lsns: list[int] = []
+        while len(lsns) < 40:
+            lsns += [r.lsn for r in reader.read(len(lsns), store.shippable_lsn, 5)]
+        assert lsns == list(range(1, 41))
+        assert sizes
+        assert max(sizes) <= 5 * 4096
+    finally:
+        store.close()
