@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -392,6 +393,7 @@ def sync_command(store_path: str, once: bool, no_pull: bool, status_every: float
             return
         click.echo(f"syncing {store.path} (node {store.node_id}) with {describe_target()}")
         metrics = None
+        _stop_on_signals()
         try:
             if metrics_port is not None:
                 metrics = _serve_metrics(store, rep, metrics_host, metrics_port)
@@ -404,14 +406,26 @@ def sync_command(store_path: str, once: bool, no_pull: bool, status_every: float
                     click.echo(f"acked LSN {s.acked_lsn}, lag {s.lag_entries} entries "
                                f"{s.lag_seconds:.1f} s, pulled {s.pulled_entries}, "
                                f"retries {s.retries}")
-        except KeyboardInterrupt:
-            click.echo("stopping")
+        except KeyboardInterrupt as stop:
+            click.echo(f"stopping ({stop or 'SIGINT'})")
         finally:
             rep.close()
             if metrics is not None:
                 metrics.close()
         if rep.error is not None:
             raise rep.error
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (what service managers and container runtimes send) stop the
+    worker cleanly: the replicator finishes its call and the store closes. Installed
+    explicitly, since a process started in the background inherits SIGINT ignored."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
 
 
 def _serve_metrics(store: Store, rep: Replicator, host: str, port: int) -> MetricsServer:

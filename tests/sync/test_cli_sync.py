@@ -6,6 +6,10 @@ the DSN's password never appears in any output.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 from psycopg.conninfo import conninfo_to_dict
 
+from engine import Store
 from sync.cli import main
 from tests.pg import PostgresCluster, free_port
 from tests.sync._helpers import (
@@ -32,6 +37,9 @@ pytestmark = pytest.mark.postgres
 SECRET = "tr0ub4dor-and-3-secret"
 UNSET = ("WALSYNC_PG_DSN", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WALSYNC_CONFIG",
          "WALSYNC_TRANSPORT", "WALSYNC_STORE")
+
+
+WALSYNC = Path(sys.executable).with_name("walsync")
 
 
 def environment(dsn: str | None) -> dict[str, str | None]:
@@ -224,3 +232,39 @@ def test_cli_sync_once_gives_up_when_the_server_is_unreachable(tmp_path: Path,
     assert time.monotonic() - started < 15
     assert "cannot reach" in result.stderr
     assert query(pg_db, "select 1") == [(1,)]  # (the real server was never touched)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_cli_sync_worker_stops_cleanly_on_sigterm_and_sigint(
+    cli: Cli, tmp_path: Path, pg_db: str, signum: signal.Signals
+) -> None:
+    """What a service manager sends (SIGTERM) and Ctrl-C both stop the worker with exit
+    0 and a cleanly closed store, even when it was started with SIGINT ignored (as a
+    shell's background job is)."""
+    cli("migrate")
+    path = init_store(cli, tmp_path / "s", "W")
+    with Store.open(path) as store:
+        for i in range(5):
+            store.put(f"k{i}", i)
+    env = {k: v for k, v in os.environ.items() if k not in UNSET}
+    env["WALSYNC_PG_DSN"] = pg_db
+    with subprocess.Popen(
+        [str(WALSYNC), "sync", "--store", path, "--status-every", "0"], env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    ) as proc:
+        try:
+            deadline = time.monotonic() + 30
+            while len(server_entry_ids(pg_db)) < 5:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the worker never shipped"
+                time.sleep(0.05)
+            assert (Path(path) / "OPEN").exists()
+            proc.send_signal(signum)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err
+    assert f"stopping ({signum.name})" in out
+    assert not (Path(path) / "OPEN").exists(), "the store was not closed cleanly"
