@@ -475,10 +475,12 @@ class Store:
         try:
             if self._wal is not None and self._poisoned is None:
                 self._wal.sync()
+                # A new base only when the WAL it lets go outweighs copying the
+                # snapshot: a small session's close stays cheap, and the WAL the
+                # next open scans stays smaller than the snapshot.
+                new_base = self._wal_bytes_above_base() >= self._snapshot.file_bytes()
                 self._wal.close(trim=True)
-                # no new base here: closing stays cheap; the WAL above the
-                # base waits for the next checkpoint that makes one
-                self._checkpoint(include_active=True, new_base=False)
+                self._checkpoint(include_active=True, new_base=new_base)
                 clear_open_marker(self._layout)
         except WalsyncError:
             raise

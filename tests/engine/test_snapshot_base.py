@@ -22,6 +22,7 @@ import pytest
 
 from engine import Store, StoreStateError, _fs
 from engine.base import SnapshotRebuild, read_base_lsn
+from engine.layout import StoreLayout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SEGMENT_BYTES = 64 * 1024
@@ -279,3 +280,18 @@ def test_wal_left_by_many_small_sessions_triggers_a_checkpoint(tmp_path: Path) -
             time.sleep(0.05)
             deadline -= 1
         assert read_base_lsn(store._layout) > 0, "no checkpoint made a base"
+
+
+def test_close_makes_a_base_when_the_wal_outweighs_the_snapshot(tmp_path: Path) -> None:
+    """Overwriting a few keys many times: the WAL grows past the snapshot, so the
+    close copies the small snapshot and lets the WAL go (the next open scans none)."""
+    path = tmp_path / "s"
+    with Store.open(path, segment_bytes=SEGMENT_BYTES) as store:
+        for i in range(400):
+            store.put(f"k/{i % 4}", {"i": i, "pad": "x" * 900}, durability="none")
+    assert read_base_lsn(StoreLayout(path)) == 400
+    assert StoreLayout(path).list_segments() == []
+    with Store.open(path, segment_bytes=SEGMENT_BYTES) as store:
+        assert store.recovery is not None
+        assert store.recovery.segments_read == 0
+        assert store.get("k/3") == {"i": 399, "pad": "x" * 900}
