@@ -50,6 +50,9 @@ from sync.postgres import PostgresTransport
 from sync.remote import Transport
 from sync.replicator import Replicator, ReplicatorOptions
 from sync.supabase import SupabaseTransport
+from tests.crash.ledger import Commit as SharedCommit
+from tests.crash.ledger import KeyState, Observed
+from tests.crash.ledger import Ledger as SharedLedger
 from tests.crash.rounds import RoundResult as CrashRoundResult
 from tests.gateway import PostgrestGateway
 from tests.pg import PostgresCluster
@@ -473,6 +476,11 @@ class _Round:
                     int(sent["hlc"]), int(sent["fence"]))
             if row != want:
                 violations.append(f"{dot} differs on the server: {row!r} != {want!r}")
+        # and by the crash suites' checker (tests/crash/ledger.py), one writer per node:
+        # every acknowledged commit there with its value, nothing no commit wrote
+        for node in self.nodes:
+            violations.extend(f"{node} on the server: {problem}"
+                              for problem in self.check_with_shared_ledger(node, on_server))
         head_after = self.head()
         if head_after - head_before != len(on_server):
             violations.append(f"the server's head moved by {head_after - head_before} for "
@@ -506,6 +514,28 @@ class _Round:
                     for k, sibs in store.iter_siblings(self.prefix + "/")}
             if held != want_sibs:
                 violations.append(f"{node}'s siblings after pulling {_diff(held, want_sibs)}")
+
+    def check_with_shared_ledger(self, node: str,
+                                 on_server: dict[tuple[str, int, str], tuple[Any, ...]]
+                                 ) -> list[str]:
+        """The server's newest entry of each key from ``node`` against the node's commits."""
+        commits = sorted((c for c in self.ledger.commits() if c.node == node),
+                         key=lambda c: c.lsn)
+        newest: dict[str, tuple[int, tuple[Any, ...]]] = {}
+        for (origin, lsn, key), row in on_server.items():
+            if origin == node and lsn > newest.get(key, (0, ()))[0]:
+                newest[key] = (lsn, row)
+
+        def read(key: str) -> KeyState | None:
+            if key not in newest:
+                return None
+            lsn, (deleted, data, codec, *_rest) = newest[key]
+            value = None if deleted else decode_value(int(codec), bytes(data))
+            return KeyState(lsn, value, bool(deleted))
+
+        return SharedLedger().check(
+            [SharedCommit(node, seq, dict(c.ops), c.lsn) for seq, c in enumerate(commits)],
+            Observed(read, set(newest)))
 
     # -- driving -------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -103,4 +103,7 @@ def test_faults_network_round_reports_a_transport_that_loses_entries(
     assert any(v.startswith("lost: ") for v in result.violations), result.violations
     assert any("as acknowledged but the server lacks" in v for v in result.violations)
     assert any("covers entries the server lacks" in v for v in result.violations)
+    # the crash suites' shared checker sees it too
+    assert any(" on the server: key " in v and "expected the acknowledged write" in v
+               for v in result.violations), result.violations
     assert not result.ok
