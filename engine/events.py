@@ -168,7 +168,7 @@ class StepEvent(Event):
 class RunCheckpointEvent(Event):
     """A run's named checkpoint was ``created``, or the run ``rolled_back`` to it."""
 
-    kind: ClassVar[str] = "checkpoint"
+    kind: ClassVar[str] = "run_checkpoint"
     run_id: str
     name: str
     action: Literal["created", "rolled_back"]
@@ -237,7 +237,8 @@ _EVENT_TYPES: tuple[type[Event], ...] = (
 #: every kind a subscription may ask for (an OverflowEvent is always delivered)
 KINDS = frozenset(t.kind for t in _EVENT_TYPES)
 #: kinds that come from commit records (the rest are emitted on their own)
-_RECORD_KINDS = frozenset({"commit", "run", "step", "checkpoint", "conflict"})
+#: the kinds that commits carry (a store checkpoint and a lease loss are not a commit's)
+_RECORD_KINDS = frozenset({"commit", "run", "step", "run_checkpoint", "conflict"})
 
 
 class _Record(Protocol):

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import _fs
 from .errors import StoreLockedError
 
-__all__ = ["WriterLock", "read_holder_pid"]
+__all__ = ["WriterLock", "read_holder_pid", "writer_is_alive"]
 
 
 def read_holder_pid(path: Path) -> int | None:
@@ -25,6 +25,23 @@ def read_holder_pid(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def writer_is_alive(path: Path) -> bool:
+    """Whether a live process holds the writer lock (for readers, who never take it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # drops the shared lock, if it was taken
+    return False
 
 
 class WriterLock:

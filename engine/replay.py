@@ -76,11 +76,15 @@ def recover(
     snapshot: SnapshotStore,
     gaps: list[tuple[int, int]],
     min_next_lsn: int = 1,
+    *,
+    closed_cleanly: bool = False,
 ) -> tuple[RecoveryReport, SegmentScan | None, int]:
     """Replay; return the report, the scan of the segment to append to, and the next LSN.
 
     ``min_next_lsn`` (set by repair) keeps LSNs that were lost from the log
-    from ever being handed out again.
+    from ever being handed out again. ``closed_cleanly`` (the last writer removed
+    its OPEN marker: the whole WAL was synced) makes damage in the last segment
+    corruption: only a writer that died can have left a torn tail.
     """
     started = time.perf_counter()
     applied = snapshot.applied_lsn()
@@ -106,8 +110,7 @@ def recover(
             lsn=applied + 1,
         )
 
-    # only a writer that died with the store open can have left a torn tail
-    may_be_torn = not layout.closed_cleanly()
+    may_be_torn = not closed_cleanly
     replayed = 0
     prev_last: int | None = None
     scan: SegmentScan | None = None

@@ -461,15 +461,17 @@ class SnapshotStore:
 
         A sync interrupted by a signal reported nothing about the data and is
         asked again; any other failure is raised as an OSError naming the file.
+        Under the gate: a compaction closes and reopens the environment.
         """
-        while True:
-            try:
-                self.env.sync(True)
-                return
-            except lmdb.Error as exc:
-                if getattr(exc, "code", 0) == errno.EINTR:
-                    continue
-                raise self._os_error(exc, "sync") from exc
+        with self._gate.shared():
+            while True:
+                try:
+                    self.env.sync(True)
+                    return
+                except lmdb.Error as exc:
+                    if getattr(exc, "code", 0) == errno.EINTR:
+                        continue
+                    raise self._os_error(exc, "sync") from exc
 
     def copy_to(self, directory: Path) -> int:
         """Write a compact copy of the snapshot as one read transaction sees it

@@ -66,7 +66,7 @@ from .errors import (
 from .events import CheckpointEvent, Event, EventBus
 from .feed import WALReader
 from .layout import StoreLayout
-from .lock import WriterLock
+from .lock import WriterLock, writer_is_alive
 from .metrics import StoreMetrics, StoreStats
 from .options import Durability, StoreOptions
 from .record import (
@@ -352,6 +352,8 @@ class Store:
                 )
             self._gaps = [(int(a), int(b)) for a, b in self._meta.get("lsn_gaps", [])]
             rebuild = self._check_snapshot_trust()
+            # read before this writer's own marker replaces the last one's
+            closed_cleanly = layout.closed_cleanly()
             if not self.readonly:
                 # before LMDB writes a page (creating its file, replaying): a power
                 # loss from here on leaves the marker, and the next boot rebuilds
@@ -363,10 +365,16 @@ class Store:
                 readonly=self.readonly,
             )
             if not self.readonly:
-                self._recover()
+                self._recover(closed_cleanly)
                 if rebuild is not None and self.recovery is not None:
                     self.recovery = replace(self.recovery, snapshot_rebuilt=rebuild)
                 self._base_lsn = read_base_lsn(layout)
+                if self._base_lsn == 0 and not self._wal_rebuilds_from_empty():
+                    # a store whose WAL was trimmed before bases existed (or that a
+                    # repair left with holes): without a base now, a power loss
+                    # would leave nothing to rebuild the snapshot from
+                    self._snapshot.sync()
+                    self._base_lsn = write_base(layout, self._snapshot)
                 self._bytes_since_checkpoint = self._wal_bytes_above_base()
             self._closed = False
         except BaseException:
@@ -405,6 +413,13 @@ class Store:
         }
         write_store_file(self._layout.store_file, meta)
 
+    def _wal_rebuilds_from_empty(self) -> bool:
+        """Whether replaying the whole WAL into an empty snapshot gives the state."""
+        if self._applied_lsn == 0:
+            return True
+        segments = self._layout.list_segments()
+        return bool(segments) and segments[0][0] == 1 and not self._gaps
+
     def _wal_bytes_above_base(self) -> int:
         """WAL bytes a checkpoint would let go: closing makes no base, so a
         store used in many short sessions still checkpoints when this is due."""
@@ -418,6 +433,9 @@ class Store:
         layout = self._layout
         if self.readonly:
             reason = untrusted_snapshot_reason(layout)
+            if reason is not None and _fs.boot_id() is None and writer_is_alive(layout.lock_file):
+                # no boot id to compare: a marker under a live writer is its own
+                reason = None
             if reason is not None:
                 raise StoreStateError(
                     f"store {self.path}: {reason}; its snapshot cannot be read safely",
@@ -435,10 +453,11 @@ class Store:
                     "and the WAL", self.path, reason, rebuild.quarantine, rebuild.base_lsn)
         return rebuild
 
-    def _recover(self) -> None:
+    def _recover(self, closed_cleanly: bool) -> None:
         _fs.make_dir(self._layout.wal_dir)
         report, active, next_lsn = recover(
-            self._layout, self._snapshot, self._gaps, int(self._meta.get("min_next_lsn", 1))
+            self._layout, self._snapshot, self._gaps, int(self._meta.get("min_next_lsn", 1)),
+            closed_cleanly=closed_cleanly,
         )
         if report.wal_hole is not None and not gap_allowed(self._gaps, *report.wal_hole):
             self._gaps.append(report.wal_hole)
@@ -1080,16 +1099,19 @@ class Store:
             raise ValueError("tombstones of a store that syncs are kept until every replica "
                              "has seen them; compact without purge_tombstones")
         checkpoint = self.checkpoint()
-        with self._cv:
-            while self._leading or self._queue or self._applying or self._apply_queue:
-                self._cv.wait()
-            self._leading = True  # hold off group commits while the file is swapped
-        try:
-            before, after = self._snapshot.compact(purge_tombstones)
-        finally:
+        # no checkpoint (background or another thread's) may sync or copy the
+        # environment while it is closed for the swap
+        with self._checkpoint_lock:
             with self._cv:
-                self._leading = False
-                self._wake()  # committers that queued meanwhile wait on their own conditions
+                while self._leading or self._queue or self._applying or self._apply_queue:
+                    self._cv.wait()
+                self._leading = True  # hold off group commits while the file is swapped
+            try:
+                before, after = self._snapshot.compact(purge_tombstones)
+            finally:
+                with self._cv:
+                    self._leading = False
+                    self._wake()  # committers that queued meanwhile wait on their own conditions
         return CompactResult(checkpoint.lsn, before, after)
 
     def _checkpoint(self, *, include_active: bool, new_base: bool = True) -> CheckpointResult:

@@ -97,3 +97,38 @@ def test_compact_while_other_threads_commit_loses_and_blocks_nothing(tmp_path: P
         assert not any(t.is_alive() for t in threads), "a committer never woke up"
         assert not errors
         assert len(store.keys("w/")) == len(written)
+
+
+def test_checkpoints_from_another_thread_during_compactions_do_not_fail(tmp_path: Path) -> None:
+    """Compaction closes and reopens the LMDB environment: a checkpoint racing it
+    (the background one, or another thread's) must wait, not poison the store."""
+    import threading
+
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with Store.open(tmp_path / "s") as store:
+        _fill_and_delete(store, 300)
+
+        def checkpoints() -> None:
+            while not stop.is_set():
+                try:
+                    store.checkpoint()
+                except BaseException as exc:  # noqa: BLE001 - collected for the assert
+                    errors.append(exc)
+                    return
+
+        worker = threading.Thread(target=checkpoints)
+        worker.start()
+        try:
+            for i in range(15):
+                store.put(f"during/{i}", i)
+                store.compact()
+        finally:
+            stop.set()
+            worker.join(30)
+        assert errors == []
+        assert store.poisoned is None
+        store.put("after", 1)
+    with Store.open(tmp_path / "s") as store:
+        assert store.get("during/14") == 14
+        assert store.get("after") == 1

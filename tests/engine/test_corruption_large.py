@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import engine
-from engine import Store
+from engine import CorruptionError, Store
 
 SEGMENT_BYTES = 1 << 20
 FLIPS = 400
@@ -109,3 +109,21 @@ def test_sampled_truncations_of_large_sealed_segments_are_all_detected(
             os.pwrite(fd, data[cut:], cut)
             os.close(fd)
     assert engine.verify(work).ok
+
+
+def test_open_refuses_a_damaged_last_record_of_a_cleanly_closed_store(tmp_path: Path) -> None:
+    """After a clean close every record was synced and acknowledged: a flipped byte in
+    the last one is corruption for open as for verify, never a torn tail to cut."""
+    path = tmp_path / "s"
+    with Store.open(path) as store:
+        for i in range(5):
+            store.put(f"k{i}", {"i": i, "pad": "x" * 100})
+    assert not (path / "OPEN").exists()
+    seg = _segments(path)[-1]
+    data = bytearray(seg.read_bytes())
+    data[-3] ^= 0x40  # inside the last frame's payload
+    seg.write_bytes(bytes(data))
+    assert not engine.verify(path).ok
+    with pytest.raises(CorruptionError, match="synced in full"):
+        Store.open(path)
+    assert seg.read_bytes() == bytes(data), "open changed the damaged segment"

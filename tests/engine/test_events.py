@@ -406,3 +406,22 @@ def test_events_close_does_not_wait_forever_for_a_stuck_subscriber(
     gate.set()
     assert took < 3, f"close waited {took:.1f} s"
     assert any(sub.name in r.getMessage() for r in caplog.records)
+
+
+def test_store_checkpoint_subscribers_get_no_run_checkpoints_and_cost_commits_nothing(
+    tmp_path: Path,
+) -> None:
+    """Store and run checkpoints are different kinds: a subscriber to store checkpoints
+    gets those alone, and (commits carrying none) makes commits publish nothing."""
+    from engine.workflow import Workflows
+
+    with Store.open(tmp_path / "s") as store:
+        with store.events.subscribe(kinds=("checkpoint",)) as sub:
+            assert not store.events._wants_records  # commits publish nothing for it
+            run = Workflows(store).run("w", "r1")
+            run.start()
+            run.checkpoint("c1")
+            store.checkpoint()
+            got = take(sub, 1)
+            assert sub.get(timeout_seconds=0.3) is None  # nothing else comes
+        assert [type(e).__name__ for e in got] == ["CheckpointEvent"]

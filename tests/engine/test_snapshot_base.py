@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -295,3 +296,51 @@ def test_close_makes_a_base_when_the_wal_outweighs_the_snapshot(tmp_path: Path) 
         assert store.recovery is not None
         assert store.recovery.segments_read == 0
         assert store.get("k/3") == {"i": 399, "pad": "x" * 900}
+
+
+@pytest.mark.crash
+def test_reader_beside_a_live_writer_opens_where_there_is_no_boot_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a boot id any OPEN marker looks like a crash, but one under a live
+    writer (it holds the lock) is that writer's own: readers are not refused."""
+    path = tmp_path / "s"
+    monkeypatch.setattr(_fs, "boot_id", lambda: None)
+    with subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path), "30", "0", "no"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip()
+            with Store.open(path, readonly=True) as reader:
+                _check_all_there(reader, 30)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+    with pytest.raises(StoreStateError, match="not closed cleanly"):
+        Store.open(path, readonly=True)  # the writer is dead now: its marker is a crash's
+
+
+@pytest.mark.crash
+def test_store_trimmed_before_bases_existed_gets_one_on_its_first_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store whose checkpoints removed WAL before there were bases has nothing to
+    rebuild from: its first open makes a base, so a later power loss loses nothing."""
+    path = tmp_path / "s"
+    with Store.open(path, segment_bytes=SEGMENT_BYTES) as store:
+        for i in range(300):
+            store.put(f"k/{i:05d}", {"i": i, "pad": "x" * 900})
+        store.checkpoint()
+    shutil.rmtree(path / "snapshot-base")  # what such a store looks like
+    segments = StoreLayout(path).list_segments()
+    assert not segments or segments[0][0] > 1  # the WAL alone cannot rebuild it
+    _run_and_kill(path, 0, 40, checkpoint=False)  # its first open, then a crash
+    assert read_base_lsn(StoreLayout(path)) == 300
+    _tear_snapshot(path)
+    monkeypatch.setattr(_fs, "boot_id", lambda: "a-later-boot-of-this-machine")
+    with Store.open(path, segment_bytes=SEGMENT_BYTES) as store:
+        assert store.recovery is not None
+        assert store.recovery.snapshot_rebuilt is not None
+        _check_all_there(store, 300)

@@ -76,7 +76,7 @@ def boom() -> None:
 
 @pytest.fixture
 def events(store: Store) -> Iterator[Subscription]:
-    with store.events.subscribe(kinds=("commit", "run", "step", "checkpoint")) as sub:
+    with store.events.subscribe(kinds=("commit", "run", "step", "run_checkpoint")) as sub:
         yield sub
 
 
@@ -113,7 +113,7 @@ def test_events_run_and_step_transitions_follow_their_commits(
 
 def test_events_checkpoint_and_rollback(wf: Workflows, store: Store) -> None:
     run = wf.run("w", "r2")
-    with store.events.subscribe(kinds=("checkpoint", "step", "run")) as sub:
+    with store.events.subscribe(kinds=("run_checkpoint", "step", "run")) as sub:
         with run:
             run.step("a", lambda: 1)
             run.checkpoint("after-a", "a done")
