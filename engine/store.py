@@ -413,6 +413,13 @@ class Store:
         }
         write_store_file(self._layout.store_file, meta)
 
+    def _base_due(self) -> bool:
+        """A new base (a copy of the whole snapshot) is worth it once the WAL it lets
+        go outweighs the snapshot: writes are at most doubled, the disk the WAL
+        takes stays below the snapshot's, and so does what an open scans."""
+        with self._cv:
+            return self._wal_bytes_above_base() >= self._snapshot.file_bytes()
+
     def _wal_rebuilds_from_empty(self) -> bool:
         """Whether replaying the whole WAL into an empty snapshot gives the state."""
         if self._applied_lsn == 0:
@@ -494,10 +501,8 @@ class Store:
         try:
             if self._wal is not None and self._poisoned is None:
                 self._wal.sync()
-                # A new base only when the WAL it lets go outweighs copying the
-                # snapshot: a small session's close stays cheap, and the WAL the
-                # next open scans stays smaller than the snapshot.
-                new_base = self._wal_bytes_above_base() >= self._snapshot.file_bytes()
+                # a small session's close stays cheap (no copy unless due)
+                new_base = self._base_due()
                 self._wal.close(trim=True)
                 self._checkpoint(include_active=True, new_base=new_base)
                 clear_open_marker(self._layout)
@@ -1185,7 +1190,7 @@ class Store:
             if self._closed or self._poisoned is not None:
                 return
             try:
-                self._checkpoint(include_active=False)
+                self._checkpoint(include_active=False, new_base=self._base_due())
             except Exception as exc:
                 self._metrics.record_error(exc)
                 log.exception("background checkpoint of %s failed", self.path)

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -265,22 +266,43 @@ def test_base_swap_cut_short_by_a_crash_leaves_a_whole_base(tmp_path: Path,
     assert not old.exists()
 
 
-def test_wal_left_by_many_small_sessions_triggers_a_checkpoint(tmp_path: Path) -> None:
-    """Closing makes no base, so open counts the WAL above it and checkpoints when due."""
-    path = tmp_path / "s"
+def _wait_for(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_background_checkpoint_makes_a_base_once_the_wal_outweighs_the_snapshot(
+    tmp_path: Path,
+) -> None:
+    """Few keys overwritten often: the WAL outgrows the snapshot, and the checkpoint
+    that commits trigger (every checkpoint_every_bytes) copies it and lets the WAL go."""
     opts = {"segment_bytes": 4096 * 4, "checkpoint_every_bytes": 64 * 1024}
-    for session in range(8):
-        with Store.open(path, **opts) as store:
-            for i in range(30):
-                store.put(f"s{session}/{i}", "x" * 500)
-    with Store.open(path, **opts) as store:
-        store.put("trigger", 1)
-        store.flush()
-        deadline = 200
-        while read_base_lsn(store._layout) == 0 and deadline:
-            time.sleep(0.05)
-            deadline -= 1
-        assert read_base_lsn(store._layout) > 0, "no checkpoint made a base"
+    with Store.open(tmp_path / "s", **opts) as store:
+        for i in range(400):
+            store.put(f"k/{i % 4}", "x" * 900, durability="none")
+        _wait_for(lambda: read_base_lsn(store._layout) > 0, "no checkpoint made a base")
+        assert store._layout.list_segments()[0][0] > 1, "the WAL below the base stayed"
+
+
+def test_background_checkpoint_copies_nothing_while_the_snapshot_outweighs_the_wal(
+    tmp_path: Path,
+) -> None:
+    """Many distinct keys: the snapshot is bigger than the WAL written so far, so the
+    triggered checkpoints sync it but make no copy (writes stay at most doubled)."""
+    opts = {"segment_bytes": 4096 * 4, "checkpoint_every_bytes": 64 * 1024}
+    with Store.open(tmp_path / "s", **opts) as store:
+        for i in range(600):
+            store.put(f"k/{i:05d}", "x" * 900, durability="none")
+        store.checkpoint()
+        assert read_base_lsn(store._layout) == 600
+        before = store.stats().checkpoints
+        for i in range(100):  # ~100 KB of WAL: past checkpoint_every_bytes
+            store.put(f"k/{i:05d}", "y" * 900, durability="none")
+        _wait_for(lambda: store.stats().checkpoints > before, "no background checkpoint ran")
+        assert store._snapshot.file_bytes() > 3 * store._wal_bytes_above_base()
+        assert read_base_lsn(store._layout) == 600
 
 
 def test_close_makes_a_base_when_the_wal_outweighs_the_snapshot(tmp_path: Path) -> None:
