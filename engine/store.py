@@ -1196,6 +1196,11 @@ class Store:
                 log.exception("background checkpoint of %s failed", self.path)
 
     @property
+    def closed(self) -> bool:
+        """Whether the store was closed (or never opened)."""
+        return self._closed
+
+    @property
     def retain_floor(self) -> int | None:
         """The lowest LSN the WAL must keep (set by sync: first unacknowledged LSN)."""
         raw = self._snapshot.get_meta(_RETAIN_FLOOR)

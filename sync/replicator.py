@@ -235,7 +235,12 @@ class Replicator:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_seconds)
-            self._thread = None
+            if self._thread.is_alive():
+                # it is in a call the server has not answered: it stops after it
+                log.warning("sync: the replicator thread is still in a call after %.0f s; "
+                            "it stops when the call returns", timeout_seconds)
+            else:
+                self._thread = None
         self._status.running = False
         self.store.detach_replicator(self)
         with contextlib.suppress(ValueError):
@@ -243,7 +248,8 @@ class Replicator:
 
     def close(self) -> None:
         self.stop()
-        self.transport.close()
+        if self._thread is None:  # never close the connection under a running call
+            self.transport.close()
 
     def __enter__(self) -> Replicator:
         return self.start()
@@ -356,10 +362,11 @@ class Replicator:
         total = 0
         ahead: _Ahead | None = None
         try:
-            while True:
+            while not self._stop.is_set():
                 try:
                     if ahead is not None:
-                        batch, ahead = ahead.result(), None
+                        pending, ahead = ahead, None
+                        batch = pending.result()
                     else:
                         batch = self._build(self._acked, store.shippable_lsn)
                 except LSNGapError:
@@ -577,9 +584,15 @@ class Replicator:
 
     def status(self) -> ReplicatorStatus:
         s = self._status
+        if self.store.closed:
+            return s  # what it was when the store closed (a late scrape, say)
         s.applied_lsn = self.store.applied_lsn
         s.lag_entries = max(0, s.applied_lsn - self._acked)
-        s.lag_seconds = time.monotonic() - self._unacked[0][1] if self._unacked else 0.0
+        try:  # the shipping thread pops from the left meanwhile
+            oldest: float | None = self._unacked[0][1]
+        except IndexError:
+            oldest = None
+        s.lag_seconds = time.monotonic() - oldest if oldest is not None else 0.0
         s.lag_bytes = self._lag_bytes()
         s.pull_cursor = self._pull_cursor()
         return s

@@ -33,7 +33,9 @@ declare
   v_entry_pos   bigint[];
   v_sibling_pos bigint[];
   v_drop        tid[];
-  v_refused     boolean;
+  v_ref_n       bigint[];  -- ordinals, runs and current tokens of the refused entries
+  v_ref_run     text[];
+  v_ref_current bigint[];
   v_fenced      jsonb;
   v_max_hlc     bigint;
   v_inserted    bigint := 0;
@@ -120,22 +122,26 @@ begin
   select array_agg(coalesce(nb.pos, 0) order by x.n),
          array_agg(coalesce(c.pos, 0) order by x.n),
          (select array_agg(t) from candidates c2, unnest(c2.dropping) t),
-         exists (select 1 from refused),
+         (select array_agg(r.n order by r.n) from refused r),
+         (select array_agg(r.run_id order by r.n) from refused r),
+         (select array_agg(r.current order by r.n) from refused r),
          (select coalesce(jsonb_agg(distinct jsonb_build_object('run_id', run_id,
                                                                 'current', current,
                                                                 'holder', holder)),
                           '[]'::jsonb) from refused),
          (select max(h) from unnest(p_hlc) h)
-    into v_entry_pos, v_sibling_pos, v_drop, v_refused, v_fenced, v_max_hlc
+    into v_entry_pos, v_sibling_pos, v_drop, v_ref_n, v_ref_run, v_ref_current, v_fenced,
+         v_max_hlc
   from x left join numbered nb on nb.n = x.n left join candidates c on c.n = x.n;
 
-  if v_refused then
-    -- the same refusals, with the bytes kept for inspection
+  if v_ref_n is not null then
+    -- exactly the refusals decided above (leases are not read again: one taken
+    -- meanwhile must not mark a merged entry as refused), with the bytes kept
     insert into fenced (origin, lsn, key, run_id, fence, current, data)
-    select p_node, u.lsn, u.key, l.run_id, coalesce(u.fence, 0), l.token, u.data
-    from unnest(p_lsn, p_key, p_fence, p_data) as u(lsn, key, fence, data)
-    join leases l on l.run_id = walsync.run_of(u.key)
-    where coalesce(u.fence, 0) < l.token
+    select p_node, u.lsn, u.key, r.run_id, coalesce(u.fence, 0), r.current, u.data
+    from unnest(v_ref_n, v_ref_run, v_ref_current) as r(n, run_id, current)
+    join unnest(p_lsn, p_key, p_fence, p_data) with ordinality as u(lsn, key, fence, data, n)
+      on u.n = r.n
     on conflict do nothing;
   end if;
   if v_drop is not null then

@@ -226,6 +226,29 @@ def test_errors_are_labelled_by_kind(node_a: tuple[Store, Replicator, MetricsSer
     assert scrape["walsync_commits_total"] == 1
 
 
+@pytest.mark.postgres
+def test_a_scrape_after_the_store_closed_still_answers(tmp_path: Path, schema: str) -> None:
+    """An embedded endpoint may outlive the store it reports on: a late scrape gets
+    the last values, not an error."""
+    store = Store.open(tmp_path / "a", node_id="A")
+    rep = replicator(store, schema)
+    server = serve(store, rep, 0)
+    try:
+        store.put("x", 1)
+        rep.ship()
+        assert Scrape(server.url)["walsync_push_entries_total"] == 1
+        rep.close()
+        store.close()
+        late = Scrape(server.url)
+        assert late["walsync_commits_total"] == 1
+        assert late["walsync_push_entries_total"] == 1
+        assert late["walsync_replication_lag_entries"] == 0
+    finally:
+        server.close()
+        rep.close()
+        store.close()
+
+
 def _read_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
     """The first stdout line starting with ``prefix`` (the process must print it in time)."""
     found: list[str] = []

@@ -12,6 +12,7 @@ and the WAL reader asked for a few records reads about that much.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +244,103 @@ def test_wal_reader_asked_for_a_few_records_reads_about_that_much(
         assert max(sizes) <= 5 * 4096
     finally:
         store.close()
+
+
+class SlowTransport:
+    """A postgres transport whose pushes each take ``seconds``, counted."""
+
+    name = "postgres"
+
+    def __init__(self, real: PostgresTransport, seconds: float) -> None:
+        self.real = real
+        self.seconds = seconds
+        self.pushes = 0
+        self.closed = False
+
+    def prepare_push(self, entries: WireBatch) -> None:
+        self.real.prepare_push(entries)
+
+    def push(self, node_id: str, through_lsn: int, entries: list[dict[str, Any]]) -> PushAck:
+        assert not self.closed, "pushed through a closed transport"
+        time.sleep(self.seconds)
+        self.pushes += 1
+        return self.real.push(node_id, through_lsn, entries)
+
+    def node_status(self, node_id: str) -> Any:
+        return self.real.node_status(node_id)
+
+    def pull(self, *args: Any, **kwargs: Any) -> Any:
+        return self.real.pull(*args, **kwargs)
+
+    def close(self) -> None:
+        self.closed = True
+        self.real.close()
+
+
+def test_stop_ends_a_long_ship_between_batches(tmp_path: Path, pg_db: str) -> None:
+    """A backlog takes many pushes: stop() ends the ship after the batch in flight
+    instead of shipping on after it returned, and close() never closes the
+    connection under a running push."""
+    migrate(pg_db)
+    store = _store_with_records(tmp_path / "a", 3000)
+    slow = SlowTransport(PostgresTransport(pg_db), 0.05)
+    rep = Replicator(store, slow, ReplicatorOptions(pull=False, batch_records=50))
+    try:
+        rep.start()
+        deadline = time.monotonic() + 20
+        while slow.pushes < 3:
+            assert time.monotonic() < deadline, "the replicator never pushed"
+            time.sleep(0.01)
+        started = time.monotonic()
+        rep.close()
+        assert time.monotonic() - started < 2, "stop() waited out the whole backlog"
+        pushes = slow.pushes
+        time.sleep(0.3)
+        assert slow.pushes == pushes, "the replicator pushed after stop() returned"
+        assert 0 < rep.acked_lsn < store.shippable_lsn  # it did stop part way
+    finally:
+        store.close()
+
+
+#: walsync.run_of, slowed down for one key: it widens the window between deciding a
+#: push's refusals and recording them (this test's database only)
+SLOW_RUN_OF = """
+create or replace function walsync.run_of(p_key text) returns text language plpgsql volatile as $$
+begin
+  if p_key = 'runs/slow/x' then perform pg_sleep(1); end if;
+  return case when p_key like 'runs/%' then split_part(substr(p_key, 6), '/', 1)
+              when p_key like 'index/runs/%' then split_part(substr(p_key, 12), '/', 1) end;
+end $$;
+"""
+
+
+def test_a_lease_taken_during_a_push_does_not_mark_merged_entries_fenced(pg_db: str) -> None:
+    """The push records as fenced exactly the entries it refused: a lease taken on
+    another run while the push runs does not add that run's merged entry."""
+    migrate(pg_db)
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        conn.execute(SLOW_RUN_OF)
+        conn.execute("insert into walsync.leases (run_id, holder, token, expires_at) "
+                     "values ('R1', 'B', 2, now() + interval '1 hour')")
+
+    def take_lease() -> None:
+        time.sleep(0.5)
+        with psycopg.connect(pg_db, autocommit=True) as conn:
+            conn.execute("insert into walsync.leases (run_id, holder, token, expires_at) "
+                         "values ('R2', 'C', 1, now() + interval '1 hour')")
+
+    stale = entry("A", 1, "runs/R1", 1)
+    stale["fence"] = 1  # R1's lease is at token 2: refused
+    taker = threading.Thread(target=take_lease)
+    taker.start()
+    transport = PostgresTransport(pg_db)
+    try:
+        ack = transport.push("A", 3, [stale, entry("A", 2, "runs/R2", 2),
+                                      entry("A", 3, "runs/slow/x", 3)])
+    finally:
+        taker.join()
+        transport.close()
+    assert [f["run_id"] for f in ack.fenced] == ["R1"]
+    assert query(pg_db, "select key from walsync.fenced order by key") == [("runs/R1",)]
+    assert query(pg_db, "select key from walsync.siblings order by key") == [
+        ("runs/R2",), ("runs/slow/x",)]
