@@ -200,9 +200,6 @@ class StoreMetrics:
         self._errors: dict[str, int] = {}
         self._errors_lock = threading.Lock()
 
-    def record_commit(self, elapsed_ns: int) -> None:
-        self.commit_ns.observe(elapsed_ns)
-
     def record_group_commit(self, records: int, wal_bytes: int, synced: bool) -> None:
         self.batch_records.observe(records)
         self.wal_bytes += wal_bytes
