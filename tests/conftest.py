@@ -8,8 +8,8 @@ PostgreSQL (tests/pg.py, tests/gateway.py): nothing here runs unless a test asks
 * ``pg_db``: a fresh database per test (``CREATE DATABASE ... TEMPLATE``, ~40 ms), yielded
   as its superuser DSN and dropped after; the cluster is restarted first if the test left
   it stopped (e.g. after ``pg_cluster.kill()``).
-* ``zygote`` (module) and ``kill_summary`` (module): the crash suites' fork server and
-  their per-module kill counts (tests/crash/).
+* ``zygote`` (module), ``kill_summary`` and ``fault_summary`` (module): the crash suites'
+  fork server and the per-module counts of kills and fault cases (tests/crash/).
 * ``pg_gateway``: a factory ``pg_gateway(schemas=[...], **options)`` for PostgREST-compatible
   gateways on ``pg_db``, stopped after the test.
 """
@@ -86,3 +86,9 @@ def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote]:
 @pytest.fixture(scope="module")
 def kill_summary(request: pytest.FixtureRequest) -> Iterator[KillSummary]:
     yield from kill_summary_fixture(request)
+
+
+@pytest.fixture(scope="module")
+def fault_summary(request: pytest.FixtureRequest) -> Iterator[KillSummary]:
+    """Fault cases checked per module, printed at its end like the crash kills."""
+    yield from kill_summary_fixture(request, "fault cases")

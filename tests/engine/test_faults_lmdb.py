@@ -35,6 +35,7 @@ import pytest
 
 import engine
 from engine import Store
+from tests.crash.summary import KillSummary
 from tests.engine import _fiu_child
 from tests.engine._faults import fast_dir
 
@@ -162,7 +163,9 @@ def fiu_dir(tmp_path: Path) -> Iterator[Path]:
         yield path
 
 
-def test_faults_lmdb_every_write_sync_and_remap_fails_cleanly_and_replays(fiu_dir: Path) -> None:
+def test_faults_lmdb_every_write_sync_and_remap_fails_cleanly_and_replays(
+    fiu_dir: Path, fault_summary: KillSummary
+) -> None:
     _fiu_run()
     cases = _plan(fiu_dir)
     outcomes = _run_child(fiu_dir, "fail", cases)
@@ -174,7 +177,8 @@ def test_faults_lmdb_every_write_sync_and_remap_fails_cleanly_and_replays(fiu_di
         where = (f"{kind} errno {case['errno']} at call {case['nth']} of commit "
                  f"{case['commit']}")
         violations += [f"{where}: {p}" for p in _judge(case, out)]
-    print(f"LMDB fault cases: {len(cases)} ({kinds}), {len(violations)} violations")
+    fault_summary.add("LMDB faults through libfiu", len(cases), MIN_CASES,
+                      f"{len(violations)} violations")
     assert len(cases) >= MIN_CASES, f"only {len(cases)} cases: {kinds}"
     # every kind of fault was reached, and some commits did fail (the cases bite)
     assert {k.split()[1] for k in kinds} >= {"posix/io/rw/pwrite", "posix/io/rw/writev",

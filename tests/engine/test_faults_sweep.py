@@ -25,6 +25,7 @@ import pytest
 
 import engine
 from engine import DiskFullError, Store, StoreIOError, StorePoisonedError, _fs
+from tests.crash.summary import KillSummary
 from tests.engine._faults import MODES, applies, check_case, fast_dir, record_workload
 
 #: at least this many cases per mode run (the workload makes ~170 operations;
@@ -43,7 +44,7 @@ def sweep_dir(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_faults_sweep_every_operation_fails_cleanly_and_loses_nothing(
-    sweep_dir: Path, mode: str
+    sweep_dir: Path, mode: str, fault_summary: KillSummary
 ) -> None:
     ops = record_workload(sweep_dir / "clean")
     shutil.rmtree(sweep_dir / "clean")
@@ -53,7 +54,8 @@ def test_faults_sweep_every_operation_fails_cleanly_and_loses_nothing(
         path = sweep_dir / f"n{n}"
         violations += check_case(path, mode, n)
         shutil.rmtree(path, ignore_errors=True)
-    print(f"file-fault sweep {mode}: {len(targets)} cases, {len(violations)} violations")
+    fault_summary.add(f"file-operation sweep, {mode}", len(targets), FLOORS[mode],
+                      f"{len(violations)} violations")
     assert len(targets) >= FLOORS[mode], f"only {len(targets)} {mode} cases"
     assert not violations, "\n".join(violations[:40])
 

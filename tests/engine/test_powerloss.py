@@ -39,6 +39,7 @@ from engine.record import (
     Frame,
     FrameStatus,
 )
+from tests.crash.summary import KillSummary
 from tests.engine._faults import apply_ops
 from tests.engine._fstrace import (
     Ack,
@@ -273,10 +274,12 @@ def trace(tmp_path_factory: pytest.TempPathFactory) -> list[Event]:
 
 
 def test_powerloss_every_allowed_crash_state_recovers_a_durable_prefix(
-    trace: list[Event], scratch: Path, monkeypatch: pytest.MonkeyPatch
+    trace: list[Event], scratch: Path, monkeypatch: pytest.MonkeyPatch,
+    fault_summary: KillSummary,
 ) -> None:
     violations, tally = check_all(crash_states(trace, SEED), trace, scratch, monkeypatch)
-    print(f"power-loss crash states checked: {tally.states} ({len(trace)} trace events)")
+    fault_summary.add("power-loss crash states", tally.states, MIN_STATES,
+                      f"from {len(trace)} trace events, {len(violations)} violations")
     assert not violations, "\n".join(map(str, violations[:20]))
     assert tally.states >= MIN_STATES, tally
     # the states reach the interesting cases: cut tails, lost unacknowledged

@@ -22,6 +22,7 @@ import pytest
 from sync.migrate import migrate
 from sync.postgres import PostgresTransport
 from sync.remote import PushAck
+from tests.crash.summary import KillSummary
 from tests.pg import PostgresCluster
 from tests.sync.netfaults import FAULT_KINDS, TRANSPORTS, run_round
 
@@ -71,7 +72,8 @@ def test_faults_network_sweep_covers_every_kind_on_both_transports() -> None:
                          ids=[f"{t}-{f}-{s}" for t, f, s in CASES])
 def test_faults_network_round(transport: str, fault: str, seed: int, tmp_path: Path,
                               sweep_db: str, pg_cluster: PostgresCluster,
-                              request: pytest.FixtureRequest) -> None:
+                              request: pytest.FixtureRequest,
+                              fault_summary: KillSummary) -> None:
     seed = int(os.environ.get(SEED_ENV) or seed)
     replay = f"{SEED_ENV}={seed} .venv/bin/python -m pytest '{request.node.nodeid}'"
     try:
@@ -84,6 +86,7 @@ def test_faults_network_round(transport: str, fault: str, seed: int, tmp_path: P
                        f"  {result.summary()}\n  " + "\n  ".join(result.violations))
     assert result.faults_injected >= 1, f"seed {seed}: no fault fired ({replay})"
     assert result.commits_acknowledged > 0, f"seed {seed}: the workload committed nothing"
+    fault_summary.add(f"network-fault rounds, {transport}/{fault}", 1, 1)
 
 
 def test_faults_network_round_reports_a_transport_that_loses_entries(
