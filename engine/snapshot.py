@@ -491,6 +491,13 @@ class SnapshotStore:
         _sync_copied_file(directory / "data.mdb")
         return int.from_bytes(raw, "little") if raw else 0
 
+    def live_bytes(self) -> int:
+        """About what a compact copy takes: the pages in use (not the file's free ones)."""
+        with self.read() as txn:
+            pages = sum(st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+                        for st in (txn.stat(self._data), txn.stat(self._meta)))
+        return int(pages * self.env.stat()["psize"])
+
     def file_bytes(self) -> int:
         try:
             return os.path.getsize(self.path / "data.mdb")

@@ -414,11 +414,12 @@ class Store:
         write_store_file(self._layout.store_file, meta)
 
     def _base_due(self) -> bool:
-        """A new base (a copy of the whole snapshot) is worth it once the WAL it lets
-        go outweighs the snapshot: writes are at most doubled, the disk the WAL
-        takes stays below the snapshot's, and so does what an open scans."""
+        """A new base (a compact copy of the snapshot's live pages) is worth it once
+        the WAL it lets go outweighs them: writes are at most doubled, the disk the
+        WAL takes stays below the live data's, and so does what an open scans."""
+        live = self._snapshot.live_bytes()
         with self._cv:
-            return self._wal_bytes_above_base() >= self._snapshot.file_bytes()
+            return self._wal_bytes_above_base() >= live
 
     def _wal_rebuilds_from_empty(self) -> bool:
         """Whether replaying the whole WAL into an empty snapshot gives the state."""
