@@ -11,7 +11,7 @@ Switching a LangGraph app from ``SqliteSaver`` is one import and one line::
 This is the only module of walsync that imports ``langgraph``.
 
 What is durable when a call returns: ``put`` commits the checkpoint record,
-the channel values that changed (``new_versions``) and its run index entry in
+the channel values that changed (``new_versions``) and its index entries in
 one ``store.batch()``; ``put_writes`` commits a task's pending writes in one
 batch. With the store's default durability (``local``) both return only after
 the WAL is fsynced, so LangGraph's ``durability="sync"`` really is durable: a
@@ -27,6 +27,9 @@ Keys, under ``prefix`` (default ``lg/``), one value per key::
     lg/b/<thread>/<ns>/<channel>/<version>       one channel value (written once per version)
     lg/w/<thread>/<ns>/<checkpoint_id>/<task_id>/<idx>   one pending write
     lg/r/<run_id>/<thread>/<ns>/<checkpoint_id>  index: the checkpoints of a run
+    lg/t/<thread>/<checkpoint_id>!<ns>           index: the checkpoints of a thread, all
+                                                 namespaces, in id order
+    lg/layout                                    the key layout (2)
 
 So a checkpoint writes only the channels that changed, and ``put_writes``
 only its task's writes. The record kind comes before the thread so that
@@ -39,6 +42,25 @@ order is id order: LangGraph's ids (uuid6) increase with time, hence ``list``
 returns newest first and ``get_tuple`` without an id finds the latest by a
 reverse scan with limit 1. The raw ids are stored inside the values, so keys
 are never parsed.
+
+``list`` reads newest first, a page at a time, and stops at ``limit``, so
+``list(config, limit=1)`` reads the same few keys on a thread of ten
+checkpoints and on one of a million, and ``alist`` yields each page as it is
+read. With ``checkpoint_ns`` in the config it reverse-scans ``c``; without
+it, it reverse-scans the thread index ``t`` (whose key puts the id before the
+namespace, so one scan orders every namespace of the thread by id) and
+fetches each record from ``c``. The id in a ``t`` key is escaped so that it
+sorts like the id even though more follows it: characters up to ``"`` become
+``"`` and two hex digits, ``.`` -> ``.0``, ``/`` -> ``.1``, and ``!`` ends
+it, below every escaped character. ``list(None)`` (every thread) sorts the
+small ``t`` entries of the whole store, then fetches records lazily.
+
+Layout 1 (before ``t`` and ``lg/layout`` existed) is migrated when a saver
+is created on the store: every ``c`` record gets its ``t`` entry, a thousand
+per commit, and ``lg/layout`` is written last, so a migration cut short is
+finished by the next saver. A read-only store is not migrated; its lists
+then scan and sort the whole thread as layout 1 did. A layout this walsync
+does not know is refused.
 
 Values are what LangGraph's serializer (``self.serde``, ``dumps_typed`` /
 ``loads_typed``; JsonPlusSerializer by default, no pickle) produced, stored as
@@ -67,14 +89,16 @@ import asyncio
 import builtins
 import functools
 import hashlib
+import itertools
 import random
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint import base as _lg_base
 from langgraph.checkpoint.base import (
     WRITES_IDX_MAP,
     BaseCheckpointSaver,
@@ -85,7 +109,6 @@ from langgraph.checkpoint.base import (
     PendingWrite,
     get_checkpoint_id,
     get_checkpoint_metadata,
-    writes_sort_key,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
@@ -93,16 +116,37 @@ from .errors import ConflictError, FormatVersionError
 from .options import Durability
 from .store import Delete, Put, Store
 
-__all__ = ["DEFAULT_PREFIX", "RECORD_FORMAT", "WalsyncSaver"]
+__all__ = ["DEFAULT_PREFIX", "LAYOUT", "RECORD_FORMAT", "WalsyncSaver"]
 
 DEFAULT_PREFIX = "lg/"
 #: the format of checkpoint records; bump it (and migrate) when their shape changes
 RECORD_FORMAT = 1
 #: a key segment longer than this (in UTF-8 bytes) is replaced by its hash
 _MAX_SEGMENT_BYTES = 120
-#: how many checkpoint records ``list`` reads per scan when it can stream
+#: the key layout (``<prefix>layout``); 1 had no thread index and no layout key
+LAYOUT = 2
+#: the most checkpoint records (or index entries) ``list`` reads per scan
 _LIST_PAGE = 64
+#: the first scan of an unbounded ``list``: small, so the first item comes cheap
+_FIRST_PAGE = 4
+#: checkpoint records indexed per commit when migrating layout 1
+_MIGRATE_CHUNK = 1000
 _STRATEGIES = ("keep_latest", "delete")
+
+
+def _writes_sort_key_4_2(task_path: str, task_id: str = "", idx: int = 0) -> tuple[str, str, int]:
+    """LangGraph's order of a super-step's writes, for langgraph-checkpoint 4.2.
+
+    4.3 names this order (``writes_sort_key``) and requires ``get_tuple`` to
+    return pending writes in it; 4.2 has no such function but runs tasks in
+    the same order, so returning writes in it there is right too.
+    """
+    return (task_path, task_id, idx)
+
+
+#: LangGraph's own key where it has one (it may refine it), else the same order
+_writes_sort_key: Callable[[str, str, int], tuple[str, str, int]] = getattr(
+    _lg_base, "writes_sort_key", _writes_sort_key_4_2)
 
 
 class WalsyncSaver(BaseCheckpointSaver[str]):
@@ -129,6 +173,8 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         self.prefix = prefix
         self.durability = None if durability is None else Durability(durability)
         self._lock = _SharedLock()
+        #: False only on a read-only store still in layout 1 (no thread index)
+        self._indexed = self._ensure_layout()
 
     @classmethod
     @contextmanager
@@ -172,6 +218,43 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         return (f"{self.prefix}r/{_segment(run_id)}/{_segment(thread_id)}/{_segment(ns)}/"
                 f"{_sortable(checkpoint_id)}")
 
+    def _index_key(self, thread_id: str, ns: str, checkpoint_id: str) -> str:
+        return f"{self._thread_prefix('t', thread_id)}{_index_id(checkpoint_id)}!{_segment(ns)}"
+
+    def _index_put(self, thread_id: str, ns: str, checkpoint_id: str) -> Put:
+        return Put(self._index_key(thread_id, ns, checkpoint_id), [thread_id, ns, checkpoint_id])
+
+    # -- layout --------------------------------------------------------------
+
+    def _ensure_layout(self) -> bool:
+        """Bring the store to layout 2 unless it is there; False if it cannot (read-only)."""
+        layout_key = f"{self.prefix}layout"
+        found = self.store.get(layout_key)
+        if found == LAYOUT:
+            return True
+        if found is not None:
+            raise FormatVersionError(
+                f"LangGraph checkpoints under {self.prefix!r} have key layout {found!r} "
+                f"({layout_key!r}); this walsync reads layouts 1 and {LAYOUT}",
+            )
+        if self.store.readonly:
+            return False
+        start: str | None = None
+        while True:
+            rows = builtins.list(self.store.scan(f"{self.prefix}c/", start=start,
+                                                 limit=_MIGRATE_CHUNK))
+            ops: builtins.list[Put | Delete] = []
+            for key, record in rows:
+                _check_format(key, record)
+                ops.append(self._index_put(record["thread_id"], record["checkpoint_ns"],
+                                           record["checkpoint_id"]))
+            if len(rows) < _MIGRATE_CHUNK:
+                ops.append(Put(layout_key, LAYOUT))
+                self._commit_ops(ops)
+                return True
+            self._commit_ops(ops)
+            start = rows[-1][0] + "\x00"
+
     # -- reads ---------------------------------------------------------------
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
@@ -206,6 +289,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         conf = config["configurable"] if config else {}
         wanted_id = get_checkpoint_id(config) if config else None
         ns = conf.get("checkpoint_ns")
+        page = _FIRST_PAGE if filter or limit is None else min(limit, _LIST_PAGE)
         rows: Iterator[tuple[str, Any]]
         if config is not None and ns is not None and wanted_id:
             key = self._checkpoint_key(str(conf["thread_id"]), ns, wanted_id)
@@ -213,15 +297,27 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
             rows = iter([(key, record)] if record is not None and (
                 before_id is None or wanted_id < before_id) else [])
         elif config is not None and ns is not None:
-            page = _LIST_PAGE if filter or limit is None else min(limit, _LIST_PAGE)
-            rows = self._iter_namespace(str(conf["thread_id"]), ns, before_id, page)
+            prefix = self._ns_prefix("c", str(conf["thread_id"]), ns)
+            rows = _newest_first(self.store, prefix,
+                                 prefix + _sortable(before_id) if before_id else None, page)
+        elif not self._indexed:
+            rows = self._scan_sorted(
+                self._thread_prefix("c", str(conf["thread_id"])) if config is not None
+                else f"{self.prefix}c/", before_id)
+        elif config is not None:
+            prefix = self._thread_prefix("t", str(conf["thread_id"]))
+            if wanted_id:
+                entries = _newest_first(self.store, f"{prefix}{_index_id(wanted_id)}!", None,
+                                        _LIST_PAGE)
+            else:
+                entries = _newest_first(
+                    self.store, prefix, prefix + _index_id(before_id) if before_id else None,
+                    page)
+            rows = self._records_of(entries, before_id)
         else:
-            prefix = (self._thread_prefix("c", str(conf["thread_id"])) if config is not None
-                      else f"{self.prefix}c/")
-            found = [(key, rec) for key, rec in self.store.scan(prefix)
-                     if before_id is None or rec["checkpoint_id"] < before_id]
-            found.sort(key=lambda row: row[1]["checkpoint_id"], reverse=True)
-            rows = iter(found)
+            entries = iter(sorted(self.store.scan(f"{self.prefix}t/"),
+                                  key=lambda row: row[1][2], reverse=True))
+            rows = self._records_of(entries, before_id)
         for key, record in rows:
             if wanted_id and record["checkpoint_id"] != wanted_id:
                 continue
@@ -236,18 +332,27 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                 if limit <= 0:
                     return
 
-    def _iter_namespace(
-        self, thread_id: str, ns: str, before_id: str | None, page_size: int
+    def _records_of(
+        self, entries: Iterator[tuple[str, Any]], before_id: str | None
     ) -> Iterator[tuple[str, Any]]:
-        """One namespace's checkpoint records, newest first, read a page at a time."""
-        prefix = self._ns_prefix("c", thread_id, ns)
-        end = prefix + _sortable(before_id) if before_id else None
-        while True:
-            page = list(self.store.scan(prefix, end=end, reverse=True, limit=page_size))
-            yield from page
-            if len(page) < page_size:
-                return
-            end = page[-1][0]
+        """The checkpoint records that thread index entries point at, in their order.
+
+        An entry whose record is gone (deleted after the index was read) is skipped.
+        """
+        for _, (thread_id, ns, checkpoint_id) in entries:
+            if before_id is not None and checkpoint_id >= before_id:
+                continue
+            key = self._checkpoint_key(thread_id, ns, checkpoint_id)
+            record = self.store.get(key)
+            if record is not None:
+                yield key, record
+
+    def _scan_sorted(self, prefix: str, before_id: str | None) -> Iterator[tuple[str, Any]]:
+        """Layout 1's way, for a read-only store not migrated: read all, sort by id."""
+        found = [(key, rec) for key, rec in self.store.scan(prefix)
+                 if before_id is None or rec["checkpoint_id"] < before_id]
+        found.sort(key=lambda row: row[1]["checkpoint_id"], reverse=True)
+        return iter(found)
 
     def _tuple(
         self,
@@ -284,7 +389,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
             PendingWrite]:
         rows = [rec for _, rec in self.store.scan(self._writes_prefix(thread_id, ns,
                                                                       checkpoint_id))]
-        rows.sort(key=lambda r: writes_sort_key(r["task_path"], r["task_id"], r["idx"]))
+        rows.sort(key=lambda r: _writes_sort_key(r["task_path"], r["task_id"], r["idx"]))
         return [(r["task_id"], r["channel"], self.serde.loads_typed(_typed(r["value"])))
                 for r in rows]
 
@@ -322,6 +427,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
             "checkpoint": list(self.serde.dumps_typed(rest)),
             "metadata": list(self.serde.dumps_typed(full_metadata)),
         }))
+        ops.append(self._index_put(thread_id, ns, checkpoint_id))
         if run_id is not None:
             ops.append(Put(self._run_key(str(run_id), thread_id, ns, checkpoint_id),
                            [thread_id, ns, checkpoint_id]))
@@ -429,6 +535,8 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                 _check_format(key, record)
                 copied = {**record, "thread_id": target}
                 ops.append(Put(dst_prefix + key[len(src_prefix):], copied))
+                ops.append(self._index_put(target, record["checkpoint_ns"],
+                                           record["checkpoint_id"]))
                 if record["run_id"] is not None:
                     ops.append(Put(
                         self._run_key(record["run_id"], target, record["checkpoint_ns"],
@@ -495,7 +603,8 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
     def _checkpoint_deletes(self, record: dict[str, Any], *, run_index: bool) -> builtins.list[
             Put | Delete]:
         thread_id, ns, cid = record["thread_id"], record["checkpoint_ns"], record["checkpoint_id"]
-        ops: builtins.list[Put | Delete] = [Delete(self._checkpoint_key(thread_id, ns, cid))]
+        ops: builtins.list[Put | Delete] = [Delete(self._checkpoint_key(thread_id, ns, cid)),
+                                            Delete(self._index_key(thread_id, ns, cid))]
         ops.extend(Delete(k) for k in self.store.keys(self._writes_prefix(thread_id, ns, cid)))
         if run_index and record["run_id"] is not None:
             ops.append(Delete(self._run_key(record["run_id"], thread_id, ns, cid)))
@@ -520,7 +629,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                 ops.append(Delete(self._run_key(record["run_id"], thread_id,
                                                 record["checkpoint_ns"],
                                                 record["checkpoint_id"])))
-        for kind in ("w", "b"):
+        for kind in ("w", "b", "t"):
             ops.extend(Delete(k) for k in self.store.keys(self._thread_prefix(kind, thread_id)))
         return ops
 
@@ -551,10 +660,19 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> AsyncIterator[CheckpointTuple]:
-        found = await asyncio.to_thread(
-            lambda: builtins.list(self.list(config, filter=filter, before=before, limit=limit)))
-        for item in found:
-            yield item
+        # list() reads lazily; take from it in a worker thread in growing
+        # batches, so the first item costs one small read and the loop is
+        # never blocked by a long thread.
+        found = self.list(config, filter=filter, before=before, limit=limit)
+        batch = 1
+        while True:
+            items = await asyncio.to_thread(
+                builtins.list, itertools.islice(found, batch))
+            for item in items:
+                yield item
+            if len(items) < batch:
+                return
+            batch = min(2 * batch, _LIST_PAGE)
 
     async def aput(
         self,
@@ -665,6 +783,40 @@ def _sortable(checkpoint_id: str) -> str:
     like '.' and '/', between '-' and '0', so key order is id order.
     """
     return checkpoint_id.replace(".", ".0").replace("/", ".1")
+
+
+#: ``_index_id``'s escapes: every character up to '"' (so '!' can end the id), '.' and '/'
+_INDEX_ID_ESCAPES = {c: f'"{c:02x}' for c in range(ord('"') + 1)} | {
+    ord("."): ".0", ord("/"): ".1"}
+
+
+def _index_id(checkpoint_id: str) -> str:
+    """A key part holding no '/' or '!' that sorts like ``checkpoint_id`` when '!' follows.
+
+    Each character maps to a code that sorts like it and is no prefix of
+    another (characters up to '"' -> '"' and two hex digits, below '#';
+    '.' and '/' -> '.0' and '.1', between '-' and '0'), and '!' sorts below
+    every code: so ``_index_id(a) + "!" + x < _index_id(b) + "!" + y``
+    whenever ``a < b``, whatever ``x`` and ``y``.
+    """
+    return checkpoint_id.translate(_INDEX_ID_ESCAPES)
+
+
+def _newest_first(
+    store: Store, prefix: str, end: str | None, page_size: int
+) -> Iterator[tuple[str, Any]]:
+    """Keys under ``prefix`` below ``end``, last first, read a page at a time.
+
+    Pages grow from ``page_size`` to ``_LIST_PAGE``: a caller that stops
+    early read little, one that reads on pays few scans.
+    """
+    while True:
+        rows = builtins.list(store.scan(prefix, end=end, reverse=True, limit=page_size))
+        yield from rows
+        if len(rows) < page_size:
+            return
+        end = rows[-1][0]
+        page_size = max(page_size, min(2 * page_size, _LIST_PAGE))
 
 
 def _config(thread_id: str, ns: str, checkpoint_id: str) -> RunnableConfig:

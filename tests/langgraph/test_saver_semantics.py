@@ -21,7 +21,7 @@ from langgraph.checkpoint.serde.types import ERROR
 from langgraph.graph import END, START, StateGraph
 
 from engine import FormatVersionError, Store, StoreClosedError
-from engine.langgraph_saver import WalsyncSaver, _segment, _sortable
+from engine.langgraph_saver import WalsyncSaver, _index_id, _segment, _sortable
 
 
 def cfg(thread_id: str, ns: str = "", checkpoint_id: str | None = None) -> Any:
@@ -88,7 +88,9 @@ def test_saver_key_layout_writes_only_what_changed(store: Store, saver: WalsyncS
     assert store.keys("lg/") == [
         "lg/b/t//a/1", "lg/b/t//a/2", "lg/b/t//b/1",
         "lg/c/t//1", "lg/c/t//2",
+        "lg/layout",
         "lg/r/r1/t//1", "lg/r/r1/t//2",
+        "lg/t/t/1!", "lg/t/t/2!",
         "lg/w/t//1/task/0",
     ]
     latest = saver.get_tuple(cfg("t"))
@@ -113,7 +115,12 @@ def test_saver_escapes_slashes_and_keeps_id_order(saver: WalsyncSaver, store: St
         before = [t.checkpoint["id"] for t in saver.list(cfg(thread, "ns/1"),
                                                          before=cfg(thread, "ns/1", "a/"))]
         assert before == sorted((i for i in ids if i < "a/"), reverse=True)
-    assert all(k.count("/") in (4, 5, 6) for k in store.keys("lg/"))
+        whole = {"configurable": {"thread_id": thread}}
+        assert [t.checkpoint["id"] for t in saver.list(whole)] == sorted(ids, reverse=True)
+        assert [t.checkpoint["id"] for t in saver.list(whole, before=cfg(thread, "", "a/"))] == \
+            before
+    slashes = {"b": 5, "c": 4, "w": 6, "t": 3}
+    assert all(k.count("/") == slashes[k[3]] for k in store.keys("lg/") if k != "lg/layout")
 
 
 def test_saver_hashes_long_segments(saver: WalsyncSaver, store: Store) -> None:
@@ -132,6 +139,17 @@ def test_sortable_preserves_order_and_segment_is_injective(a: str, b: str) -> No
     assert "/" not in _sortable(a)
     assert "/" not in _segment(a)
     assert (a == b) == (_segment(a) == _segment(b))
+
+
+@given(st.text(), st.text(), st.text(), st.text())
+def test_index_id_sorts_like_the_id_whatever_follows(a: str, b: str, x: str, y: str) -> None:
+    # a thread index key is <id>!<ns>: ids that are prefixes of others, and
+    # characters below '/', must not let the namespace decide the order
+    assert "/" not in _index_id(a)
+    assert "!" not in _index_id(a)
+    if a != b:
+        assert (a < b) == (f"{_index_id(a)}!{x}" < f"{_index_id(b)}!{y}")
+        assert (a < b) == (f"{_index_id(a)}!{x}" < _index_id(b))
 
 
 def test_saver_refuses_unknown_record_format(saver: WalsyncSaver, store: Store) -> None:
@@ -230,12 +248,13 @@ def test_saver_delete_for_runs_collects_only_unreferenced_values(
     saver.put(cfg("t", "", "1"), checkpoint("2", {"a": "A", "b": "B"}, {"a": "1", "b": "1"}),
               md(1, run_id="r2"), {"b": "1"})
     saver.delete_for_runs(["r1"])
-    assert store.keys("lg/") == ["lg/b/t//a/1", "lg/b/t//b/1", "lg/c/t//2", "lg/r/r2/t//2"]
+    assert store.keys("lg/") == ["lg/b/t//a/1", "lg/b/t//b/1", "lg/c/t//2", "lg/layout",
+                                 "lg/r/r2/t//2", "lg/t/t/2!"]
     got = saver.get_tuple(cfg("t"))
     assert got is not None
     assert got.checkpoint["channel_values"] == {"a": "A", "b": "B"}
     saver.delete_for_runs(["r2"])
-    assert store.keys("lg/") == []
+    assert store.keys("lg/") == ["lg/layout"]
 
 
 def test_saver_prune_keep_latest_collects_values(saver: WalsyncSaver, store: Store) -> None:
