@@ -32,7 +32,9 @@ the same call again, unchanged, can succeed)::
     ├── InvalidValueError          (also a ValueError)
     ├── DurabilityError
     │   ├── NoReplicatorError      ``remote`` durability with no replicator
-    │   └── RemoteDurabilityTimeoutError  locally durable, not yet on the server
+    │   └── NotReplicatedError     committed and locally durable, not on the server
+    │       ├── RemoteDurabilityTimeoutError  not acknowledged in time (yet)
+    │       └── ReplicatorStoppedError        the replicator is not running
     └── SyncError                  the sync layer and its server
         ├── RemoteUnavailableError transient: connection, timeout, 5xx (retried)
         ├── RemoteAuthError        bad credentials or privileges (permanent)
@@ -68,12 +70,14 @@ __all__ = [
     "LeaseHeldError",
     "LeaseLostError",
     "NoReplicatorError",
+    "NotReplicatedError",
     "ReadOnlyStoreError",
     "RemoteAuthError",
     "RemoteDurabilityTimeoutError",
     "RemoteRejectedError",
     "RemoteSchemaError",
     "RemoteUnavailableError",
+    "ReplicatorStoppedError",
     "RestoreError",
     "RunNotFoundError",
     "SchemaVersionError",
@@ -301,7 +305,14 @@ class InvalidRunStateError(WorkflowError):
     pass
 
 
-class RemoteDurabilityTimeoutError(DurabilityError):
+class NotReplicatedError(DurabilityError):
+    """A ``remote`` commit happened and is durable on this host (``lsn``), but the
+    server has not acknowledged it: the subclass says whether it still may."""
+
+    lsn: int
+
+
+class RemoteDurabilityTimeoutError(NotReplicatedError):
     """The commit is durable on this host but the server has not acknowledged it yet."""
 
     retryable = True
@@ -313,6 +324,21 @@ class RemoteDurabilityTimeoutError(DurabilityError):
             f"did not acknowledge it within {timeout_seconds:g} s"
         )
         self.lsn = lsn
+
+
+class ReplicatorStoppedError(NotReplicatedError):
+    """The commit is durable on this host; the replicator that would ship it is not
+    running (stopped, failed, its thread ended), so waiting would only time out."""
+
+    hint = ("the record stays in the WAL: fix the cause, then start the replicator again "
+            "(Replicator.start, or `walsync sync`) and it is shipped")
+
+    def __init__(self, lsn: int, cause: str) -> None:
+        super().__init__(
+            f"commit at LSN {lsn} is durable locally but not replicated: {cause}"
+        )
+        self.lsn = lsn
+        self.cause = cause
 
 
 class SyncError(WalsyncError):

@@ -116,6 +116,8 @@ log = logging.getLogger("walsync.store")
 STORE_FORMAT_VERSION = 1
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _RETAIN_FLOOR = b"retain_floor"
+#: STORE file field: true once sync holds the WAL, false once it was detached
+_SYNC_RETAIN = "sync_retain"
 
 
 class _Any:
@@ -184,6 +186,8 @@ class StoreInfo:
     wal_bytes: int
     snapshot_bytes: int
     keys: int
+    #: WAL kept only because the server has not acknowledged it (the retain floor)
+    wal_bytes_held_for_sync: int = 0
 
 
 class _Pending:
@@ -283,6 +287,8 @@ class Store:
         self._closed = True
         self._gaps: list[tuple[int, int]] = []
         self._meta: dict[str, Any] = {}
+        #: serialises rewrites of the STORE file from several threads (sync's)
+        self._store_file_lock = threading.Lock()
         self._checkpoint_lock = threading.Lock()
         #: the LSN the snapshot's base copy holds; WAL at or below it may go
         self._base_lsn = 0
@@ -290,6 +296,8 @@ class Store:
         self._checkpoint_wanted = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._replicator: Any = None
+        #: why durability 'remote' is off again (the replicator was stopped)
+        self._detached_because: str | None = None
         self._listeners: list[Callable[[int], None]] = []
         self._metrics = StoreMetrics()
         #: subscriptions to what happens here (engine/events.py)
@@ -368,6 +376,8 @@ class Store:
                 self._recover(closed_cleanly)
                 if rebuild is not None and self.recovery is not None:
                     self.recovery = replace(self.recovery, snapshot_rebuilt=rebuild)
+                if _SYNC_RETAIN not in self._meta and self.retain_floor is not None:
+                    self._set_sync_retain(True)  # a floor set before STORE recorded floors
                 self._base_lsn = read_base_lsn(layout)
                 if self._base_lsn == 0 and not self._wal_rebuilds_from_empty():
                     # a store whose WAL was trimmed before bases existed (or that a
@@ -582,9 +592,13 @@ class Store:
     ) -> CommitResult:
         level = self.options.durability if durability is None else Durability(durability)
         self._check_writable()
-        if level is Durability.REMOTE and self._replicator is None:
+        # read once: a replicator stopped meanwhile is told apart by its own answer
+        replicator = self._replicator
+        if level is Durability.REMOTE and replicator is None:
+            why = f" ({self._detached_because})" if self._detached_because else ""
             raise NoReplicatorError(
-                f"durability 'remote' needs a replicator attached to store {self.path}"
+                f"durability 'remote' needs a running replicator on store {self.path}{why}; "
+                "nothing was written"
             )
         if not ops:
             raise ValueError("a commit needs at least one operation")
@@ -613,7 +627,7 @@ class Store:
             self._submit(item)
         self._finish(item)
         if level is Durability.REMOTE:
-            self._replicator.wait_acknowledged(item.lsn, self.options.remote_timeout_seconds)
+            replicator.wait_acknowledged(item.lsn, self.options.remote_timeout_seconds)
         return CommitResult(item.lsn, item.hlc, level)
 
     def _submit(self, item: _Pending) -> None:
@@ -779,9 +793,11 @@ class Store:
         """Enable durability 'remote': ``replicator.wait_acknowledged(lsn, timeout)``."""
         self._replicator = replicator
 
-    def detach_replicator(self, replicator: Any) -> None:
+    def detach_replicator(self, replicator: Any, because: str | None = None) -> None:
+        """Disable durability 'remote' again; ``because`` is said to its next caller."""
         if self._replicator is replicator:
             self._replicator = None
+            self._detached_because = because
 
     @property
     def shippable_lsn(self) -> int:
@@ -1101,7 +1117,8 @@ class Store:
         """
         self._check_writable()
         if purge_tombstones and (self.sync_state("acked_lsn") is not None
-                                 or self.record_meta("pull_cursor") is not None):
+                                 or self.record_meta("pull_cursor") is not None
+                                 or self.retain_floor is not None):
             raise ValueError("tombstones of a store that syncs are kept until every replica "
                              "has seen them; compact without purge_tombstones")
         checkpoint = self.checkpoint()
@@ -1203,14 +1220,63 @@ class Store:
 
     @property
     def retain_floor(self) -> int | None:
-        """The lowest LSN the WAL must keep (set by sync: first unacknowledged LSN)."""
+        """The lowest LSN the WAL must keep (set by sync: first unacknowledged LSN).
+
+        The STORE file says whether a floor holds (``sync_retain``); the snapshot
+        holds its value, which moves with every acknowledgement. A snapshot that
+        lost the value (rebuilt from a base older than the floor) keeps every
+        record (1) until sync sets it again: never a floor too high.
+        """
         raw = self._snapshot.get_meta(_RETAIN_FLOOR)
-        return int.from_bytes(raw, "little") if raw else None
+        floor = int.from_bytes(raw, "little") if raw else None
+        held = self._meta.get(_SYNC_RETAIN)
+        if held is False:
+            return None
+        if held and floor is None:
+            return 1
+        return floor
 
     def set_retain_floor(self, lsn: int | None) -> None:
-        """Keep WAL records from ``lsn`` on through checkpoints (None: no floor)."""
+        """Keep WAL records from ``lsn`` on through checkpoints, closes and compactions,
+        in this process and every later open (None: drop the floor).
+
+        The first floor is recorded in the STORE file (fsynced) before its value is
+        written, so that no later open (a process without sync, `walsync checkpoint`)
+        nor a snapshot rebuilt after a machine crash removes WAL the server lacks.
+        ``None`` is how a store stops syncing for good (`walsync detach`): from then
+        on checkpoints remove the WAL again; attaching a replicator later ships what
+        the WAL lost from the snapshot (the bootstrap path).
+        """
         self._check_writable()
+        if lsn is not None:
+            if not isinstance(lsn, int) or isinstance(lsn, bool) or lsn < 1:
+                raise ValueError(f"a retain floor is an LSN >= 1 or None, not {lsn!r}")
+            self._set_sync_retain(True)
         self._snapshot.put_meta(_RETAIN_FLOOR, b"" if lsn is None else lsn.to_bytes(8, "little"))
+        if lsn is None:
+            self._set_sync_retain(False)
+
+    def _set_sync_retain(self, held: bool) -> None:
+        """Record in the STORE file whether sync holds the WAL (written only on a change)."""
+        with self._store_file_lock:
+            if self._meta.get(_SYNC_RETAIN, False) is held:
+                return
+            self._meta[_SYNC_RETAIN] = held
+            write_store_file(self._layout.store_file, self._meta)
+
+    def wal_bytes_held_for_sync(self) -> int:
+        """Bytes of sealed WAL segments holding records at or above the retain floor:
+        what sync alone keeps (a checkpoint with a fresh base would remove the rest).
+        Grows without bound while the server is unreachable or sync was abandoned."""
+        floor = self.retain_floor
+        if floor is None:
+            return 0
+        segments = self._layout.list_segments()
+        held = 0
+        for i, (_first, path) in enumerate(segments[:-1]):
+            if segments[i + 1][0] - 1 >= floor:
+                held += _size_or_zero(path)
+        return held
 
     # -- reads ---------------------------------------------------------------
 
@@ -1376,6 +1442,7 @@ class Store:
             wal_bytes=sum(_size_or_zero(p) for _, p in segments),
             snapshot_bytes=self._snapshot.file_bytes(),
             keys=self._snapshot.count(),
+            wal_bytes_held_for_sync=self.wal_bytes_held_for_sync(),
         )
 
 

@@ -455,6 +455,8 @@ def status(store_path: str, as_json: bool) -> None:
         oldest = _oldest_unshipped(store, local_acked, info.applied_lsn)
     result: dict[str, Any] = {"node_id": node, "applied_lsn": info.applied_lsn,
                               "acked_lsn_local": local_acked, "pull_cursor": cursor,
+                              "retain_floor": info.retain_floor,
+                              "wal_bytes_held_for_sync": info.wal_bytes_held_for_sync,
                               "server": describe_target(),
                               "last_error": json.loads(raw_error) if raw_error else None,
                               "oldest_unreplicated_age_seconds": oldest}
@@ -513,6 +515,42 @@ def compact(store_path: str, purge_tombstones: bool, as_json: bool) -> None:
     else:
         click.echo(f"snapshot {result.snapshot_bytes_before} -> {result.snapshot_bytes_after} "
                    f"bytes (checkpointed at LSN {result.checkpoint_lsn})")
+
+
+@main.command()
+@store_option
+@click.option("--force", is_flag=True,
+              help="Detach although the server has not acknowledged every entry.")
+@json_option
+@_handles_errors
+def detach(store_path: str, force: bool, as_json: bool) -> None:
+    """Stop holding WAL for the sync server, for a store that stops syncing for good.
+
+    From its first replicator on, a store keeps every WAL record the server has not
+    acknowledged, through checkpoints, compactions and closes: with no sync running
+    any more the WAL would grow forever. This drops that retention floor. Stop the
+    sync worker first; syncing again later ships the snapshot's versions of what
+    the WAL no longer holds (their history is lost).
+    """
+    with Store.open(store_path, create=False) as store:
+        floor = store.retain_floor
+        raw = store.sync_state("acked_lsn")
+        acked = int.from_bytes(raw, "little") if raw else 0
+        unreplicated = max(0, store.applied_lsn - acked) if floor is not None else 0
+        if unreplicated and not force:
+            _refuse(f"the server has not acknowledged {unreplicated} entries of "
+                    f"{store.path} (LSN {acked + 1}..{store.applied_lsn}); once detached, "
+                    "checkpoints remove them from the WAL",
+                    "ship them first (`walsync sync --once`), or pass --force to give "
+                    "their history up", EXIT_ERROR)
+        store.set_retain_floor(None)
+    if as_json:
+        _emit({"retain_floor": floor, "unreplicated_entries": unreplicated})
+    elif floor is None:
+        click.echo(f"{store_path} holds no WAL for sync")
+    else:
+        click.echo(f"dropped the retention floor (LSN {floor}); {unreplicated} entries "
+                   "the server had not acknowledged may now be removed")
 
 
 def _refuse(message: str, hint: str, code: int) -> None:

@@ -4,7 +4,9 @@ Ship: records after the acknowledged LSN, in LSN order, batched by count,
 bytes and time; only records that are both durable and applied locally, so
 the server never holds an LSN this node could lose and hand out again. The
 acknowledged LSN is persisted in the store and becomes the WAL's retention
-floor: no segment is removed before the server has it. After a crash the
+floor, which the store keeps from the moment a replicator is first made for
+it (before the server was ever reached), across opens without sync: no
+segment is removed before the server has it. After a crash the
 replicator resumes from the larger of its own record and the server's
 (at-least-once delivery; the server ignores duplicates: exactly-once effect).
 
@@ -17,8 +19,9 @@ Faults: transient ones (RemoteUnavailableError) are retried with exponential
 backoff, jitter and a cap (tenacity); permanent ones stop the replicator,
 whose status then names the error; every entry stays in the WAL.
 
-Threads: one background thread (``start``) or the caller's (``run_once``);
-``status`` and ``wait_acknowledged`` may be called from any thread. While a
+Threads: one background thread (``start``; ``stop`` and ``start`` again as
+often as needed) or the caller's (``run_once``); ``status`` and
+``wait_acknowledged`` may be called from any thread. While a
 full batch is pushed, a short-lived thread reads and encodes the next one
 (pushes themselves stay one at a time, on the shipping thread).
 """
@@ -44,6 +47,7 @@ from engine.errors import (
     LSNGapError,
     RemoteDurabilityTimeoutError,
     RemoteUnavailableError,
+    ReplicatorStoppedError,
     StoreClosedError,
     SyncError,
     WalsyncError,
@@ -205,6 +209,11 @@ class Replicator:
         self._unacked: collections.deque[tuple[int, float]] = collections.deque()
         raw = store.sync_state(_ACKED)
         self._acked = int.from_bytes(raw, "little") if raw else 0
+        if store.retain_floor is None:
+            # Held from the first attachment on, and persisted: no checkpoint, compaction
+            # or close (here, or in a later open without sync) removes a record the
+            # server has not acknowledged, even while the server was never reached.
+            store.set_retain_floor(self._acked + 1)
         self._status = ReplicatorStatus(store.node_id, transport.name, acked_lsn=self._acked)
         self._server_checked = False
         self._next_pull = 0.0
@@ -215,14 +224,35 @@ class Replicator:
         self._pushed_bytes = 0
         self._pulls = 0
         self._fenced_writes = 0
-        store.add_commit_listener(self._on_commit)
+        self._listening = False
+        self._listen()
 
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> Replicator:
-        """Run in a background thread; also enables durability 'remote' on the store."""
-        if self._thread is not None:
-            return self
+        """Run in a background thread; also enables durability 'remote' on the store.
+
+        Repeatable: a replicator that stopped (``stop``, a permanent error, its thread
+        ending) starts again from its acknowledged LSN, asking the server first. A
+        running one is left as it is.
+        """
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            if not self._stop.is_set():
+                return self
+            raise SyncError(
+                f"the replicator of {self.store.path} cannot start yet: its thread is still "
+                "in a server call made before stop()",
+                hint="call stop() again (it waits for the call), then start()",
+            )
+        if self.store.closed:
+            raise StoreClosedError(f"store {self.store.path} is closed: its replicator "
+                                   "cannot start")
+        self._stop.clear()
+        self._fatal = None
+        self._status.stopped_reason = None
+        self._server_checked = False  # the server may have changed while stopped
+        self._listen()
         self.store.attach_replicator(self)
         self._thread = threading.Thread(target=self._loop, name="walsync-replicator",
                                         daemon=True)
@@ -231,20 +261,39 @@ class Replicator:
         return self
 
     def stop(self, timeout_seconds: float = 10.0) -> None:
+        """Stop the thread (after the call it is in); durability 'remote' is refused
+        until ``start`` again, and commits waiting for the server fail at once."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout_seconds)
-            if self._thread.is_alive():
+        with self._acked_cv:
+            self._acked_cv.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_seconds)
+            if thread.is_alive():
                 # it is in a call the server has not answered: it stops after it
                 log.warning("sync: the replicator thread is still in a call after %.0f s; "
                             "it stops when the call returns", timeout_seconds)
             else:
                 self._thread = None
         self._status.running = False
-        self.store.detach_replicator(self)
-        with contextlib.suppress(ValueError):
-            self.store.remove_commit_listener(self._on_commit)
+        self.store.detach_replicator(self, "its replicator was stopped")
+        if self._listening:
+            self._listening = False
+            with contextlib.suppress(ValueError):
+                self.store.remove_commit_listener(self._on_commit)
+
+    @property
+    def running(self) -> bool:
+        """Whether the background thread runs and ships (not stopping, not failed)."""
+        thread = self._thread
+        return (thread is not None and thread.is_alive() and not self._stop.is_set()
+                and self._fatal is None)
+
+    def _listen(self) -> None:
+        if not self._listening:
+            self.store.add_commit_listener(self._on_commit)
+            self._listening = True
 
     def close(self) -> None:
         self.stop()
@@ -264,6 +313,18 @@ class Replicator:
     # -- the loop --------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except BaseException as exc:  # the thread ends: say why, never vanish
+            log.exception("sync: the replicator thread ended unexpectedly")
+            self._fail(SyncError(f"replicator stopped: its thread ended on "
+                                 f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._status.running = False
+            with self._acked_cv:  # 'remote' commits waiting fail now, naming why
+                self._acked_cv.notify_all()
+
+    def _run_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 self._with_retries(self.run_once)
@@ -508,7 +569,7 @@ class Replicator:
         return total
 
     def _set_acked(self, lsn: int) -> None:
-        if lsn > self._acked or self.store.retain_floor is None:
+        if lsn > self._acked or self.store.retain_floor != self._acked + 1:
             self._acked = max(lsn, self._acked)
             self.store.set_sync_state(_ACKED, self._acked.to_bytes(8, "little"))
             self.store.set_retain_floor(self._acked + 1)
@@ -561,17 +622,35 @@ class Replicator:
     # -- for callers -----------------------------------------------------------
 
     def wait_acknowledged(self, lsn: int, timeout_seconds: float) -> None:
-        """Block until the server acknowledged ``lsn`` (durability 'remote')."""
+        """Block until the server acknowledged ``lsn`` (durability 'remote').
+
+        Fails at once, naming the cause, when the replicator cannot acknowledge it:
+        stopped, stopped by a permanent error, or its thread ended.
+        """
         deadline = time.monotonic() + timeout_seconds
         self._wake.set()
         with self._acked_cv:
             while self._acked < lsn:
-                if self._fatal is not None:
-                    raise RemoteDurabilityTimeoutError(lsn, timeout_seconds) from self._fatal
+                dead = self._dead_reason()
+                if dead is not None:
+                    raise ReplicatorStoppedError(lsn, dead) from self._fatal
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise RemoteDurabilityTimeoutError(lsn, timeout_seconds)
                 self._acked_cv.wait(left)
+
+    def _dead_reason(self) -> str | None:
+        """Why nothing will be acknowledged any more, or None while it may be."""
+        if self._fatal is not None:
+            return str(self._fatal)
+        if self._stop.is_set():
+            return "the replicator was stopped"
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            if self.store.closed:
+                return "the store was closed"
+            return "the replicator's thread has ended"
+        return None
 
     @property
     def acked_lsn(self) -> int:
@@ -584,6 +663,7 @@ class Replicator:
 
     def status(self) -> ReplicatorStatus:
         s = self._status
+        s.running = self.running
         if self.store.closed:
             return s  # what it was when the store closed (a late scrape, say)
         s.applied_lsn = self.store.applied_lsn
