@@ -1,7 +1,7 @@
 """LangGraph cases: WalsyncSaver against LangGraph's SqliteSaver, on the same disk, in one run.
 
     .venv/bin/python -m bench.langgraph_cases            # just these cases (also --quick, --dir)
-    .venv/bin/python -m bench.run --only langgraph_put_get,langgraph_graph_20
+    .venv/bin/python -m bench.run --only langgraph_put_get,langgraph_graph_20,langgraph_list
 
 ``langgraph_put_get``: one thread's checkpoints, each ``put`` with its parent
 and a ~1 KiB ``messages`` channel plus a ``step`` channel, both new versions
@@ -19,6 +19,12 @@ it runs once per ``invoke``, next to milliseconds of graph work.
 LangGraph's ``durability="sync"`` (each checkpoint committed before the next
 step) and its default ``"async"``.
 
+``langgraph_list``: ``list(config, limit=1)`` on a thread (no
+``checkpoint_ns``: every namespace, the call that once read and sorted the
+whole thread) of 10 checkpoints and of 1,000, side by side, and the first
+item of ``alist`` on the same threads (walsync only: SqliteSaver has no async
+methods). Both must cost the same at either length.
+
 Both savers are durable per commit: walsync ``local`` (fdatasync), SQLite in
 WAL mode with ``synchronous`` at its default FULL (reported as
 ``sqlite_pragmas``). LangGraph is imported lazily: without the
@@ -27,6 +33,7 @@ WAL mode with ``synchronous`` at its default FULL (reported as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import operator
@@ -40,7 +47,7 @@ from .cases import check, fmt, p50_p99, ratio
 from .registry import CaseResult, Context, case, describe, interleaved_latency
 from .walsync_cases import load_engine
 
-__all__ = ["graph_20", "put_get"]
+__all__ = ["graph_20", "list_cost", "put_get"]
 
 MESSAGE_BYTES = 1024
 GRAPH_NODES = 20
@@ -165,6 +172,103 @@ def put_get(ctx: Context) -> CaseResult:
     )
 
 
+@case("langgraph_list",
+      goal="WalsyncSaver list(limit=1) and alist's first item: p50 on a 1,000-checkpoint "
+           "thread <= 1.25x on a 10-checkpoint thread (the same reads)")
+def list_cost(ctx: Context) -> CaseResult:
+    lengths = (10, 1000)
+    n, warmup = ctx.pick((1000, 20), (100, 5))
+    errors: dict[str, str] = {}
+    f: dict[str, Any] = {"thread_lengths": list(lengths), "n": n}
+    loop = asyncio.new_event_loop()
+    with contextlib.ExitStack() as stack:
+        stack.callback(loop.close)
+        try:
+            savers = _savers(ctx, stack, errors)
+        except ImportError as exc:
+            return CaseResult({**f, "error": describe(exc)}, errors={"langgraph": describe(exc)})
+        groups: dict[str, dict[int, Any]] = {}
+        for name, saver in savers.items():
+            for length in lengths:
+                thread = f"list-{length}"
+                filling = _Checkpoints(saver, thread)
+                for i in range(length):
+                    filling.put(i)
+                config = {"configurable": {"thread_id": thread}}
+                groups.setdefault(f"{name}_list", {})[length] = (
+                    lambda s=saver, c=config: _expect_one(list(s.list(c, limit=1))))
+                if name == "walsync":
+                    groups.setdefault(f"{name}_alist", {})[length] = (
+                        lambda s=saver, c=config: _expect_one(
+                            [loop.run_until_complete(_afirst(s, c))]))
+        samples = _alternating(groups, n, warmup, errors)
+    for key in samples:
+        f[f"{key}_p50_us"], f[f"{key}_p99_us"] = p50_p99(samples, key)
+    for key in ("walsync_list", "walsync_alist", "sqlite_list"):
+        f[f"{key}_1000_vs_10"] = ratio(f.get(f"{key}_1000_p50_us"), f.get(f"{key}_10_p50_us"))
+
+    def bound(key: str) -> float | None:
+        p50 = f.get(f"{key}_10_p50_us")
+        return None if p50 is None else 1.25 * p50
+
+    return CaseResult(
+        f,
+        checks={
+            "list(limit=1) 1000 <= 1.25x 10": check(f.get("walsync_list_1000_p50_us"),
+                                                     bound("walsync_list")),
+            "alist first 1000 <= 1.25x 10": check(f.get("walsync_alist_1000_p50_us"),
+                                                   bound("walsync_alist")),
+        },
+        headline=(
+            f"list(limit=1) {fmt(f.get('walsync_list_10_p50_us'))} / "
+            f"{fmt(f.get('walsync_list_1000_p50_us'))} us (10 / 1,000 checkpoints), "
+            f"alist first {fmt(f.get('walsync_alist_10_p50_us'))} / "
+            f"{fmt(f.get('walsync_alist_1000_p50_us'))} us",
+            f"sqlite list(limit=1) {fmt(f.get('sqlite_list_10_p50_us'))} / "
+            f"{fmt(f.get('sqlite_list_1000_p50_us'))} us",
+        ),
+        errors=errors,
+    )
+
+
+def _alternating(groups: dict[str, dict[int, Any]], n: int, warmup: int,
+                 errors: dict[str, str]) -> dict[str, list[int]]:
+    """Latency samples (ns) per ``<group>_<length>``, the lengths of a group
+    alternating call by call (which goes first alternating too), groups taking
+    turns every call: a noisy machine's drift hits every length alike, so
+    the ratio between lengths shows the cost, not the moment."""
+    samples: dict[str, list[int]] = {}
+    for i in range(warmup + n):
+        for group, ops in groups.items():
+            if group in errors:
+                continue
+            order = sorted(ops, reverse=i % 2 == 1)
+            for length in order:
+                t0 = time.perf_counter_ns()
+                try:
+                    ops[length]()
+                except Exception as exc:  # noqa: BLE001 - reported in the case's JSON line
+                    errors[group] = describe(exc)
+                    break
+                took = time.perf_counter_ns() - t0
+                if i >= warmup:
+                    samples.setdefault(f"{group}_{length}", []).append(took)
+    return {k: v for k, v in samples.items() if k.rsplit("_", 1)[0] not in errors}
+
+
+def _expect_one(found: list[Any]) -> None:
+    if len(found) != 1 or found[0] is None:
+        raise LookupError(f"expected one checkpoint, got {found!r}")
+
+
+async def _afirst(saver: Any, config: Any) -> Any:
+    items = saver.alist(config)
+    try:
+        return await anext(items)
+    finally:
+        await items.aclose()
+
+
 class _ChainState(TypedDict):
     value: int
     log: Annotated[list[str], operator.add]
@@ -238,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run only these cases through bench.run (same output, same options)."""
     from . import run
 
-    return run.main(["--only", "langgraph_put_get,langgraph_graph_20",
+    return run.main(["--only", "langgraph_put_get,langgraph_graph_20,langgraph_list",
                      *(sys.argv[1:] if argv is None else argv)])
 
 
