@@ -372,12 +372,20 @@ class LeaseHeldError(SyncError):
 
 
 class LeaseLostError(SyncError):
+    """A write to a leased run that this host does not hold (any more).
+
+    ``holder`` and ``current_token`` name the lease as far as it is known (the
+    server's, or the run record's last pulled); ``holder`` is None when unknown.
+    """
+
     hint = "another host took over this run: stop driving it here"
 
-    def __init__(self, message: str, *, run_id: str = "", current_token: int = 0) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, run_id: str = "", current_token: int = 0,
+                 holder: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
         self.run_id = run_id
         self.current_token = current_token
+        self.holder = holder
 
 
 class RestoreError(SyncError):

@@ -191,6 +191,9 @@ class RunRecord:
     restoration_count: int = 0
     last_restored_at: dt.datetime | None = None
     restoration_source: str | None = None
+    #: the lease the run was last written under (holder node id and token), as its
+    #: holder wrote it: it tells another host the run is leased and by whom, and is
+    #: never a token to write with (a host writes with its own acquisition's only)
     owner_node: str | None = None
     lease_token: int | None = None
     cost: dict[str, Any] = field(default_factory=dict)

@@ -23,6 +23,14 @@ in that one commit.
 Threads: a Run is driven by one thread at a time. Two drivers of one run in
 the same store are caught by optimistic checks on the run record
 (ConflictError); across hosts, leases decide who drives.
+
+Leases (sync/PROTOCOL.md, "Leases and fencing"): a write to a leased run
+carries the token of this host's own acquisition of the lease, kept in the
+store's host-local state (``hold_lease``; never replicated, never restored),
+not the token in the run record, which may be another host's, pulled or
+restored. A write to a run whose record names a lease this host does not
+hold raises LeaseLostError before anything is written; the server refuses
+whatever gets past that (a pause, a host that did not pull yet).
 """
 
 from __future__ import annotations
@@ -32,16 +40,19 @@ import contextvars
 import copy
 import datetime as dt
 import functools
+import json
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, overload
+from typing import Any, Protocol, TypeVar, overload
 
 import cbor2
 
 from .errors import (
     CheckpointNotFoundError,
+    ConflictError,
     InvalidValueError,
+    LeaseLostError,
     RunNotFoundError,
     SchemaVersionError,
     StepNeedsAttentionError,
@@ -74,6 +85,9 @@ __all__ = [
     "Workflows",
     "current_run",
     "current_step",
+    "drop_lease",
+    "held_lease",
+    "hold_lease",
     "step",
 ]
 
@@ -112,6 +126,136 @@ def current_step() -> StepContext:
     if ctx is None:
         raise WorkflowError("no step is active here: call this from inside a step's body")
     return ctx
+
+
+# -- this host's own leases ------------------------------------------------------
+
+#: sync_state name of a run's lease as this host acquired it (host-local: the
+#: snapshot's meta table is neither shipped, pulled, exported nor restored; a
+#: copied directory carries it, but under the node id it was taken by)
+_HELD = "lease/"
+
+_TAKE_OVER = ("take the run's lease first (sync.lease.Leases(transport, store=store)"
+              ".acquire(run_id, wait_seconds=...) waits for the holder's lease to expire), "
+              "then pass it: Workflows.run(..., lease=lease) or Run.set_lease(lease)")
+
+
+class LeaseLike(Protocol):
+    """A lease as sync.lease hands it out (the engine does not import sync)."""
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def holder(self) -> str: ...
+
+    @property
+    def token(self) -> int: ...
+
+
+def _held_doc(store: Store, run_id: str) -> dict[str, Any] | None:
+    raw = store.sync_state(_HELD + run_id)
+    if not raw:
+        return None
+    doc: dict[str, Any] = json.loads(raw)
+    return doc if doc.get("holder") == store.node_id else None
+
+
+def _local_lease(store: Store, run_id: str) -> tuple[int | None, dict[str, Any] | None]:
+    """(this host's token, or None; the server's word on a lease it lost, or None)."""
+    doc = _held_doc(store, run_id)
+    if doc is None:
+        return None, None
+    if doc.get("token") is not None:
+        return int(doc["token"]), None
+    return None, doc if doc.get("lost_to") is not None else None
+
+
+def held_lease(store: Store, run_id: str) -> int | None:
+    """The token of this store's own acquisition of ``run_id``'s lease, or None.
+
+    Kept under the node id that acquired it: a copied store, or one that took a
+    new node id, holds nothing (the server accepts a leased run's entries from
+    the holder's node id alone).
+    """
+    return _local_lease(store, run_id)[0]
+
+
+def hold_lease(store: Store, run_id: str, token: int) -> None:
+    """Record that this store's node acquired ``run_id``'s lease with ``token``.
+
+    Only what an acquisition returned belongs here (sync.lease does it when it
+    has the store): a token read from a run record is another host's.
+    """
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 < token < 1 << 63:
+        raise ValueError(f"lease token must be a positive 63-bit integer, got {token!r}")
+    store.set_sync_state(_HELD + run_id, json.dumps(
+        {"holder": store.node_id, "token": token}).encode())
+
+
+def drop_lease(store: Store, run_id: str, *, upto_token: int | None = None,
+               lost_to: str | None = None, current_token: int = 0) -> bool:
+    """Forget this host's lease on ``run_id`` (released, or lost to another host).
+
+    With ``upto_token``, only a lease whose token is at most that one: a lease
+    this host took again meanwhile (a larger token) stays. ``lost_to`` and
+    ``current_token`` (the server's word on who holds it now) are kept for the
+    LeaseLostError of the next write, also when this host held no lease (it
+    wrote to the run without one). True if a lease was dropped.
+    """
+    held = held_lease(store, run_id)
+    if held is not None and upto_token is not None and held > upto_token:
+        return False
+    if held is None and lost_to is None:
+        return False
+    note = b"" if lost_to is None else json.dumps(
+        {"holder": store.node_id, "lost_to": lost_to, "current": current_token}).encode()
+    store.set_sync_state(_HELD + run_id, note)
+    return held is not None
+
+
+def _lease_args(lease: tuple[str, int] | LeaseLike, run_id: str) -> tuple[str, int]:
+    if isinstance(lease, tuple):
+        holder, token = lease
+        return str(holder), int(token)
+    if lease.run_id != run_id:
+        raise WorkflowError(f"the lease given is on run {lease.run_id!r}, not on {run_id!r}")
+    return lease.holder, int(lease.token)
+
+
+def _lease_refusal(record: RunRecord, store: Store, held: int | None,
+                   lost: dict[str, Any] | None) -> LeaseLostError | None:
+    """Why a host holding ``held`` (its own acquisition) may not write the run, or None.
+
+    The run's lease as this host knows it: the record's (as its holder last
+    wrote it), or the server's word when the replicator was told the run was
+    lost (``lost``, kept by drop_lease), whichever is newer. A run with neither
+    is unleased as far as this host knows (the server still refuses the write
+    if it is leased there). Otherwise the host needs a token of its own at
+    least that lease's: the same one under its own name, or a newer one it
+    took since.
+    """
+    node, run_id = store.node_id, record.run_id
+    holder, token = record.owner_node, record.lease_token or 0
+    if lost is not None and int(lost["current"]) >= token:
+        holder, token = str(lost["lost_to"]), int(lost["current"])
+    if not token:
+        return None
+    if held is not None and (held > token or (held == token and holder == node)):
+        return None
+    if held is not None and held < token:
+        why = f"this host's lease (token {held}) was taken over by {holder} (token {token})"
+    elif held is not None:
+        why = (f"it is leased by {holder} with token {token}, which this host has without "
+               "having acquired it")
+    elif holder == node:
+        why = (f"this host no longer holds its lease (token {token}): it was released, or "
+               "lost to another host")
+    else:
+        why = f"it is leased by {holder} (token {token}) and this host holds no lease on it"
+    return LeaseLostError(
+        f"run {run_id!r}: nothing was written, {why} (store {store.path}, node {node})",
+        run_id=run_id, current_token=token, holder=holder, hint=_TAKE_OVER)
 
 
 @overload
@@ -187,6 +331,9 @@ class RetentionPolicy:
 class RetentionReport:
     runs_removed: list[str]
     keys_removed: int
+    #: runs due for removal but leased by another host: its to remove (this host's
+    #: deletes would be refused by the server)
+    runs_leased_elsewhere: list[str] = field(default_factory=list)
 
 
 class Workflows:
@@ -221,16 +368,19 @@ class Workflows:
         metadata: dict[str, Any] | None = None,
         total_steps: int | None = None,
         max_retries: int = 0,
-        lease: tuple[str, int] | None = None,
+        lease: tuple[str, int] | LeaseLike | None = None,
     ) -> Run:
         """The run ``run_id`` if it exists (to resume it), else a new pending run.
 
-        ``lease`` is ``(holder, token)`` of the run's lease (sync.lease), taken
-        before this call: a new run is created with the token already on its
-        first write, an existing one gets it (``set_lease``). A run created
-        without it and leased afterwards has an unfenced first write, which the
-        server refuses if it arrives after the lease was taken.
+        ``lease`` is the run's lease as this host acquired it (a sync.lease
+        ``Lease``, or ``(holder, token)``), taken before this call: a new run is
+        created with the token already on its first write, an existing one gets
+        it (``set_lease``); ``run_id`` defaults to the lease's. Without it, a run
+        whose record names a lease this host does not hold is returned for
+        reading, and its first write raises LeaseLostError.
         """
+        if run_id is None and lease is not None and not isinstance(lease, tuple):
+            run_id = lease.run_id
         if run_id is not None:
             existing = self._load(run_id)
             if existing is not None:
@@ -239,9 +389,8 @@ class Workflows:
                         f"run {run_id!r} belongs to workflow {existing.record.workflow!r}, "
                         f"not {workflow!r}"
                     )
-                if lease is not None and \
-                        (existing.record.owner_node, existing.fence) != tuple(lease):
-                    existing.set_lease(*lease)
+                if lease is not None:
+                    existing.set_lease(lease)
                 return existing
         run_id = run_id or _new_run_id()
         _check_id("run id", run_id)
@@ -251,9 +400,9 @@ class Workflows:
             schema_version=self.schema_version, inputs=inputs, created_at=now, updated_at=now,
             metadata=dict(metadata or {}), total_steps=total_steps, max_retries=max_retries,
         )
-        if lease is not None:
-            record.owner_node, record.lease_token = lease
         run = Run(self, record, {})
+        if lease is not None:
+            run._take_lease(lease)
         run._seen_status = None  # its first commit creates it
         with run._batch() as b:
             run._write_run(b, expect=None)
@@ -304,8 +453,10 @@ class Workflows:
             {sid: StepRecord.from_dict(d) for sid, d in state["steps"].items()},
         )
         run._version = self.store.get_version(keys.run(run_id))
-        if stored_version != self.schema_version:
-            # Write the upgraded state back, so it is migrated once.
+        if stored_version != self.schema_version and \
+                _lease_refusal(run.record, self.store, *_local_lease(self.store, run_id)) is None:
+            # Write the upgraded state back, so it is migrated once (by the lease's
+            # holder: another host reads it upgraded in memory).
             with run._batch() as b:
                 run._write_run(b)
                 for rec in run.steps.values():
@@ -407,6 +558,7 @@ class Workflows:
         validator: Validator | None = None,
         source: str = "restart",
         inputs: Any = None,
+        lease: tuple[str, int] | LeaseLike | None = None,
     ) -> Restoration:
         """The supervisor's restoration protocol (SPEC 3.3).
 
@@ -415,12 +567,15 @@ class Workflows:
         (the invalid state is kept under ``runs/<id>/discarded/``). A valid
         state: restore it. Restorations are counted, with time and source;
         pending questions (``metadata["pending_questions"]``) and waiting steps
-        are handed back.
+        are handed back. ``lease`` as for ``run``: a leased run is restored by
+        the holder of its lease.
         """
         run = self._load(run_id)
         if run is None:
-            fresh = self.run(workflow, run_id, inputs=inputs)
+            fresh = self.run(workflow, run_id, inputs=inputs, lease=lease)
             return Restoration("fresh", fresh, "no saved state")
+        if lease is not None:
+            run.set_lease(lease)
         problems = self.validate(run.state(), validator)
         outcome, reason = "restored", "state is valid"
         if problems:
@@ -435,6 +590,7 @@ class Workflows:
                 fresh = run._discard_all(RunRecord(
                     run_id=run_id, workflow=workflow, schema_version=self.schema_version,
                     inputs=inputs, created_at=now, updated_at=now,
+                    owner_node=run.record.owner_node, lease_token=run.record.lease_token,
                 ))
                 return Restoration("fresh", fresh, "state invalid and no valid checkpoint",
                                    problems=problems)
@@ -458,19 +614,24 @@ class Workflows:
         now = now or utcnow()
         cutoff = now - dt.timedelta(seconds=policy.max_age_seconds)
         removed: list[str] = []
+        elsewhere: list[str] = []
         count = 0
         for rec in self.list_runs(status=policy.statuses):
             stamp = rec.completed_at or rec.updated_at or rec.created_at
             if stamp is None or stamp > cutoff:
                 continue
+            held, lost = _local_lease(self.store, rec.run_id)
+            if _lease_refusal(rec, self.store, held, lost) is not None:
+                elsewhere.append(rec.run_id)
+                continue
             doomed = [keys.run(rec.run_id), keys.index(rec.run_id)]
             doomed += self.store.keys(keys.all_of_run(rec.run_id))
-            with self.store.batch() as b:
+            with self.store.batch(fence=held or 0) as b:
                 for key in doomed:
                     b.delete(key)
             removed.append(rec.run_id)
             count += len(doomed)
-        return RetentionReport(removed, count)
+        return RetentionReport(removed, count, elsewhere)
 
 
 class Run:
@@ -497,17 +658,83 @@ class Run:
 
     @property
     def fence(self) -> int:
-        """The lease token stamped on this run's writes (0: no lease)."""
-        return self.record.lease_token or 0
+        """The token this host's writes to the run carry: its own acquisition's (0: none).
 
-    def set_lease(self, holder: str, token: int) -> None:
-        """Record the lease this host holds; every later write carries its token."""
-        self.record.owner_node = holder
-        self.record.lease_token = token
-        self._commit_run()
+        Never the run record's ``lease_token``, which names the lease as the
+        record was last written, possibly by another host (pulled, restored).
+        """
+        return held_lease(self.store, self.run_id) or 0
 
-    def _batch(self) -> Batch:
-        return self.store.batch(fence=self.fence)
+    def set_lease(self, lease: tuple[str, int] | LeaseLike | str, token: int | None = None) -> None:
+        """Drive the run under a lease this host acquired (a sync.lease ``Lease``, or
+        ``holder, token``); every later write carries its token.
+
+        The holder must be this store's node id (the server accepts a leased run's
+        entries from its holder alone), and the token at least the one the run
+        record names (an older one was taken over: LeaseLostError).
+        """
+        given: tuple[str, int] | LeaseLike
+        if isinstance(lease, str):
+            if token is None:
+                raise TypeError("set_lease(holder, token): the token is missing")
+            given = (lease, token)
+        else:
+            given = lease
+        changed = self._take_lease(given)
+        if changed:
+            self._commit_run()
+
+    def _take_lease(self, lease: tuple[str, int] | LeaseLike) -> bool:
+        """Check and keep this host's lease; stamp the record. True if the record changed."""
+        holder, token = _lease_args(lease, self.run_id)
+        node = self.store.node_id
+        if holder != node:
+            raise WorkflowError(
+                f"lease on run {self.run_id!r} is held by {holder!r}, not by this store's node "
+                f"{node!r} (store {self.store.path}): the server accepts a leased run's writes "
+                "from its holder only",
+                hint="take the lease under the store's node id: "
+                     "sync.lease.Leases(transport, store=store)")
+        refusal = _lease_refusal(self.record, self.store, token,
+                                 _local_lease(self.store, self.run_id)[1])
+        if refusal is not None:
+            raise refusal
+        hold_lease(self.store, self.run_id, token)
+        if (self.record.owner_node, self.record.lease_token) == (holder, token):
+            return False
+        self.record.owner_node, self.record.lease_token = holder, token
+        return True
+
+    @contextlib.contextmanager
+    def _batch(self) -> Iterator[Batch]:
+        """A batch of this run's writes, fenced with this host's own lease token.
+
+        Refused (LeaseLostError, nothing written) when the run record names a
+        lease this host does not hold. A conflict on the run record whose new
+        version names another holder's lease (pulled since this Run was read)
+        is reported as the lease loss it is.
+        """
+        held, lost = _local_lease(self.store, self.run_id)
+        rec = self.record
+        refusal = _lease_refusal(rec, self.store, held, lost)
+        if refusal is not None:
+            raise refusal
+        if held is not None and (rec.lease_token or 0) < held:
+            # taken since the record was written (sync.lease with the store): say so
+            rec.owner_node, rec.lease_token = self.store.node_id, held
+        try:
+            with self.store.batch(fence=held or 0) as b:
+                yield b
+        except ConflictError as exc:
+            if exc.key != keys.run(self.run_id):
+                raise
+            raw = self.store.get(exc.key)
+            if raw is not None:
+                current = RunRecord.from_dict(raw)
+                refusal = _lease_refusal(current, self.store, held, lost)
+                if refusal is not None:
+                    raise refusal from exc
+            raise
 
     @property
     def status(self) -> str:
@@ -546,6 +773,8 @@ class Run:
         if exc is None:
             if self.record.status == RunStatus.RUNNING:
                 self.complete()
+        elif isinstance(exc, LeaseLostError):
+            return  # the run is another host's: recording the failure would be refused too
         elif isinstance(exc, StepNeedsAttentionError):
             self.pause(reason=str(exc))
         elif isinstance(exc, Exception) and self.record.status == RunStatus.RUNNING:
@@ -719,8 +948,11 @@ class Run:
             cost = self.record.cost
             restoration = (self.record.restoration_count, self.record.last_restored_at,
                            self.record.restoration_source)
+            lease = (self.record.owner_node, self.record.lease_token)
             self.record = RunRecord.from_dict(state["run"])
             self.record.cost = cost
+            # the lease is the one driving the run now, not the checkpoint's
+            self.record.owner_node, self.record.lease_token = lease
             (self.record.restoration_count, self.record.last_restored_at,
              self.record.restoration_source) = restoration
             self.record.rollbacks = n
@@ -948,6 +1180,8 @@ class StepContext:
             if not self._completed:
                 self.complete(None)
             return
+        if isinstance(exc, LeaseLostError):
+            return  # the run is another host's now: this host records nothing more
         rec, run = self.record, self.run
         now = utcnow()
         rec.status = StepStatus.FAILURE.value if isinstance(exc, Exception) \

@@ -2,21 +2,30 @@
 
 A host takes a run's lease (server-side, with a TTL) before driving it, and
 stamps the lease's token on every write to the run's keys. Each new holder
-gets a strictly larger token; the server refuses entries carrying an older
-token than the run's current one, so a host that was paused past its lease
-(GC pause, SIGSTOP, a partition) cannot overwrite the new holder's state
-when it wakes up: its replicator reports the run as lost.
+gets a strictly larger token; the server accepts a leased run's entries only
+when they come from the holder (the pushing node is the lease's holder) and
+carry its current token. Anything else is refused and recorded, so a host
+that was paused past its lease (GC pause, SIGSTOP, a partition) cannot
+overwrite the new holder's state when it wakes up, nor can a host that never
+took the lease write with a token it read from a pulled or restored run
+record: its replicator reports the run as lost.
 
 Expiry is judged by the database's clock alone, so skewed host clocks cannot
 make two hosts believe they hold a run at once. A holder renews well before
 expiry (every third of the TTL by default) and must stop driving the run as
-soon as a renewal fails.
+soon as a renewal fails. A lease that expired with no new holder keeps its
+holder and token: the last holder's writes are accepted until another host
+takes the run (then it gets a larger token, and they are refused).
 
-The holder is the store's node id: a replicator that finds its own stale
-writes refused while its node holds the lease does not report the run lost.
-Take the lease before creating a run and create it under the lease
-(``Workflows.run(..., lease=(node_id, token))``), so its first write carries
-the token too.
+The holder is the store's node id. With ``store=``, ``Leases`` keeps what it
+acquires in the store's host-local state (``engine.workflow.hold_lease``), so
+the workflow layer stamps the token on the run's writes (``Run.fence``) and
+refuses writes locally (LeaseLostError) once the lease is released or lost.
+Without it, hand the ``Lease`` to ``Workflows.run(..., lease=lease)`` or
+``Run.set_lease(lease)``. Take the lease before creating a run, so its first
+write carries the token too: a write made before the lease (or without its
+token) is refused even from the holder, which the replicator counts under
+``stale_refused``, not as a lost run.
 
 Threads: ``Leases`` owns its transport; ``keep_alive`` renews from a
 background thread. Use a transport of its own, not the replicator's.
@@ -30,7 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import LeaseHeldError, LeaseLostError, RemoteUnavailableError
+from engine import Store
+from engine.errors import LeaseHeldError, LeaseLostError, RemoteUnavailableError, SyncConfigError
+from engine.workflow import drop_lease, hold_lease
 
 from .remote import Transport
 
@@ -47,12 +58,34 @@ class Lease:
 
 
 class Leases:
-    def __init__(self, transport: Transport, holder: str, *, ttl_seconds: float = 30.0) -> None:
+    """Take, renew and release leases as ``holder`` (with ``store``: the store's node id)."""
+
+    def __init__(self, transport: Transport, holder: str | None = None, *,
+                 ttl_seconds: float = 30.0, store: Store | None = None) -> None:
+        if store is None and holder is None:
+            raise SyncConfigError("Leases needs the holder's node id, or the store (store=)")
+        if store is not None and holder is not None and holder != store.node_id:
+            raise SyncConfigError(
+                f"lease holder {holder!r} is not the store's node id {store.node_id!r}: the "
+                "server accepts a leased run's writes from its holder only")
         self.transport = transport
-        self.holder = holder
+        self._holder = holder
+        self.store = store
         self.ttl_seconds = ttl_seconds
         self._lock = threading.Lock()
         self._keepers: dict[str, threading.Event] = {}
+
+    @property
+    def holder(self) -> str:
+        """Who takes the leases: the store's node id as it is now, when there is a store."""
+        if self.store is not None:
+            return self.store.node_id
+        assert self._holder is not None
+        return self._holder
+
+    def _forget(self, lease: Lease) -> None:
+        if self.store is not None and not self.store.closed:
+            drop_lease(self.store, lease.run_id, upto_token=lease.token)
 
     def _call(self, function: str, args: dict[str, Any]) -> Any:
         with self._lock:
@@ -66,8 +99,11 @@ class Leases:
             doc = self._call("lease_acquire", {"p_run_id": run_id, "p_holder": self.holder,
                                                "p_ttl_seconds": self.ttl_seconds})
             if doc["acquired"]:
-                return Lease(run_id, self.holder, int(doc["token"]), str(doc["expires_at"]),
-                             self.ttl_seconds)
+                lease = Lease(run_id, str(doc["holder"]), int(doc["token"]),
+                              str(doc["expires_at"]), self.ttl_seconds)
+                if self.store is not None:
+                    hold_lease(self.store, run_id, lease.token)
+                return lease
             if time.monotonic() >= deadline:
                 raise LeaseHeldError(
                     f"run {run_id!r} is leased by {doc['holder']} until {doc['expires_at']} "
@@ -80,16 +116,20 @@ class Leases:
                                          "p_token": lease.token,
                                          "p_ttl_seconds": lease.ttl_seconds})
         if not doc["renewed"]:
+            self._forget(lease)
             raise LeaseLostError(
                 f"lease on run {lease.run_id!r} (token {lease.token}) was lost: now held by "
                 f"{doc.get('holder')} with token {doc.get('token')}",
                 run_id=lease.run_id, current_token=int(doc.get("token") or 0),
+                holder=None if doc.get("holder") is None else str(doc["holder"]),
             )
         return Lease(lease.run_id, lease.holder, lease.token, str(doc["expires_at"]),
                      lease.ttl_seconds)
 
     def release(self, lease: Lease) -> bool:
+        """End the lease now; with the store, its writes to the run are refused locally."""
         self.stop_keep_alive(lease.run_id)
+        self._forget(lease)
         doc = self._call("lease_release", {"p_run_id": lease.run_id, "p_holder": lease.holder,
                                            "p_token": lease.token})
         return bool(doc["released"])
@@ -117,6 +157,7 @@ class Leases:
                 except RemoteUnavailableError:
                     if time.monotonic() - last_ok < current.ttl_seconds:
                         continue
+                    self._forget(current)
                     on_lost(LeaseLostError(
                         f"lease on run {lease.run_id!r} could not be renewed before it expired",
                         run_id=lease.run_id))

@@ -54,6 +54,7 @@ from engine.errors import (
 )
 from engine.events import LeaseLostEvent
 from engine.metrics import LATENCY_BOUNDS_NS, Histogram, HistogramSnapshot
+from engine.workflow import drop_lease
 
 from .merge import record_to_wire, sibling_to_wire
 from .remote import Transport, WireBatch
@@ -499,13 +500,14 @@ class Replicator:
         return len(entries)
 
     def _report_fenced(self, fenced: list[dict[str, Any]], entries: list[dict[str, Any]]) -> None:
-        """The server refused this node's writes to runs another host now leases
+        """The server refused this node's writes to runs whose lease it does not hold
         (``entries``: the pushed batch, which says what token those writes carried)."""
         for item in fenced:
             run_id, current = str(item["run_id"]), int(item["current"])
-            if run_id in self._status.lost_runs:
-                continue
-            if item.get("holder") == self.store.node_id:
+            holder = None if item.get("holder") is None else str(item["holder"])
+            if self._status.lost_runs.get(run_id) == current:
+                continue  # told already, for this lease
+            if holder == self.store.node_id:
                 # This node holds the run's lease: what was refused are its own
                 # writes from before it took the lease (e.g. the run's creation)
                 # or written without the token. The run was not taken over.
@@ -517,18 +519,24 @@ class Replicator:
                 continue
             self._status.lost_runs[run_id] = current
             self._status.fenced_runs += 1
-            log.error("sync: run %s was taken over (lease token %d): this host's writes to it "
-                      "were refused by the server", run_id, current)
-            token, lsn = _refused_writes(entries, run_id, current)
+            if holder is None:
+                said = (f"run {run_id!r} has no lease on the server, which never issued the "
+                        "token this host's writes to it carried; it refused them")
+            else:
+                said = (f"run {run_id!r} is leased by {holder} (token {current}), not by this "
+                        "host; the server refused this host's writes to it")
+            log.error("sync: %s", said)
+            # from now on this host's writes to the run are refused locally as well
+            with contextlib.suppress(WalsyncError):
+                drop_lease(self.store, run_id, upto_token=current, lost_to=holder,
+                           current_token=current)
+            token, lsn = _refused_writes(entries, run_id, holder)
             self.store.events.emit(LeaseLostEvent(
-                lsn=lsn, run_id=run_id, token=token, current_token=current,
-                holder=None if item.get("holder") is None else str(item["holder"])))
+                lsn=lsn, run_id=run_id, token=token, current_token=current, holder=holder))
             for callback in self._lost_callbacks:
                 try:
-                    callback(LeaseLostError(
-                        f"run {run_id!r} was taken over by another host (token {current}); "
-                        "the server refused this host's writes to it",
-                        run_id=run_id, current_token=current))
+                    callback(LeaseLostError(said, run_id=run_id, current_token=current,
+                                            holder=holder))
                 except Exception:
                     log.exception("lease-lost callback failed")
 
@@ -707,10 +715,12 @@ def _run_of(key: str) -> str | None:
     return None
 
 
-def _refused_writes(entries: list[dict[str, Any]], run_id: str, current: int) -> tuple[int, int]:
-    """(token, newest LSN) of a pushed batch's writes to ``run_id`` that carried an
-    older token than ``current``: the ones the server refused."""
-    refused = [e for e in entries if int(e["fence"]) < current and _run_of(e["key"]) == run_id]
+def _refused_writes(entries: list[dict[str, Any]], run_id: str,
+                    holder: str | None) -> tuple[int, int]:
+    """(token, newest LSN) of a pushed batch's writes to ``run_id``, a run leased by
+    ``holder``, another node (None: no lease): the ones the server refused."""
+    refused = [e for e in entries if _run_of(e["key"]) == run_id
+               and (holder is not None or int(e["fence"]) != 0)]
     if not refused:
         return 0, 0
     return max(int(e["fence"]) for e in refused), max(int(e["lsn"]) for e in refused)

@@ -21,10 +21,13 @@ its OUT directory; the parent polls for them, SIGKILLs / SIGSTOPs the child.
         takeover) with an on_lease_lost
         callback, and writes steps a000, a001, ... of the run every 50 ms
         with its lease token. OUT/ready.json once a few writes are on the
-        server. It keeps writing until both the keep-alive and the
-        replicator reported the loss and 5 more writes followed, waits until
-        the server acknowledged every write, tries one more renew, pulls
-        once, and writes OUT/report.json.
+        server. Once the workflow layer refuses its writes (LeaseLostError:
+        the replicator was told), it goes on as a zombie that bypasses it,
+        putting the step keys with its old token. It keeps writing until
+        both the keep-alive and the replicator reported the loss and 5 more
+        writes followed, completes the run (a zombie put of the run record
+        when refused), waits until the server acknowledged every write,
+        tries one more renew, pulls once, and writes OUT/report.json.
 
     python tests/sync/_hostloss_child.py hold STORE OUT RUN_ID TTL CALL
         calls the server in a tight loop (CALL: ``renew`` the run's lease,
@@ -54,6 +57,7 @@ import psycopg
 
 from engine import Store
 from engine.errors import LeaseLostError, RemoteUnavailableError
+from engine.runs import StepRecord, StepStatus
 from engine.workflow import Run, Workflows, current_step
 from sync.lease import Leases
 from sync.postgres import PostgresTransport
@@ -235,30 +239,54 @@ def splitbrain(store_path: str, out: str, run_id: str, ttl: float) -> int:
     leases.keep_alive(lease, on_lost=note(keepalive_lost))
 
     writes: list[dict[str, Any]] = []
+    refusals: list[dict[str, Any]] = []
     ready = False
     after_lost = 0
     deadline = time.monotonic() + 45
-    with run:
-        i = 0
-        while time.monotonic() < deadline:
-            sid = f"a{i:03d}"
+
+    def refused(exc: LeaseLostError) -> None:
+        refusals.append({"holder": exc.holder, "current_token": exc.current_token,
+                         "message": str(exc), "lsn": store.applied_lsn})
+
+    run.start()
+    i = 0
+    while time.monotonic() < deadline:
+        sid = f"a{i:03d}"
+        with lock:
+            lost = bool(keepalive_lost) and bool(replicator_lost)
+        try:
             run.step(sid, lambda i=i: {"by": "A", "i": i})
-            lsn = store.applied_lsn
-            with lock:
-                lost = bool(keepalive_lost) and bool(replicator_lost)
-            writes.append({"step": sid, "lsn": lsn, "at": time.time(), "lost_known": lost})
-            if lost:
-                after_lost += 1
-                if after_lost >= 5:
-                    break
-            if not ready and i >= 3:
-                rep.wait_acknowledged(lsn, 20.0)
-                write_json(out_dir / "ready.json", {
-                    "node_id": store.node_id, "pid": os.getpid(), "token": lease.token})
-                ready = True
-            i += 1
-            time.sleep(0.05)
-    # The run's completion above was one more write with the old token.
+            local_refusal = False
+        except LeaseLostError as exc:
+            # The workflow layer refuses: a zombie that bypasses it writes on with
+            # its old token, for the server to refuse.
+            refused(exc)
+            local_refusal = True
+            store.put(f"runs/{run_id}/steps/{sid}",
+                      StepRecord(sid, StepStatus.SUCCESS.value, output={"by": "A", "i": i},
+                                 seq=i).to_dict(),
+                      fence=lease.token)
+        lsn = store.applied_lsn
+        writes.append({"step": sid, "lsn": lsn, "at": time.time(), "lost_known": lost,
+                       "refused_locally": local_refusal})
+        if lost:
+            after_lost += 1
+            if after_lost >= 5:
+                break
+        if not ready and i >= 3:
+            rep.wait_acknowledged(lsn, 20.0)
+            write_json(out_dir / "ready.json", {
+                "node_id": store.node_id, "pid": os.getpid(), "token": lease.token})
+            ready = True
+        i += 1
+        time.sleep(0.05)
+    # The run's completion: one more write with the old token.
+    try:
+        run.complete()
+    except LeaseLostError as exc:
+        refused(exc)
+        store.put(f"runs/{run_id}", {**run.record.to_dict(), "status": "completed"},
+                  fence=lease.token)
     final_lsn = store.applied_lsn
     try:
         rep.wait_acknowledged(final_lsn, 15.0)
@@ -280,7 +308,7 @@ def splitbrain(store_path: str, out: str, run_id: str, ttl: float) -> int:
         "final_lsn": final_lsn, "all_acked": all_acked, "acked_lsn": status.acked_lsn,
         "lost_runs": status.lost_runs, "fenced_runs": status.fenced_runs,
         "replicator_lost": replicator_lost, "keepalive_lost": keepalive_lost,
-        "renew_error": renew_error, "pulled_after": pulled,
+        "renew_error": renew_error, "pulled_after": pulled, "refusals": refusals,
         "local_run_after_pull": store.get(f"runs/{run_id}"),
         "local_run_siblings": len(run_versions),
         "last_error": status.last_error, "stopped_reason": status.stopped_reason,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine import CommitEvent, ConflictEvent, Event, LeaseLostEvent, Store
+from engine.errors import LeaseLostError
 from engine.workflow import Workflows
 from sync.lease import Leases
 from sync.migrate import migrate
@@ -104,6 +105,12 @@ def test_events_fenced_writes_report_lease_lost_and_wake_stays_immediate(
             run.step("s2", lambda: 2)
             after = a.applied_lsn
             event = lost.get(timeout_seconds=10)
+            # Told, the host refuses its own next writes to the run (the run's
+            # completion as the block ends) and names the new holder.
+            with pytest.raises(LeaseLostError) as refused:
+                run.complete()
+        assert a.applied_lsn == after  # nothing was written
+        assert (refused.value.holder, refused.value.current_token) == ("host-b", taken.token)
         rep.wait_acknowledged(a.applied_lsn, 10)
         assert blocked == []  # the hook was held the whole time
         assert isinstance(event, LeaseLostEvent)

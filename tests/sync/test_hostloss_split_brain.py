@@ -119,9 +119,16 @@ def test_paused_holder_is_fenced_and_told(pg_db: str, tmp_path: Path) -> None:
     assert report["renew_error"]["type"] == LeaseLostError.__name__
     assert report["renew_error"]["current_token"] == lease.token
     assert report["all_acked"], report
-    # A really kept writing after it knew (at least five writes, plus the run's completion).
+    # A really kept writing after it knew (at least five writes, plus the run's completion),
+    # past its workflow layer, which refused each of them once the replicator was told.
     after = [w for w in report["writes"] if w["lost_known"]]
     assert len(after) >= 5
+    assert all(w["refused_locally"] for w in after)
+    assert len(report["refusals"]) == \
+        sum(w["refused_locally"] for w in report["writes"]) + 1  # and the completion
+    for refusal in report["refusals"]:
+        assert (refusal["holder"], refusal["current_token"]) == (b_node, lease.token)
+        assert "nothing was written" in refusal["message"]
 
     with psycopg.connect(pg_db) as conn:
         # --- The server refused every write A made with the old token after B took over. ---

@@ -41,7 +41,7 @@ from tests.sync._helpers import assert_secret_absent, entry, query, records, wai
 
 pytestmark = pytest.mark.postgres
 
-TENANT_FILE = "20261123000101_tenant_mode.sql"
+TENANT_FILES = ["20261123000101_tenant_mode.sql", "20261207000104_tenant_fence_holder.sql"]
 DEFAULT_FILES = [path.name for _, path in list_migrations()]
 TABLES = ("nodes", "head", "entries", "siblings", "leases", "fenced")
 #: every walsync_api function a tenant-scoped key may call
@@ -91,7 +91,7 @@ class Server:
 @pytest.fixture
 def server(pg_db: str, pg_gateway: Callable[..., PostgrestGateway]) -> Iterator[Server]:
     report = migrate(pg_db, tenant_mode=True)
-    assert report.applied == [*DEFAULT_FILES, TENANT_FILE]
+    assert report.applied == [*DEFAULT_FILES, *TENANT_FILES]
     assert report.tenant_claim == "tenant_id"
     s = Server(pg_db, pg_gateway(schemas=["walsync_api"]))
     try:
@@ -471,12 +471,12 @@ def test_migrate_tenant_mode_is_opt_in_idempotent_and_stays_on(pg_db: str) -> No
 
     first = json.loads(run_cli(pg_db, "--tenant-mode", "--tenant-claim", "org_id",
                                "--json").stdout)
-    assert (first["applied"], first["tenant_claim"]) == ([TENANT_FILE], "org_id")
+    assert (first["applied"], first["tenant_claim"]) == (TENANT_FILES, "org_id")
     on = fingerprint(pg_db)
     assert on != untouched
     again = json.loads(run_cli(pg_db, "--tenant-mode", "--json").stdout)
     assert (again["applied"], again["already"], again["tenant_claim"]) == (
-        [], [*DEFAULT_FILES, TENANT_FILE], "org_id")  # a re-run keeps the chosen claim
+        [], [*DEFAULT_FILES, *TENANT_FILES], "org_id")  # a re-run keeps the chosen claim
     text = run_cli(pg_db).stdout
     assert "0 applied" in text
     assert "tenant mode on (JWT claim 'org_id')" in text
@@ -500,7 +500,7 @@ def test_migrate_repair_reapplies_tenant_mode_after_the_default_files(server: Se
         conn.execute("drop function walsync_api.state_count(text)")
     report = migrate(server.dsn)  # plain: the repair the sync errors point to
     assert report.repaired == ["walsync_api.state_count"]
-    assert report.applied == [*DEFAULT_FILES, TENANT_FILE]
+    assert report.applied == [*DEFAULT_FILES, *TENANT_FILES]
     assert report.tenant_claim == "tenant_id"
     assert fingerprint(server.dsn) == scoped
     assert b.call("state_count", {"p_prefix": ""})["keys"] == 1
@@ -510,7 +510,7 @@ def test_migrate_repair_reapplies_tenant_mode_after_the_default_files(server: Se
     query(server.dsn, "delete from walsync.schema_migrations where version = %s returning 1",
           (DEFAULT_FILES[-1][:14],))
     upgrade = migrate(server.dsn)
-    assert (upgrade.applied, upgrade.repaired) == ([DEFAULT_FILES[-1], TENANT_FILE], [])
+    assert (upgrade.applied, upgrade.repaired) == ([DEFAULT_FILES[-1], *TENANT_FILES], [])
     assert fingerprint(server.dsn) == scoped
     assert visible(b)["state"] == [("b/only", "n1", 1)]
 
@@ -521,7 +521,7 @@ def test_migration_files_are_plain_sql_named_for_the_supabase_cli_and_shipped() 
     root = MIGRATIONS_DIR.parent
     files = sorted(p.relative_to(root) for p in (root / "migrations").rglob("*.sql"))
     assert [p.as_posix() for p in files if p.parent.name == "tenant"] == [
-        f"migrations/tenant/{TENANT_FILE}"]
+        f"migrations/tenant/{name}" for name in TENANT_FILES]
     pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text())
     shipped = pyproject["tool"]["setuptools"]["package-data"]["sync"]
     for rel in files:
