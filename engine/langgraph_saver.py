@@ -91,6 +91,7 @@ import functools
 import hashlib
 import itertools
 import random
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -114,7 +115,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .errors import ConflictError, FormatVersionError
 from .options import Durability
-from .store import Delete, Put, Store
+from .store import Delete, Put, ReadView, Store
 
 __all__ = ["DEFAULT_PREFIX", "LAYOUT", "RECORD_FORMAT", "WalsyncSaver"]
 
@@ -263,16 +264,18 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         thread_id = str(conf["thread_id"])
         ns = conf.get("checkpoint_ns", "")
         checkpoint_id = get_checkpoint_id(config)
-        if checkpoint_id:
-            key = self._checkpoint_key(thread_id, ns, checkpoint_id)
-            record = self.store.get(key)
-            if record is None:
+        # one read transaction for the record, its values and its writes
+        with self.store.snapshot() as view:
+            if checkpoint_id:
+                key = self._checkpoint_key(thread_id, ns, checkpoint_id)
+                record = view.get(key)
+                if record is None:
+                    return None
+                return self._tuple(view, key, record, config)
+            rows = view.scan(self._ns_prefix("c", thread_id, ns), reverse=True, limit=1)
+            if not rows:
                 return None
-            return self._tuple(key, record, config)
-        rows = list(self.store.scan(self._ns_prefix("c", thread_id, ns), reverse=True, limit=1))
-        if not rows:
-            return None
-        return self._tuple(rows[0][0], rows[0][1], None)
+            return self._tuple(view, rows[0][0], rows[0][1], None)
 
     def list(
         self,
@@ -326,7 +329,9 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                 metadata = self._metadata(key, record)
                 if not all(metadata.get(k) == v for k, v in filter.items()):
                     continue
-            yield self._tuple(key, record, None, metadata)
+            with self.store.snapshot() as view:
+                found = self._tuple(view, key, record, None, metadata)
+            yield found
             if limit is not None:
                 limit -= 1
                 if limit <= 0:
@@ -356,6 +361,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
 
     def _tuple(
         self,
+        view: ReadView,
         key: str,
         record: dict[str, Any],
         config: RunnableConfig | None,
@@ -369,7 +375,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         values: dict[str, Any] = {}
         blobs = self._ns_prefix("b", thread_id, ns)
         for channel, version in checkpoint["channel_versions"].items():
-            blob = self.store.get(self._blob_prefix_key(blobs, channel, version))
+            blob = view.get(self._blob_prefix_key(blobs, channel, version))
             if blob is not None:
                 values[channel] = self.serde.loads_typed(_typed(blob))
         parent = record["parent_checkpoint_id"]
@@ -378,17 +384,16 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
             checkpoint=cast(Checkpoint, {**checkpoint, "channel_values": values}),
             metadata=metadata if metadata is not None else self._metadata(key, record),
             parent_config=_config(thread_id, ns, parent) if parent else None,
-            pending_writes=self._pending_writes(thread_id, ns, checkpoint_id),
+            pending_writes=self._pending_writes(view, thread_id, ns, checkpoint_id),
         )
 
     def _metadata(self, key: str, record: dict[str, Any]) -> CheckpointMetadata:
         _check_format(key, record)
         return cast(CheckpointMetadata, self.serde.loads_typed(_typed(record["metadata"])))
 
-    def _pending_writes(self, thread_id: str, ns: str, checkpoint_id: str) -> builtins.list[
-            PendingWrite]:
-        rows = [rec for _, rec in self.store.scan(self._writes_prefix(thread_id, ns,
-                                                                      checkpoint_id))]
+    def _pending_writes(self, view: ReadView, thread_id: str, ns: str,
+                        checkpoint_id: str) -> builtins.list[PendingWrite]:
+        rows = [rec for _, rec in view.scan(self._writes_prefix(thread_id, ns, checkpoint_id))]
         rows.sort(key=lambda r: _writes_sort_key(r["task_path"], r["task_id"], r["idx"]))
         return [(r["task_id"], r["channel"], self.serde.loads_typed(_typed(r["value"])))
                 for r in rows]
@@ -462,11 +467,14 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         if not records:
             return
         with self._lock.shared():
-            stored = set(self.store.keys(prefix)) if any(
-                idx >= 0 for idx, _ in records.values()) else set()
+            # A task's writes are usually new, so no read first: each regular
+            # write is put with expect=None, and one already stored (a retried
+            # task, or a concurrent writer) fails the commit with ConflictError
+            # instead of being overwritten; then what is stored is read once and
+            # the rest committed.
+            stored: set[str] = set()
+            looked = False
             while True:
-                # expect=None: a concurrent writer of the same (task, idx) makes
-                # this commit fail with ConflictError instead of overwriting.
                 ops: builtins.list[Put | Delete] = [
                     Put(key, rec, expect=None) if idx >= 0 else Put(key, rec)
                     for key, (idx, rec) in records.items()
@@ -483,6 +491,9 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                     if exc.key in stored or exc.key not in records:
                         raise
                     stored.add(exc.key)
+                    if not looked:
+                        stored.update(self.store.keys(prefix))
+                        looked = True
 
     # -- maintenance ---------------------------------------------------------
 
@@ -788,6 +799,7 @@ def _sortable(checkpoint_id: str) -> str:
 #: ``_index_id``'s escapes: every character up to '"' (so '!' can end the id), '.' and '/'
 _INDEX_ID_ESCAPES = {c: f'"{c:02x}' for c in range(ord('"') + 1)} | {
     ord("."): ".0", ord("/"): ".1"}
+_INDEX_ID_PLAIN = re.compile(r'[^\x00-"./]*')
 
 
 def _index_id(checkpoint_id: str) -> str:
@@ -799,6 +811,8 @@ def _index_id(checkpoint_id: str) -> str:
     every code: so ``_index_id(a) + "!" + x < _index_id(b) + "!" + y``
     whenever ``a < b``, whatever ``x`` and ``y``.
     """
+    if _INDEX_ID_PLAIN.fullmatch(checkpoint_id):  # uuids: nothing to escape
+        return checkpoint_id
     return checkpoint_id.translate(_INDEX_ID_ESCAPES)
 
 
