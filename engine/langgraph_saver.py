@@ -12,7 +12,7 @@ This is the only module of walsync that imports ``langgraph``.
 
 What is durable when a call returns: ``put`` commits the checkpoint record,
 the channel values that changed (``new_versions``) and its index entries in
-one ``store.batch()``; ``put_writes`` commits a task's pending writes in one
+one commit; ``put_writes`` commits a task's pending writes in one
 batch. With the store's default durability (``local``) both return only after
 the WAL is fsynced, so LangGraph's ``durability="sync"`` really is durable: a
 process killed with SIGKILL resumes on the next ``invoke(None, config)`` with
@@ -27,9 +27,9 @@ Keys, under ``prefix`` (default ``lg/``), one value per key::
     lg/b/<thread>/<ns>/<channel>/<version>       one channel value (written once per version)
     lg/w/<thread>/<ns>/<checkpoint_id>/<task_id>/<idx>   one pending write
     lg/r/<run_id>/<thread>/<ns>/<checkpoint_id>  index: the checkpoints of a run
-    lg/t/<thread>/<checkpoint_id>!<ns>           index: the checkpoints of a thread, all
-                                                 namespaces, in id order
-    lg/layout                                    the key layout (2)
+    lg/t/<thread>/<checkpoint_id>!<ns>           index: the checkpoints of a thread outside
+                                                 the root namespace, in id order
+    lg/layout                                    the key layout (3)
 
 So a checkpoint writes only the channels that changed, and ``put_writes``
 only its task's writes. The record kind comes before the thread so that
@@ -41,26 +41,30 @@ order-preserving escape instead (``.`` -> ``.0``, ``/`` -> ``.1``), so key
 order is id order: LangGraph's ids (uuid6) increase with time, hence ``list``
 returns newest first and ``get_tuple`` without an id finds the latest by a
 reverse scan with limit 1. The raw ids are stored inside the values, so keys
-are never parsed.
+need no parsing (``list(None)`` only sorts ``c`` keys on their last segment).
 
 ``list`` reads newest first, a page at a time, and stops at ``limit``, so
 ``list(config, limit=1)`` reads the same few keys on a thread of ten
 checkpoints and on one of a million, and ``alist`` yields each page as it is
-read. With ``checkpoint_ns`` in the config it reverse-scans ``c``; without
-it, it reverse-scans the thread index ``t`` (whose key puts the id before the
-namespace, so one scan orders every namespace of the thread by id) and
-fetches each record from ``c``. The id in a ``t`` key is escaped so that it
-sorts like the id even though more follows it: characters up to ``"`` become
-``"`` and two hex digits, ``.`` -> ``.0``, ``/`` -> ``.1``, and ``!`` ends
-it, below every escaped character. ``list(None)`` (every thread) sorts the
-small ``t`` entries of the whole store, then fetches records lazily.
+read. With ``checkpoint_ns`` in the config it reverse-scans that namespace's
+``c`` keys. Without it, it merges two newest-first streams: the root
+namespace's ``c`` keys, and the thread index ``t``, whose key puts the id
+before the namespace, so that one reverse scan orders all the thread's
+subgraph namespaces by id (each entry is then fetched from ``c``). Root
+checkpoints, most of a thread's, have no ``t`` entry: a put in the root
+namespace writes no key for the index. The id in a ``t`` key is escaped so
+that it sorts like the id even though more follows it: characters up to
+``"`` become ``"`` and two hex digits, ``.`` -> ``.0``, ``/`` -> ``.1``,
+and ``!`` ends it, below every escaped character. ``list(None)`` (every
+thread) sorts the keys of ``c``, then reads records lazily.
 
-Layout 1 (before ``t`` and ``lg/layout`` existed) is migrated when a saver
-is created on the store: every ``c`` record gets its ``t`` entry, a thousand
-per commit, and ``lg/layout`` is written last, so a migration cut short is
-finished by the next saver. A read-only store is not migrated; its lists
-then scan and sort the whole thread as layout 1 did. A layout this walsync
-does not know is refused.
+An older layout is migrated when a saver is created on the store: every
+``c`` record outside the root namespace gets its ``t`` entry (layout 1 had
+none; layout 2 also indexed root checkpoints, and those entries go), a
+thousand records per commit, and ``lg/layout`` is written last, so a
+migration cut short is finished by the next saver. A read-only store is not
+migrated; a thread's list then reads and sorts the whole thread. A layout
+this walsync does not know is refused.
 
 Values are what LangGraph's serializer (``self.serde``, ``dumps_typed`` /
 ``loads_typed``; JsonPlusSerializer by default, no pickle) produced, stored as
@@ -89,6 +93,7 @@ import asyncio
 import builtins
 import functools
 import hashlib
+import heapq
 import itertools
 import random
 import re
@@ -124,8 +129,9 @@ DEFAULT_PREFIX = "lg/"
 RECORD_FORMAT = 1
 #: a key segment longer than this (in UTF-8 bytes) is replaced by its hash
 _MAX_SEGMENT_BYTES = 120
-#: the key layout (``<prefix>layout``); 1 had no thread index and no layout key
-LAYOUT = 2
+#: the key layout (``<prefix>layout``): 1 had no thread index and no layout key,
+#: 2 indexed the root namespace too
+LAYOUT = 3
 #: the most checkpoint records (or index entries) ``list`` reads per scan
 _LIST_PAGE = 64
 #: the first scan of an unbounded ``list``: small, so the first item comes cheap
@@ -228,15 +234,16 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
     # -- layout --------------------------------------------------------------
 
     def _ensure_layout(self) -> bool:
-        """Bring the store to layout 2 unless it is there; False if it cannot (read-only)."""
+        """Bring the store to the current layout unless it is there; False if it
+        cannot (read-only): then the thread index is not to be trusted."""
         layout_key = f"{self.prefix}layout"
         found = self.store.get(layout_key)
         if found == LAYOUT:
             return True
-        if found is not None:
+        if found not in (None, 2):
             raise FormatVersionError(
                 f"LangGraph checkpoints under {self.prefix!r} have key layout {found!r} "
-                f"({layout_key!r}); this walsync reads layouts 1 and {LAYOUT}",
+                f"({layout_key!r}); this walsync reads layouts 1 to {LAYOUT}",
             )
         if self.store.readonly:
             return False
@@ -247,8 +254,11 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
             ops: builtins.list[Put | Delete] = []
             for key, record in rows:
                 _check_format(key, record)
-                ops.append(self._index_put(record["thread_id"], record["checkpoint_ns"],
-                                           record["checkpoint_id"]))
+                thread_id, ns = record["thread_id"], record["checkpoint_ns"]
+                if ns:
+                    ops.append(self._index_put(thread_id, ns, record["checkpoint_id"]))
+                elif found == 2:  # layout 2 indexed the root namespace too
+                    ops.append(Delete(self._index_key(thread_id, ns, record["checkpoint_id"])))
             if len(rows) < _MIGRATE_CHUNK:
                 ops.append(Put(layout_key, LAYOUT))
                 self._commit_ops(ops)
@@ -294,21 +304,16 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         ns = conf.get("checkpoint_ns")
         page = _FIRST_PAGE if filter or limit is None else min(limit, _LIST_PAGE)
         rows: Iterator[tuple[str, Any]]
-        if config is not None and ns is not None and wanted_id:
-            key = self._checkpoint_key(str(conf["thread_id"]), ns, wanted_id)
-            record = self.store.get(key)
-            rows = iter([(key, record)] if record is not None and (
-                before_id is None or wanted_id < before_id) else [])
-        elif config is not None and ns is not None:
-            prefix = self._ns_prefix("c", str(conf["thread_id"]), ns)
-            rows = _newest_first(self.store, prefix,
-                                 prefix + _sortable(before_id) if before_id else None, page)
+        if config is None:
+            rows = self._all_rows(before_id)
+        elif ns is not None:
+            rows = self._namespace_rows(str(conf["thread_id"]), ns, wanted_id, before_id, page)
         elif not self._indexed:
-            rows = self._scan_sorted(
-                self._thread_prefix("c", str(conf["thread_id"])) if config is not None
-                else f"{self.prefix}c/", before_id)
-        elif config is not None:
-            prefix = self._thread_prefix("t", str(conf["thread_id"]))
+            rows = self._scan_sorted(self._thread_prefix("c", str(conf["thread_id"])), before_id)
+        else:
+            # the root namespace from c, the others through the thread index, merged
+            thread_id = str(conf["thread_id"])
+            prefix = self._thread_prefix("t", thread_id)
             if wanted_id:
                 entries = _newest_first(self.store, f"{prefix}{_index_id(wanted_id)}!", None,
                                         _LIST_PAGE)
@@ -316,11 +321,10 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                 entries = _newest_first(
                     self.store, prefix, prefix + _index_id(before_id) if before_id else None,
                     page)
-            rows = self._records_of(entries, before_id)
-        else:
-            entries = iter(sorted(self.store.scan(f"{self.prefix}t/"),
-                                  key=lambda row: row[1][2], reverse=True))
-            rows = self._records_of(entries, before_id)
+            rows = heapq.merge(
+                self._namespace_rows(thread_id, "", wanted_id, before_id, page),
+                self._records_of(entries, before_id),
+                key=lambda row: row[1]["checkpoint_id"], reverse=True)
         for key, record in rows:
             if wanted_id and record["checkpoint_id"] != wanted_id:
                 continue
@@ -336,6 +340,35 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                 limit -= 1
                 if limit <= 0:
                     return
+
+    def _namespace_rows(
+        self, thread_id: str, ns: str, wanted_id: str | None, before_id: str | None,
+        page: int,
+    ) -> Iterator[tuple[str, Any]]:
+        """One namespace's checkpoint records, newest first (or the one wanted)."""
+        if wanted_id:
+            key = self._checkpoint_key(thread_id, ns, wanted_id)
+            record = self.store.get(key)
+            return iter([(key, record)] if record is not None and (
+                before_id is None or wanted_id < before_id) else [])
+        prefix = self._ns_prefix("c", thread_id, ns)
+        return _newest_first(self.store, prefix,
+                             prefix + _sortable(before_id) if before_id else None, page)
+
+    def _all_rows(self, before_id: str | None) -> Iterator[tuple[str, Any]]:
+        """Every checkpoint record, newest first: the keys sorted, the records read lazily.
+
+        A ``c`` key ends with its id's order-preserving escape, so the keys
+        sort on their last segment without reading a record.
+        """
+        keys = self.store.keys(f"{self.prefix}c/")
+        cut = _sortable(before_id) if before_id is not None else None
+        keys = [k for k in keys if cut is None or k.rsplit("/", 1)[1] < cut]
+        keys.sort(key=lambda k: k.rsplit("/", 1)[1], reverse=True)
+        for key in keys:
+            record = self.store.get(key)
+            if record is not None:
+                yield key, record
 
     def _records_of(
         self, entries: Iterator[tuple[str, Any]], before_id: str | None
@@ -353,7 +386,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                 yield key, record
 
     def _scan_sorted(self, prefix: str, before_id: str | None) -> Iterator[tuple[str, Any]]:
-        """Layout 1's way, for a read-only store not migrated: read all, sort by id."""
+        """A thread of a read-only store not yet migrated: read it all, sort by id."""
         found = [(key, rec) for key, rec in self.store.scan(prefix)
                  if before_id is None or rec["checkpoint_id"] < before_id]
         found.sort(key=lambda row: row[1]["checkpoint_id"], reverse=True)
@@ -432,7 +465,8 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
             "checkpoint": list(self.serde.dumps_typed(rest)),
             "metadata": list(self.serde.dumps_typed(full_metadata)),
         }))
-        ops.append(self._index_put(thread_id, ns, checkpoint_id))
+        if ns:
+            ops.append(self._index_put(thread_id, ns, checkpoint_id))
         if run_id is not None:
             ops.append(Put(self._run_key(str(run_id), thread_id, ns, checkpoint_id),
                            [thread_id, ns, checkpoint_id]))
@@ -546,8 +580,9 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                 _check_format(key, record)
                 copied = {**record, "thread_id": target}
                 ops.append(Put(dst_prefix + key[len(src_prefix):], copied))
-                ops.append(self._index_put(target, record["checkpoint_ns"],
-                                           record["checkpoint_id"]))
+                if record["checkpoint_ns"]:
+                    ops.append(self._index_put(target, record["checkpoint_ns"],
+                                               record["checkpoint_id"]))
                 if record["run_id"] is not None:
                     ops.append(Put(
                         self._run_key(record["run_id"], target, record["checkpoint_ns"],
@@ -614,8 +649,9 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
     def _checkpoint_deletes(self, record: dict[str, Any], *, run_index: bool) -> builtins.list[
             Put | Delete]:
         thread_id, ns, cid = record["thread_id"], record["checkpoint_ns"], record["checkpoint_id"]
-        ops: builtins.list[Put | Delete] = [Delete(self._checkpoint_key(thread_id, ns, cid)),
-                                            Delete(self._index_key(thread_id, ns, cid))]
+        ops: builtins.list[Put | Delete] = [Delete(self._checkpoint_key(thread_id, ns, cid))]
+        if ns:
+            ops.append(Delete(self._index_key(thread_id, ns, cid)))
         ops.extend(Delete(k) for k in self.store.keys(self._writes_prefix(thread_id, ns, cid)))
         if run_index and record["run_id"] is not None:
             ops.append(Delete(self._run_key(record["run_id"], thread_id, ns, cid)))

@@ -9,10 +9,12 @@ thread and a 10-checkpoint thread must cost the very same reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import operator
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, TypedDict
 
 import pytest
@@ -20,7 +22,7 @@ from langgraph.checkpoint.base import Checkpoint, CheckpointMetadata, empty_chec
 from langgraph.graph import END, START, StateGraph
 
 import engine.langgraph_saver as saver_module
-from engine import Delete, FormatVersionError, Store
+from engine import Delete, FormatVersionError, Put, Store
 from engine.langgraph_saver import LAYOUT, WalsyncSaver
 
 
@@ -46,11 +48,12 @@ def md(step: int) -> CheckpointMetadata:
 
 
 def fill_thread(saver: WalsyncSaver, thread_id: str, n: int) -> list[str]:
-    """``n`` checkpoints, each with a channel value and a pending write; every third
-    in a subgraph namespace, as a graph with a subgraph leaves them. Ids in order."""
+    """``n`` checkpoints, each with a channel value and a pending write; every
+    other one in a subgraph namespace, as a graph with a subgraph leaves them.
+    Ids in order."""
     ids = [f"{i:06d}" for i in range(n)]
     for i, cid in enumerate(ids):
-        ns = "child:1" if i % 3 == 2 else ""
+        ns = "child:1" if i % 2 else ""
         stored = saver.put(cfg(thread_id, ns), checkpoint(cid, {"a": i}, {"a": f"{i:04d}"}),
                            md(i), {"a": f"{i:04d}"})
         saver.put_writes(stored, [("a", i)], "task")
@@ -58,7 +61,8 @@ def fill_thread(saver: WalsyncSaver, thread_id: str, n: int) -> list[str]:
 
 
 class Reads:
-    """Counts the store reads a saver makes: calls, and rows read."""
+    """Counts the store reads a saver makes, also through ``store.snapshot()``
+    views: calls, and rows read."""
 
     def __init__(self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
@@ -66,6 +70,15 @@ class Reads:
         monkeypatch.setattr(store, "get", self._counted(store.get, lambda _: 1))
         monkeypatch.setattr(store, "scan", self._counted(store.scan, len, materialize=True))
         monkeypatch.setattr(store, "keys", self._counted(store.keys, len))
+        snapshot = store.snapshot
+
+        @contextlib.contextmanager
+        def counted_snapshot() -> Iterator[Any]:
+            with snapshot() as view:
+                yield SimpleNamespace(get=self._counted(view.get, lambda _: 1),
+                                      scan=self._counted(view.scan, len))
+
+        monkeypatch.setattr(store, "snapshot", counted_snapshot)
 
     def _counted(self, read: Callable[..., Any], rows: Callable[[Any], int], *,
                  materialize: bool = False) -> Callable[..., Any]:
@@ -112,7 +125,7 @@ def test_list_limit_1_and_alist_cost_the_same_on_1000_as_on_10_checkpoints(
 
         for n, ids in threads.items():
             t = f"t{n}"
-            newest_root = max(c for i, c in enumerate(ids) if i % 3 != 2)
+            newest_root = max(c for i, c in enumerate(ids) if i % 2 == 0)
             middle = ids[n // 2]
             measure("list(thread, limit=1)", n,
                     lambda t=t: list(saver.list(cfg(t, None), limit=1)), ids[-1])
@@ -145,7 +158,7 @@ def test_alist_yields_newest_first_with_filter_and_before(saver: WalsyncSaver) -
         return [c.checkpoint["id"] async for c in saver.alist(config, **kwargs)]
 
     assert asyncio.run(collect(cfg("t", None))) == ids[::-1]
-    assert asyncio.run(collect(cfg("t"))) == [c for i, c in enumerate(ids) if i % 3 != 2][::-1]
+    assert asyncio.run(collect(cfg("t"))) == [c for i, c in enumerate(ids) if i % 2 == 0][::-1]
     assert asyncio.run(collect(cfg("t", None), filter={"step": 7})) == [ids[7]]
     assert asyncio.run(collect(cfg("t", None), before=cfg("t", "", ids[100]), limit=70)) == \
         ids[:100][::-1][:70]
@@ -160,9 +173,10 @@ def index_entries(store: Store) -> set[tuple[str, str, str]]:
     return {tuple(v) for _, v in store.scan("lg/t/")}  # type: ignore[misc]
 
 
-def checkpoints(store: Store) -> set[tuple[str, str, str]]:
+def subgraph_checkpoints(store: Store) -> set[tuple[str, str, str]]:
+    """What the thread index must hold: every checkpoint outside the root namespace."""
     return {(r["thread_id"], r["checkpoint_ns"], r["checkpoint_id"])
-            for _, r in store.scan("lg/c/")}
+            for _, r in store.scan("lg/c/") if r["checkpoint_ns"]}
 
 
 class Counter(TypedDict):
@@ -170,9 +184,8 @@ class Counter(TypedDict):
     log: Annotated[list[str], operator.add]
 
 
-def counter_graph(steps: int) -> StateGraph[Any]:
+def chain(names: list[str]) -> StateGraph[Any]:
     builder = StateGraph(Counter)
-    names = [f"step{i}" for i in range(steps)]
     for name in names:
         builder.add_node(name, (lambda n: lambda s: {"value": s["value"] + 1, "log": [n]})(name))
     builder.add_edge(START, names[0])
@@ -182,38 +195,82 @@ def counter_graph(steps: int) -> StateGraph[Any]:
     return builder
 
 
+def graph_with_subgraph(saver: WalsyncSaver) -> Any:
+    """before -> sub (a two-node graph of its own, checkpointed in its own namespace) -> after"""
+    builder = StateGraph(Counter)
+    builder.add_node("before", lambda s: {"value": s["value"] + 1, "log": ["before"]})
+    builder.add_node("sub", chain(["inner1", "inner2"]).compile())
+    builder.add_node("after", lambda s: {"value": s["value"] + 1, "log": ["after"]})
+    builder.add_edge(START, "before")
+    builder.add_edge("before", "sub")
+    builder.add_edge("sub", "after")
+    builder.add_edge("after", END)
+    return builder.compile(checkpointer=saver)
+
+
+def ids_newest_first(saver: WalsyncSaver, thread_id: str) -> list[str]:
+    return [c.checkpoint["id"] for c in saver.list(cfg(thread_id, None))]
+
+
+def test_thread_list_merges_the_root_and_subgraph_namespaces_by_id(
+    saver: WalsyncSaver, store: Store
+) -> None:
+    graph = graph_with_subgraph(saver)
+    graph.invoke({"value": 0}, cfg("t"))
+    listed = list(saver.list(cfg("t", None)))
+    namespaces = {c.config["configurable"]["checkpoint_ns"] for c in listed}
+    assert len(namespaces) == 2
+    assert "" in namespaces
+    assert [c.checkpoint["id"] for c in listed] == sorted(
+        (c for _, _, c in {(r["thread_id"], r["checkpoint_ns"], r["checkpoint_id"])
+                           for _, r in store.scan("lg/c/")}), reverse=True)
+    assert index_entries(store) == subgraph_checkpoints(store) != set()
+    assert graph.invoke({"value": 10}, cfg("t"))["value"] == 14
+    # one checkpoint by id, without its namespace, from either stream
+    for c in listed:
+        got = list(saver.list(cfg("t", None, c.checkpoint["id"])))
+        assert [g.config for g in got] == [c.config]
+
+
 def test_every_maintenance_call_keeps_the_thread_index_whole(
     saver: WalsyncSaver, store: Store
 ) -> None:
-    graph = counter_graph(3).compile(checkpointer=saver)
+    graph = graph_with_subgraph(saver)
     for thread_id in ("a", "b", "c"):
         graph.invoke({"value": 0}, {"configurable": {"thread_id": thread_id,
                                                      "run_id": f"run-{thread_id}"}})
-    assert len(index_entries(store)) == 15
-    assert index_entries(store) == checkpoints(store)
+    assert index_entries(store) == subgraph_checkpoints(store)
+    assert {t for t, _, _ in index_entries(store)} == {"a", "b", "c"}
     saver.copy_thread("a", "a2")
-    assert index_entries(store) == checkpoints(store)
-    assert [c.checkpoint["id"] for c in saver.list(cfg("a2", None))] == \
-        [c.checkpoint["id"] for c in saver.list(cfg("a", None))]
+    assert index_entries(store) == subgraph_checkpoints(store)
+    assert ids_newest_first(saver, "a2") == ids_newest_first(saver, "a")
     saver.delete_thread("a")
-    assert index_entries(store) == checkpoints(store)
+    assert index_entries(store) == subgraph_checkpoints(store)
     assert store.keys("lg/t/a/") == []
     saver.delete_for_runs(["run-b"])
-    assert index_entries(store) == checkpoints(store)
-    assert list(saver.list(cfg("b", None))) == []
+    assert index_entries(store) == subgraph_checkpoints(store)
+    assert ids_newest_first(saver, "b") == []
     saver.prune(["c", "a2"])
-    assert index_entries(store) == checkpoints(store)
-    assert [len(list(saver.list(cfg(t, None)))) for t in ("c", "a2")] == [1, 1]
-    assert graph.invoke({"value": 10}, cfg("c"))["value"] == 13
+    assert index_entries(store) == subgraph_checkpoints(store)
+    assert [len(ids_newest_first(saver, t)) <= 2 for t in ("c", "a2")] == [True, True]
+    assert graph.invoke({"value": 10}, cfg("c"))["value"] == 14
 
 
-# -- migration from layout 1 -----------------------------------------------------------
+# -- migration from older layouts ----------------------------------------------------
 
 
 def to_layout_1(store: Store) -> None:
-    """Layout 1 is layout 2 without the thread index and without ``lg/layout``
-    (records, channel values, writes and the run index are unchanged)."""
+    """Layout 1 is the current layout without the thread index and without
+    ``lg/layout`` (records, channel values, writes and the run index are the same)."""
     store.commit([Delete(k) for k in [*store.keys("lg/t/"), "lg/layout"]])
+
+
+def to_layout_2(saver: WalsyncSaver) -> None:
+    """Layout 2 indexed root checkpoints too."""
+    saver.store.commit([
+        *(saver._index_put(r["thread_id"], "", r["checkpoint_id"])
+          for _, r in saver.store.scan("lg/c/") if not r["checkpoint_ns"]),
+        Put("lg/layout", 2)])
 
 
 def test_layout_1_store_is_indexed_on_first_use(tmp_path: Path,
@@ -224,18 +281,34 @@ def test_layout_1_store_is_indexed_on_first_use(tmp_path: Path,
         fill_thread(saver, "u/v", 4)
         expected = index_entries(saver.store)
         to_layout_1(saver.store)
+        assert saver.store.keys("lg/t/") == []
     monkeypatch.setattr(saver_module, "_MIGRATE_CHUNK", 3)  # several commits
     with WalsyncSaver.from_path(path) as saver:
         assert saver.store.get("lg/layout") == LAYOUT
-        assert index_entries(saver.store) == expected == checkpoints(saver.store)
-        assert [c.checkpoint["id"] for c in saver.list(cfg("t", None))] == ids[::-1]
+        assert index_entries(saver.store) == expected == subgraph_checkpoints(saver.store)
+        assert len(expected) == 7
+        assert ids_newest_first(saver, "t") == ids[::-1]
         latest = saver.get_tuple(cfg("t", "child:1"))
         assert latest is not None
-        assert latest.checkpoint["channel_values"] == {"a": 8}
-        assert latest.pending_writes == [("task", "a", 8)]
+        assert latest.checkpoint["channel_values"] == {"a": 9}
+        assert latest.pending_writes == [("task", "a", 9)]
         lsn = saver.store.next_lsn
     with WalsyncSaver.from_path(path) as saver:  # nothing left to do: no commit
         assert saver.store.next_lsn == lsn
+
+
+def test_layout_2_store_drops_its_root_entries(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    with WalsyncSaver.from_path(path) as saver:
+        ids = fill_thread(saver, "t", 10)
+        expected = index_entries(saver.store)
+        to_layout_2(saver)
+        assert len(index_entries(saver.store)) == 10
+        assert len(expected) == 5
+    with WalsyncSaver.from_path(path) as saver:
+        assert saver.store.get("lg/layout") == LAYOUT
+        assert index_entries(saver.store) == expected
+        assert ids_newest_first(saver, "t") == ids[::-1]
 
 
 def test_migration_cut_short_is_finished_by_the_next_saver(tmp_path: Path) -> None:
@@ -244,22 +317,25 @@ def test_migration_cut_short_is_finished_by_the_next_saver(tmp_path: Path) -> No
         ids = fill_thread(saver, "t", 7)
         to_layout_1(saver.store)
         # as if a migration died after its first commit
-        saver.store.commit([saver._index_put("t", "", ids[0])])
+        saver.store.commit([saver._index_put("t", "child:1", ids[1])])
     with WalsyncSaver.from_path(path) as saver:
-        assert index_entries(saver.store) == checkpoints(saver.store)
-        assert [c.checkpoint["id"] for c in saver.list(cfg("t", None))] == ids[::-1]
+        assert index_entries(saver.store) == subgraph_checkpoints(saver.store)
+        assert ids_newest_first(saver, "t") == ids[::-1]
 
 
-def test_read_only_layout_1_store_lists_without_the_index(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", [1, 2])
+def test_read_only_old_store_lists_without_the_index(tmp_path: Path, layout: int) -> None:
     path = tmp_path / "store"
     with WalsyncSaver.from_path(path) as saver:
         ids = fill_thread(saver, "t", 7)
         fill_thread(saver, "u", 2)
-        to_layout_1(saver.store)
+        if layout == 1:
+            to_layout_1(saver.store)
+        else:
+            to_layout_2(saver)
     with Store.open(path, readonly=True) as store:
         saver = WalsyncSaver(store)
-        assert store.get("lg/layout") is None
-        assert [c.checkpoint["id"] for c in saver.list(cfg("t", None))] == ids[::-1]
+        assert ids_newest_first(saver, "t") == ids[::-1]
         assert [c.checkpoint["id"] for c in saver.list(cfg("t", None), limit=2,
                                                        before=cfg("t", "", ids[3]))] == \
             [ids[2], ids[1]]
@@ -268,5 +344,5 @@ def test_read_only_layout_1_store_lists_without_the_index(tmp_path: Path) -> Non
 
 def test_unknown_layout_is_refused(store: Store) -> None:
     store.put("lg/layout", LAYOUT + 1)
-    with pytest.raises(FormatVersionError, match="key layout 3"):
+    with pytest.raises(FormatVersionError, match=f"key layout {LAYOUT + 1}"):
         WalsyncSaver(store)

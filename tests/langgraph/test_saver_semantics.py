@@ -90,7 +90,6 @@ def test_saver_key_layout_writes_only_what_changed(store: Store, saver: WalsyncS
         "lg/c/t//1", "lg/c/t//2",
         "lg/layout",
         "lg/r/r1/t//1", "lg/r/r1/t//2",
-        "lg/t/t/1!", "lg/t/t/2!",
         "lg/w/t//1/task/0",
     ]
     latest = saver.get_tuple(cfg("t"))
@@ -249,7 +248,7 @@ def test_saver_delete_for_runs_collects_only_unreferenced_values(
               md(1, run_id="r2"), {"b": "1"})
     saver.delete_for_runs(["r1"])
     assert store.keys("lg/") == ["lg/b/t//a/1", "lg/b/t//b/1", "lg/c/t//2", "lg/layout",
-                                 "lg/r/r2/t//2", "lg/t/t/2!"]
+                                 "lg/r/r2/t//2"]
     got = saver.get_tuple(cfg("t"))
     assert got is not None
     assert got.checkpoint["channel_values"] == {"a": "A", "b": "B"}
