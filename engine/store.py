@@ -38,6 +38,7 @@ import cbor2
 from . import _fs
 from .base import (
     SnapshotRebuild,
+    base_outdated,
     clear_open_marker,
     finish_base_swap,
     read_base_lsn,
@@ -49,6 +50,7 @@ from .base import (
 from .errors import (
     CapacityError,
     ConflictError,
+    CorruptionError,
     DiskFullError,
     FormatVersionError,
     InvalidKeyError,
@@ -65,6 +67,7 @@ from .errors import (
 )
 from .events import CheckpointEvent, Event, EventBus
 from .feed import WALReader
+from .identity import NodeIdentity, chain_from_json, chain_to_json, relabel_version
 from .layout import StoreLayout
 from .lock import WriterLock, writer_is_alive
 from .metrics import StoreMetrics, StoreStats
@@ -81,10 +84,10 @@ from .record import (
     encode_entry_parts,
     encode_payload,
     encode_payload_parts,
-    join_parts,
+    value_problem,
 )
-from .replay import RecoveryReport, gap_allowed, recover
-from .snapshot import SnapshotStore
+from .replay import RecoveryReport, gap_allowed, recover, tail_may_be_torn
+from .snapshot import SnapshotStore, key_text
 from .versions import (
     HybridClock,
     Sibling,
@@ -116,6 +119,12 @@ log = logging.getLogger("walsync.store")
 STORE_FORMAT_VERSION = 1
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _RETAIN_FLOOR = b"retain_floor"
+#: record-meta name of the identity chain (engine/identity.py), written with the
+#: record that relabels a renewal: the WAL, not the STORE file, is its commit point
+_IDENTITIES = "identities"
+#: STORE file field: the tokens sync claimed the current node id with, newest first
+_INCARNATIONS = "incarnations"
+_INCARNATIONS_KEPT = 64
 #: STORE file field: true once sync holds the WAL, false once it was detached
 _SYNC_RETAIN = "sync_retain"
 
@@ -289,6 +298,8 @@ class Store:
         self._meta: dict[str, Any] = {}
         #: serialises rewrites of the STORE file from several threads (sync's)
         self._store_file_lock = threading.Lock()
+        #: every node id this store wrote under (engine/identity.py); the last is node_id
+        self._identities: tuple[NodeIdentity, ...] = ()
         self._checkpoint_lock = threading.Lock()
         #: the LSN the snapshot's base copy holds; WAL at or below it may go
         self._base_lsn = 0
@@ -354,14 +365,11 @@ class Store:
                 self._initialise(root, node_id)  # under the lock: one creator wins
             self._meta = read_store_file(layout.store_file)
             self.node_id = self._meta["node_id"]
-            if node_id is not None and node_id != self.node_id:
-                raise ValueError(
-                    f"store {root} already has node id {self.node_id!r}, not {node_id!r}"
-                )
             self._gaps = [(int(a), int(b)) for a, b in self._meta.get("lsn_gaps", [])]
             rebuild = self._check_snapshot_trust()
-            # read before this writer's own marker replaces the last one's
-            closed_cleanly = layout.closed_cleanly()
+            # read before this writer's own marker replaces the last one's: the
+            # rule verify and repair apply too
+            closed_cleanly = not tail_may_be_torn(layout)
             if not self.readonly:
                 # before LMDB writes a page (creating its file, replaying): a power
                 # loss from here on leaves the marker, and the next boot rebuilds
@@ -379,13 +387,16 @@ class Store:
                 if _SYNC_RETAIN not in self._meta and self.retain_floor is not None:
                     self._set_sync_retain(True)  # a floor set before STORE recorded floors
                 self._base_lsn = read_base_lsn(layout)
-                if self._base_lsn == 0 and not self._wal_rebuilds_from_empty():
+                if (self._base_lsn == 0 and not self._wal_rebuilds_from_empty()) \
+                        or base_outdated(layout):
                     # a store whose WAL was trimmed before bases existed (or that a
                     # repair left with holes): without a base now, a power loss
-                    # would leave nothing to rebuild the snapshot from
+                    # would leave nothing to rebuild the snapshot from; a base of
+                    # unsealed values (older format) is replaced by a sealed one
                     self._snapshot.sync()
                     self._base_lsn = write_base(layout, self._snapshot)
                 self._bytes_since_checkpoint = self._wal_bytes_above_base()
+            self._resolve_identities(node_id)
             self._closed = False
         except BaseException:
             # Close what was opened: a leaked LMDB handle would make every later
@@ -492,6 +503,7 @@ class Store:
             segment_bytes=self.options.segment_bytes,
             next_lsn=next_lsn,
             active=active,
+            on_failure=self._helper_failed,
         )
 
     def _write_store_file(self) -> None:
@@ -565,6 +577,9 @@ class Store:
 
     def batch(self, durability: Durability | str | None = None, *, fence: int = 0) -> Batch:
         """Operations committed together; ``fence`` stamps a lease token on each (sync)."""
+        if durability is not None:
+            _durability_of(durability)
+        _check_fence(fence, "the batch")
         return Batch(self, durability, fence)
 
     def commit(
@@ -590,7 +605,8 @@ class Store:
         self, ops: Sequence[Put | Delete], durability: Durability | str | None,
         notes: Sequence[Event] = (),
     ) -> CommitResult:
-        level = self.options.durability if durability is None else Durability(durability)
+        level = self.options.durability if durability is None else _durability_of(durability)
+        ops = _operations(ops)
         self._check_writable()
         # read once: a replicator stopped meanwhile is told apart by its own answer
         replicator = self._replicator
@@ -776,6 +792,128 @@ class Store:
             self._overlay[key] = (lsn, sibs)
         return _Pending(lsn, hlc, ops, payload, True, KIND_MERGE)
 
+    # -- node identity ---------------------------------------------------------
+
+    @property
+    def identities(self) -> tuple[NodeIdentity, ...]:
+        """Every node id this store wrote under, oldest first, with the LSNs each one
+        owns (engine/identity.py); the last is ``node_id``."""
+        return self._identities
+
+    def _resolve_identities(self, asked: str | None) -> None:
+        """The identity chain: the STORE file's, or the WAL's when a renewal's record
+        is durable but the STORE file was not rewritten yet (a crash in between)."""
+        root = self.path
+        try:
+            stored = (chain_from_json(self._meta[_IDENTITIES]) if _IDENTITIES in self._meta
+                      else (NodeIdentity(str(self._meta["node_id"]), 1),))
+            logged_doc = self._snapshot.get_record_meta(_IDENTITIES)
+            logged = chain_from_json(logged_doc) if logged_doc is not None else ()
+        except ValueError as exc:
+            raise CorruptionError(f"store {root}: its node identities are damaged: {exc}",
+                                  hint="`walsync restore` builds a new store from the server"
+                                  ) from None
+        chain = stored
+        if len(logged) > len(stored):
+            chain = logged
+            log.warning("store %s: node id %s was renewed to %s just before the store closed; "
+                        "the STORE file is brought up to date", root, stored[-1].node_id,
+                        chain[-1].node_id)
+        self._identities = chain
+        self.node_id = chain[-1].node_id
+        if asked is not None and asked not in {i.node_id for i in chain}:
+            raise ValueError(f"store {root} already has node id {self.node_id!r}, not {asked!r}")
+        if not self.readonly and chain is not stored:
+            self._record_identities(reset_incarnations=True)
+
+    def _record_identities(self, *, reset_incarnations: bool) -> None:
+        with self._store_file_lock:
+            self._meta["node_id"] = self.node_id
+            self._meta[_IDENTITIES] = chain_to_json(self._identities)
+            if reset_incarnations:
+                self._meta[_INCARNATIONS] = []
+            write_store_file(self._layout.store_file, self._meta)
+
+    def renew_node_id(self, fork_lsn: int, *, reason: str) -> NodeIdentity:
+        """Take a fresh node id, owning every LSN above ``fork_lsn``; returns it.
+
+        For a store that finds it shares its node id with another (a copy, a restore
+        over an old directory): from now on nothing of it is written under the old id
+        (SPEC 4.5). Its own versions written under the old id above ``fork_lsn`` (those
+        no server confirmed as the original's) are relabelled to the new id with the
+        same LSNs, in one durable merge record (never shipped) that also carries the
+        new identity chain; the STORE file follows. Records still in the WAL below
+        that record are shipped the same way (``engine.identity.translate_vv``).
+        ``fork_lsn`` is the last LSN the server holds as this store wrote it.
+
+        Scans the whole snapshot while commits wait: a rare event. Leases taken under
+        the old id are not this store's any more (their holder is the old id).
+        """
+        self._check_writable()
+        current = self._identities[-1]
+        if type(fork_lsn) is not int or not current.base_lsn <= fork_lsn:
+            raise ValueError(f"fork LSN {fork_lsn!r} of store {self.path} is below the first "
+                             f"LSN node id {current.node_id} owns ({current.start_lsn})")
+        with self._cv:
+            self._check_writable()
+            item, ident = self._assign_renewal(fork_lsn, reason)
+            self._submit(item)
+        self._finish(item)
+        self._record_identities(reset_incarnations=True)
+        log.warning("store %s: took node id %s (was %s) for LSNs after %d: %s", self.path,
+                    ident.node_id, current.node_id, fork_lsn, reason)
+        return ident
+
+    def _assign_renewal(self, fork_lsn: int, reason: str) -> tuple[_Pending, NodeIdentity]:
+        """The relabelling record of a renewal, and the switch to the new id. Holds
+        ``_cv``: commits assigned before it wrote under the old id (their versions are
+        in the overlay, relabelled here too), those after it under the new one."""
+        old = self.node_id
+        lsn = self._next_lsn
+        first = self._identities[0].node_id
+        ident = NodeIdentity(f"{first[:47]}.{secrets.token_hex(8)}", fork_lsn + 1, lsn, reason)
+        chain = (*self._identities, ident)
+        ops: list[list[Any]] = []
+        with self._snapshot.read() as txn:
+            keys = [k.decode() for k, _ in self._snapshot.iter_range(txn, b"", None, False)]
+            for key in sorted(set(keys) | set(self._overlay)):
+                sibs = self._current_siblings(txn, key)
+                relabelled = [Sibling(relabel_version(s.version, old, ident), s.codec, s.data)
+                              for s in sibs]
+                if any(a.version is not b.version for a, b in zip(sibs, relabelled,
+                                                                  strict=True)):
+                    relabelled.sort(key=lambda s: s.version.order_key)
+                    ops.append([key, encode_entry(relabelled)])
+                    self._overlay[key] = (lsn, relabelled)
+        ops.append(["", cbor2.dumps({_IDENTITIES: chain_to_json(chain)})])
+        hlc = self._clock.tick()
+        payload = encode_payload(KIND_MERGE, hlc, ops)
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise CapacityError(
+                f"renewing the node id of {self.path} relabels {len(ops) - 1} keys, "
+                f"{len(payload)} bytes, above the {MAX_PAYLOAD_BYTES} bytes one record may hold",
+                hint="ship the store's backlog under its old id first (`walsync sync --once`)")
+        self._next_lsn = lsn + 1
+        self._identities = chain
+        self.node_id = ident.node_id
+        return _Pending(lsn, hlc, ops, payload, True, KIND_MERGE), ident
+
+    def incarnation_tokens(self) -> list[str]:
+        """The tokens sync claimed the current node id with on its servers, newest
+        first (sync/incarnation.py): a server gives the id to the store that shows
+        the token it holds, and to no copy made before the claim."""
+        tokens = self._meta.get(_INCARNATIONS, [])
+        return [t for t in tokens if type(t) is str] if isinstance(tokens, list) else []
+
+    def add_incarnation_token(self, token: str) -> None:
+        """Remember a token before a server is told it: in the STORE file, fsynced
+        (a claim the store forgot would make it renew its id for nothing)."""
+        self._check_writable()
+        with self._store_file_lock:
+            tokens = [token, *(t for t in self.incarnation_tokens() if t != token)]
+            self._meta[_INCARNATIONS] = tokens[:_INCARNATIONS_KEPT]
+            write_store_file(self._layout.store_file, self._meta)
+
     # -- hooks for the sync layer ---------------------------------------------
 
     def add_commit_listener(self, listener: Callable[[int], None]) -> None:
@@ -847,38 +985,45 @@ class Store:
         if self.readonly:
             raise ReadOnlyStoreError(f"store {self.path} was opened read-only")
         if self._poisoned is not None:
-            raise StorePoisonedError(
-                f"store {self.path} refuses writes since an earlier failure: {self._poisoned}"
-            )
+            raise self._refusal(self._poisoned)
+
+    def _refusal(self, poisoned: WalsyncError) -> WalsyncError:
+        """The error a write meets once the store is poisoned: of the same kind as
+        the failure (disk full stays DiskFullError), caused by it (and so by its
+        OSError), wherever it happened (a helper thread's failure shows here)."""
+        kind = type(poisoned) if isinstance(poisoned, StorePoisonedError) else StorePoisonedError
+        error = kind(f"store {self.path} refuses writes since an earlier failure: {poisoned}")
+        error.__cause__ = poisoned
+        return error
 
     def _prepare(self, op: Put | Delete) -> tuple[int, bytes | None]:
-        """Check the key and encode the value, before anything is written."""
+        """Check every argument that reaches the disk and encode the value, before
+        anything is written: a key, fence or value accepted here and unreadable
+        later would fail every read, write and sync of that key for good."""
+        if type(op) is not Put and type(op) is not Delete:
+            raise TypeError(f"a commit takes Put and Delete operations, not "
+                            f"{type(op).__name__} ({op!r:.60})")
         key = op.key
-        if not isinstance(key, str):
-            raise InvalidKeyError(f"key {key!r} is not a string but {type(key).__name__}")
-        if not key:
-            raise InvalidKeyError("key is empty")
-        try:
-            size = len(key.encode())
-        except UnicodeEncodeError as exc:
-            raise InvalidKeyError(f"key {key!r} is not valid UTF-8: {exc.reason}") from None
-        if size > self.options.max_key_bytes:
-            raise InvalidKeyError(
-                f"key {key[:40]!r}... is {size} bytes, above the limit of "
-                f"{self.options.max_key_bytes}"
-            )
+        _check_key(key, self.options.max_key_bytes)
+        _check_fence(op.fence, f"key {key!r}")
+        expect = op.expect
+        if expect is not ANY and expect is not None and not isinstance(expect, Version):
+            raise TypeError(f"expect= for key {key!r} takes a Version, None or ANY, not "
+                            f"{type(expect).__name__} ({expect!r:.60})")
         if isinstance(op, Delete):
             return CODEC_NONE, None
-        if not _nesting_within(op.value, _MAX_VALUE_DEPTH):
+        value = op.value
+        problem = value_problem(value, self.options.max_value_bytes)
+        if problem is not None:
             raise InvalidValueError(
-                f"value for key {key!r} is nested deeper than {_MAX_VALUE_DEPTH} levels "
-                "(or is cyclic): cbor2 could not read it back"
+                f"value for key {key!r} cannot be stored: {problem}; nothing was written"
             )
         try:
-            encoded = cbor2.dumps(op.value)
+            encoded = cbor2.dumps(value)
         except (cbor2.CBOREncodeError, TypeError, ValueError, RecursionError) as exc:
+            problem = value_problem(value, self.options.max_value_bytes, thorough=True)
             raise InvalidValueError(
-                f"value for key {key!r} cannot be encoded: {exc}"
+                f"value for key {key!r} cannot be encoded: {problem or exc}; nothing was written"
             ) from None
         if len(encoded) > self.options.max_value_bytes:
             raise ValueTooLargeError(key, len(encoded), self.options.max_value_bytes)
@@ -930,8 +1075,9 @@ class Store:
         pending = self._overlay.get(key)
         if pending is not None:
             return pending[1]
-        raw = txn.get(key.encode())
-        return decode_entry(raw) if raw is not None else []
+        raw_key = key.encode()
+        raw = self._snapshot.entry_in(txn, raw_key)
+        return _siblings_of(self._snapshot, raw_key, raw) if raw is not None else []
 
     def _lead(self, mine: _Pending) -> None:
         """The WAL stage: write (and sync) every queued record as one batch, then
@@ -956,10 +1102,7 @@ class Store:
                 # A group commit failed while these records waited: writing them
                 # now would put them after a hole in the log, or after a failed
                 # fsync as if nothing had happened.
-                error = StorePoisonedError(
-                    f"store {self.path} refuses writes since an earlier failure: "
-                    f"{self._poisoned}"
-                )
+                error = self._refusal(self._poisoned)
             else:
                 # A large batch next in line to apply is applied alongside its
                 # WAL write (see _write_and_apply): this thread takes the
@@ -1051,8 +1194,17 @@ class Store:
         job.finish(commit=error is None)
         if error is not None or job.committed:
             return error, False
-        # filling or committing failed: nothing was applied; the usual way
-        # grows a full map, or poisons the store
+        if job.error is not None and not job.map_full:
+            # the helper's write (or anything else there) failed: as after a failed
+            # WAL write, trying again on the same file could report success for
+            # pages the failed write lost
+            return self._poison(
+                job.error,
+                f"applying LSN {batch[0].lsn}..{batch[-1].lsn} to the snapshot on the "
+                "apply-ahead thread (the records are in the WAL and are applied when the "
+                "store is reopened)",
+            ), True
+        # the map was full: nothing was applied; the usual way grows it
         error = self._apply_batches([batch])
         return error, error is not None
 
@@ -1080,6 +1232,14 @@ class Store:
                 "records are in the WAL and are applied when the store is reopened)",
             )
         return None
+
+    def _helper_failed(self, exc: BaseException, doing: str) -> None:
+        """A helper thread's write or sync failed (the segment preparer's): no commit
+        is waiting for it, so the store stops taking writes here and the next one
+        says why. The first failure stays the reason."""
+        with self._cv:
+            if self._poisoned is None:
+                self._poison(exc, doing)
 
     def _poison(self, exc: BaseException, doing: str) -> WalsyncError:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -1283,25 +1443,27 @@ class Store:
     def get(self, key: str, default: Any = None) -> Any:
         """The winning value of ``key``, or ``default`` if absent or deleted."""
         self._check_open()
-        raw = self._snapshot.get_entry(_key_bytes(key))
+        raw_key = _key_bytes(key)
+        raw = self._snapshot.get_entry(raw_key)
         if raw is None:
             return default
-        codec, data = _winner_data(raw)
-        return default if data is None else decode_value(codec, data)
+        return _value_of(self._snapshot, raw_key, raw, default)
 
     def get_version(self, key: str) -> Version | None:
         """The winning version of ``key``; None if absent or deleted."""
         self._check_open()
-        raw = self._snapshot.get_entry(_key_bytes(key))
+        raw_key = _key_bytes(key)
+        raw = self._snapshot.get_entry(raw_key)
         if raw is None:
             return None
-        best = winner(decode_entry(raw))
+        best = winner(_siblings_of(self._snapshot, raw_key, raw))
         return None if best.deleted else best.version
 
     def get_versions(self, key: str) -> list[VersionedValue]:
         """Every visible sibling of ``key`` (tombstones have value None), winner last."""
         self._check_open()
-        return _versions_of(self._snapshot.get_entry(_key_bytes(key)))
+        raw_key = _key_bytes(key)
+        return _versions_of(self._snapshot, raw_key, self._snapshot.get_entry(raw_key))
 
     @contextmanager
     def snapshot(self) -> Iterator[ReadView]:
@@ -1355,11 +1517,15 @@ class Store:
         out: list[tuple[str, Any]] = []
         if limit is not None and limit <= 0:
             return out
-        for key, raw in self._snapshot.iter_range(txn, lo, hi, reverse):
-            codec, data = _winner_data(raw)
-            if data is None:
-                continue
-            out.append((key.decode(), decode_value(codec, data) if values else None))
+        snapshot = self._snapshot
+        for key, raw in snapshot.iter_range(txn, lo, hi, reverse):
+            try:
+                codec, data = _winner_data(raw)
+                if data is None:
+                    continue
+                out.append((key.decode(), decode_value(codec, data) if values else None))
+            except _UNDECODABLE as exc:
+                raise _undecodable(snapshot, key, exc) from None
             if limit is not None and len(out) >= limit:
                 break
         return out
@@ -1383,10 +1549,39 @@ class Store:
                     if len(rows) >= chunk_keys:
                         break
             for key, raw in rows:
-                yield key.decode(), decode_entry(raw)
+                yield key.decode(), _siblings_of(self._snapshot, key, raw)
             if len(rows) < chunk_keys:
                 return
             lo = rows[-1][0] + b"\x00"
+
+    def conflicts(
+        self, prefix: str = "", *, limit: int | None = None
+    ) -> Iterator[tuple[str, list[VersionedValue]]]:
+        """Keys under ``prefix`` in conflict, in key order, each with its siblings as
+        ``get_versions`` shows them (winner last), from one snapshot.
+
+        A key is in conflict while it holds concurrent versions with different
+        values; a tombstone counts as a value, so a write that lost to a concurrent
+        delete is listed though the key reads as absent. Once the server holds the
+        same versions, its ``conflicts`` function lists the same keys. Read from the
+        snapshot's table of keys holding several siblings (kept in each apply's own
+        transaction): the cost follows the conflicts, not the store's size.
+        """
+        self._check_open()
+        lo = _key_bytes(prefix, allow_empty=True)
+        hi = _prefix_end(lo)
+        out: list[tuple[str, list[VersionedValue]]] = []
+        if limit is not None and limit <= 0:
+            return iter(out)
+        snapshot = self._snapshot
+        with snapshot.read() as txn:
+            for key, raw in snapshot.iter_conflicts(txn, lo, hi):
+                versions = _versions_of(snapshot, key, raw)
+                if len(versions) > 1:  # not siblings that hold one value
+                    out.append((key.decode(), versions))
+                    if limit is not None and len(out) >= limit:
+                        break
+        return iter(out)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1446,32 +1641,58 @@ class Store:
         )
 
 
-#: containers a value may nest. cbor2 decodes at most 400 levels (a set or a
-#: tagged scalar takes two) and its encoder crashes the process on some
-#: thousands, so deeper values are refused before they are encoded.
-_MAX_VALUE_DEPTH = 128
-_CONTAINERS = (list, tuple, dict, set, frozenset, cbor2.CBORTag)
+#: fencing tokens are PostgreSQL bigints on the sync server
+_FENCE_LIMIT = 1 << 63
 
 
-def _nesting_within(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests at most ``limit`` containers (False for cycles)."""
-    if not isinstance(value, _CONTAINERS):
-        return True
-    stack = [(value, 1)]
-    while stack:
-        obj, depth = stack.pop()
-        if depth > limit:
-            return False
-        if isinstance(obj, dict):
-            children: Any = (x for kv in obj.items() for x in kv)
-        elif isinstance(obj, cbor2.CBORTag):
-            children = (obj.value,)
-        else:
-            children = obj
-        for child in children:
-            if isinstance(child, _CONTAINERS):
-                stack.append((child, depth + 1))
-    return True
+def _check_key(key: Any, max_bytes: int) -> None:
+    """A key a write may use: a non-empty string of valid UTF-8, without NUL (the
+    sync server stores keys as text, which cannot hold it), at most ``max_bytes``."""
+    if type(key) is not str:
+        raise InvalidKeyError(f"key {key!r:.60} is not a string but {type(key).__name__}")
+    if not key:
+        raise InvalidKeyError("key is empty")
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError as exc:
+        raise InvalidKeyError(f"key {key!r:.60} is not valid UTF-8: {exc.reason}") from None
+    if size > max_bytes:
+        raise InvalidKeyError(f"key {key[:40]!r}... is {size} bytes, above the limit of "
+                              f"{max_bytes}")
+    if "\x00" in key:
+        raise InvalidKeyError(f"key {key!r:.60} holds a NUL character, which the sync server "
+                              "cannot store")
+
+
+def _check_fence(fence: Any, where: str) -> None:
+    if type(fence) is not int:
+        raise TypeError(f"fence= for {where} takes an int (a lease's fencing token), not "
+                        f"{type(fence).__name__} ({fence!r:.60})")
+    if not 0 <= fence < _FENCE_LIMIT:
+        raise ValueError(f"fence= for {where} is {fence}, outside 0..2**63-1 (the sync "
+                         "server's range); nothing was written")
+
+
+def _durability_of(value: Any) -> Durability:
+    if isinstance(value, Durability):
+        return value
+    if type(value) is str:
+        try:
+            return Durability(value)
+        except ValueError:
+            pass
+    else:
+        raise TypeError(f"durability= takes 'none', 'local', 'remote' or a Durability, not "
+                        f"{type(value).__name__} ({value!r:.60})")
+    raise ValueError(f"durability= takes 'none', 'local' or 'remote', not {value!r:.60}")
+
+
+def _operations(ops: Any) -> list[Put | Delete]:
+    """The operations of a commit as a list (a generator is read once)."""
+    if isinstance(ops, Put | Delete | str | bytes) or not hasattr(ops, "__iter__"):
+        raise TypeError(f"commit takes a list of Put and Delete operations, not "
+                        f"{type(ops).__name__} ({ops!r:.60})")
+    return ops if type(ops) is list else list(ops)
 
 
 def _size_or_zero(path: Path) -> int:
@@ -1490,34 +1711,79 @@ class ReadView:
         self._txn = txn
 
     def get(self, key: str, default: Any = None) -> Any:
-        raw = self._txn.get(_key_bytes(key))
+        raw_key = _key_bytes(key)
+        snapshot = self._store._snapshot
+        raw = snapshot.entry_in(self._txn, raw_key)
         if raw is None:
             return default
-        codec, data = _winner_data(raw)
-        return default if data is None else decode_value(codec, data)
+        return _value_of(snapshot, raw_key, raw, default)
 
     def get_version(self, key: str) -> Version | None:
-        raw = self._txn.get(_key_bytes(key))
+        raw_key = _key_bytes(key)
+        snapshot = self._store._snapshot
+        raw = snapshot.entry_in(self._txn, raw_key)
         if raw is None:
             return None
-        best = winner(decode_entry(raw))
+        best = winner(_siblings_of(snapshot, raw_key, raw))
         return None if best.deleted else best.version
 
     def get_versions(self, key: str) -> list[VersionedValue]:
-        return _versions_of(self._txn.get(_key_bytes(key)))
+        raw_key = _key_bytes(key)
+        snapshot = self._store._snapshot
+        return _versions_of(snapshot, raw_key, snapshot.entry_in(self._txn, raw_key))
 
     def scan(self, prefix: str = "", *, start: str | None = None, end: str | None = None,
              reverse: bool = False, limit: int | None = None) -> list[tuple[str, Any]]:
         return self._store._scan_in(self._txn, prefix, start, end, reverse, limit, values=True)
 
 
-def _versions_of(raw: bytes | None) -> list[VersionedValue]:
+def _versions_of(snapshot: SnapshotStore, key: bytes, raw: bytes | None) -> list[VersionedValue]:
     if raw is None:
         return []
-    return [
-        VersionedValue(None if s.data is None else decode_value(s.codec, s.data), s.version)
-        for s in visible_siblings(decode_entry(raw), decode=_plain_bytes)
-    ]
+    try:
+        return [
+            VersionedValue(None if s.data is None else decode_value(s.codec, s.data), s.version)
+            for s in visible_siblings(decode_entry(raw), decode=_plain_bytes)
+        ]
+    except _UNDECODABLE as exc:
+        raise _undecodable(snapshot, key, exc) from None
+
+
+#: what decoding an entry or a value may raise when its bytes are not what a store
+#: writes (cbor2 raises several kinds, not all of them its own)
+_UNDECODABLE: tuple[type[BaseException], ...] = (
+    CorruptionError, cbor2.CBORDecodeError, ValueError, TypeError, LookupError,
+    ArithmeticError, RecursionError,
+)
+
+
+def _undecodable(snapshot: SnapshotStore, key: bytes, exc: BaseException) -> CorruptionError:
+    """An entry whose checksum holds but which does not decode: written so, or
+    damaged before it was sealed; the error names the key and the file."""
+    why = str(exc) if isinstance(exc, CorruptionError) else f"{type(exc).__name__}: {exc}"
+    return CorruptionError(
+        f"snapshot entry of key {key_text(key)} does not decode ({why})",
+        path=snapshot.data_file,
+        hint="it holds what was written (its checksum matches): overwrite or delete the key, "
+        "or bring it back from the sync server (`walsync restore --to NEW --prefix KEY`, then "
+        "`walsync export` it there and `walsync import` it here)",
+    )
+
+
+def _value_of(snapshot: SnapshotStore, key: bytes, raw: bytes, default: Any) -> Any:
+    """The winning value of an entry (``default`` for a tombstone)."""
+    try:
+        codec, data = _winner_data(raw)
+        return default if data is None else decode_value(codec, data)
+    except _UNDECODABLE as exc:
+        raise _undecodable(snapshot, key, exc) from None
+
+
+def _siblings_of(snapshot: SnapshotStore, key: bytes, raw: bytes) -> list[Sibling]:
+    try:
+        return decode_entry(raw)
+    except CorruptionError as exc:
+        raise _undecodable(snapshot, key, exc) from None
 
 
 def _plain_bytes(sib: Sibling) -> tuple[bool, bytes | None]:
@@ -1582,9 +1848,10 @@ def _payload_bytes(payload: bytes | list[bytes]) -> int:
 
 def _puts_of(
     batches: list[list[_Pending]],
-) -> tuple[list[tuple[bytes, bytes]], int, int, bool]:
-    """The snapshot writes of written batches: (pairs, last LSN, highest HLC, any meta op)."""
-    puts: list[tuple[bytes, bytes]] = []
+) -> tuple[list[tuple[bytes, bytes | list[bytes]]], int, int, bool]:
+    """The snapshot writes of written batches: (pairs, last LSN, highest HLC, any meta op).
+    An entry in parts stays in parts: the snapshot seals and joins it in one copy."""
+    puts: list[tuple[bytes, bytes | list[bytes]]] = []
     meta_ops = False
     hlc = 0
     for batch in batches:
@@ -1593,7 +1860,7 @@ def _puts_of(
             for key, entry in p.ops:
                 if not key:
                     meta_ops = True
-                puts.append((key.encode(), join_parts(entry)))
+                puts.append((key.encode(), entry))
     return puts, batches[-1][-1].lsn, hlc, meta_ops
 
 

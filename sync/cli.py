@@ -9,7 +9,8 @@ Exit codes:
 ====  =====================================================
 0     success
 1     an error (the message and a hint are on stderr)
-2     usage error
+2     usage error, or input the store refuses (a value that is not strict JSON,
+      a key or value outside what the store takes)
 3     damage found (``verify``), open refused for damage, or a damaged export file
 4     the store is locked by another process
 5     not found: no store at the path, no such key, run or export file
@@ -19,6 +20,7 @@ Exit codes:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -29,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from functools import wraps
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -37,6 +39,8 @@ import engine
 from engine import Store, WalsyncError
 from engine.demo import DEMO_STEPS, run_demo
 from engine.errors import SyncConfigError
+from engine.record import MAX_VALUE_DEPTH
+from engine.replay import describe_torn_tail
 from engine.runs import Cost
 from engine.workflow import Workflows
 
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_DAMAGE = 3
 EXIT_LOCKED = 4
 EXIT_NOT_FOUND = 5
@@ -81,8 +86,85 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _emit(obj: Any) -> None:
-    click.echo(json.dumps(_jsonable(obj), sort_keys=True))
+def _emit(obj: Any, *, key: str | None = None) -> None:
+    click.echo(_json_text(obj, key=key))
+
+
+def _json_text(obj: Any, *, key: str | None = None, indent: int | None = None) -> str:
+    """Strict JSON: json.dumps would write NaN and Infinity, which no JSON parser
+    reads. A stored value JSON cannot hold (a non-finite float, an integer too long
+    to print) is an error naming the key and where in the value it is."""
+    try:
+        return json.dumps(_jsonable(obj), sort_keys=True, indent=indent, allow_nan=False)
+    except ValueError:
+        where = _not_json(obj, "value") or "a part of it"
+        of = f"the value of key {key!r}" if key is not None else "the output"
+        _refuse(f"{of} cannot be printed as JSON: {where}",
+                "read it through the library (Store.get); the CLI prints strict JSON only",
+                EXIT_ERROR)
+
+
+def _not_json(obj: Any, path: str) -> str | None:
+    """Where in ``obj`` strict JSON fails: a non-finite float or an integer past the
+    digits Python prints (sys.get_int_max_str_digits)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{path} is {obj!r}, which JSON does not have"
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        try:
+            str(obj)  # refused at once when too long (the check goes by the bit length)
+        except ValueError:
+            return (f"{path} is an integer of about {int(obj.bit_length() * 0.30103) + 1} "
+                    f"digits, more than the {sys.get_int_max_str_digits()} Python prints")
+        return None
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _not_json(asdict(obj), path)
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            found = _not_json(k, f"{path} (a key)") or _not_json(v, f"{path}[{k!r:.40}]")
+            if found:
+                return found
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            found = _not_json(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _json_value(text: str, what: str = "VALUE", *, plain_hint: str = "") -> Any:
+    """Parse strict JSON (RFC 8259): json.loads alone takes NaN, Infinity and numbers
+    that overflow to infinity, and raises raw errors on deep nesting or long integers."""
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float,
+                          parse_int=_printable_int)
+    except json.JSONDecodeError as exc:
+        message = f"not JSON ({exc}){plain_hint}"
+    except RecursionError:
+        message = "JSON nested too deeply to read (the store takes at most " \
+                  f"{MAX_VALUE_DEPTH} levels)"
+    except ValueError as exc:
+        message = f"not strict JSON: {exc}"
+    raise click.BadParameter(message, param_hint=what)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (JSON numbers are finite)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is beyond a double's range (it would be read as "
+                         f"{value})")
+    return value
+
+
+def _printable_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits: at most "
+                         f"{sys.get_int_max_str_digits()} are read (and printed)") from None
 
 
 @contextmanager
@@ -114,6 +196,9 @@ def _handles_errors(fn: F) -> F:
                 code = EXIT_LOCKED
             elif isinstance(exc, engine.StoreNotFoundError):
                 code = EXIT_NOT_FOUND
+            elif isinstance(exc, engine.InvalidKeyError | engine.InvalidValueError
+                            | engine.ValueTooLargeError):
+                code = EXIT_USAGE  # the input, not the store
             else:
                 code = EXIT_ERROR
             sys.exit(code)
@@ -188,16 +273,20 @@ def verify(store_path: str, as_json: bool) -> None:
     if as_json:
         _emit({"ok": report.ok, "records": report.records, "segments": len(report.segments),
                "damage": report.damage, "torn_tail": report.torn_tail,
-               "applied_lsn": report.applied_lsn, "last_lsn": report.last_lsn})
+               "applied_lsn": report.applied_lsn, "last_lsn": report.last_lsn,
+               "base_lsn": report.base_lsn, "snapshot_entries": report.snapshot_entries,
+               "base_entries": report.base_entries, "notes": report.notes})
     else:
         for dmg in report.damage:
             click.echo(f"damage: {dmg.message}")
         if report.torn_tail is not None:
-            t = report.torn_tail
-            click.echo(f"torn tail: {t.bytes_cut} bytes at offset {t.offset} of {t.segment} "
-                       "(never acknowledged; cut on the next open)")
+            click.echo(describe_torn_tail(report.torn_tail))
+        for note in report.notes:
+            click.echo(f"note: {note}")
         status = "ok" if report.ok else "DAMAGED"
-        click.echo(f"{status}: {report.records} records in {len(report.segments)} segments")
+        click.echo(f"{status}: {report.records} records in {len(report.segments)} segments, "
+                   f"{report.snapshot_entries} snapshot entries, "
+                   f"{report.base_entries} base entries")
     if not report.ok:
         sys.exit(EXIT_DAMAGE)
 
@@ -220,10 +309,28 @@ def repair(store_path: str, yes: bool, as_json: bool) -> None:
         click.echo(report.message)
         return
     click.echo(f"damage: {report.message}")
-    click.echo(f"kept the log up to LSN {(report.first_lost_lsn or 1) - 1}; "
-               f"moved {len(report.moved)} segment(s) to {report.quarantine}")
-    click.echo(f"lost from the log: LSN {report.first_lost_lsn}..{report.last_lost_lsn}; "
-               f"records whose effects are gone from the store: {report.records_lost_from_state}")
+    if report.moved:
+        click.echo(f"kept the log up to LSN {(report.first_lost_lsn or 1) - 1}; "
+                   f"moved {len(report.moved)} segment(s) to {report.quarantine}")
+        click.echo(f"lost from the log: LSN {report.first_lost_lsn}..{report.last_lost_lsn}; "
+                   f"records whose effects are gone from the store: "
+                   f"{report.records_lost_from_state}")
+    for found in report.snapshot_damage[1:]:
+        click.echo(f"damage: {found}")
+    if report.snapshot_rebuilt:
+        click.echo(f"rebuilt the snapshot from {report.rebuilt_from}; moved the old one to "
+                   f"{report.snapshot_quarantine}")
+    if report.base_rewritten:
+        click.echo("replaced the snapshot's base copy with a copy of the repaired snapshot")
+    if report.lost_keys or report.lost_keys_not_named or report.lost_unnamed_at_most:
+        for key in report.lost_keys:
+            click.echo(f"LOST key {key}")
+        if report.lost_keys_not_named:
+            click.echo(f"LOST {report.lost_keys_not_named} more keys (not named here)")
+        if report.lost_unnamed_at_most:
+            click.echo(f"LOST up to {report.lost_unnamed_at_most} values whose keys cannot be "
+                       "read")
+        click.echo(f"hint: {report.restore_hint}")
 
 
 @main.command()
@@ -264,9 +371,9 @@ def get(store_path: str, key: str, as_json: bool) -> None:
         click.echo("hint: list the keys with `walsync scan`", err=True)
         sys.exit(EXIT_NOT_FOUND)
     if as_json:
-        _emit({"key": key, "value": value, "version": version})
+        _emit({"key": key, "value": value, "version": version}, key=key)
     else:
-        click.echo(json.dumps(_jsonable(value), indent=2, sort_keys=True))
+        click.echo(_json_text(value, key=key, indent=2))
 
 
 @main.command()
@@ -280,11 +387,7 @@ def put(store_path: str, key: str, value: str, as_string: bool, as_json: bool) -
     """Store VALUE (parsed as JSON unless --string) under KEY."""
     parsed: Any = value
     if not as_string:
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise click.BadParameter(f"not JSON ({exc}); pass --string for a plain string",
-                                     param_hint="VALUE") from None
+        parsed = _json_value(value, plain_hint="; pass --string for a plain string")
     with Store.open(store_path, create=False) as store:
         result = store.put(key, parsed)
     if as_json:
@@ -307,13 +410,17 @@ def scan(store_path: str, prefix: str, start: str | None, end: str | None, limit
     """List keys under PREFIX in key order (one JSON object per line with --json)."""
     with _open_read(store_path) as store:
         rows = list(store.scan(prefix, start=start, end=end, limit=limit))
-    for key, value in rows:
-        if as_json:
-            _emit({"key": key} if keys_only else {"key": key, "value": value})
-        elif keys_only:
-            click.echo(key)
-        else:
-            click.echo(f"{key}\t{json.dumps(_jsonable(value), sort_keys=True)}")
+    # every line is made before one is printed: a value JSON cannot hold stops
+    # the command before its output, not in the middle of it
+    if as_json:
+        lines = [_json_text({"key": key} if keys_only else {"key": key, "value": value},
+                            key=key) for key, value in rows]
+    elif keys_only:
+        lines = [key for key, _ in rows]
+    else:
+        lines = [f"{key}\t{_json_text(value, key=key)}" for key, value in rows]
+    for line in lines:
+        click.echo(line)
 
 
 @main.command()
@@ -390,6 +497,11 @@ def sync_command(store_path: str, once: bool, no_pull: bool, status_every: float
                 deadline.cancel()
                 rep.close()
             click.echo(f"pushed {pushed} entries, pulled {pulled}; acked LSN {rep.acked_lsn}")
+            done = rep.status()
+            if done.node_renewals:
+                click.echo(f"node id now {store.node_id}: {store.identities[-1].reason}")
+            if done.reships:
+                click.echo(f"shipped again: {done.last_reship}")
             return
         click.echo(f"syncing {store.path} (node {store.node_id}) with {describe_target()}")
         metrics = None
@@ -444,6 +556,8 @@ def _serve_metrics(store: Store, rep: Replicator, host: str, port: int) -> Metri
 def status(store_path: str, as_json: bool) -> None:
     """Replication status: recovery point, lag, cursors (asks the server)."""
     from .config import describe_target, transport_from_env
+    from .incarnation import SERVER_ID, count_unreplicated, position
+    from .restore import recovery_point_iso
 
     with _open_read(store_path) as store:
         info = store.info()
@@ -452,31 +566,40 @@ def status(store_path: str, as_json: bool) -> None:
         cursor = int(store.record_meta("pull_cursor") or 0)
         node = store.node_id
         raw_error = store.sync_state(LAST_ERROR)
-        oldest = _oldest_unshipped(store, local_acked, info.applied_lsn)
-    result: dict[str, Any] = {"node_id": node, "applied_lsn": info.applied_lsn,
-                              "acked_lsn_local": local_acked, "pull_cursor": cursor,
-                              "retain_floor": info.retain_floor,
-                              "wal_bytes_held_for_sync": info.wal_bytes_held_for_sync,
-                              "server": describe_target(),
-                              "last_error": json.loads(raw_error) if raw_error else None,
-                              "oldest_unreplicated_age_seconds": oldest}
-    try:
-        transport = transport_from_env()
+        raw_server = store.sync_state(SERVER_ID)
+        local_server = raw_server.decode() if raw_server else None
+        result: dict[str, Any] = {
+            "node_id": node, "applied_lsn": info.applied_lsn, "acked_lsn_local": local_acked,
+            "pull_cursor": cursor, "retain_floor": info.retain_floor,
+            "wal_bytes_held_for_sync": info.wal_bytes_held_for_sync,
+            "server": describe_target(), "server_id_local": local_server,
+            "last_error": json.loads(raw_error) if raw_error else None}
+        # what the server holds of this store, over every node id it wrote under; the
+        # local acknowledgement counts only if it came from this very server
+        confirmed = local_acked
         try:
-            server = transport.node_status(node)
-            leases = transport.call("leases", {"p_holder": node})
-            result.update(acked_lsn=server.acked_lsn, server_head=transport.head(),
-                          recovery_point_unix_ms=(server.acked_hlc >> 16) or None,
+            transport = transport_from_env()
+            try:
+                held = position(transport, store.identities)
+                leases = transport.call("leases", {"p_holder": node})
+            finally:
+                transport.close()
+            unix_ms = (held.acked_hlc >> 16) or None
+            same = local_server is None or local_server == held.server_id
+            confirmed = min(held.acked_lsn, local_acked) if same else held.acked_lsn
+            result.update(acked_lsn=held.acked_lsn, server_id=held.server_id,
+                          server_head=held.head, server_behind=held.acked_lsn < local_acked,
+                          server_changed=not same, recovery_point_unix_ms=unix_ms,
+                          recovery_point=recovery_point_iso(unix_ms),
                           leases_held=[lease["run_id"] for lease in leases if lease["live"]],
                           server_error=None)
-        finally:
-            transport.close()
-    except WalsyncError as exc:
-        result.update(acked_lsn=local_acked, server_error=str(exc))
-    # Records up to the local acknowledgement are on the server or are merge records
-    # (pulled from others, never shipped), which the server's acked_lsn need not cover.
-    result["unreplicated_entries"] = max(
-        0, info.applied_lsn - max(int(result["acked_lsn"]), local_acked))
+        except WalsyncError as exc:
+            result.update(acked_lsn=local_acked, server_error=str(exc))
+        # Local records after what the server confirmed (merge records, pulled from
+        # others, are not counted: they hold nothing the server lacks)
+        result["unreplicated_entries"] = count_unreplicated(store, confirmed, info.applied_lsn)
+        result["oldest_unreplicated_age_seconds"] = _oldest_unshipped(store, confirmed,
+                                                                      info.applied_lsn)
     if as_json:
         _emit(result)
         return
@@ -553,7 +676,7 @@ def detach(store_path: str, force: bool, as_json: bool) -> None:
                    "the server had not acknowledged may now be removed")
 
 
-def _refuse(message: str, hint: str, code: int) -> None:
+def _refuse(message: str, hint: str, code: int) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     click.echo(f"hint: {hint}", err=True)
     sys.exit(code)
@@ -701,19 +824,21 @@ def conflicts() -> None:
 @json_option
 @_handles_errors
 def conflicts_list(store_path: str, prefix: str, as_json: bool) -> None:
-    """Keys under PREFIX whose siblings disagree, with every sibling."""
+    """Keys under PREFIX whose siblings disagree, with every sibling (winner last).
+
+    A delete counts as a version: a write that lost to a concurrent delete is listed,
+    though the key reads as absent.
+    """
     with _open_read(store_path) as store:
-        found = [(k, store.get_versions(k)) for k in store.keys(prefix)]
+        found = list(store.conflicts(prefix))
     for key, versions in found:
-        if len(versions) < 2:
-            continue
         if as_json:
-            _emit({"key": key, "siblings": versions})
+            _emit({"key": key, "siblings": versions}, key=key)
         else:
             click.echo(key)
             for v in versions:
-                click.echo(f"  {v.version.origin}:{v.version.lsn}  "
-                           f"{json.dumps(_jsonable(v.value), sort_keys=True)}")
+                shown = "(deleted)" if v.version.deleted else _json_text(v.value, key=key)
+                click.echo(f"  {v.version.origin}:{v.version.lsn}  {shown}")
 
 
 @conflicts.command("resolve")
@@ -723,10 +848,7 @@ def conflicts_list(store_path: str, prefix: str, as_json: bool) -> None:
 @_handles_errors
 def conflicts_resolve(store_path: str, key: str, value: str) -> None:
     """Resolve KEY's conflict with VALUE (JSON): a write that dominates every sibling."""
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not JSON ({exc})", param_hint="VALUE") from None
+    parsed = _json_value(value)
     with Store.open(store_path, create=False) as store:
         result = store.put(key, parsed)
     click.echo(f"resolved {key!r} at LSN {result.lsn}")
@@ -854,6 +976,38 @@ def demo(store_path: str, crash_after: int | None, delay: float, fresh: bool) ->
     if fresh and os.path.isdir(store_path):
         shutil.rmtree(store_path)
     run_demo(store_path, crash_after=crash_after, delay_seconds=delay, out=click.echo)
+
+
+@main.command("ui")
+@store_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (beyond loopback, anyone who reaches it reads the store).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="Port to listen on (0: any free port).")
+@click.option("--allow-actions", is_flag=True,
+              help="Offer resolve, rollback and conflict resolution (each needs the writer lock).")
+@_handles_errors
+def ui_command(store_path: str, host: str, port: int, allow_actions: bool) -> None:
+    """A local web dashboard: runs, steps, cost, replication, store health.
+
+    Read-only unless --allow-actions; opens the store as a reader beside a
+    live writer. Sync settings come from the environment, as for `status`.
+    """
+    from .ui import serve
+
+    try:
+        server = serve(store_path, host=host, port=port, allow_actions=allow_actions)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
+    mode = "actions enabled" if allow_actions else "read-only"
+    click.echo(f"walsync ui on {server.url} ({mode}, store {store_path}); Ctrl-C stops it")
+    _stop_on_signals()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        server.close()
 
 
 if __name__ == "__main__":

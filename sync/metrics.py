@@ -36,6 +36,8 @@ walsync_sync_retries_total                     counter    retries after transien
 walsync_conflicts_total                        counter    keys with siblings after a pull
 walsync_fenced_writes_total                    counter    write refusals by fencing
 walsync_lost_runs_total                        counter    runs taken over by another host
+walsync_sync_reships_total                     counter    times the server held less than acked
+walsync_sync_node_renewals_total               counter    node ids left to a copy of the store
 walsync_last_push_success_timestamp_seconds    gauge      unix time of the last push (absent: none)
 walsync_last_pull_timestamp_seconds            gauge      unix time of the last pull (absent: none)
 walsync_replicator_running                     gauge      1 while the replicator runs
@@ -179,6 +181,13 @@ class WalsyncCollector:
                        "(one per run per pushed batch).", r.fenced_writes)
         yield _counter("walsync_lost_runs_total", "Runs taken over by another host.",
                        r.lost_runs)
+        yield _counter("walsync_sync_reships_total",
+                       "Times the server held less of this store than it had acknowledged "
+                       "(another server, a restored backup) and shipping went back to the "
+                       "server's position.", r.reships)
+        yield _counter("walsync_sync_node_renewals_total",
+                       "Node ids this store left because a copy of it holds them (it took "
+                       "a fresh one).", r.node_renewals)
         if r.last_push_unix is not None:
             yield _gauge("walsync_last_push_success_timestamp_seconds",
                          "Unix time of the last successful push.", r.last_push_unix)

@@ -49,6 +49,9 @@ class MigrationReport:
     repaired: list[str] = field(default_factory=list)
     #: the JWT claim naming the tenant when tenant mode is on, else None
     tenant_claim: str | None = None
+    #: the server's identity (walsync.server): clients keep it beside their
+    #: acknowledged LSN and re-ship everything to a server with another one
+    server_id: str | None = None
 
 
 _CREATES = re.compile(
@@ -158,6 +161,17 @@ def migrate(dsn: str, *, tenant_mode: bool = False,
                     row = conn.execute(
                         "select claim from walsync.tenant_settings where id = 1").fetchone()
                     claim = None if row is None else str(row[0])
+            server_id = _server_identity(conn)
     except psycopg.Error as exc:
         raise classify(exc, f"migrating {redact_dsn(dsn)}") from None
-    return MigrationReport(applied, already, repaired, claim)
+    return MigrationReport(applied, already, repaired, claim, server_id)
+
+
+def _server_identity(conn: psycopg.Connection[Any]) -> str:
+    """The server's id, made if its row is missing (a table emptied by hand): a
+    server without one could not tell its clients it is another server."""
+    with conn.transaction():
+        conn.execute("insert into walsync.server (id) values (1) on conflict do nothing")
+        row = conn.execute("select server_id from walsync.server where id = 1").fetchone()
+    assert row is not None
+    return str(row[0])

@@ -49,9 +49,12 @@ _PUSH_ELEMENTS = {"p_lsn": "int8", "p_idx": "int4", "p_key": "text", "p_deleted"
                   "p_data": "bytea", "p_codec": "int2", "p_vv": "text", "p_hlc": "int8",
                   "p_fence": "int8", "p_value_hash": "text", "p_value_json": "text"}
 _PUSH_CASTS = {"p_vv": "::jsonb[]"}
+_PUSH_ARGS = ", ".join(f"{name} => %b{_PUSH_CASTS.get(name, '')}" for name in PUSH_ARRAYS)
 _PUSH_SQL = ("select walsync_api.push(p_node => %s, p_through_lsn => %s, "
-             + ", ".join(f"{name} => %b{_PUSH_CASTS.get(name, '')}" for name in PUSH_ARRAYS)
-             + ")").encode()
+             + _PUSH_ARGS + ")").encode()
+_PUSH_CLAIMED_SQL = ("select walsync_api.push_claimed(p_node => %s, p_incarnation => %s, "
+                     "p_base_lsn => %s, p_after_lsn => %s, p_through_lsn => %s, "
+                     + _PUSH_ARGS + ")").encode()
 
 
 class _BinaryArray(bytes):
@@ -307,6 +310,12 @@ class PostgresTransport(RpcTransport):
         params = entries.kept(self.name) if isinstance(entries, WireBatch) else None
         if params is None:
             params = _push_params(entries)
+        claim = entries.claim if isinstance(entries, WireBatch) else None
+        if claim is not None:
+            return push_ack(self._execute(
+                "push_claimed", _PUSH_CLAIMED_SQL,
+                (node_id, claim.incarnation, claim.base_lsn, claim.after_lsn, through_lsn,
+                 *params)))
         return push_ack(self._execute("push", _PUSH_SQL, (node_id, through_lsn, *params)))
 
     def _drop(self) -> None:

@@ -34,7 +34,7 @@ from engine.errors import (
 from engine.record import CODEC_NONE, CODEC_ZSTD
 from engine.versions import Sibling, Version
 
-__all__ = ["PUSH_ARRAYS", "NodeStatus", "PullPage", "PushAck", "Transport", "WireBatch",
+__all__ = ["PUSH_ARRAYS", "Claim", "NodeStatus", "PullPage", "PushAck", "Transport", "WireBatch",
            "error_for_sqlstate", "head_of", "json_text", "node_status", "pull_page", "push_ack",
            "push_arrays", "state_page", "wire_sibling"]
 
@@ -66,6 +66,24 @@ class PushAck:
     #: runs whose entries the server refused for an older fencing token:
     #: ``[{"run_id": ..., "current": token}]``
     fenced: list[dict[str, Any]] = field(default_factory=list)
+    #: the server's identity (walsync.server), in the answer to a claimed push
+    server_id: str | None = None
+    #: why a claimed push was refused, nothing of it stored: "taken" (another
+    #: incarnation holds the node id) or "behind" (the server lacks entries before
+    #: the batch; ``acked_lsn`` is what it holds)
+    refused: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a batch is pushed under (``walsync_api.push_claimed``): the incarnation
+    token the node id was claimed with (None: an id the store retired, whose LSNs the
+    server held before), the LSN below the id's first (``base_lsn``) and the
+    acknowledged LSN the batch follows. A batch without one goes to the plain push."""
+
+    incarnation: str | None
+    base_lsn: int
+    after_lsn: int
 
 
 @dataclass(frozen=True)
@@ -215,8 +233,12 @@ def push_ack(doc: Any) -> PushAck:
         _text(run, "run_id", "push: a fenced run")
         _int(run, "current", "push: a fenced run")
         _text_or_null(run, "holder", "push: a fenced run")
+    refused = _text_or_null(d, "refused", "push")
+    if refused not in (None, "taken", "behind"):
+        raise SyncProtocolError(f"push: 'refused' is {refused!r}, not 'taken' or 'behind'")
     return PushAck(_int(d, "acked_lsn", "push"), _int(d, "inserted", "push"),
-                   _int(d, "merged", "push"), _int(d, "head", "push"), list(fenced))
+                   _int(d, "merged", "push"), _int(d, "head", "push"), list(fenced),
+                   _text_or_null(d, "server_id", "push"), refused)
 
 
 def pull_page(doc: Any) -> PullPage:
@@ -330,11 +352,15 @@ class WireBatch(list[dict[str, Any]]):
     not to be changed in place once encoded.)
     """
 
-    __slots__ = ("_encoded",)
+    __slots__ = ("_encoded", "claim")
 
-    def __init__(self, entries: Iterable[dict[str, Any]] = ()) -> None:
+    def __init__(self, entries: Iterable[dict[str, Any]] = (), claim: Claim | None = None
+                 ) -> None:
         super().__init__(entries)
         self._encoded: dict[str, tuple[tuple[dict[str, Any], ...], Any]] = {}
+        #: the incarnation the batch is pushed under (travels with the batch through
+        #: any wrapper of a transport to the one that sends it)
+        self.claim = claim
 
     def keep(self, transport: str, encoded: Any) -> None:
         self._encoded[transport] = (tuple(self), encoded)

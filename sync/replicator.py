@@ -53,11 +53,13 @@ from engine.errors import (
     WalsyncError,
 )
 from engine.events import LeaseLostEvent
+from engine.identity import NodeIdentity, end_of, owner_of, translate_vv
 from engine.metrics import LATENCY_BOUNDS_NS, Histogram, HistogramSnapshot
 from engine.workflow import drop_lease
 
+from .incarnation import connect, hello
 from .merge import record_to_wire, sibling_to_wire
-from .remote import Transport, WireBatch
+from .remote import Claim, PushAck, Transport, WireBatch
 
 __all__ = ["Replicator", "ReplicatorOptions", "ReplicatorStats", "ReplicatorStatus"]
 
@@ -110,6 +112,15 @@ class ReplicatorStatus:
     #: server refused, made before it took the lease or without its token (run id
     #: -> the lease token): not lost, but those writes are not on the server
     stale_refused: dict[str, int] = field(default_factory=dict)
+    #: the server's identity (walsync.server): the acknowledged LSN is this server's
+    server_id: str | None = None
+    #: times the server held less of this store than it had acknowledged (another
+    #: server, or one restored from a backup): shipping went on from the server's
+    #: position; ``last_reship`` says what was found and from where
+    reships: int = 0
+    last_reship: str | None = None
+    #: node ids this store left because another store (a copy of it) holds them
+    node_renewals: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -141,6 +152,10 @@ class ReplicatorStats:
     last_push_unix: float | None
     last_pull_unix: float | None
     last_error_unix: float | None
+    #: times shipping went back to a server's position (it held less than acknowledged)
+    reships: int = 0
+    #: node ids left because a copy of the store holds them
+    node_renewals: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +169,8 @@ class _Batch:
     size_bytes: int
     #: shippable records were left after it (it was cut by a count or byte limit)
     more: bool
+    #: the node id its LSNs belong to (engine/identity.py: a batch never spans two)
+    node_id: str = ""
 
 
 #: records an ahead thread reads and decodes between two releases of the GIL: the
@@ -217,6 +234,9 @@ class Replicator:
             store.set_retain_floor(self._acked + 1)
         self._status = ReplicatorStatus(store.node_id, transport.name, acked_lsn=self._acked)
         self._server_checked = False
+        #: the incarnation token this store's node id is claimed with on the server
+        self._token: str | None = None
+        self._server_id: str | None = None
         self._next_pull = 0.0
         self._skipped_cursor: int | None = None
         self._lost_callbacks: list[Callable[[LeaseLostError], None]] = []
@@ -398,10 +418,6 @@ class Replicator:
 
     def run_once(self) -> tuple[int, int]:
         """Ship everything shippable, then pull if due: (entries pushed, entries pulled)."""
-        if not self._server_checked:
-            server = self.transport.node_status(self.store.node_id)
-            self._set_acked(max(self._acked, server.acked_lsn))
-            self._server_checked = True
         pushed = self.ship()
         pulled = 0
         if self.options.pull and time.monotonic() >= self._next_pull:
@@ -419,27 +435,44 @@ class Replicator:
         short-lived thread (``_Ahead``): the server's work and the client's overlap.
         """
         store = self.store
+        self._ensure_connected()
         if store.shippable_lsn < store.applied_lsn:
             store.flush()
         total = 0
+        reclaims = 0
         ahead: _Ahead | None = None
         try:
             while not self._stop.is_set():
                 try:
+                    try:
+                        if ahead is not None:
+                            pending, ahead = ahead, None
+                            batch = pending.result()
+                        else:
+                            batch = self._build(self._acked, store.shippable_lsn)
+                    except LSNGapError:
+                        total += self._bootstrap()
+                        continue
+                    if batch.through_lsn <= self._acked:
+                        break
+                    if batch.more:  # a full batch: more is waiting, read it during the push
+                        ahead = _Ahead(functools.partial(self._build, step=_YIELD_EVERY),
+                                       batch.through_lsn, store.shippable_lsn)
+                    total += self._push_batch(batch)
+                except _Reclaim as exc:
+                    # the server no longer takes this store's pushes under its claim (or is
+                    # another server): claim again (or take a fresh node id), then go on
                     if ahead is not None:
-                        pending, ahead = ahead, None
-                        batch = pending.result()
-                    else:
-                        batch = self._build(self._acked, store.shippable_lsn)
-                except LSNGapError:
-                    total += self._bootstrap()
+                        ahead.wait()
+                        ahead = None
+                    reclaims += 1
+                    if reclaims > _MAX_RECLAIMS:
+                        raise RemoteUnavailableError(
+                            f"pushing from {store.path}: {exc}; claimed node id "
+                            f"{store.node_id} {reclaims - 1} times in one round") from None
+                    self._server_checked = False
+                    self._ensure_connected()
                     continue
-                if batch.through_lsn <= self._acked:
-                    break
-                if batch.more:  # a full batch: more is waiting, read it during the push
-                    ahead = _Ahead(functools.partial(self._build, step=_YIELD_EVERY),
-                                   batch.through_lsn, store.shippable_lsn)
-                total += self._push_batch(batch)
                 if ahead is not None and self._acked != batch.through_lsn:
                     # the server had acknowledged further: read on from its LSN instead
                     ahead.wait()
@@ -460,6 +493,11 @@ class Replicator:
         entries = WireBatch()
         through = after_lsn
         count = size = read_bytes = 0
+        chain = self.store.identities
+        owner = owner_of(chain, after_lsn + 1)
+        end = end_of(chain, owner)
+        if end is not None:  # a batch is one node id's: it ends where the next id starts
+            upto_lsn = min(upto_lsn, end)
         while count < opts.batch_records and read_bytes < opts.batch_bytes:
             records = self._reader.read(through, upto_lsn,
                                         min(step or opts.batch_records, opts.batch_records - count),
@@ -468,7 +506,10 @@ class Replicator:
                 break
             for rec in records:
                 if rec.local:
-                    entries.extend(record_to_wire(rec.lsn, rec.ops))
+                    wire = record_to_wire(rec.lsn, rec.ops)
+                    if len(chain) > 1:
+                        _translate(chain, rec.lsn, wire)
+                    entries.extend(wire)
                     size += rec.size_bytes
                 read_bytes += rec.size_bytes
             count += len(records)
@@ -478,16 +519,22 @@ class Replicator:
         prepare = getattr(self.transport, "prepare_push", None)
         if entries and prepare is not None:
             prepare(entries)
-        return _Batch(through, entries, size, after_lsn < through < upto_lsn)
+        return _Batch(through, entries, size, after_lsn < through < upto_lsn, owner.node_id)
 
     def _push_batch(self, batch: _Batch) -> int:
         """Push one batch and acknowledge it as far as the server confirmed: the count."""
         entries = batch.entries
-        if not entries:  # only merge records: nothing the server needs
+        owner = next(i for i in self.store.identities if i.node_id == batch.node_id)
+        started = time.perf_counter_ns()
+        # a batch of merge records only is pushed too (empty): the server's acknowledged
+        # LSN covers them, so it stays the store's own
+        sent = self._send(owner, batch.through_lsn, entries)
+        if sent is None:  # the server holds less: shipping goes on from its position
+            return 0
+        ack = sent
+        if not entries:
             self._set_acked(batch.through_lsn)
             return 0
-        started = time.perf_counter_ns()
-        ack = self.transport.push(self.store.node_id, batch.through_lsn, entries)
         self._push_ns.observe(time.perf_counter_ns() - started)
         if ack.fenced:
             self._fenced_writes += len(ack.fenced)
@@ -496,8 +543,31 @@ class Replicator:
         self._pushed_bytes += batch.size_bytes
         self._status.last_push_at = time.time()
         self._status.server_head = ack.head
-        self._set_acked(max(ack.acked_lsn, batch.through_lsn))
+        # what this push confirmed, never more: a server ahead of the batch holds
+        # entries this store did not send (ignored as duplicates of its own LSNs)
+        self._set_acked(batch.through_lsn)
         return len(entries)
+
+    def _send(self, owner: NodeIdentity, through_lsn: int,
+              entries: list[dict[str, Any]]) -> PushAck | None:
+        """Push under the store's claim of ``owner`` (or, for an id the store retired,
+        as re-shipping what the server held of it), following the acknowledged LSN.
+        None: the server holds less than that (rewound). Raises _Reclaim when the
+        claim no longer holds or the server is another one."""
+        current = owner.node_id == self.store.node_id
+        batch = entries if isinstance(entries, WireBatch) else WireBatch(entries)
+        batch.claim = Claim(self._token if current else None, owner.base_lsn, self._acked)
+        ack = self.transport.push(owner.node_id, through_lsn, batch)
+        if ack.server_id is not None and ack.server_id != self._server_id:
+            raise _Reclaim(f"the server is another one now (id {ack.server_id})")
+        if ack.refused == "taken":
+            raise _Reclaim(f"another store holds node id {owner.node_id} on the server now")
+        if ack.refused == "behind":
+            self._rewind(ack.acked_lsn, f"server {self._server_id} holds LSNs of node "
+                                        f"{owner.node_id} only up to {ack.acked_lsn}, this "
+                                        f"store had {self._acked} acknowledged")
+            return None
+        return ack
 
     def _report_fenced(self, fenced: list[dict[str, Any]], entries: list[dict[str, Any]]) -> None:
         """The server refused this node's writes to runs whose lease it does not hold
@@ -545,36 +615,99 @@ class Replicator:
         self._lost_callbacks.append(callback)
 
     def _bootstrap(self) -> int:
-        """Ship state whose WAL records were removed before sync was attached.
+        """Ship state whose WAL records are gone: removed before sync was attached, or
+        before the server lost them (a server behind, another server).
 
-        A store used without sync drops checkpointed segments. Its own
-        versions still in the snapshot (not superseded) are shipped as they
-        are, then the acknowledgement jumps to just below the oldest record the
-        WAL still holds, and shipping goes on from the log.
+        The store's own versions of those LSNs still in the snapshot (not superseded)
+        are shipped as they are (their history is gone), one node id's LSNs at a
+        time, then the acknowledgement jumps to just below the oldest record the WAL
+        still holds (or the id's last LSN), and shipping goes on from the log.
         """
         store = self.store
         oldest = self._reader.oldest_lsn()
         first_available = oldest if oldest is not None else store.shippable_lsn + 1
         if first_available <= self._acked + 1:
             raise LSNGapError(f"the WAL of {store.path} has a hole after LSN {self._acked}")
-        log.warning("sync: WAL records %d..%d were removed before shipping; shipping the "
-                    "snapshot's state for them", self._acked + 1, first_available - 1)
-        batch: list[dict[str, Any]] = []
+        chain = store.identities
+        owner = owner_of(chain, self._acked + 1)
+        end = end_of(chain, owner)
+        upto = first_available - 1 if end is None else min(first_available - 1, end)
+        after = self._acked
+        log.warning("sync: WAL records %d..%d are no longer in the WAL; shipping the "
+                    "snapshot's versions of them (node %s)", after + 1, upto, owner.node_id)
+        batch = WireBatch()
         total = 0
         for key, sibs in store.iter_siblings():
             for sib in sibs:
                 v = sib.version
-                if v.origin == store.node_id and self._acked < v.lsn < first_available:
+                if v.origin == owner.node_id and after < v.lsn <= upto:
                     batch.append(sibling_to_wire(key, 0, sib))
             if len(batch) >= self.options.batch_records:
-                self.transport.push(store.node_id, 0, batch)
+                if self._send(owner, after, batch) is None:
+                    return total
                 total += len(batch)
-                batch = []
-        ack = self.transport.push(store.node_id, first_available - 1, batch)
+                batch = WireBatch()
+        if self._send(owner, upto, batch) is None:
+            return total
         total += len(batch)
         self._status.pushed_entries += total
-        self._set_acked(max(ack.acked_lsn, first_available - 1))
+        self._set_acked(upto)
         return total
+
+    def _ensure_connected(self) -> None:
+        """Claim the node id and find where shipping goes on, once per connection
+        (again after start(), or when a push or pull says the claim is gone)."""
+        if self._server_checked:
+            return
+        conn = connect(self.store, self.transport, self._reader, self._acked,
+                       self._rewind, self._set_acked)
+        self._token = conn.token
+        self._server_id = conn.server_id
+        status = self._status
+        status.server_id = conn.server_id
+        status.server_head = conn.head
+        if conn.renewed is not None:
+            status.node_renewals += 1
+            status.node_id = self.store.node_id
+        if conn.server_changed:
+            self._reset_pull_cursor()
+        self._server_checked = True
+
+    def _rewind(self, lsn: int, why: str) -> None:
+        """The server holds less of this store than it acknowledged (another server,
+        a database restored from a backup): ship again from ``lsn`` (persisted, the
+        WAL's retention floor with it), from the WAL where it still holds the records,
+        else the snapshot's versions (``_bootstrap``); pull everything again too, the
+        server's positions are not the ones the cursor counted."""
+        if lsn >= self._acked:
+            return
+        said = f"{why}; shipping again from LSN {lsn + 1}"
+        log.warning("sync: %s", said)
+        status = self._status
+        status.reships += 1
+        status.last_reship = said
+        self._acked = lsn
+        self.store.set_sync_state(_ACKED, lsn.to_bytes(8, "little"))
+        self.store.set_retain_floor(lsn + 1)
+        status.acked_lsn = lsn
+        self._reset_pull_cursor()
+
+    def _reset_pull_cursor(self) -> None:
+        if self._pull_cursor() == 0:
+            return
+        self._skipped_cursor = 0
+        self.store.set_sync_state(_CURSOR, (0).to_bytes(8, "little"))
+        self.store.apply_remote([], meta={_CURSOR: 0})
+
+    def _still_claimed(self) -> bool:
+        """Whether the server still gives this store's node id to this store (and
+        holds nothing of it this store did not push)."""
+        cur = self.store.identities[-1]
+        if self._token is None:
+            return False
+        h = hello(self.transport, cur.node_id, tokens=[self._token], new_token=None,
+                  acked_lsn=max(self._acked, cur.base_lsn), base_lsn=cur.base_lsn)
+        return h.reason is None and h.server_id == self._server_id
 
     def _set_acked(self, lsn: int) -> None:
         if lsn > self._acked or self.store.retain_floor != self._acked + 1:
@@ -590,7 +723,9 @@ class Replicator:
     def pull(self) -> int:
         """Merge other origins' entries after the cursor; returns how many were received."""
         store = self.store
+        self._ensure_connected()
         total = 0
+        reclaims = 0
         while True:
             cursor = self._pull_cursor()
             page = self.transport.pull(store.node_id, cursor, self.options.pull_limit)
@@ -607,6 +742,21 @@ class Replicator:
                     break
                 continue
             items = page.siblings  # checked by the transport: no malformed entry here
+            mine = store.node_id
+            if (any(s.version.vv.get(mine, 0) > self._acked for _, s in items)
+                    and not self._still_claimed()):
+                # Versions that saw writes of this node id this store never pushed:
+                # another store holds the id now (a copy). Merged, they would wrongly
+                # dominate this store's own unshipped writes: claim again (a fresh id)
+                # first, then read the page again.
+                reclaims += 1
+                if reclaims > _MAX_RECLAIMS:
+                    raise RemoteUnavailableError(
+                        f"pulling into {store.path}: node id {mine} keeps being claimed "
+                        "by another store")
+                self._server_checked = False
+                self._ensure_connected()
+                continue
             store.apply_remote(items, meta={_CURSOR: page.next})
             total += len(items)
             self._status.pulled_entries += len(items)
@@ -696,7 +846,7 @@ class Replicator:
             pulled_entries=s.pulled_entries, retries=s.retries, conflicts=s.conflicts,
             fenced_writes=self._fenced_writes, lost_runs=s.fenced_runs,
             last_push_unix=s.last_push_at, last_pull_unix=s.last_pull_at,
-            last_error_unix=s.last_error_at,
+            last_error_unix=s.last_error_at, reships=s.reships, node_renewals=s.node_renewals,
         )
 
     def _lag_bytes(self) -> int:
@@ -705,6 +855,21 @@ class Replicator:
         # wal_end_bytes, not info().wal_bytes: the active segment's preallocated
         # zeros are not lag
         return max(0, self.store.wal_end_bytes - self._reader.position_bytes())
+
+
+class _Reclaim(Exception):
+    """A push found the store's claim on its node id gone (or another server)."""
+
+
+#: claims one ship or pull may go through (each answers a server that changed under it)
+_MAX_RECLAIMS = 4
+
+
+def _translate(chain: tuple[NodeIdentity, ...], lsn: int, wire: list[dict[str, Any]]) -> None:
+    """A WAL record written under a node id the store renewed since: its entries'
+    version vectors as the renewal relabelled them (engine/identity.py)."""
+    for e in wire:
+        e["vv"] = dict(translate_vv(chain, lsn, e["vv"])[1])
 
 
 def _run_of(key: str) -> str | None:

@@ -1,16 +1,20 @@
 """Restore after host loss: build a new store from the server's merged state.
 
 The new store gets a new node id (a lost host's LSNs are never reused: see
-the kv679 lesson in SPEC 4.5), every sibling is checked against its value
-hash before it is written, and the pull cursor is set to the server's head
-as read *before* the state was paged, so anything committed during the
-restore is pulled afterwards (merging twice changes nothing). Restored runs
-need their leases before they resume.
+the kv679 lesson in SPEC 4.5). A forced restore into an existing store gives
+that store a fresh node id too: the directory may be a stale copy of a store
+that lives on elsewhere (the lost host's old disk, say), and its writes from
+now on must not share an id with that one's. Every sibling is checked against
+its value hash before it is written, and the pull cursor is set to the
+server's head as read *before* the state was paged, so anything committed
+during the restore is pulled afterwards (merging twice changes nothing).
+Restored runs need their leases before they resume.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -27,10 +31,13 @@ from engine.record import decode_value
 from engine.versions import Sibling
 from engine.workflow import Workflows
 
+from .incarnation import SERVER_ID, hello, verified_through
 from .merge import sibling_from_wire
 from .remote import Transport, state_page
 
-__all__ = ["RestoreReport", "restore"]
+__all__ = ["RestoreReport", "recovery_point_iso", "restore"]
+
+log = logging.getLogger("walsync.restore")
 
 
 @dataclass
@@ -42,11 +49,41 @@ class RestoreReport:
     bytes: int = 0
     pull_cursor: int = 0
     lost_node: str | None = None
-    #: the lost node's last acknowledged LSN and its commit time: the recovery point
+    #: the lost node's last acknowledged LSN and its commit time: the recovery point,
+    #: as ISO-8601 UTC and as unix milliseconds (the names `walsync status` uses)
     lost_node_acked_lsn: int | None = None
     recovery_point: str | None = None
+    recovery_point_unix_ms: int | None = None
+    #: the node id the store had before a forced restore into it (it took a fresh one)
+    renewed_from: str | None = None
     resumable_runs: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def recovery_point_iso(unix_ms: int | None) -> str | None:
+    """The recovery point's time as ISO-8601 UTC (millisecond precision)."""
+    if not unix_ms:
+        return None
+    return dt.datetime.fromtimestamp(unix_ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _renew_existing(store: Store, transport: Transport) -> str:
+    """A forced restore into an existing store: a fresh node id for everything the
+    server does not hold as this store wrote it (its old id may live on in another
+    copy of the directory). Returns the old id."""
+    old = store.identities[-1]
+    h = hello(transport, old.node_id, tokens=[], new_token=None, acked_lsn=2**62,
+              base_lsn=old.base_lsn)
+    raw_server = store.sync_state(SERVER_ID)
+    raw_acked = store.sync_state("acked_lsn")
+    acked = int.from_bytes(raw_acked, "little") if raw_acked else 0
+    same = raw_server is None or raw_server.decode() == h.server_id
+    start = max(old.base_lsn, min(acked, h.acked_lsn) if same else old.base_lsn)
+    store.flush()
+    fork = verified_through(transport, store.wal_reader(), old.node_id, start,
+                            min(h.acked_lsn, store.shippable_lsn))
+    store.renew_node_id(fork, reason="a forced restore into this store")
+    return old.node_id
 
 
 def _checked(row: dict[str, Any]) -> Sibling:
@@ -109,8 +146,11 @@ def restore(
     else:
         prefixes = [prefix]
     total = sum(int(transport.call("state_count", {"p_prefix": p})["keys"]) for p in prefixes)
+    existing = (target / "STORE").exists()
     with Store.open(target, create=True) as store:
-        report = RestoreReport(str(target), store.node_id, lost_node=lost_node, pull_cursor=head)
+        renewed_from = _renew_existing(store, transport) if existing else None
+        report = RestoreReport(str(target), store.node_id, lost_node=lost_node, pull_cursor=head,
+                               renewed_from=renewed_from)
         for p in prefixes:
             exact_run = p.startswith("runs/") and lost_node is not None
             after: str | None = None
@@ -136,8 +176,8 @@ def restore(
             status = transport.node_status(lost_node)
             report.lost_node_acked_lsn = status.acked_lsn
             if status.acked_hlc:
-                stamp = dt.datetime.fromtimestamp((status.acked_hlc >> 16) / 1000, dt.UTC)
-                report.recovery_point = stamp.isoformat()
+                report.recovery_point_unix_ms = status.acked_hlc >> 16
+                report.recovery_point = recovery_point_iso(report.recovery_point_unix_ms)
         report.resumable_runs = [r.run_id for r in Workflows(store).resumable()]
     report.seconds = time.perf_counter() - started
     return report

@@ -32,6 +32,7 @@ from engine.errors import (
 from .remote import (
     PushAck,
     RpcTransport,
+    WireBatch,
     error_for_sqlstate,
     push_ack,
     push_arrays,
@@ -131,6 +132,12 @@ class SupabaseTransport(RpcTransport):
         objects, JSON views as JSON text)."""
         arrays = push_arrays(entries, vv_as_text=False)
         arrays["p_data"] = [None if d is None else "\\x" + d.hex() for d in arrays["p_data"]]
+        claim = entries.claim if isinstance(entries, WireBatch) else None
+        if claim is not None:
+            return push_ack(self.call("push_claimed", {
+                "p_node": node_id, "p_incarnation": claim.incarnation,
+                "p_base_lsn": claim.base_lsn, "p_after_lsn": claim.after_lsn,
+                "p_through_lsn": through_lsn, **arrays}))
         return push_ack(self.call("push", {"p_node": node_id, "p_through_lsn": through_lsn,
                                            **arrays}))
 

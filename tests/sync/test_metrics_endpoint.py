@@ -62,6 +62,8 @@ FAMILIES = {
     "walsync_conflicts": "counter",
     "walsync_fenced_writes": "counter",
     "walsync_lost_runs": "counter",
+    "walsync_sync_reships": "counter",
+    "walsync_sync_node_renewals": "counter",
     "walsync_last_push_success_timestamp_seconds": "gauge",
     "walsync_last_pull_timestamp_seconds": "gauge",
     "walsync_replicator_running": "gauge",

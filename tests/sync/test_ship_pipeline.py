@@ -88,6 +88,9 @@ class FlakyTransport:
     def node_status(self, node_id: str) -> Any:
         return self.real.node_status(node_id)
 
+    def call(self, function: str, args: dict[str, Any]) -> Any:
+        return self.real.call(function, args)
+
     def close(self) -> None:
         self.real.close()
 
@@ -191,9 +194,10 @@ def test_migrate_upgrades_push_on_a_database_from_before(pg_db: str, tenant: boo
     with psycopg.connect(pg_db, autocommit=True) as conn:
         for version, path in older:
             _apply(conn, version, path, force=False)
-        if tenant:
+        if tenant:  # the tenant files of that time
             for version, path in list_migrations(tenant=True):
-                _apply(conn, version, path, force=False)
+                if version < "20261123000103":
+                    _apply(conn, version, path, force=False)
     before = PostgresTransport(pg_db)
     try:
         assert before.push("A", 1, [entry("A", 1, "k", 1)]).inserted == 1
@@ -268,6 +272,9 @@ class SlowTransport:
 
     def node_status(self, node_id: str) -> Any:
         return self.real.node_status(node_id)
+
+    def call(self, function: str, args: dict[str, Any]) -> Any:
+        return self.real.call(function, args)
 
     def pull(self, *args: Any, **kwargs: Any) -> Any:
         return self.real.pull(*args, **kwargs)

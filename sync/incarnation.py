@@ -1,0 +1,329 @@
+"""Node incarnations on a server: which store may push under a node id, and how much
+of a store the server holds.
+
+A store's node id must name one incarnation (SPEC 4.5, engine/identity.py). A
+``cp -r`` of a store, a disk image put back, a restore over an old directory all
+hold the same id and the same history up to a point, then write different
+records under the same LSNs. The server would keep the first and skip the other
+as a duplicate of (origin, LSN, key): a write acknowledged, never stored. So:
+
+* Before it ships, a replicator *claims* its id (``walsync_api.hello``): with a
+  fresh random token, remembered in the store (fsynced) before the server sees
+  it, granted only if the server's token for the id is one of the store's own
+  and the server holds nothing of the id past the store's acknowledgement. A copy
+  made before the original's last claim shows an old token; a copy whose original
+  shipped past the copy's position is "ahead": both are refused.
+* Every push names the token (``push_claimed``); a push under another is refused,
+  so two incarnations never ship under one id, whoever claimed first.
+* A refused store checks the server's entries above its acknowledgement against
+  its own records (``verified_through``: key, stored bytes, HLC per LSN). If they
+  are its own (its acknowledgement was lost in a crash) it adopts them; otherwise
+  it takes a fresh id for everything above the last matching LSN
+  (``Store.renew_node_id``), and ships that under the new id.
+* The server's id (``walsync.server``) is kept beside the acknowledged LSN: on
+  another server the store ships everything again, and on a server that holds
+  less than the store's acknowledgement (a restored backup) it ships again from
+  what the server holds (``position``). Pushes follow the server's position
+  (``push_claimed`` refuses one after a gap), so an acknowledgement never covers
+  entries the server lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine import Store
+from engine.errors import LSNGapError, RemoteUnavailableError, SyncProtocolError
+from engine.feed import WALReader
+from engine.identity import NodeIdentity, end_of
+
+from .merge import record_to_wire
+from .remote import Transport
+
+__all__ = ["SERVER_ID", "Connection", "Hello", "ServerPosition", "connect", "hello", "position",
+           "server_entries", "verified_through"]
+
+log = logging.getLogger("walsync.replicator")
+
+#: sync_state name of the server the acknowledged LSN was confirmed by
+SERVER_ID = "server_id"
+#: LSNs per node_entries call
+_ENTRIES_PAGE = 1000
+#: claims a connect may go through before it gives up for now (each one answers a
+#: server that changed under it: a claim, an adoption, a renewal)
+_MAX_ROUNDS = 8
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The server's answer to a claim (or to the question whether one still holds)."""
+
+    server_id: str
+    node_id: str
+    #: None: claimed (or still held); "taken": another incarnation holds the id;
+    #: "ahead": the server holds entries of the id past the caller's acknowledgement
+    reason: str | None
+    claimed: bool
+    #: what the server holds of the id: every LSN up to it
+    acked_lsn: int
+    acked_hlc: int
+    head: int
+
+
+def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
+    value = doc.get(name)
+    if type(value) is not kind or (type(value) is int and not 0 <= value < 2**63):
+        raise SyncProtocolError(f"hello: {name!r} is {value!r:.40}, not a {kind.__name__}")
+    return value
+
+
+def hello(transport: Transport, node_id: str, *, tokens: Sequence[str], new_token: str | None,
+          acked_lsn: int, base_lsn: int) -> Hello:
+    """Claim ``node_id`` with ``new_token`` (None: only ask whether a token of
+    ``tokens`` still holds it and nothing is past ``acked_lsn``)."""
+    doc = transport.call("hello", {"p_node": node_id, "p_tokens": list(tokens),
+                                   "p_new_token": new_token, "p_acked_lsn": acked_lsn,
+                                   "p_base_lsn": base_lsn})
+    if type(doc) is not dict:
+        raise SyncProtocolError(f"hello: the server answered {type(doc).__name__}, not an object")
+    reason = doc.get("reason")
+    if reason not in (None, "taken", "ahead"):
+        raise SyncProtocolError(f"hello: 'reason' is {reason!r:.40}")
+    return Hello(_field(doc, "server_id", str), _field(doc, "node_id", str), reason,
+                 _field(doc, "claimed", bool), _field(doc, "acked_lsn", int),
+                 _field(doc, "acked_hlc", int), _field(doc, "head", int))
+
+
+#: an entry as both sides can compare it: key, md5 of the stored bytes (None: a
+#: tombstone), HLC (None: the server kept it among refused writes, without one)
+_Print = tuple[str, str | None, int | None]
+
+
+def server_entries(transport: Transport, node_id: str, after: int,
+                   upto: int) -> dict[int, list[_Print]]:
+    """What the server holds of ``node_id``'s LSNs in (after, upto], by LSN."""
+    out: dict[int, list[_Print]] = {}
+    lo = after
+    while lo < upto:
+        hi = min(upto, lo + _ENTRIES_PAGE)
+        doc = transport.call("node_entries", {"p_node": node_id, "p_after": lo, "p_upto": hi})
+        rows = doc.get("rows") if type(doc) is dict else None
+        if type(rows) is not list:
+            raise SyncProtocolError("node_entries: the answer holds no 'rows' list")
+        for row in rows:
+            if type(row) is not dict:
+                raise SyncProtocolError("node_entries: a row is not an object")
+            lsn, key, md5, hlc = row.get("lsn"), row.get("key"), row.get("md5"), row.get("hlc")
+            if (type(lsn) is not int or type(key) is not str
+                    or not (md5 is None or type(md5) is str)
+                    or not (hlc is None or type(hlc) is int)):
+                raise SyncProtocolError(f"node_entries: malformed row {row!r:.120}")
+            out.setdefault(lsn, []).append((key, md5, hlc))
+        lo = hi
+    return out
+
+
+def _matches(server: list[_Print], local: list[_Print]) -> bool:
+    if len(server) != len(local):
+        return False
+    mine = {key: (md5, hlc) for key, md5, hlc in local}
+    for key, md5, hlc in server:
+        found = mine.get(key)
+        if found is None or found[0] != md5 or (hlc is not None and found[1] != hlc):
+            return False
+    return True
+
+
+def verified_through(transport: Transport, reader: WALReader, node_id: str, after: int,
+                     upto: int) -> int:
+    """The last LSN ``v`` in [after, upto] such that for every LSN in (after, v] the
+    server holds of ``node_id`` exactly what this store's record there wrote (nothing
+    for a merge record). Records the WAL no longer holds cannot be checked: it stops
+    before them."""
+    if upto <= after:
+        return after
+    held = server_entries(transport, node_id, after, upto)
+    verified = after
+    while verified < upto:
+        try:
+            records = reader.read(verified, upto, 1000)
+        except LSNGapError:
+            return verified
+        if not records:
+            return verified
+        for rec in records:
+            if rec.lsn != verified + 1:
+                return verified
+            local: list[_Print] = []
+            if rec.local:
+                local = [(e["key"], None if e["data"] is None
+                          else hashlib.md5(e["data"]).hexdigest(), int(e["hlc"]))
+                         for e in record_to_wire(rec.lsn, rec.ops)]
+            if not _matches(held.get(rec.lsn, []), local):
+                return verified
+            verified = rec.lsn
+    return verified
+
+
+@dataclass(frozen=True)
+class ServerPosition:
+    """How much of a store a server holds, over every node id the store wrote under."""
+
+    server_id: str | None
+    #: every record of the store up to this LSN is on the server
+    acked_lsn: int
+    #: the newest acknowledged write's HLC (the recovery point's time; 0: none)
+    acked_hlc: int
+    head: int
+    #: per node id: what the server holds of it (its own LSN position)
+    nodes: dict[str, int] = field(default_factory=dict)
+
+
+def position(transport: Transport, chain: Sequence[NodeIdentity]) -> ServerPosition:
+    """What the server holds of a store, asking nothing of it but reads: each id in
+    turn, as far as the server holds its LSNs without a gap."""
+    pos = 0
+    hlc = head = 0
+    server_id: str | None = None
+    nodes: dict[str, int] = {}
+    for ident in chain:
+        base = ident.base_lsn if pos >= ident.base_lsn else 0
+        h = hello(transport, ident.node_id, tokens=[], new_token=None, acked_lsn=2**62,
+                  base_lsn=base)
+        server_id, head = h.server_id, h.head
+        nodes[ident.node_id] = h.acked_lsn
+        if pos < ident.base_lsn:
+            break  # a gap before this id: nothing of it counts
+        hlc = max(hlc, h.acked_hlc)
+        end = end_of(chain, ident)
+        if end is not None and h.acked_lsn >= end:
+            pos = end
+            continue
+        pos = max(pos, h.acked_lsn if end is None else min(h.acked_lsn, end))
+        break
+    return ServerPosition(server_id, pos, hlc, head, nodes)
+
+
+@dataclass
+class Connection:
+    """What a connect found: the server, the claim, and where shipping goes on."""
+
+    server_id: str
+    #: the token the current node id is claimed with
+    token: str
+    acked_lsn: int
+    head: int
+    #: the store was acknowledged by another server before (it ships everything again)
+    server_changed: bool = False
+    #: the server held less than the store's acknowledgement (it ships again from there)
+    server_behind: bool = False
+    #: the node id the store took because another store holds its old one
+    renewed: NodeIdentity | None = None
+
+
+def connect(store: Store, transport: Transport, reader: WALReader, acked: int,
+            rewind: Callable[[int, str], None], advance: Callable[[int], None]) -> Connection:
+    """Claim the store's node id on the server and find where shipping goes on.
+
+    ``acked`` is the store's acknowledged LSN; ``rewind(lsn, why)`` moves it back
+    (persisted) when the server holds less, ``advance(lsn)`` forward over entries
+    the server was found to hold as this store wrote them. Renews the node id when
+    another store holds it. Before this returns nothing was shipped or pulled.
+    """
+    changed = behind = False
+    renewed: NodeIdentity | None = None
+    #: (node id, LSN): what the server was found to hold of the current id as this
+    #: store wrote it, past ``acked`` while LSNs of earlier ids are still to ship
+    known = ("", 0)
+    for _ in range(_MAX_ROUNDS):
+        chain = store.identities
+        cur = chain[-1]
+        local_server = _text_state(store, SERVER_ID)
+        token = secrets.token_hex(16)
+        store.add_incarnation_token(token)  # before the server knows it
+        mine = max(acked, cur.base_lsn, known[1] if known[0] == cur.node_id else 0)
+        h = hello(transport, cur.node_id, tokens=store.incarnation_tokens(), new_token=token,
+                  acked_lsn=mine, base_lsn=cur.base_lsn)
+        if local_server != h.server_id:
+            if acked > 0 or known[1]:
+                rewind(0, f"the server is another one (id {h.server_id}, this store's "
+                          f"acknowledgement came from {local_server or 'a server before ids'})")
+                acked, known = 0, ("", 0)
+                changed = True
+            store.set_sync_state(SERVER_ID, h.server_id.encode())
+            if mine != max(acked, cur.base_lsn):
+                continue  # claim again with what this store holds on this server
+        if len(chain) > 1:
+            held = min(position(transport, chain[:-1]).acked_lsn, cur.base_lsn)
+            if held < min(acked, cur.base_lsn):
+                rewind(held, f"server {h.server_id} holds LSNs of this store's earlier node "
+                             f"ids only up to {held}")
+                acked, behind = held, True
+            elif acked < held:
+                acked = held  # what the server holds of retired ids, shared with any copy
+                advance(held)
+        if h.reason is not None:
+            upto = min(h.acked_lsn, store.shippable_lsn)
+            verified = verified_through(transport, reader, cur.node_id, mine, upto)
+            if h.reason == "ahead" and verified == h.acked_lsn:
+                # its own entries, whose acknowledgement this store lost (a crash)
+                known = (cur.node_id, verified)
+                if acked >= cur.base_lsn:
+                    acked = verified
+                    advance(verified)
+                continue
+            why = ("another store (a copy of this one) holds it on the server"
+                   if h.reason == "taken" else
+                   f"the server holds entries of it up to LSN {h.acked_lsn}, this store's "
+                   f"own differ after LSN {verified} (a copy of this store wrote them)")
+            renewed = store.renew_node_id(verified, reason=f"node id {cur.node_id}: {why}")
+            log.warning("sync: node id %s of %s is not this store's alone: %s; it ships "
+                        "LSNs after %d as node %s", cur.node_id, store.path, why, verified,
+                        renewed.node_id)
+            if acked >= cur.base_lsn and verified > acked:
+                acked = verified
+                advance(verified)
+            continue
+        if h.acked_lsn < mine and acked > h.acked_lsn:
+            rewind(h.acked_lsn, f"server {h.server_id} holds LSNs of node {cur.node_id} only "
+                                f"up to {h.acked_lsn}, this store had {acked} acknowledged "
+                                "(a database restored from a backup?)")
+            acked, behind = h.acked_lsn, True
+        return Connection(h.server_id, token, acked, h.head, changed, behind, renewed)
+    raise RemoteUnavailableError(
+        f"claiming node id {store.node_id} of {store.path}: the server's answer kept changing "
+        f"over {_MAX_ROUNDS} rounds (another store claiming the same id?); retrying")
+
+
+def _text_state(store: Store, name: str) -> str | None:
+    raw = store.sync_state(name)
+    return raw.decode() if raw else None
+
+
+def count_unreplicated(store: Store, after: int, applied: int) -> int:
+    """Local records (not merges) in (after, applied]: what a server holding the
+    store up to ``after`` lacks. Records the WAL no longer holds count as local."""
+    if applied <= after:
+        return 0
+    reader = store.wal_reader()
+    count = 0
+    lsn = after
+    try:
+        oldest = reader.oldest_lsn()
+        if oldest is None or oldest > after + 1:
+            gone = min(applied, (oldest or applied + 1) - 1)
+            count, lsn = gone - after, gone
+        while lsn < applied:
+            records = reader.read(lsn, applied, 10_000)
+            if not records:
+                break
+            count += sum(1 for rec in records if rec.local)
+            lsn = records[-1].lsn
+    except LSNGapError:
+        return count + (applied - lsn)
+    return count + (applied - lsn)

@@ -1,0 +1,190 @@
+"""Several sync servers in one test: real databases of the throwaway cluster, each reached
+through the transport under test (postgres directly, supabase through a gateway), plus
+what the node-identity and recovery-point suites read of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from engine import Store
+from engine.identity import owner_of, translate_vv
+from engine.record import decode_value
+from sync.merge import record_to_wire
+from sync.migrate import migrate
+from sync.postgres import PostgresTransport
+from sync.remote import Transport
+from tests.gateway import PostgrestGateway
+from tests.pg import PostgresCluster, find_bindir
+from tests.sync._helpers import query, supabase_transport
+
+KINDS = ["postgres", "supabase"]
+_numbers = itertools.count(1)
+
+
+@dataclass
+class Server:
+    """One migrated database, reached with one transport kind."""
+
+    kind: str
+    dsn: str
+    gateway: PostgrestGateway | None
+    opened: list[Transport] = field(default_factory=list)
+
+    def transport(self) -> Transport:
+        t: Transport
+        if self.kind == "postgres":
+            t = PostgresTransport(self.dsn, timeout_seconds=20, connect_timeout_seconds=5)
+        else:
+            assert self.gateway is not None
+            t = supabase_transport(self.gateway, timeout_seconds=20)
+        self.opened.append(t)
+        return t
+
+    def env(self) -> dict[str, str | None]:
+        """The CLI's environment for this server."""
+        env: dict[str, str | None] = dict.fromkeys(
+            ("WALSYNC_PG_DSN", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WALSYNC_CONFIG",
+             "WALSYNC_TRANSPORT", "WALSYNC_STORE", "WALSYNC_SUPABASE_KEY", "SUPABASE_ANON_KEY"))
+        if self.kind == "postgres":
+            env["WALSYNC_PG_DSN"] = self.dsn
+        else:
+            assert self.gateway is not None
+            env["SUPABASE_URL"] = self.gateway.url
+            env["SUPABASE_SERVICE_ROLE_KEY"] = self.gateway.service_role_key
+        return env
+
+    def server_id(self) -> str:
+        return str(query(self.dsn, "select server_id::text from walsync.server")[0][0])
+
+    def entries(self) -> dict[tuple[str, int, str], Any]:
+        """Every stored entry: (origin, lsn, key) -> the value (None: a tombstone)."""
+        return {(o, int(n), k): (None if d is None else decode_value(c, bytes(d)))
+                for o, n, k, c, d in query(
+                    self.dsn, "select origin, lsn, key, codec, data from walsync.entries")}
+
+    def digests(self) -> set[tuple[str, int, str, str | None]]:
+        """(origin, lsn, key, md5 of the stored bytes) of every entry."""
+        return {(o, int(n), k, m) for o, n, k, m in query(
+            self.dsn, "select origin, lsn, key, md5(data) from walsync.entries")}
+
+    def acked(self, node: str) -> int:
+        rows = query(self.dsn, "select acked_lsn from walsync.nodes where node_id = %s", (node,))
+        return int(rows[0][0]) if rows else 0
+
+    def dump(self, path: Path) -> None:
+        """A real backup (pg_dump, custom format) of the sync schemas."""
+        _run(self, "pg_dump", "-Fc", "-n", "walsync", "-n", "walsync_api", "-f", str(path))
+
+    def restore_dump(self, path: Path) -> None:
+        """Put the database back as the backup holds it (the schemas dropped first)."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("drop schema walsync cascade")
+            conn.execute("drop schema walsync_api cascade")
+        _run(self, "pg_restore", "-d", str(conninfo_to_dict(self.dsn)["dbname"]), str(path))
+
+
+def _run(server: Server, tool: str, *args: str) -> None:
+    info = conninfo_to_dict(server.dsn)
+    cmd = [str(find_bindir() / tool), "-h", str(info.get("host", "127.0.0.1")),
+           "-p", str(info["port"]), "-U", str(info.get("user", "postgres")), *args]
+    if tool == "pg_dump":
+        cmd.append(str(info["dbname"]))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                               "PGCONNECT_TIMEOUT": "10"})
+    assert done.returncode == 0, (cmd, done.stdout, done.stderr)
+
+
+def server_factory(pg_cluster: PostgresCluster) -> Iterator[Callable[[str], Server]]:
+    """For a ``servers`` fixture: ``servers(kind)`` makes a new migrated database reached
+    with ``kind``'s transport; all are dropped at the end."""
+    made: list[tuple[str, Server]] = []
+
+    def make(kind: str) -> Server:
+        name = f"walsync_id{os.getpid()}_{next(_numbers)}"
+        dsn = pg_cluster.create_database(name)
+        migrate(dsn)
+        gateway = None
+        if kind == "supabase":
+            gateway = PostgrestGateway(dsn, schemas=["walsync_api"]).start()
+        server = Server(kind, dsn, gateway)
+        made.append((name, server))
+        return server
+
+    try:
+        yield make
+    finally:
+        for name, server in made:
+            for t in server.opened:
+                t.close()
+            if server.gateway is not None:
+                server.gateway.stop()
+            if not pg_cluster.running:
+                pg_cluster.start()
+            pg_cluster.drop_database(name)
+
+
+# -- what a store holds ------------------------------------------------------------------
+
+
+def own_entries(store: Store) -> dict[tuple[str, int, str], str | None]:
+    """The store's own writes still in its WAL, as the server must hold them once shipped:
+    (node id owning the LSN, LSN, key) -> md5 of the stored bytes."""
+    store.flush()
+    chain = store.identities
+    out: dict[tuple[str, int, str], str | None] = {}
+    reader = store.wal_reader()
+    oldest = reader.oldest_lsn()
+    for rec in reader.read(0 if oldest is None else oldest - 1, store.shippable_lsn, 1 << 30,
+                           1 << 40):
+        if rec.local:
+            origin = owner_of(chain, rec.lsn).node_id
+            for e in record_to_wire(rec.lsn, rec.ops):
+                assert translate_vv(chain, rec.lsn, e["vv"])[0] == origin
+                out[(origin, rec.lsn, e["key"])] = (None if e["data"] is None
+                                                    else hashlib.md5(e["data"]).hexdigest())
+    return out
+
+
+def own_versions(store: Store) -> dict[tuple[str, int, str], Any]:
+    """The store's own versions still current in its snapshot: (origin, lsn, key) -> value."""
+    ids = {i.node_id for i in store.identities}
+    out: dict[tuple[str, int, str], Any] = {}
+    for key, sibs in store.iter_siblings():
+        for s in sibs:
+            if s.version.origin in ids:
+                out[(s.version.origin, s.version.lsn, key)] = (
+                    None if s.data is None else decode_value(s.codec, s.data))
+    return out
+
+
+def missing_on(server: Server, store: Store, *, through: int | None = None) -> list[Any]:
+    """The store's own writes (up to LSN ``through``) the server does not hold as it wrote
+    them: WAL records still kept, and the versions still current in its snapshot."""
+    held = server.digests()
+    held_values = server.entries()
+    missing: list[Any] = []
+    for (origin, lsn, key), md5 in own_entries(store).items():
+        if (through is None or lsn <= through) and (origin, lsn, key, md5) not in held:
+            missing.append(("wal", origin, lsn, key))
+    for ident, value in own_versions(store).items():
+        if (through is None or ident[1] <= through) and (
+                ident not in held_values or held_values[ident] != value):
+            missing.append(("snapshot", *ident, value))
+    return missing
+
+
+def cbor_md5(value: Any) -> str:
+    return hashlib.md5(cbor2.dumps(value)).hexdigest()
