@@ -64,7 +64,8 @@ none; layout 2 also indexed root checkpoints, and those entries go), a
 thousand records per commit, and ``lg/layout`` is written last, so a
 migration cut short is finished by the next saver. A read-only store is not
 migrated; a thread's list then reads and sorts the whole thread. A layout
-this walsync does not know is refused.
+this walsync does not know is refused. A fresh store gets ``lg/layout`` with
+its first checkpoint: making a saver writes nothing.
 
 Values are what LangGraph's serializer (``self.serde``, ``dumps_typed`` /
 ``loads_typed``; JsonPlusSerializer by default, no pickle) produced, stored as
@@ -180,7 +181,10 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         self.prefix = prefix
         self.durability = None if durability is None else Durability(durability)
         self._lock = _SharedLock()
-        #: False only on a read-only store still in layout 1 (no thread index)
+        self._layout_key = f"{prefix}layout"
+        #: a fresh store's layout key, still to be written with the first put
+        self._layout_unwritten = False
+        #: False only on a read-only store in an older layout: no trusted thread index
         self._indexed = self._ensure_layout()
 
     @classmethod
@@ -235,8 +239,14 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
 
     def _ensure_layout(self) -> bool:
         """Bring the store to the current layout unless it is there; False if it
-        cannot (read-only): then the thread index is not to be trusted."""
-        layout_key = f"{self.prefix}layout"
+        cannot (read-only): then the thread index is not to be trusted.
+
+        Making a saver on a fresh store writes nothing (the first put writes
+        the layout key). A migration commits with durability ``local`` whatever
+        the saver's or the store's: it only derives keys from what is stored,
+        and must not need a replicator (``remote``) that is attached later.
+        """
+        layout_key = self._layout_key
         found = self.store.get(layout_key)
         if found == LAYOUT:
             return True
@@ -245,6 +255,9 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                 f"LangGraph checkpoints under {self.prefix!r} have key layout {found!r} "
                 f"({layout_key!r}); this walsync reads layouts 1 to {LAYOUT}",
             )
+        if found is None and not self.store.keys(f"{self.prefix}c/", limit=1):
+            self._layout_unwritten = True
+            return True
         if self.store.readonly:
             return False
         start: str | None = None
@@ -261,9 +274,10 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                     ops.append(Delete(self._index_key(thread_id, ns, record["checkpoint_id"])))
             if len(rows) < _MIGRATE_CHUNK:
                 ops.append(Put(layout_key, LAYOUT))
-                self._commit_ops(ops)
+                self.store.commit(ops, durability=Durability.LOCAL)
                 return True
-            self._commit_ops(ops)
+            if ops:
+                self.store.commit(ops, durability=Durability.LOCAL)
             start = rows[-1][0] + "\x00"
 
     # -- reads ---------------------------------------------------------------
@@ -470,8 +484,11 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         if run_id is not None:
             ops.append(Put(self._run_key(str(run_id), thread_id, ns, checkpoint_id),
                            [thread_id, ns, checkpoint_id]))
+        if self._layout_unwritten:
+            ops.append(Put(self._layout_key, LAYOUT))
         with self._lock.shared():
             self.store.commit(ops, durability=self.durability)
+        self._layout_unwritten = False
         return _config(thread_id, ns, checkpoint_id)
 
     def put_writes(

@@ -346,3 +346,22 @@ def test_unknown_layout_is_refused(store: Store) -> None:
     store.put("lg/layout", LAYOUT + 1)
     with pytest.raises(FormatVersionError, match=f"key layout {LAYOUT + 1}"):
         WalsyncSaver(store)
+
+
+def test_a_saver_on_a_fresh_store_writes_nothing_until_its_first_put(store: Store) -> None:
+    lsn = store.next_lsn
+    saver = WalsyncSaver(store)
+    assert store.next_lsn == lsn
+    assert store.get("lg/layout") is None
+    saver.put(cfg("t"), checkpoint("1", {}, {}), md(0), {})
+    assert store.next_lsn == lsn + 1
+    assert store.get("lg/layout") == LAYOUT
+
+
+def test_migration_needs_no_replicator_for_a_remote_durability_saver(store: Store) -> None:
+    # the replicator may be attached after the saver is made
+    ids = fill_thread(WalsyncSaver(store), "t", 6)
+    to_layout_1(store)
+    saver = WalsyncSaver(store, durability="remote")
+    assert store.get("lg/layout") == LAYOUT
+    assert ids_newest_first(saver, "t") == ids[::-1]
