@@ -85,8 +85,10 @@ class _ApiError(Exception):
         self.hint = hint
 
 
-def json_response(doc: Any, status: int = HTTPStatus.OK) -> Response:
-    return Response(status, json.dumps(views.jsonable(doc), ensure_ascii=False).encode())
+def json_response(doc: Any, status: int = HTTPStatus.OK,
+                  headers: Mapping[str, str] | None = None) -> Response:
+    return Response(status, json.dumps(views.jsonable(doc), ensure_ascii=False).encode(),
+                    headers=dict(headers or {}))
 
 
 def _error(status: HTTPStatus, message: str, hint: str | None, **extra: Any) -> Response:
@@ -186,7 +188,7 @@ class Dashboard:
         parts = [unquote(p) for p in url.path.split("/") if p]
         try:
             if method in ("GET", "HEAD"):
-                return self._get(parts, parse_qs(url.query))
+                return self._get(parts, parse_qs(url.query), headers.get("if-none-match"))
             if method == "POST":
                 return self._post(parts, headers, body)
             raise _ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not supported here")
@@ -204,7 +206,8 @@ class Dashboard:
             return _error(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc), exc.hint,
                           type=type(exc).__name__)
 
-    def _get(self, parts: list[str], query: dict[str, list[str]]) -> Response:
+    def _get(self, parts: list[str], query: dict[str, list[str]],
+             if_none_match: str | None) -> Response:
         if not parts:
             return _static("index.html")
         if parts[0] == "static" and len(parts) == 2:
@@ -219,19 +222,19 @@ class Dashboard:
         if route == ["runs"]:
             statuses = frozenset(s for v in query.get("status", []) for s in v.split(",") if s)
             q = (query.get("q") or [""])[0]
-            with self._reader.store() as store:
-                return json_response(views.runs_page(store, statuses=statuses, query=q))
+            return self._versioned(if_none_match, lambda store: views.runs_page(
+                store, statuses=statuses, query=q))
         if len(route) == 2 and route[0] == "runs":
-            with self._reader.store() as store:
-                return json_response(views.run_detail(store, route[1]))
+            return self._versioned(if_none_match,
+                                   lambda store: views.run_detail(store, route[1]))
         if len(route) == 5 and route[0] == "runs" and route[2] == "steps" \
                 and route[4] == "output":
-            with self._reader.store() as store:
-                try:
-                    return json_response(views.step_output(store, route[1], route[3]))
-                except KeyError:
-                    raise _ApiError(HTTPStatus.NOT_FOUND,
-                                    f"run {route[1]!r} has no step {route[3]!r}") from None
+            try:
+                return self._versioned(if_none_match, lambda store: views.step_output(
+                    store, route[1], route[3]))
+            except KeyError:
+                raise _ApiError(HTTPStatus.NOT_FOUND,
+                                f"run {route[1]!r} has no step {route[3]!r}") from None
         if route == ["replication"]:
             return json_response(self._replication_document())
         if route == ["health"]:
@@ -240,6 +243,16 @@ class Dashboard:
         if route == ["verify"]:
             return json_response(self._verify())
         raise _ApiError(HTTPStatus.NOT_FOUND, f"no API route /{'/'.join(parts)}")
+
+    def _versioned(self, if_none_match: str | None,
+                   build: Callable[[Store], dict[str, Any]]) -> Response:
+        """A document that depends on the store's contents alone, tagged with the applied
+        LSN read before it is built: a page polling an idle store gets 304, no rebuild."""
+        with self._reader.store() as store:
+            tag = f'"{store.node_id}-{store.applied_lsn}"'
+            if if_none_match == tag:
+                return Response(HTTPStatus.NOT_MODIFIED, b"", headers={"ETag": tag})
+            return json_response(build(store), headers={"ETag": tag})
 
     def _meta(self) -> dict[str, Any]:
         with self._reader.store() as store:

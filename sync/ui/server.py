@@ -113,7 +113,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, response: Response, method: str) -> None:
         self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
+        if response.status != HTTPStatus.NOT_MODIFIED:
+            self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")

@@ -95,6 +95,14 @@ def request(server: DashboardServer, method: str, path: str, body: Any = None,
             headers: Mapping[str, str] | None = None, *, token: bool = True,
             raw: bytes | None = None) -> tuple[int, Any]:
     """One HTTP request to ``server``; (status, decoded JSON or text)."""
+    status, _, doc = exchange(server, method, path, body, headers, token=token, raw=raw)
+    return status, doc
+
+
+def exchange(server: DashboardServer, method: str, path: str, body: Any = None,
+             headers: Mapping[str, str] | None = None, *, token: bool = True,
+             raw: bytes | None = None) -> tuple[int, dict[str, str], Any]:
+    """One HTTP request to ``server``; (status, response headers, decoded JSON or text)."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     sent = dict(headers or {})
     data = raw
@@ -110,7 +118,8 @@ def request(server: DashboardServer, method: str, path: str, body: Any = None,
     finally:
         conn.close()
     kind = response.getheader("Content-Type") or ""
-    return response.status, json.loads(payload) if "json" in kind else payload.decode()
+    doc = json.loads(payload) if "json" in kind else payload.decode()
+    return response.status, dict(response.getheaders()), doc
 
 
 def api(server: DashboardServer, path: str) -> Any:

@@ -21,7 +21,7 @@ import pytest
 
 from engine.record import SEGMENT_HEADER_BYTES
 from sync.ui import DashboardServer
-from tests.ui.conftest import DemoStore, Writer, api, request
+from tests.ui.conftest import DemoStore, Writer, api, exchange, request
 from tests.ui.stores import CONFLICT_KEY, ROOT, SHOWCASE
 
 STATIC = ROOT / "sync" / "ui" / "static"
@@ -326,8 +326,16 @@ def test_ui_reads_beside_a_live_writer_and_follows_its_compaction(
     def run_ids() -> set[str]:
         return {r["run_id"] for r in api(server, "/api/runs")["runs"]}
 
+    status, headers, _ = exchange(server, "GET", "/api/runs")
+    assert status == 200
+    idle = exchange(server, "GET", "/api/runs", headers={"If-None-Match": headers["ETag"]})
+    assert (idle[0], idle[2]) == (304, "")  # nothing committed: a poll costs no rebuild
     live.send("run late-1")
     assert "late-1" in run_ids()  # the same reader sees the writer's new commit
+    status, moved, _ = exchange(server, "GET", "/api/runs",
+                                headers={"If-None-Match": headers["ETag"]})
+    assert status == 200
+    assert moved["ETag"] != headers["ETag"]
     live.send("compact")  # the writer swaps the snapshot directory for a compact copy
     live.send("run late-2")
     assert {"late-1", "late-2", demo_store.run_id} <= run_ids()

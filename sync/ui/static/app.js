@@ -14,6 +14,9 @@ const state = {
   lag: [],            // [{t, seconds, entries}] sampled while the page is open
   syncConfigured: null,
   lastRun: null,
+  cache: new Map(),   // GET path -> {etag, doc}: polls of an unchanged store answer 304
+  changed: false,     // a poll brought a new document (else the view need not be redrawn)
+  renderedAt: 0,
 };
 const POLL_MS = 2000;
 const LAG_SAMPLES = 180;
@@ -153,16 +156,26 @@ class ApiError extends Error {
 
 async function api(path, body) {
   const init = { headers: { Accept: "application/json" }, cache: "no-store" };
+  const cached = body === undefined ? state.cache.get(path) : undefined;
   if (body !== undefined) {
     init.method = "POST";
     init.headers["Content-Type"] = "application/json";
     init.headers["X-Walsync-Token"] = state.meta ? state.meta.token : "";
     init.body = JSON.stringify(body);
+  } else if (cached) {
+    init.headers["If-None-Match"] = cached.etag;
   }
   const res = await fetch(path, init);
+  if (res.status === 304 && cached) return cached.doc;
   let doc = null;
   try { doc = await res.json(); } catch (e) { doc = null; }
   if (!res.ok) throw new ApiError(res.status, doc);
+  state.changed = true;
+  const etag = res.headers.get("ETag");
+  if (etag && body === undefined) {
+    if (state.cache.size > 50) state.cache.clear();
+    state.cache.set(path, { etag, doc });
+  }
   return doc;
 }
 
@@ -206,6 +219,8 @@ async function refresh() {
   clearTimeout(state.timer);
   const generation = ++state.generation;
   const route = state.route;
+  const redraw = state.changed || Date.now() - state.renderedAt > 10000;
+  state.changed = false;
   try {
     let node;
     if (route.view === "runs") node = await viewRuns(route);
@@ -213,13 +228,21 @@ async function refresh() {
     else if (route.view === "replication") node = await viewReplication();
     else node = await viewStore();
     if (generation !== state.generation) return;  // a newer refresh has started
-    const focused = document.activeElement && document.activeElement.id;
-    const caret = focused === "search" ? document.activeElement.selectionStart : null;
-    document.getElementById("view").replaceChildren(node);
-    if (focused === "search") {
-      const s = document.getElementById("search");
-      s.focus();
-      s.setSelectionRange(caret, caret);
+    const view = document.getElementById("view");
+    // Nothing changed in the store (every document answered 304): keep the page as drawn,
+    // with what the reader expanded; relative times are redrawn every 10 s all the same.
+    const unchanged = !redraw && !state.changed && view.dataset.route === routeKey(route);
+    if (!unchanged) {
+      const focused = document.activeElement && document.activeElement.id;
+      const caret = focused === "search" ? document.activeElement.selectionStart : null;
+      view.replaceChildren(node);
+      view.dataset.route = routeKey(route);
+      state.renderedAt = Date.now();
+      if (focused === "search") {
+        const s = document.getElementById("search");
+        s.focus();
+        s.setSelectionRange(caret, caret);
+      }
     }
     setLive(true);
     if (route.view !== "replication" && state.syncConfigured) sampleLag();
@@ -233,6 +256,10 @@ async function refresh() {
     }
   }
   if (generation === state.generation) state.timer = setTimeout(refresh, POLL_MS);
+}
+
+function routeKey(route) {
+  return `${route.view}/${route.runId || ""}?${route.params}`;
 }
 
 function notFound(err) {
