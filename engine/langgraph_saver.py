@@ -137,7 +137,7 @@ LAYOUT = 3
 _LIST_PAGE = 64
 #: the first scan of an unbounded ``list``: small, so the first item comes cheap
 _FIRST_PAGE = 4
-#: checkpoint records indexed per commit when migrating layout 1
+#: checkpoint records read (and indexed) per commit when migrating an older layout
 _MIGRATE_CHUNK = 1000
 _STRATEGIES = ("keep_latest", "delete")
 
