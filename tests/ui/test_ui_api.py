@@ -342,6 +342,20 @@ def test_ui_reads_beside_a_live_writer_and_follows_its_compaction(
     assert api(server, "/api/runs/late-2")["run"]["status"] == "completed"
 
 
+def test_ui_says_when_the_store_is_gone_and_recovers_when_it_is_back(
+        demo_store: DemoStore, store_copy: Callable[[Path], Path], ui: UI) -> None:
+    path = store_copy(demo_store.path)
+    server = ui(path)
+    assert api(server, "/api/runs")["total"] == 1
+    away = path.with_name("moved")
+    path.rename(away)
+    status, doc = request(server, "GET", "/api/runs")
+    assert status == 503
+    assert "no walsync store" in doc["error"]
+    away.rename(path)
+    assert api(server, "/api/runs")["total"] == 1
+
+
 # -- store health and verify -------------------------------------------------------------------
 
 

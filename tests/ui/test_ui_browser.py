@@ -201,6 +201,19 @@ def test_browser_refreshes_in_place_and_confirms_an_action(
             assert "send_reply: pending" in page.evaluate(
                 "document.getElementById('toast').textContent")
             assert page.evaluate("window.__sameDocument") is True
+
+            away = path.with_name("moved")  # the store goes away while the page is open
+            path.rename(away)
+            page.evaluate("location.hash = '#/store'")
+            message = page.wait_for("document.getElementById('load-error') && "
+                                    "document.getElementById('load-error').textContent",
+                                    what="the error in place of the store's health")
+            assert "no walsync store" in message
+            assert page.evaluate("document.getElementById('live').dataset.state") == "error"
+            away.rename(path)
+            page.wait_for("!!document.querySelector('[data-stat=\"applied\"]')",
+                          what="the store's health once it is back")
+            assert page.evaluate("document.getElementById('live').dataset.state") == "live"
             errors = [e for e in page.events if e.get("method") == "Runtime.exceptionThrown"]
             assert errors == [], errors
     finally:

@@ -248,11 +248,22 @@ async function refresh() {
     if (route.view !== "replication" && state.syncConfigured) sampleLag();
   } catch (err) {
     if (generation !== state.generation) return;
+    const view = document.getElementById("view");
     if (err instanceof ApiError && err.status === 404) {
-      document.getElementById("view").replaceChildren(notFound(err));
+      view.replaceChildren(notFound(err));
+      view.dataset.route = "";
       setLive(true);
     } else {
-      setLive(false, err instanceof ApiError ? err.message : "dashboard server unreachable");
+      const message = err instanceof ApiError ? err.message : "dashboard server unreachable";
+      setLive(false, message);
+      if (view.dataset.route !== routeKey(route)) {
+        // nothing drawn for this view yet: say why (a page already drawn stays as it was)
+        view.replaceChildren(h("div", { class: "banner bad", id: "load-error" },
+          h("span", { class: "icon" }, icon("x", 18)),
+          h("div", { class: "body" }, h("strong", {}, "The dashboard cannot read the store"),
+            h("p", {}, message), err.hint ? h("p", { class: "faint" }, err.hint) : null,
+            h("p", { class: "faint" }, `Trying again every ${POLL_MS / 1000} s.`))));
+      }
     }
   }
   if (generation === state.generation) state.timer = setTimeout(refresh, POLL_MS);
