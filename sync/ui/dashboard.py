@@ -167,8 +167,6 @@ class Dashboard:
         self._replication = ReplicationView(environ)
         self._verify_lock = threading.Lock()
         self._last_verify: dict[str, Any] | None = None
-        self._conflicts_lock = threading.Lock()
-        self._conflicts: tuple[int, float, dict[str, Any]] | None = None
 
     def check(self) -> None:
         """Open the store once, so a wrong path fails at start rather than in the page."""
@@ -266,22 +264,11 @@ class Dashboard:
         with self._reader.store() as store:
             local = local_state(store)
             nodes = known_nodes(store)
-            conflicts = self._conflicts_of(store, store.applied_lsn)
+            conflicts = views.conflicts(store)
         # asked without holding the store: a slow server delays only this page
         doc = self._replication.document(local, nodes)
         doc["conflicts"] = conflicts
         return doc
-
-    def _conflicts_of(self, store: Store, applied_lsn: int) -> dict[str, Any]:
-        """Keys with siblings, found again only after a commit, and at most every 10 s."""
-        with self._conflicts_lock:
-            cached = self._conflicts
-            if cached is not None and (cached[0] == applied_lsn
-                                       or time.monotonic() - cached[1] < 10.0):
-                return cached[2]
-            found = views.conflicts(store)
-            self._conflicts = (applied_lsn, time.monotonic(), found)
-            return found
 
     def _verify(self) -> dict[str, Any]:
         with self._verify_lock, self._reader.released():
@@ -321,8 +308,6 @@ class Dashboard:
             raise _ApiError(HTTPStatus.NOT_FOUND, f"no action /{'/'.join(parts)}")
         with self._reader.writer() as store:
             result = action(store)
-        with self._conflicts_lock:
-            self._conflicts = None
         log.info("action %s: %s", "/".join(route), result)
         return json_response(result)
 

@@ -265,30 +265,19 @@ def step_output(store: Store, run_id: str, step_id: str) -> dict[str, Any]:
 
 
 def conflicts(store: Store, prefix: str = "", limit: int = CONFLICTS_LIMIT) -> dict[str, Any]:
-    """Keys whose visible siblings disagree, each sibling with its origin and value.
-
-    Reads every key's stored versions (not their values) to find them, so the
-    caller decides how often (the server reads again only after a commit).
-    """
-    found: list[dict[str, Any]] = []
-    more = False
-    for key, stored in store.iter_siblings(prefix):
-        if len(stored) < 2:
-            continue
-        visible = store.get_versions(key)
-        if len(visible) < 2:
-            continue
-        if len(found) >= limit:
-            more = True
-            break
-        found.append({"key": key, "siblings": [
+    """Keys in conflict (as `walsync conflicts list` shows them), each sibling with its
+    origin and value, the winner last; ``more`` when there are over ``limit`` keys."""
+    found = list(store.conflicts(prefix, limit=limit + 1))
+    return {"conflicts": [
+        {"key": key, "siblings": [
             {"origin": v.version.origin, "lsn": v.version.lsn,
              "hlc_unix_ms": v.version.hlc_unix_ms, "fence": v.version.fence,
              "deleted": v.version.deleted, "value": preview(v.value),
              "dot": f"{v.version.origin}:{v.version.lsn}"}
-            for v in visible
-        ]})
-    return {"conflicts": found, "more": more}
+            for v in versions
+        ]}
+        for key, versions in found[:limit]
+    ], "more": len(found) > limit}
 
 
 # -- store health ------------------------------------------------------------------------
