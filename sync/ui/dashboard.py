@@ -74,9 +74,6 @@ class Response:
     content_type: str = JSON_TYPE
     headers: Mapping[str, str] = field(default_factory=dict)
 
-    def json(self) -> Any:
-        return json.loads(self.body)
-
 
 class _ApiError(Exception):
     def __init__(self, status: HTTPStatus, message: str, hint: str | None = None) -> None:
