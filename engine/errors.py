@@ -43,7 +43,7 @@ the same call again, unchanged, can succeed)::
         ├── SyncProtocolError      the server's answer is malformed (permanent)
         ├── SyncConfigError        missing or malformed sync settings
         ├── LeaseHeldError         another host holds the run's lease
-        ├── LeaseLostError         this host's lease was taken over (fenced)
+        ├── LeaseLostError         a write to a leased run this host does not hold (fenced)
         └── RestoreError           restore refused or found damage
 
 A torn tail after a crash is not an error (it is cut and reported), and a
