@@ -28,10 +28,18 @@ from pathlib import Path
 from . import _fs
 from .errors import CorruptionError
 from .layout import StoreLayout
-from .snapshot import SnapshotStore
+from .snapshot import (
+    REPAIR_HINT,
+    SNAPSHOT_FORMAT_VERSION,
+    CheckedFile,
+    SnapshotStore,
+    SnapshotUninitialisedError,
+)
 
 __all__ = [
     "SnapshotRebuild",
+    "base_outdated",
+    "check_base",
     "clear_open_marker",
     "finish_base_swap",
     "read_base_lsn",
@@ -65,14 +73,18 @@ def write_base(layout: StoreLayout, snapshot: SnapshotStore) -> int:
     """Replace the base with a synced copy of the snapshot; return its LSN.
 
     Written beside the old one and swapped by two renames: a crash leaves the
-    old base, or the complete new one (``finish_base_swap``).
+    old base, or the complete new one (``finish_base_swap``). Every value of the
+    copy is checked before it replaces the old base: a damaged snapshot must not
+    take the one good copy with it.
     """
     fresh, old = _swap_paths(layout)
     if fresh.exists():
         _fs.remove_tree(fresh)
     _fs.make_dir(fresh)
     lsn = snapshot.copy_to(fresh)
-    info = {"format": BASE_FORMAT_VERSION, "lsn": lsn, "created_unix_ms": int(time.time() * 1000)}
+    _check_copy(fresh, lsn, snapshot.data_file)
+    info = {"format": BASE_FORMAT_VERSION, "lsn": lsn, "created_unix_ms": int(time.time() * 1000),
+            "snapshot_format": SNAPSHOT_FORMAT_VERSION}
     _fs.atomic_write(fresh / _BASE_INFO, json.dumps(info).encode())
     if layout.base_dir.exists():
         _fs.rename(layout.base_dir, old)
@@ -81,6 +93,25 @@ def write_base(layout: StoreLayout, snapshot: SnapshotStore) -> int:
     if old.exists():
         _fs.remove_tree(old)
     return lsn
+
+
+def _check_copy(directory: Path, lsn: int, source: str) -> None:
+    copy = CheckedFile(directory, lock=False)
+    try:
+        for _ in copy.entries(lookups=False):
+            pass
+    finally:
+        copy.close()
+    check = copy.check
+    if check.intact and check.applied_lsn != lsn:
+        check.add(f"the copy holds LSN {check.applied_lsn}, the snapshot said {lsn}")
+    if not check.intact:
+        _fs.remove_tree(directory)
+        # the copy is gone: name the file it was made of
+        found = str(check.problems[0]).replace(check.path, source)
+        raise CorruptionError(
+            f"the snapshot is damaged, so no base copy was made of it (the old base stays): "
+            f"{found}", hint=REPAIR_HINT)
 
 
 def finish_base_swap(layout: StoreLayout) -> None:
@@ -108,6 +139,46 @@ def read_base_lsn(layout: StoreLayout) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CorruptionError(f"cannot read the snapshot base's description: {exc}",
                               path=str(path)) from None
+
+
+def base_outdated(layout: StoreLayout) -> bool:
+    """Whether the base holds values of an older snapshot format (written before
+    entries were sealed): the writer replaces it with a copy of its sealed snapshot."""
+    try:
+        info = json.loads((layout.base_dir / _BASE_INFO).read_bytes())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:
+        raise CorruptionError(f"cannot read the snapshot base's description: {exc}",
+                              path=str(layout.base_dir / _BASE_INFO)) from None
+    return not isinstance(info, dict) or info.get("snapshot_format", 1) != SNAPSHOT_FORMAT_VERSION
+
+
+def check_base(layout: StoreLayout) -> None:
+    """Read every value of the base and raise the first damage found: a snapshot
+    rebuilt from a base is only as good as the base (its checksums, its tree)."""
+    lsn = read_base_lsn(layout)
+    try:
+        base = CheckedFile(layout.base_dir, lock=False)
+    except (FileNotFoundError, SnapshotUninitialisedError):
+        raise CorruptionError("the snapshot base's data file is missing or empty",
+                              path=str(layout.base_dir / "data.mdb"),
+                              hint="run `walsync repair`") from None
+    try:
+        for _ in base.entries():
+            pass
+    finally:
+        base.close()
+    check = base.check
+    if check.intact and check.applied_lsn != lsn:
+        check.add(f"the base holds LSN {check.applied_lsn}, its BASE file says {lsn}")
+    if not check.intact:
+        first = check.problems[0]
+        raise CorruptionError(
+            f"the snapshot base cannot be trusted: {first}",
+            hint="run `walsync repair`: it rebuilds the snapshot from what checks out in "
+            "the base, the snapshot and the WAL, and names anything lost",
+        )
 
 
 def untrusted_snapshot_reason(layout: StoreLayout) -> str | None:
@@ -150,7 +221,10 @@ def rebuild_snapshot(layout: StoreLayout, reason: str) -> SnapshotRebuild:
 
     Replay then brings it up to the end of the WAL. Idempotent: a crash
     during the rebuild leaves the marker, and the next open rebuilds again.
+    The base is checked first; a damaged one leaves everything as it was.
     """
+    if read_base_lsn(layout):
+        check_base(layout)
     quarantine = layout.new_quarantine_dir()
     if layout.snapshot_dir.exists():
         _fs.rename(layout.snapshot_dir, quarantine / layout.snapshot_dir.name)

@@ -20,20 +20,28 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import cbor2
 
 from . import _fs
-from .base import SnapshotRebuild
-from .errors import LSNGapError
+from .base import SnapshotRebuild, read_base_lsn
+from .errors import CorruptionError, LSNGapError
 from .layout import StoreLayout
 from .record import FRAME_HEADER_BYTES, KIND_LOCAL, KIND_MERGE, decode_payload
-from .snapshot import SnapshotStore
-from .wal import SegmentScan, TornTail, iter_frames
+from .snapshot import REPAIR_HINT, SnapshotStore
+from .wal import SegmentScan, TornTail, iter_frames, scan_segment
 
-__all__ = ["RecoveryReport", "recover"]
+__all__ = [
+    "LogStep",
+    "RecoveryReport",
+    "describe_torn_tail",
+    "recover",
+    "tail_may_be_torn",
+    "walk_log",
+]
 
 log = logging.getLogger("walsync.replay")
 
@@ -71,6 +79,82 @@ def gap_allowed(gaps: list[tuple[int, int]], first_missing: int, last_missing: i
     return any(lo <= first_missing and last_missing <= hi for lo, hi in gaps)
 
 
+def tail_may_be_torn(layout: StoreLayout) -> bool:
+    """The one rule open, verify and repair apply to damage at the end of the log.
+
+    Only a writer that died with the store open (its OPEN marker is still
+    there) can have left a torn tail: records it wrote but never synced, so
+    never acknowledged, which open cuts. After a clean close every record was
+    synced and acknowledged: a damaged last record is damage to acknowledged
+    data, which open refuses, verify reports and repair moves aside. (A
+    writer's open asks before it writes its own marker.)
+    """
+    return not layout.closed_cleanly()
+
+
+def describe_torn_tail(torn: TornTail) -> str:
+    """How open (its log), verify and repair word a torn tail."""
+    return (f"torn tail: {torn.bytes_cut} bytes at offset {torn.offset} of {torn.segment} "
+            f"(from LSN {torn.first_lost_lsn}, never acknowledged; cut on open)")
+
+
+@dataclass
+class LogStep:
+    """One step of :func:`walk_log`: a segment checked, or damage found."""
+
+    index: int
+    first_lsn: int
+    path: Path
+    #: the segment's scan (None when ``error`` is about this segment's contents)
+    scan: SegmentScan | None = None
+    #: decoded records ``(lsn, kind, hlc, ops)``, when asked for
+    records: list[tuple[int, int, int, list[tuple[str, bytes]]]] | None = None
+    #: damage: an LSN gap before this segment (``gap``), or damage inside it
+    error: CorruptionError | None = None
+    gap: bool = False
+
+
+def walk_log(
+    layout: StoreLayout, gaps: list[tuple[int, int]], *, decode: bool = True,
+    may_be_torn: bool | None = None,
+) -> Iterator[LogStep]:
+    """Check every segment in log order, as verify and repair read the log.
+
+    Yields a step per segment (with an error when it is damaged; a gap in the
+    LSNs before a segment comes as a step of its own, then the segment). The
+    last segment may end in a torn tail only if :func:`tail_may_be_torn`
+    (``may_be_torn`` overrides it). A segment of another format version comes
+    as a step with a FormatVersionError: verify reports it, repair refuses.
+    """
+    if may_be_torn is None:
+        may_be_torn = tail_may_be_torn(layout)
+    segments = layout.list_segments()
+    prev_last: int | None = None
+    for i, (first, path) in enumerate(segments):
+        if prev_last is not None and first != prev_last + 1 and not gap_allowed(
+            gaps, prev_last + 1, first - 1
+        ):
+            yield LogStep(i, first, path, error=LSNGapError(
+                f"LSN gap: this segment starts at {first}, the previous one ends at "
+                f"{prev_last}", path=str(path), offset=0, lsn=prev_last + 1), gap=True)
+        try:
+            scan = scan_segment(path, first, is_last=i == len(segments) - 1 and may_be_torn)
+            records = None
+            if decode:
+                records = []
+                for frame in scan.frames:
+                    kind, hlc, ops = decode_payload(frame.payload, str(path), frame.offset,
+                                                    frame.lsn)
+                    records.append((frame.lsn, kind, hlc, ops))
+                    frame.payload = b""  # decoded: the ops hold what is needed
+        except CorruptionError as exc:
+            yield LogStep(i, first, path, error=exc)
+            prev_last = None
+            continue
+        yield LogStep(i, first, path, scan=scan, records=records)
+        prev_last = scan.last_lsn
+
+
 def recover(
     layout: StoreLayout,
     snapshot: SnapshotStore,
@@ -90,6 +174,17 @@ def recover(
     applied = snapshot.applied_lsn()
     segments = layout.list_segments()
     if not segments:
+        base_lsn = read_base_lsn(layout)
+        if applied < base_lsn:
+            # the snapshot reads as older than the copy made of it (a damaged page
+            # made LMDB fall back to an older transaction) and no WAL bridges the
+            # two: opening would hand out LSNs the base already holds
+            raise LSNGapError(
+                f"the snapshot holds up to LSN {applied}, below its base copy's LSN "
+                f"{base_lsn}, and the WAL holds no records: records {applied + 1}.."
+                f"{base_lsn} are missing from the snapshot",
+                path=snapshot.data_file, lsn=applied + 1, hint=REPAIR_HINT,
+            )
         next_lsn = max(applied + 1, min_next_lsn)
         skipped = (applied + 1, next_lsn - 1) if next_lsn > applied + 1 else None
         report = RecoveryReport(
@@ -236,10 +331,7 @@ def _replay_segment(
 def _cut_tail(layout: StoreLayout, scan: SegmentScan) -> None:
     torn = scan.torn
     assert torn is not None
-    log.warning(
-        "cut a torn tail of %d bytes from %s at offset %d (first lost LSN %d, never acknowledged)",
-        torn.bytes_cut, torn.segment, torn.offset, torn.first_lost_lsn,
-    )
+    log.warning("%s", describe_torn_tail(torn))
     if torn.offset == 0:
         _fs.unlink(scan.path)
         _fs.fsync_dir(layout.wal_dir)

@@ -124,6 +124,9 @@ _RETAIN_FLOOR = b"retain_floor"
 _IDENTITIES = "identities"
 #: STORE file field: the tokens sync claimed the current node id with, newest first
 _INCARNATIONS = "incarnations"
+#: STORE file field: the store directory's inode number, which a copy of the
+#: directory (cp -r, rsync, tar, a restored file backup) does not keep
+_DIRECTORY = "directory_inode"
 _INCARNATIONS_KEPT = 64
 #: STORE file field: true once sync holds the WAL, false once it was detached
 _SYNC_RETAIN = "sync_retain"
@@ -353,6 +356,7 @@ class Store:
     def _open(self, root: Path, *, create: bool, node_id: str | None) -> None:
         self.path = str(root)
         self._layout = layout = StoreLayout(root)
+        marked_after_clean_close = False
         if not layout.store_file.exists() and (self.readonly or not create):
             raise StoreNotFoundError(f"no walsync store at {root}")
         if not self.readonly:
@@ -375,6 +379,7 @@ class Store:
                 # loss from here on leaves the marker, and the next boot rebuilds
                 # the snapshot instead of trusting pages that were never synced
                 write_open_marker(layout)
+                marked_after_clean_close = closed_cleanly
             self._snapshot = SnapshotStore(
                 layout.snapshot_dir,
                 map_size_bytes=self.options.map_size_bytes,
@@ -398,12 +403,25 @@ class Store:
                 self._bytes_since_checkpoint = self._wal_bytes_above_base()
             self._resolve_identities(node_id)
             self._closed = False
+            if not self.readonly:
+                self._check_directory(root)
         except BaseException:
             # Close what was opened: a leaked LMDB handle would make every later
             # open (or repair) of this store in this process fail.
             if self._wal is not None:
                 self._wal.close()
             snapshot: SnapshotStore | None = getattr(self, "_snapshot", None)
+            if snapshot is not None and marked_after_clean_close:
+                # A refused open (damage in the log, say) leaves the store closed
+                # cleanly, as it found it: its marker would make the next open,
+                # verify and repair take damage to acknowledged records for a
+                # torn tail. Pages it wrote are synced first; if that fails the
+                # marker stays (the snapshot is then rebuilt, never trusted).
+                try:
+                    snapshot.sync()
+                    clear_open_marker(layout)
+                except Exception:  # noqa: BLE001 - the original failure is raised
+                    log.warning("store %s: the refused open leaves its OPEN marker", root)
             if snapshot is not None:
                 snapshot.close()
             if self._lock is not None:
@@ -431,6 +449,7 @@ class Store:
             "node_id": node_id or secrets.token_hex(8),
             "created_unix_ms": int(time.time() * 1000),
             "lsn_gaps": [],
+            _DIRECTORY: _directory_identity(root),
         }
         write_store_file(self._layout.store_file, meta)
 
@@ -825,6 +844,32 @@ class Store:
             raise ValueError(f"store {root} already has node id {self.node_id!r}, not {asked!r}")
         if not self.readonly and chain is not stored:
             self._record_identities(reset_incarnations=True)
+
+    def _check_directory(self, root: Path) -> None:
+        """A store whose directory is not the one it was made in (its inode differs) is
+        a copy, or the old state of a store put back from a file backup: its original
+        may live on and write under the same node id. It takes a fresh one before it
+        writes anything (SPEC 4.5), for every LSN after what a sync server confirmed
+        (those it shares with the original). Moving a directory within its file system
+        keeps the inode; moving it to another one counts as a copy (a fresh id, no harm).
+        Copies that keep inodes (a cloned disk, a VM image) are caught by the sync
+        server instead (sync/incarnation.py)."""
+        here = _directory_identity(root)
+        recorded = self._meta.get(_DIRECTORY)
+        if here is None or recorded == here:
+            return
+        if recorded is not None:
+            raw = self.sync_state("acked_lsn")
+            acked = int.from_bytes(raw, "little") if raw else 0
+            current = self._identities[-1]
+            fork = max(current.base_lsn, min(acked, self._applied_lsn))
+            self._meta[_DIRECTORY] = here
+            self.renew_node_id(fork, reason=f"the store directory {root} is a copy (inode "
+                                            f"{here}, made as {recorded})")
+            return
+        with self._store_file_lock:  # a store made before directories were recorded
+            self._meta[_DIRECTORY] = here
+            write_store_file(self._layout.store_file, self._meta)
 
     def _record_identities(self, *, reset_incarnations: bool) -> None:
         with self._store_file_lock:
@@ -1872,6 +1917,12 @@ def _fresh(error: WalsyncError) -> WalsyncError:
     copy.args = error.args
     copy.__cause__ = error.__cause__
     return copy
+
+
+def _directory_identity(root: Path) -> int | None:
+    """The store directory's inode number (None where the file system has none)."""
+    ino = os.stat(root).st_ino
+    return ino if ino else None
 
 
 def read_store_file(path: Path) -> dict[str, Any]:

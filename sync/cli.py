@@ -93,11 +93,14 @@ def _emit(obj: Any, *, key: str | None = None) -> None:
 def _json_text(obj: Any, *, key: str | None = None, indent: int | None = None) -> str:
     """Strict JSON: json.dumps would write NaN and Infinity, which no JSON parser
     reads. A stored value JSON cannot hold (a non-finite float, an integer too long
-    to print) is an error naming the key and where in the value it is."""
+    to print) is an error naming the key and where in the value it is (``obj`` is
+    the value, or an object holding it under "value")."""
     try:
         return json.dumps(_jsonable(obj), sort_keys=True, indent=indent, allow_nan=False)
     except ValueError:
-        where = _not_json(obj, "value") or "a part of it"
+        inner = obj.get("value") if key is not None and isinstance(obj, dict) else None
+        where = (inner is not None and _not_json(inner, "value")) or _not_json(obj, "value") \
+            or "a part of it"
         of = f"the value of key {key!r}" if key is not None else "the output"
         _refuse(f"{of} cannot be printed as JSON: {where}",
                 "read it through the library (Store.get); the CLI prints strict JSON only",
@@ -556,7 +559,7 @@ def _serve_metrics(store: Store, rep: Replicator, host: str, port: int) -> Metri
 def status(store_path: str, as_json: bool) -> None:
     """Replication status: recovery point, lag, cursors (asks the server)."""
     from .config import describe_target, transport_from_env
-    from .incarnation import SERVER_ID, count_unreplicated, position
+    from .incarnation import SERVER_ID, confirmed_position, count_unreplicated, position
     from .restore import recovery_point_iso
 
     with _open_read(store_path) as store:
@@ -582,11 +585,11 @@ def status(store_path: str, as_json: bool) -> None:
             try:
                 held = position(transport, store.identities)
                 leases = transport.call("leases", {"p_holder": node})
+                confirmed = confirmed_position(store, transport, held)
             finally:
                 transport.close()
             unix_ms = (held.acked_hlc >> 16) or None
             same = local_server is None or local_server == held.server_id
-            confirmed = min(held.acked_lsn, local_acked) if same else held.acked_lsn
             result.update(acked_lsn=held.acked_lsn, server_id=held.server_id,
                           server_head=held.head, server_behind=held.acked_lsn < local_acked,
                           server_changed=not same, recovery_point_unix_ms=unix_ms,

@@ -273,7 +273,9 @@ def test_corruption_truncating_the_last_segment_cuts_the_tail(
             os.ftruncate(fd, cut)
         finally:
             os.close(fd)
+        # the base copy too: it holds records the cut removes from the log
         shutil.rmtree(work / "snapshot", ignore_errors=True)
+        shutil.rmtree(work / "snapshot-base", ignore_errors=True)
         if (work / "STORE").read_bytes() != store_file:
             (work / "STORE").write_bytes(store_file)
         kept = [f for f in frames if f.end <= cut]
@@ -365,8 +367,11 @@ def _stale_snapshot(pristine: Pristine, path: Path, tmp_path: Path) -> int:
 
 def _damaged_store(pristine: Pristine, tmp_path: Path, snapshot: str) -> tuple[Path, int]:
     """A copy of the store whose snapshot replays from before segment 2; returns the
-    path and the snapshot's applied LSN."""
+    path and the snapshot's applied LSN. Without the base copy, which holds every
+    record: these cases are about the log's repair (a base that outlives damage to
+    the log is in test_snapshot_checksums.py)."""
     work = _copy(pristine, tmp_path / "store")
+    shutil.rmtree(work / "snapshot-base")
     if snapshot == "deleted":
         _remove_snapshot(work)
         return work, 0
