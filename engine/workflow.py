@@ -231,9 +231,10 @@ def _lease_refusal(record: RunRecord, store: Store, held: int | None,
     wrote it), or the server's word when the replicator was told the run was
     lost (``lost``, kept by drop_lease), whichever is newer. A run with neither
     is unleased as far as this host knows (the server still refuses the write
-    if it is leased there). Otherwise the host needs a token of its own at
-    least that lease's: the same one under its own name, or a newer one it
-    took since.
+    if it is leased there). Otherwise the host needs a token of its own: newer
+    than that lease's, or any when that lease is its own (tokens of one server
+    only grow, so a smaller one means the server's were set back, say by a
+    restore from a backup, and it decides whether the token is current).
     """
     node, run_id = store.node_id, record.run_id
     holder, token = record.owner_node, record.lease_token or 0
@@ -241,7 +242,7 @@ def _lease_refusal(record: RunRecord, store: Store, held: int | None,
         holder, token = str(lost["lost_to"]), int(lost["current"])
     if not token:
         return None
-    if held is not None and (held > token or (held == token and holder == node)):
+    if held is not None and (held > token or holder == node):
         return None
     if held is not None and held < token:
         why = f"this host's lease (token {held}) was taken over by {holder} (token {token})"

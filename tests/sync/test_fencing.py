@@ -338,22 +338,35 @@ def test_push_after_expiry_keeps_the_last_holder_until_a_takeover(
         ("n2", 2, 2)]
 
 
-def test_push_of_a_run_nobody_leased_merges_unfenced_writes_and_refuses_tokens(
+def test_a_run_nobody_leased_is_no_ones_and_its_first_lease_tops_its_tokens(
         pusher: Transport, pg_db: str) -> None:
     t = pusher
     assert t.push("n1", 1, [entry("n1", 1, "runs/free", "from n1")]).fenced == []
     assert t.push("n2", 1, [entry("n2", 1, "runs/free", "from n2")]).fenced == []
-    # concurrent unfenced writes: siblings, by their version vectors
+    # concurrent writes: siblings, by their version vectors
     assert query(pg_db, "select origin from walsync.siblings where key = 'runs/free' "
                         "order by origin") == [("n1",), ("n2",)]
-    # a token this server never issued (no lease on the run): refused
-    ack = t.push("n1", 2, [fenced(entry("n1", 2, "runs/free", "fenced", {"n1": 2, "n2": 1}),
-                                  7)])
-    assert (ack.inserted, ack.fenced) == (0, [{"run_id": "free", "current": 0, "holder": None}])
-    assert query(pg_db, "select origin, fence, current, holder from walsync.fenced") == [
-        ("n1", 7, 0, None)]
-    # a later unfenced write resolves the conflict as usual
-    assert t.push("n2", 2, [entry("n2", 2, "runs/free", "resolved",
-                                  {"n1": 1, "n2": 2})]).merged == 1
-    assert query(pg_db, "select origin, lsn from walsync.siblings where key = 'runs/free'") == [
-        ("n2", 2)]
+    # a token on a run the server holds no lease of (say, re-shipped to a database
+    # restored from an older backup): no evidence against it, merged too
+    ack = t.push("n1", 2, [fenced(entry("n1", 2, "runs/free", "re-shipped",
+                                        {"n1": 2, "n2": 1}), 7)])
+    assert (ack.merged, ack.fenced) == (1, [])
+    assert query(pg_db, "select origin, lsn, fence from walsync.state "
+                        "where key = 'runs/free'") == [("n1", 2, 7)]
+    # the run's first lease here starts above the tokens its record carries ...
+    got = t.call("lease_acquire", {"p_run_id": "free", "p_holder": "n2", "p_ttl_seconds": 600})
+    assert (got["acquired"], got["token"]) == (True, 8)
+    ack = t.push("n1", 3, [fenced(entry("n1", 3, "runs/free", "late", {"n1": 3, "n2": 1}), 7)])
+    assert (ack.inserted, ack.fenced) == (0, [{"run_id": "free", "current": 8, "holder": "n2"}])
+    # ... and so does a takeover from a lease row older than the record (a restored
+    # database), while a holder taking its own lease again keeps its token
+    query(pg_db, "update walsync.leases set token = 2, expires_at = now() "
+                 "where run_id = 'free' returning 1")
+    again = t.call("lease_acquire", {"p_run_id": "free", "p_holder": "n2",
+                                     "p_ttl_seconds": 600})
+    assert (again["acquired"], again["token"]) == (True, 2)
+    query(pg_db, "update walsync.leases set expires_at = now() where run_id = 'free' "
+                 "returning 1")
+    taken = t.call("lease_acquire", {"p_run_id": "free", "p_holder": "n3",
+                                     "p_ttl_seconds": 600})
+    assert (taken["acquired"], taken["token"]) == (True, 8)

@@ -10,7 +10,7 @@ What must hold:
   refusal (LeaseLostError) writes nothing;
 * on every push, an entry for a run's key is merged iff, when the push ran, the pusher
   held the run's lease (live or expired without a new holder) and the entry carries its
-  token, or nobody leased the run and the entry is unfenced; every other entry is in
+  token, or nobody leased the run (it is no one's); every other entry is in
   walsync.fenced with the lease it met, and the pusher's replicator said so (lost_runs and
   a LeaseLostEvent when another node holds the lease, stale_refused when it is its own);
 * the merged state (walsync.siblings) of the runs holds accepted entries only.
@@ -164,13 +164,15 @@ class FencingModel(RuleBasedStateMachine):
                 assert e["fence"] == 0 or e["fence"] in own, (e, own)
 
     def _refusal_is_right(self, host: Host, run_id: str, exc: LeaseLostError) -> None:
-        """A local refusal names a lease that this host holds no token good for, as the
-        server handed it out (the server's current one, or an older one)."""
+        """A local refusal names another host's lease that this host holds no newer
+        token for (or its own, once dropped), as the server handed it out (the
+        server's current one, or an older one)."""
         held = held_lease(host.store, run_id)
         assert exc.run_id == run_id
         assert exc.current_token > 0
-        assert held is None or held < exc.current_token or \
-            (held == exc.current_token and exc.holder != host.store.node_id), (exc, held)
+        if held is not None:
+            assert exc.holder != host.store.node_id, (exc, held)
+            assert held <= exc.current_token, (exc, held)
         (holder, token), = query(self.dsn, "select holder, token from walsync.leases "
                                            "where run_id = %s", (run_id,))
         assert exc.current_token <= token
@@ -267,9 +269,9 @@ class FencingModel(RuleBasedStateMachine):
             if run_id in leases:
                 holder, token = leases[run_id]
                 ok = holder == node and e["fence"] == token
-            else:
+            else:  # nobody leased the run: no one's, merged like any key
                 holder, token = None, 0
-                ok = e["fence"] == 0
+                ok = True
             if ok:
                 assert ident in stored, (e, leases.get(run_id))
                 assert ident not in fenced, (e, leases.get(run_id))

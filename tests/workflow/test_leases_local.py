@@ -123,6 +123,18 @@ def test_a_lease_taken_through_the_store_is_stamped_on_the_run(wf: Workflows,
     assert (created.run_id, created.fence) == ("r2", 1)
 
 
+def test_its_own_lease_is_this_hosts_whatever_token_the_server_gives_next(
+        wf: Workflows, store: Store) -> None:
+    """A record naming this host with a token above the one it now holds: the server's
+    tokens were set back (a restore from a backup); the server judges the token."""
+    wf.run("w", "r1", lease=(store.node_id, 5)).step("a", lambda: 1)
+    run = wf.get_run("r1")
+    run.set_lease(store.node_id, 2)
+    mark = store.applied_lsn
+    run.step("b", lambda: 2)
+    assert set(fences_since(store, mark)) == {2}
+
+
 def test_the_lease_stays_with_the_store_across_reopening(store_path: Path) -> None:
     with Store.open(store_path) as store:
         Workflows(store).run("w", "r1", lease=(store.node_id, 2)).step("a", lambda: 1)

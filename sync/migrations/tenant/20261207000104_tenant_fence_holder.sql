@@ -1,9 +1,10 @@
--- walsync tenant mode: the tenant-mode twin of 20261207000004_fence_holder.sql.
+-- walsync tenant mode: the tenant-mode twins of 20261207000004_fence_holder.sql.
 -- push accepts a leased run's entries only from the lease's holder with its
--- current token (see that file), each query confined to the caller's tenant
--- as in 20261123000101_tenant_mode.sql, whose push this one replaces (applied
--- after it: tenant files run in name order). The function keeps its owner
--- (walsync_tenant_api, so Row Level Security applies to it) and its grants.
+-- current token, and lease_acquire starts a run's tokens above the ones its
+-- record carries (see that file), each query confined to the caller's tenant
+-- as in 20261123000101_tenant_mode.sql, whose functions these replace (applied
+-- after it: tenant files run in name order). The functions keep their owner
+-- (walsync_tenant_api, so Row Level Security applies to them) and grants.
 -- Plain SQL. Safe to apply more than once.
 
 alter table walsync.fenced add column if not exists holder text;
@@ -75,16 +76,14 @@ begin
                   where e.tenant = v_tenant and e.origin = p_node and e.lsn = x.lsn
                     and e.key = x.key and e.lsn between v_min and v_max)
   ),
-  -- Fencing: a run's entry is accepted only from its lease's holder with the
-  -- lease's current token (unfenced, from anyone, when no host leased the run);
-  -- the rest is refused (recorded below), never merged.
+  -- Fencing: a leased run's entry is accepted only from the lease's holder with
+  -- the lease's current token; the rest is refused (recorded below), never
+  -- merged. A run without a lease is no one's: its entries merge like any key's.
   refused as materialized (
-    select x.n, x.lsn, x.key, x.run_id, x.fence, coalesce(l.token, 0) as current, l.holder
-    from x left join leases l on l.tenant = v_tenant and l.run_id = x.run_id
-    where x.run_id is not null
-      and not exists (select 1 from known k where k.n = x.n)
-      and case when l.run_id is null then x.fence <> 0
-               else l.holder <> p_node or x.fence <> l.token end
+    select x.n, x.lsn, x.key, x.run_id, x.fence, l.token as current, l.holder
+    from x join leases l on l.tenant = v_tenant and l.run_id = x.run_id
+    where not exists (select 1 from known k where k.n = x.n)
+      and (l.holder <> p_node or x.fence <> l.token)
   ),
   -- An entry sent twice in one batch counts once (distinct on its identity).
   incoming as (
@@ -193,5 +192,58 @@ begin
   return jsonb_build_object('acked_lsn', v_acked, 'inserted', v_inserted,
                             'merged', v_merged, 'head', v_head + v_inserted,
                             'fenced', v_fenced);
+end
+$$;
+
+-- lease_acquire: a new holder's token is above every token the run's record was
+-- written with on this server (its run and index keys' siblings), not only
+-- above the lease row's. Without a row, or with a row older than the run's
+-- data (a database restored from a backup, or filled again by re-shipping),
+-- tokens would otherwise start again below the ones hosts already wrote
+-- with. A holder taking its own lease again keeps its token, as before.
+create or replace function walsync_api.lease_acquire(p_run_id text, p_holder text,
+                                                     p_ttl_seconds double precision)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, walsync
+as $$
+declare
+  v_tenant text := walsync.require_tenant();
+  l leases%rowtype;
+  v_missing boolean;
+  v_floor   bigint;
+begin
+  if p_ttl_seconds is null or p_ttl_seconds <= 0 then
+    raise exception 'lease TTL must be positive' using errcode = '22023';
+  end if;
+  select * into l from leases where tenant = v_tenant and run_id = p_run_id for update;
+  v_missing := not found;
+  if v_missing or (l.holder <> p_holder and l.expires_at <= now()) then
+    select coalesce(max(s.fence), 0) into v_floor from siblings s
+     where s.tenant = v_tenant
+       and s.key in ('runs/' || p_run_id, 'index/runs/' || p_run_id);
+  end if;
+  if v_missing then
+    insert into leases (tenant, run_id, holder, token, expires_at)
+    values (v_tenant, p_run_id, p_holder, v_floor + 1,
+            now() + make_interval(secs => p_ttl_seconds))
+    returning * into l;
+    return jsonb_build_object('acquired', true, 'run_id', p_run_id, 'holder', l.holder,
+                              'token', l.token, 'expires_at', l.expires_at, 'now', now());
+  end if;
+  if l.holder = p_holder or l.expires_at <= now() then
+    update leases
+       set holder = p_holder,
+           token = case when l.holder = p_holder then l.token
+                        else greatest(l.token, v_floor) + 1 end,
+           expires_at = now() + make_interval(secs => p_ttl_seconds),
+           acquired_at = case when l.holder = p_holder then l.acquired_at else now() end
+     where tenant = v_tenant and run_id = p_run_id
+    returning * into l;
+    return jsonb_build_object('acquired', true, 'run_id', p_run_id, 'holder', l.holder,
+                              'token', l.token, 'expires_at', l.expires_at, 'now', now());
+  end if;
+  return jsonb_build_object('acquired', false, 'run_id', p_run_id, 'holder', l.holder,
+                            'token', l.token, 'expires_at', l.expires_at, 'now', now());
 end
 $$;
