@@ -589,18 +589,14 @@ class Replicator:
                 continue
             self._status.lost_runs[run_id] = current
             self._status.fenced_runs += 1
-            if holder is None:
-                said = (f"run {run_id!r} has no lease on the server, which never issued the "
-                        "token this host's writes to it carried; it refused them")
-            else:
-                said = (f"run {run_id!r} is leased by {holder} (token {current}), not by this "
-                        "host; the server refused this host's writes to it")
+            said = (f"run {run_id!r} is leased by {holder} (token {current}), not by this "
+                    "host; the server refused this host's writes to it")
             log.error("sync: %s", said)
             # from now on this host's writes to the run are refused locally as well
             with contextlib.suppress(WalsyncError):
                 drop_lease(self.store, run_id, upto_token=current, lost_to=holder,
                            current_token=current)
-            token, lsn = _refused_writes(entries, run_id, holder)
+            token, lsn = _refused_writes(entries, run_id)
             self.store.events.emit(LeaseLostEvent(
                 lsn=lsn, run_id=run_id, token=token, current_token=current, holder=holder))
             for callback in self._lost_callbacks:
@@ -880,12 +876,10 @@ def _run_of(key: str) -> str | None:
     return None
 
 
-def _refused_writes(entries: list[dict[str, Any]], run_id: str,
-                    holder: str | None) -> tuple[int, int]:
-    """(token, newest LSN) of a pushed batch's writes to ``run_id``, a run leased by
-    ``holder``, another node (None: no lease): the ones the server refused."""
-    refused = [e for e in entries if _run_of(e["key"]) == run_id
-               and (holder is not None or int(e["fence"]) != 0)]
+def _refused_writes(entries: list[dict[str, Any]], run_id: str) -> tuple[int, int]:
+    """(token, newest LSN) of a pushed batch's writes to ``run_id``, a run another node
+    leases: the server refused every one of them."""
+    refused = [e for e in entries if _run_of(e["key"]) == run_id]
     if not refused:
         return 0, 0
     return max(int(e["fence"]) for e in refused), max(int(e["lsn"]) for e in refused)
