@@ -259,8 +259,10 @@ class InvalidKeyError(WalsyncError, ValueError):
 
 
 class InvalidValueError(WalsyncError, ValueError):
-    hint = "values are what cbor2 encodes: dict, list, str, bytes, int, float, bool, None, " \
-        "timezone-aware datetime, ..."
+    """A value the store could not give back exactly as it was put (FORMAT.md, "Values")."""
+
+    hint = ("values are dict (str or int keys), list, str, bytes, int, float, bool, None, "
+            "datetime with a fixed offset, date, Decimal and UUID, nested at most 128 deep")
 
 
 class DurabilityError(WalsyncError):

@@ -325,7 +325,7 @@ def test_scan_prefix_with_high_trailing_characters(open_store: OpenFn) -> None:
 def test_scan_orders_unicode_keys_by_utf8_bytes(open_store: OpenFn) -> None:
     s = open_store()
     keys = ["z", "Z", "é", "e\u0301", "日本", "日", "\U0001f600", "\uffff", "\u00e9a", "a",
-            "\x7f", "\x01", "ß", "ẞ", "a\x00b", "\x00"]
+            "\x7f", "\x01", "ß", "ẞ", "a\x01b", "\x01\x01"]
     _fill(s, keys)
     expected = sorted(keys, key=lambda k: k.encode("utf-8"))
     assert [k for k, _ in s.scan()] == expected
@@ -532,10 +532,10 @@ def test_invalid_key_on_read_raises_invalid_key(open_store: OpenFn, key: Any) ->
 @pytest.mark.parametrize(
     ("value", "why"),
     [
-        (object(), "cannot encode"),
+        (object(), "value is of type builtins.object"),
         (dt.datetime(2024, 1, 1, 12, 0), "naive datetime"),
-        ({"nested": [1, {"deep": {1, 2, object()}}]}, "cannot encode"),
-        (lambda: 1, "cannot encode"),
+        ({"nested": [1, {"deep": {1, 2, object()}}]}, "value['nested'][1]['deep'] is a set"),
+        (lambda: 1, "of type builtins.function"),
     ],
 )
 def test_unencodable_value_is_refused_naming_key(
@@ -565,9 +565,10 @@ def test_value_nested_at_the_depth_limit_round_trips(open_store: OpenFn) -> None
     cases = {
         "lists": _nest(128, [1, "x"]),
         "dicts": _nest(128, {"leaf": True}, lambda x: {"d": x}),
-        # sets and tagged scalars take two CBOR levels each: still readable
-        "sets": _nest(128, frozenset([Decimal("1.5")]), lambda x: frozenset([x])),
-        "dates": _nest(128, (dt.datetime(2024, 1, 1, tzinfo=dt.UTC),), lambda x: frozenset([x])),
+        # tagged scalars take two CBOR levels each: still readable
+        "decimals": _nest(128, [Decimal("1.5")], lambda x: [x, Decimal("-2.25")]),
+        "dates": _nest(128, [dt.datetime(2024, 1, 1, tzinfo=dt.UTC), dt.date(2024, 1, 2)],
+                       lambda x: {"d": x}),
     }
     for name, value in cases.items():
         s.put(name, value)
