@@ -23,7 +23,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,13 +268,16 @@ class _SegmentPreparer:
     The file (``layout.prepared_segment``) is zero-filled to its full size and
     fsynced before it is offered, so frames written into it later change no
     file metadata and their fdatasync flushes data only. The writer takes it
-    by renaming it to the next segment's name. One file at a time. A failure
-    (a full disk, say) is logged and the file removed; the writer then creates
-    a plain segment, and the next rotation asks again.
+    by renaming it to the next segment's name. One file at a time. A failed
+    write or sync (a full disk, a failing one) goes to ``on_failure`` (the
+    store poisons itself: the disk under its log failed, whichever thread saw
+    it) and the file is removed; a rotation meanwhile creates a plain segment.
     """
 
-    def __init__(self, layout: StoreLayout) -> None:
+    def __init__(self, layout: StoreLayout,
+                 on_failure: Callable[[BaseException, str], None] | None = None) -> None:
         self._path = layout.prepared_segment
+        self._on_failure = on_failure
         self._cond = threading.Condition(threading.Lock())
         self._wanted = 0  # bytes asked for, not started yet
         self._ready = 0  # bytes of the file that is ready to take
@@ -338,8 +341,10 @@ class _SegmentPreparer:
                     done = _fs.zero_fill(fd, size, lambda: self._closed)
                 finally:
                     os.close(fd)
-            except Exception as exc:  # noqa: BLE001 - the writer falls back to plain segments
+            except Exception as exc:  # noqa: BLE001 - reported to the store
                 log.warning("could not prepare the next WAL segment %s: %s", self._path, exc)
+                if self._on_failure is not None:
+                    self._on_failure(exc, f"preparing the next WAL segment {self._path}")
             if not done:
                 _remove_quietly(self._path)
             with self._cond:
@@ -381,6 +386,7 @@ class WALWriter:
         next_lsn: int,
         active: SegmentScan | None,
         preallocate: bool = True,
+        on_failure: Callable[[BaseException, str], None] | None = None,
     ) -> None:
         self._layout = layout
         self._segment_bytes = segment_bytes
@@ -396,7 +402,7 @@ class WALWriter:
         self._prepare_bytes = min(segment_bytes, _FIRST_PREPARED_BYTES)
         # a file prepared before a crash: its zeros may not all have been synced
         _remove_quietly(layout.prepared_segment)
-        self._preparer = _SegmentPreparer(layout) if preallocate else None
+        self._preparer = _SegmentPreparer(layout, on_failure) if preallocate else None
         if active is not None and active.end_offset >= SEGMENT_HEADER_BYTES:
             fd = _fs.open_segment(active.path, create=False)
             self.fd = fd

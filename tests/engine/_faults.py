@@ -6,16 +6,22 @@ such call: an error (EIO once, EIO from then on, ENOSPC from then on for the
 operations that take space), or, inside the operation, an EINTR or a short
 write from the ``os`` call beneath it (which ``_fs`` must absorb), or a short
 write acknowledged by the seam itself (which the WAL must refuse to count as
-written). Operations of the store's background threads are recorded apart and
-only fail once a persistent fault is on: their timing is not the test's.
+written). Operations of the store's helper threads are recorded apart, with the
+thread's name: a case either fails the Nth operation of the test's thread (and
+helpers' operations only once a persistent fault is on), or the Nth operation
+of one helper thread (the segment preparer, the background checkpoint), which
+the workload lets finish before it goes on, so that "the Nth" means one thing.
 
 :func:`run_workload` drives a store through creation, commits with segment
-rotation, a checkpoint, close, an open that replays the whole WAL into an
-empty snapshot, a repair of a damaged sealed segment and a last open; a
-:class:`Ledger` keeps what was acknowledged and the one call that failed.
+rotation, checkpoints (in the background and asked for), close, an open that
+replays the whole WAL into an empty snapshot, a repair of a damaged sealed
+segment and a last open; a :class:`Ledger` keeps what was acknowledged and the
+one call that failed.
 :func:`check_case` then judges one case: the failure, if any, was one of the
-project's errors; a poisoned store refused further writes without touching
-a file, and kept serving reads; once the fault is lifted, opening (after a
+project's errors; a fault that fired was noticed (an error surfaced, or the
+store was poisoned: a helper thread's failed write stops the store as a
+commit's does); a poisoned store refused further writes without touching a
+file, and kept serving reads; once the fault is lifted, opening (after a
 repair if the damage step had been reached) shows every acknowledged commit,
 and the failed commit wholly or not at all.
 """
@@ -65,6 +71,10 @@ DATA_OPS = frozenset({"writev", "pwrite", "zero_fill", "fdatasync", "fsync", "fs
 #: absorbed by ``_fs`` (the workload must finish as if nothing happened)
 MODES = ("eio", "eio-persistent", "enospc", "eintr", "short", "short-seam")
 ABSORBED_MODES = frozenset({"eintr", "short"})
+#: the store's helper threads whose file operations go through the seam (by the
+#: start of their names), and the modes their operations are failed with
+HELPER_THREADS = ("walsync-prepare-segment", "walsync-checkpoint")
+HELPER_MODES = ("eio", "enospc")
 
 SEGMENT_BYTES = 4096
 STORE_OPTIONS: dict[str, Any] = {
@@ -106,19 +116,23 @@ class Call:
     target: str
     background: bool
     after_fault: bool
+    thread: str = ""
 
 
 @dataclass
 class SeamFaults:
-    """Wraps every ``engine._fs`` operation; fails the ``at``-th call of the test's thread."""
+    """Wraps every ``engine._fs`` operation; fails the ``at``-th call of the test's
+    thread, or with ``thread`` the ``at``-th call of the helper threads so named."""
 
     mode: str | None = None
     at: int = 0
+    thread: str | None = None
     calls: list[Call] = field(default_factory=list)
     fired: Call | None = None
     #: what the fault did inside the operation (eintr / short): os-level calls hit
     inner_hits: int = 0
     _main_count: int = 0
+    _helper_count: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _originals: dict[str, Callable[..., Any]] = field(default_factory=dict)
 
@@ -139,6 +153,9 @@ class SeamFaults:
     def main_ops(self) -> list[str]:
         return [c.op for c in self.calls if not c.background]
 
+    def helper_ops(self, thread: str) -> list[str]:
+        return [c.op for c in self.calls if c.thread.startswith(thread)]
+
     def _wrap(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             return self._call(name, real, args, kwargs)
@@ -148,14 +165,21 @@ class SeamFaults:
 
     def _call(self, op: str, real: Callable[..., Any], args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
-        background = threading.current_thread() is not threading.main_thread()
+        current = threading.current_thread()
+        background = current is not threading.main_thread()
         target = _target_of(args[0]) if args else ""
         with self._lock:
-            call = Call(op, target, background, self.fired is not None)
+            call = Call(op, target, background, self.fired is not None, current.name)
             self.calls.append(call)
-            if not background:
-                self._main_count += 1
-            mine = not background and self._main_count == self.at and self.mode is not None
+            if self.thread is None:
+                if not background:
+                    self._main_count += 1
+                mine = not background and self._main_count == self.at
+            else:
+                if current.name.startswith(self.thread):
+                    self._helper_count += 1
+                mine = current.name.startswith(self.thread) and self._helper_count == self.at
+            mine = mine and self.mode is not None and self.fired is None
             if mine:
                 self.fired = call
             code = self._code_after_fault(op) if call.after_fault else None
@@ -295,6 +319,9 @@ class Ledger:
     #: the store handle that was open when the failure came (None if none was)
     store: Store | None = None
     damaged: bool = False
+    #: why a store handle was poisoned when the workload closed it (a helper
+    #: thread's failure poisons the store without failing the call under way)
+    poisoned: str | None = None
 
 
 def settle(store: Store) -> None:
@@ -310,6 +337,42 @@ def settle(store: Store) -> None:
     with preparer._cond:
         while preparer._busy or preparer._wanted:
             preparer._cond.wait(1.0)
+
+
+def checkpoint_in_background(store: Store, ledger: Ledger, step: str) -> None:
+    """Have the checkpoint thread run one checkpoint, as a commit does once enough WAL
+    was written, and wait for it: its operations then come in one order in every run."""
+    ledger.step = step
+    settle(store)
+    if store.poisoned is not None:
+        return  # the checkpoint thread does nothing for a poisoned store
+    real = store._checkpoint
+    finished = threading.Event()
+
+    def traced(**kwargs: Any) -> Any:
+        try:
+            # with a new base, as when the WAL above the last one outweighs the
+            # snapshot: the copy the checkpoint thread then makes is swept too
+            return real(**{**kwargs, "new_base": True})
+        finally:
+            finished.set()
+
+    store._checkpoint = traced  # type: ignore[method-assign]
+    try:
+        store._request_checkpoint()
+        if not finished.wait(60):
+            raise AssertionError("the background checkpoint did not finish within 60 s")
+    finally:
+        del store._checkpoint
+
+
+def _close(store: Store, ledger: Ledger, step: str) -> None:
+    settle(store)
+    ledger.step = step
+    ledger.store = None
+    if store.poisoned is not None and ledger.poisoned is None:
+        ledger.poisoned = str(store.poisoned)
+    store.close()
 
 
 def _commit_all(store: Store, ledger: Ledger, first: int, count: int) -> None:
@@ -340,13 +403,13 @@ def run_workload(path: Path, ledger: Ledger) -> None:
     ledger.step = "create"
     store = Store.open(path, **STORE_OPTIONS)
     ledger.store = store
+    settle(store)
     ledger.step = "set retain floor"
     store.set_retain_floor(1)  # every segment stays, for the replay below
-    _commit_all(store, ledger, 0, 10)
-    settle(store)
-    ledger.step = "close 1"
-    ledger.store = None
-    store.close()
+    _commit_all(store, ledger, 0, 6)
+    checkpoint_in_background(store, ledger, "background checkpoint 1")
+    _commit_all(store, ledger, 6, 4)
+    _close(store, ledger, "close 1")
     # an empty snapshot: the next open replays the whole WAL (test's own I/O)
     shutil.rmtree(path / "snapshot")
     ledger.step = "open with replay"
@@ -357,11 +420,10 @@ def run_workload(path: Path, ledger: Ledger) -> None:
     store.set_retain_floor(None)
     store.checkpoint()
     store.set_retain_floor(store.next_lsn)  # keep the next segments, for the repair
-    _commit_all(store, ledger, 10, 7)
-    settle(store)
-    ledger.step = "close 2"
-    ledger.store = None
-    store.close()
+    _commit_all(store, ledger, 10, 4)
+    checkpoint_in_background(store, ledger, "background checkpoint 2")
+    _commit_all(store, ledger, 14, 3)
+    _close(store, ledger, "close 2")
     _damage_sealed_segment(path)
     ledger.damaged = True
     ledger.step = "repair"
@@ -371,30 +433,29 @@ def run_workload(path: Path, ledger: Ledger) -> None:
     store = Store.open(path, **STORE_OPTIONS)
     ledger.store = store
     _commit_all(store, ledger, 17, 2)
-    settle(store)
-    ledger.step = "close 3"
-    ledger.store = None
-    store.close()
+    _close(store, ledger, "close 3")
     ledger.step = "done"
 
 
-def record_workload(path: Path) -> list[str]:
-    """The operations a clean run of the workload makes from the test's thread."""
+def record_workload(path: Path) -> SeamFaults:
+    """A clean run of the workload: its calls (``main_ops``, ``helper_ops(thread)``)."""
     faults = SeamFaults()
     ledger = Ledger()
     with faults.installed():
         run_workload(path, ledger)
     assert ledger.step == "done"
-    return faults.main_ops
+    assert ledger.poisoned is None, ledger.poisoned
+    return faults
 
 
 # -- judging one case -----------------------------------------------------------
 
 
-def check_case(path: Path, mode: str, at: int) -> list[str]:
-    """Run the workload with the fault ``mode`` at the ``at``-th operation, then
-    recover without it; return the violations found (empty: the case passed)."""
-    faults = SeamFaults(mode, at)
+def check_case(path: Path, mode: str, at: int, thread: str | None = None) -> list[str]:
+    """Run the workload with the fault ``mode`` at the ``at``-th operation (of the
+    helper threads named ``thread``, if given), then recover without it; return the
+    violations found (empty: the case passed)."""
+    faults = SeamFaults(mode, at, thread)
     ledger = Ledger()
     problems: list[str] = []
     with faults.installed():
@@ -412,9 +473,12 @@ def check_case(path: Path, mode: str, at: int) -> list[str]:
                 problems.append(f"{mode}: the os call beneath {faults.fired.op} was not hit")
             if ledger.error is not None:
                 problems.append(f"{mode} in {faults.fired.op} was not absorbed: {ledger.error!r}")
-        elif ledger.error is None and not _may_be_ignored(faults.fired):
-            problems.append(f"{faults.fired.op} of {faults.fired.target} failed and the "
-                            "workload went on as if not")
+        elif ledger.error is None and not _may_be_ignored(faults.fired) and (
+                thread is None or ledger.poisoned is None):
+            # nobody noticed: no call failed and (for a helper thread's failure,
+            # which no call waits for) the store was not poisoned either
+            problems.append(f"{faults.fired.op} of {faults.fired.target} failed on thread "
+                            f"{faults.fired.thread} and the workload went on as if not")
         if ledger.error is not None and mode not in ABSORBED_MODES:
             problems += _check_error(ledger.error, mode)
         if ledger.error is not None and ledger.store is not None:
