@@ -44,7 +44,7 @@ from engine.replay import describe_torn_tail
 from engine.runs import Cost
 from engine.workflow import Workflows
 
-from .replicator import LAST_ERROR, Replicator, ReplicatorOptions
+from .replicator import LAST_ERROR, UNSHIPPED, Replicator, ReplicatorOptions
 
 if TYPE_CHECKING:
     from .metrics import MetricsServer
@@ -576,7 +576,9 @@ def status(store_path: str, as_json: bool) -> None:
             "pull_cursor": cursor, "retain_floor": info.retain_floor,
             "wal_bytes_held_for_sync": info.wal_bytes_held_for_sync,
             "server": describe_target(), "server_id_local": local_server,
-            "last_error": json.loads(raw_error) if raw_error else None}
+            "last_error": json.loads(raw_error) if raw_error else None,
+            # entries set aside, never shipped (sync/PROTOCOL.md)
+            "unshipped": json.loads(store.sync_state(UNSHIPPED) or b"[]")}
         # what the server holds of this store, over every node id it wrote under; the
         # local acknowledgement counts only if it came from this very server
         confirmed = local_acked

@@ -43,6 +43,7 @@ import tenacity
 
 from engine import Store
 from engine.errors import (
+    CorruptionError,
     LeaseLostError,
     LSNGapError,
     RemoteDurabilityTimeoutError,
@@ -69,6 +70,12 @@ _ACKED = "acked_lsn"
 _CURSOR = "pull_cursor"
 #: sync_state name of the last error (JSON: message, at_unix, stopped)
 LAST_ERROR = "last_error"
+#: sync_state name of the entries set aside, never shipped (JSON: a list of
+#: {lsn, key, reason}, the latest _UNSHIPPED_KEPT); see PROTOCOL.md
+UNSHIPPED = "unshipped"
+_UNSHIPPED_KEPT = 100
+#: fencing tokens are bigints on the server
+_FENCE_LIMIT = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -506,7 +513,7 @@ class Replicator:
                 break
             for rec in records:
                 if rec.local:
-                    wire = record_to_wire(rec.lsn, rec.ops)
+                    wire = self._wire_of(rec.lsn, rec.ops)
                     if len(chain) > 1:
                         _translate(chain, rec.lsn, wire)
                     entries.extend(wire)
@@ -520,6 +527,52 @@ class Replicator:
         if entries and prepare is not None:
             prepare(entries)
         return _Batch(through, entries, size, after_lsn < through < upto_lsn, owner.node_id)
+
+    def _wire_of(self, lsn: int, ops: Any) -> list[dict[str, Any]]:
+        """A local record's wire entries, but for those the server cannot hold, which
+        are set aside and reported instead of stopping every later record: a value
+        that does not decode (an older walsync stored it unchecked), a fence outside
+        the server's bigint, a key with NUL. The rest of the record ships."""
+        try:
+            wire = record_to_wire(lsn, ops)
+        except CorruptionError:
+            wire = []
+            last = {key: (idx, entry) for idx, (key, entry) in enumerate(ops) if key}
+            for key, (idx, entry) in sorted(last.items(), key=lambda item: item[1][0]):
+                try:
+                    (one,) = record_to_wire(lsn, [[key, entry]])
+                except CorruptionError as exc:
+                    self._set_aside(lsn, key, f"its value does not decode ({exc})")
+                    continue
+                one["idx"] = idx
+                wire.append(one)
+        if all(0 <= e["fence"] < _FENCE_LIMIT and "\x00" not in e["key"] for e in wire):
+            return wire
+        kept = []
+        for entry in wire:
+            if "\x00" in entry["key"]:
+                self._set_aside(lsn, entry["key"], "its key holds a NUL character")
+            elif not 0 <= entry["fence"] < _FENCE_LIMIT:
+                self._set_aside(lsn, entry["key"],
+                                f"its fence {entry['fence']} is outside the server's 0..2**63-1")
+            else:
+                kept.append(entry)
+        return kept
+
+    def _set_aside(self, lsn: int, key: str, reason: str) -> None:
+        """Report an entry that is never shipped: in the log, as the last error and in
+        the store's list `walsync status` prints (kept across restarts)."""
+        message = (f"LSN {lsn}, key {key!r} was not shipped: {reason}; the rest is shipped. "
+                   "Write the key again (or delete it) to replace it on the server")
+        log.error("sync: %s", message)
+        self._record_error(message, stopped=False)
+        with contextlib.suppress(WalsyncError, ValueError):
+            raw = self.store.sync_state(UNSHIPPED)
+            listed: list[dict[str, Any]] = json.loads(raw) if raw else []
+            item = {"lsn": lsn, "key": key, "reason": reason}
+            if item not in listed:  # a batch read again after a failed push
+                listed = [*listed, item][-_UNSHIPPED_KEPT:]
+                self.store.set_sync_state(UNSHIPPED, json.dumps(listed).encode())
 
     def _push_batch(self, batch: _Batch) -> int:
         """Push one batch and acknowledge it as far as the server confirmed: the count."""
