@@ -104,6 +104,13 @@ _NOT_DAMAGE: tuple[type[lmdb.Error], ...] = (
 )
 
 
+#: LMDB errors a write meets on a file whose pages are damaged
+_DAMAGE_ON_WRITE: tuple[type[lmdb.Error], ...] = (
+    lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.IncompatibleError,
+    lmdb.BadValsizeError,
+)
+
+
 def entry_checksum(key: bytes, entry: bytes | memoryview) -> int:
     """The checksum that seals ``entry`` under ``key``: XXH3-64 of the entry, seeded
     with XXH3-64 of the key, so an entry read under another key fails it too."""
@@ -322,6 +329,8 @@ class SnapshotStore:
         self._longest = max(self.file_bytes(), 1 << 20)
         try:
             self._check_format()
+            #: the conflicts table may hold keys (true until a transaction saw it empty)
+            self._conflicts_listed = True
             self._conflicts = self._open_conflicts(build=not readonly)
         except BaseException:
             self.env.close()
@@ -639,12 +648,15 @@ class SnapshotStore:
     def _index_conflicts(self, txn: lmdb.Transaction,
                          puts: Iterable[tuple[bytes, bytes | list[bytes]]]) -> None:
         """Keep the conflicts table in step with entries written in ``txn`` (the
-        empty key, a record's meta op, is no entry). Local writes leave one sibling:
-        with the table empty (the usual case) they cost no LMDB call."""
+        empty key, a record's meta op, is no entry): every entry holding siblings is
+        listed. Local writes leave one sibling: while the table is empty (the usual
+        case, remembered between transactions) they cost no LMDB call. A key listed
+        though its entry no longer holds siblings (left by a transaction that was
+        aborted after the table was seen empty) is harmless: readers check the entry."""
         table = self._conflicts
         if table is None:
             return
-        listed = int(txn.stat(table)["entries"]) > 0
+        listed = self._conflicts_listed
         for key, entry in puts:
             if not key:
                 continue
@@ -653,6 +665,8 @@ class SnapshotStore:
                 listed = True
             elif listed:
                 txn.delete(key, db=table)
+        if listed:
+            self._conflicts_listed = int(txn.stat(table)["entries"]) > 0
 
     # -- writes --------------------------------------------------------------
 
@@ -794,7 +808,9 @@ class SnapshotStore:
         later transaction of this handle (MDB_PANIC): the handle is reopened,
         so reads go on from the last commit, and an OSError naming the file is
         raised (the store refuses writes from then on; reopening it replays
-        the WAL).
+        the WAL). LMDB finding the file's pages damaged as it writes (a free
+        list pointing nowhere, say) is a CorruptionError instead: reopening
+        does not mend that, repair does.
         """
         while True:
             try:
@@ -808,6 +824,9 @@ class SnapshotStore:
                 break
         with self._gate.exclusive():
             self._reopen_env()
+        if isinstance(failure, _DAMAGE_ON_WRITE):
+            raise CorruptionError(f"LMDB {doing} failed, the snapshot is damaged: {failure}",
+                                  path=self.data_file, hint=REPAIR_HINT) from failure
         raise self._os_error(failure, doing) from failure
 
     def _reopen_env(self) -> None:

@@ -403,8 +403,6 @@ class Store:
                 self._bytes_since_checkpoint = self._wal_bytes_above_base()
             self._resolve_identities(node_id)
             self._closed = False
-            if not self.readonly:
-                self._check_directory(root)
         except BaseException:
             # Close what was opened: a leaked LMDB handle would make every later
             # open (or repair) of this store in this process fail.
@@ -843,40 +841,45 @@ class Store:
         if asked is not None and asked not in {i.node_id for i in chain}:
             raise ValueError(f"store {root} already has node id {self.node_id!r}, not {asked!r}")
         if not self.readonly and chain is not stored:
-            self._record_identities(reset_incarnations=True)
+            self._record_identities(renewed=False)
 
-    def _check_directory(self, root: Path) -> None:
-        """A store whose directory is not the one it was made in (its inode differs) is
-        a copy, or the old state of a store put back from a file backup: its original
-        may live on and write under the same node id. It takes a fresh one before it
-        writes anything (SPEC 4.5), for every LSN after what a sync server confirmed
-        (those it shares with the original). Moving a directory within its file system
-        keeps the inode; moving it to another one counts as a copy (a fresh id, no harm).
-        Copies that keep inodes (a cloned disk, a VM image) are caught by the sync
-        server instead (sync/incarnation.py)."""
-        here = _directory_identity(root)
+    @property
+    def copied_from(self) -> int | None:
+        """The inode number of the directory this store was made in (or last took a
+        node id in), when it is not the store's directory now; else None.
+
+        A store whose directory is another one is a copy (cp -r, rsync, tar), or the
+        old state of a store put back from a file backup: its original may live on
+        and write under the same node id. Sync takes a fresh id for it before it
+        ships anything (sync/incarnation.py). Moving a directory within its file
+        system keeps the inode; to another one, it counts as a copy (a fresh id, no
+        harm). Copies that keep inodes (a cloned disk, a VM image) are the sync
+        server's to catch. A store made before directories were recorded names none.
+        """
         recorded = self._meta.get(_DIRECTORY)
-        if here is None or recorded == here:
-            return
-        if recorded is not None:
-            raw = self.sync_state("acked_lsn")
-            acked = int.from_bytes(raw, "little") if raw else 0
-            current = self._identities[-1]
-            fork = max(current.base_lsn, min(acked, self._applied_lsn))
-            self._meta[_DIRECTORY] = here
-            self.renew_node_id(fork, reason=f"the store directory {root} is a copy (inode "
-                                            f"{here}, made as {recorded})")
-            return
-        with self._store_file_lock:  # a store made before directories were recorded
-            self._meta[_DIRECTORY] = here
-            write_store_file(self._layout.store_file, self._meta)
+        if recorded is None:
+            return None
+        here = _directory_identity(Path(self.path))
+        return None if here is None or here == recorded else int(recorded)
 
-    def _record_identities(self, *, reset_incarnations: bool) -> None:
+    def record_directory(self) -> None:
+        """Take the store's directory as its own (a store made before directories were
+        recorded; ``renew_node_id`` does it too)."""
+        self._check_writable()
+        if self._meta.get(_DIRECTORY) is None:
+            with self._store_file_lock:
+                self._meta[_DIRECTORY] = _directory_identity(Path(self.path))
+                write_store_file(self._layout.store_file, self._meta)
+
+    def _record_identities(self, *, renewed: bool) -> None:
+        """The STORE file after a renewal (``renewed``: this process made it, in this
+        directory) or after one found in the WAL (rolled forward on open)."""
         with self._store_file_lock:
             self._meta["node_id"] = self.node_id
             self._meta[_IDENTITIES] = chain_to_json(self._identities)
-            if reset_incarnations:
-                self._meta[_INCARNATIONS] = []
+            self._meta[_INCARNATIONS] = []  # the tokens claimed the old id
+            if renewed:
+                self._meta[_DIRECTORY] = _directory_identity(Path(self.path))
             write_store_file(self._layout.store_file, self._meta)
 
     def renew_node_id(self, fork_lsn: int, *, reason: str) -> NodeIdentity:
@@ -904,7 +907,7 @@ class Store:
             item, ident = self._assign_renewal(fork_lsn, reason)
             self._submit(item)
         self._finish(item)
-        self._record_identities(reset_incarnations=True)
+        self._record_identities(renewed=True)
         log.warning("store %s: took node id %s (was %s) for LSNs after %d: %s", self.path,
                     ident.node_id, current.node_id, fork_lsn, reason)
         return ident
@@ -1022,7 +1025,10 @@ class Store:
 
     def set_sync_state(self, name: str, value: bytes) -> None:
         self._check_writable()
-        self._snapshot.put_meta(b"sync/" + name.encode(), value)
+        try:
+            self._snapshot.put_meta(b"sync/" + name.encode(), value)
+        except OSError as exc:
+            raise _fresh(self._poison(exc, f"writing sync state {name!r}")) from exc
 
     def _check_writable(self) -> None:
         if self._closed:
@@ -1294,7 +1300,9 @@ class Store:
         else:
             error = StorePoisonedError(
                 f"{type(exc).__name__} during {doing} in store {self.path}: {exc}; "
-                "the store refuses further writes"
+                "the store refuses further writes",
+                # damage found while writing: reopening does not mend it, repair does
+                hint=exc.hint if isinstance(exc, CorruptionError) else None,
             )
         error.__cause__ = exc
         self._poisoned = error
@@ -1453,13 +1461,18 @@ class Store:
         the WAL lost from the snapshot (the bootstrap path).
         """
         self._check_writable()
-        if lsn is not None:
-            if not isinstance(lsn, int) or isinstance(lsn, bool) or lsn < 1:
-                raise ValueError(f"a retain floor is an LSN >= 1 or None, not {lsn!r}")
-            self._set_sync_retain(True)
-        self._snapshot.put_meta(_RETAIN_FLOOR, b"" if lsn is None else lsn.to_bytes(8, "little"))
-        if lsn is None:
-            self._set_sync_retain(False)
+        if lsn is not None and (not isinstance(lsn, int) or isinstance(lsn, bool) or lsn < 1):
+            raise ValueError(f"a retain floor is an LSN >= 1 or None, not {lsn!r}")
+        try:
+            if lsn is not None:
+                self._set_sync_retain(True)
+            self._snapshot.put_meta(_RETAIN_FLOOR,
+                                    b"" if lsn is None else lsn.to_bytes(8, "little"))
+            if lsn is None:
+                self._set_sync_retain(False)
+        except OSError as exc:
+            # a failed write, as a commit's: nothing written after it can be trusted
+            raise _fresh(self._poison(exc, f"setting the WAL retain floor to {lsn}")) from exc
 
     def _set_sync_retain(self, held: bool) -> None:
         """Record in the STORE file whether sync holds the WAL (written only on a change)."""
