@@ -237,6 +237,19 @@ def connect(store: Store, transport: Transport, reader: WALReader, acked: int,
     """
     changed = behind = False
     renewed: NodeIdentity | None = None
+    copied = store.copied_from
+    if copied is not None:
+        # a copy of the directory (cp -r, a file backup put back): whatever the server
+        # says, its original may live on under the same id; what both share for sure is
+        # what a server acknowledged before the copy
+        cur = store.identities[-1]
+        fork = max(cur.base_lsn, min(acked, store.shippable_lsn))
+        why = (f"the store directory {store.path} is a copy (the store was made in "
+               f"directory inode {copied})")
+        renewed = store.renew_node_id(fork, reason=why)
+        log.warning("sync: %s; it ships LSNs after %d as node %s", why, fork, renewed.node_id)
+    else:
+        store.record_directory()
     #: (node id, LSN): what the server was found to hold of the current id as this
     #: store wrote it, past ``acked`` while LSNs of earlier ids are still to ship
     known = ("", 0)
@@ -269,7 +282,8 @@ def connect(store: Store, transport: Transport, reader: WALReader, acked: int,
                 advance(held)
         if h.reason is not None:
             upto = min(h.acked_lsn, store.shippable_lsn)
-            verified = verified_through(transport, reader, cur.node_id, mine, upto)
+            verified = verified_through(transport, reader, cur.node_id,
+                                        _check_from(reader, cur, mine), upto)
             if h.reason == "ahead" and verified == h.acked_lsn:
                 # its own entries, whose acknowledgement this store lost (a crash)
                 known = (cur.node_id, verified)
@@ -288,6 +302,10 @@ def connect(store: Store, transport: Transport, reader: WALReader, acked: int,
             if acked >= cur.base_lsn and verified > acked:
                 acked = verified
                 advance(verified)
+            elif verified < acked:  # the server lost what it acknowledged, then took another's
+                rewind(verified, f"server {h.server_id} holds other writes than this store's "
+                                 f"under node id {cur.node_id} after LSN {verified}")
+                acked, behind = verified, True
             continue
         if h.acked_lsn < mine and acked > h.acked_lsn:
             rewind(h.acked_lsn, f"server {h.server_id} holds LSNs of node {cur.node_id} only "
@@ -298,6 +316,17 @@ def connect(store: Store, transport: Transport, reader: WALReader, acked: int,
     raise RemoteUnavailableError(
         f"claiming node id {store.node_id} of {store.path}: the server's answer kept changing "
         f"over {_MAX_ROUNDS} rounds (another store claiming the same id?); retrying")
+
+
+def _check_from(reader: WALReader, ident: NodeIdentity, acked: int) -> int:
+    """Where to start comparing the server's entries of ``ident`` with the WAL: below
+    the acknowledged LSN too, as far as the WAL still holds records. A server put back
+    from a backup may have lost what it acknowledged to this store, and taken another
+    store's writes under the same LSNs since (a clone that claimed the id first)."""
+    oldest = reader.oldest_lsn()
+    if oldest is None:
+        return acked
+    return max(ident.base_lsn, min(acked, oldest - 1))
 
 
 def _text_state(store: Store, name: str) -> str | None:
@@ -327,3 +356,21 @@ def count_unreplicated(store: Store, after: int, applied: int) -> int:
     except LSNGapError:
         return count + (applied - lsn)
     return count + (applied - lsn)
+
+
+def confirmed_position(store: Store, transport: Transport,
+                       held: ServerPosition) -> int:
+    """The LSN up to which the server holds this store's writes as the store wrote them
+    (for `walsync status`, asking nothing but reads): its position for the store's node
+    ids, trusted as far as this server acknowledged them to this store, and checked
+    against the WAL beyond (a copy of the store may have shipped under the same id)."""
+    raw_server = store.sync_state(SERVER_ID)
+    raw_acked = store.sync_state("acked_lsn")
+    acked = int.from_bytes(raw_acked, "little") if raw_acked else 0
+    same = raw_server is None or raw_server.decode() == held.server_id
+    cur = store.identities[-1]
+    trusted = min(held.acked_lsn, acked) if same else min(held.acked_lsn, cur.base_lsn)
+    if held.acked_lsn <= max(trusted, cur.base_lsn):
+        return trusted
+    return verified_through(transport, store.wal_reader(), cur.node_id,
+                            max(trusted, cur.base_lsn), min(held.acked_lsn, store.applied_lsn))

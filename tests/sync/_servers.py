@@ -74,6 +74,13 @@ class Server:
                 for o, n, k, c, d in query(
                     self.dsn, "select origin, lsn, key, codec, data from walsync.entries")}
 
+    def sibling_values(self) -> dict[str, list[Any]]:
+        """The merged state: each key's stored siblings' values (None: a tombstone)."""
+        out: dict[str, list[Any]] = {}
+        for k, c, d in query(self.dsn, "select key, codec, data from walsync.siblings"):
+            out.setdefault(k, []).append(None if d is None else decode_value(c, bytes(d)))
+        return out
+
     def digests(self) -> set[tuple[str, int, str, str | None]]:
         """(origin, lsn, key, md5 of the stored bytes) of every entry."""
         return {(o, int(n), k, m) for o, n, k, m in query(
@@ -147,8 +154,9 @@ def own_entries(store: Store) -> dict[tuple[str, int, str], str | None]:
     out: dict[tuple[str, int, str], str | None] = {}
     reader = store.wal_reader()
     oldest = reader.oldest_lsn()
-    for rec in reader.read(0 if oldest is None else oldest - 1, store.shippable_lsn, 1 << 30,
-                           1 << 40):
+    if oldest is None:
+        return out
+    for rec in reader.read(oldest - 1, store.shippable_lsn, 1 << 30, 1 << 40):
         if rec.local:
             origin = owner_of(chain, rec.lsn).node_id
             for e in record_to_wire(rec.lsn, rec.ops):
@@ -159,12 +167,14 @@ def own_entries(store: Store) -> dict[tuple[str, int, str], str | None]:
 
 
 def own_versions(store: Store) -> dict[tuple[str, int, str], Any]:
-    """The store's own versions still current in its snapshot: (origin, lsn, key) -> value."""
-    ids = {i.node_id for i in store.identities}
+    """The store's own versions still current in its snapshot: (origin, lsn, key) -> value
+    (a version of a node id the store retired, above the LSNs it kept of it, is another
+    store's: the copy that kept the id)."""
+    chain = store.identities
     out: dict[tuple[str, int, str], Any] = {}
     for key, sibs in store.iter_siblings():
         for s in sibs:
-            if s.version.origin in ids:
+            if s.version.origin == owner_of(chain, s.version.lsn).node_id:
                 out[(s.version.origin, s.version.lsn, key)] = (
                     None if s.data is None else decode_value(s.codec, s.data))
     return out

@@ -355,9 +355,12 @@ def test_faults_network_replicator_stops_on_a_garbage_pull_and_keeps_the_entries
     """A pull page whose entry lacks its fields stopped the replicator with "unexpected
     KeyError"; now it is a protocol error, named in status, and nothing is merged."""
     status_doc = {"node_id": "A", "acked_lsn": 0, "acked_hlc": 0, "pull_cursor": 0}
+    hello_doc = {"server_id": "impostor", "node_id": "A", "reason": None, "claimed": True,
+                 "acked_lsn": 0, "acked_hlc": 0, "head": 1}
     page = {"entries": [{"key": "k", "origin": "B", "lsn": 1}], "next": 1, "head": 1}
     impostor.answers = {  # type: ignore[attr-defined]
         "*": (404, b"{}"), "node_status": (200, json.dumps(status_doc).encode()),
+        "hello": (200, json.dumps(hello_doc).encode()),
         "pull": (200, json.dumps(page).encode())}
     t = SupabaseTransport(f"http://127.0.0.1:{impostor.server_address[1]}",
                           service_role_key(), timeout_seconds=5)

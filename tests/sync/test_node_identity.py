@@ -1,13 +1,18 @@
 """A node id names one store incarnation (SPEC 4.5): copies of a store never ship under
 one id (Riak's kv679), forced restores take a fresh id, and nothing acknowledged is lost.
 
-Real stores copied with their files (``shutil.copytree``: ``cp -r``), a real PostgreSQL
-reached through both transports (tests/sync/_servers.py).
+Real stores copied with their files, two ways: ``cp -r`` (``shutil.copytree``: a new
+directory, which the copy's replicator sees before it ships anything) and a clone its
+store cannot tell from the original (the copy's STORE file names the copy's own
+directory, as after a cloned disk or VM image: only the sync server can tell). A real
+PostgreSQL reached through both transports (tests/sync/_servers.py).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +42,17 @@ OPTIONS = ReplicatorOptions(pull_interval_seconds=0.05, batch_wait_seconds=0.001
 ONCE = ReplicatorOptions(pull=False, retry_initial_seconds=0.02, retry_max_seconds=0.3)
 
 
+COPIES = ["cp", "clone"]
+
+
+def copy_store(src: Path, dst: Path, how: str) -> None:
+    shutil.copytree(src, dst)
+    if how == "clone":  # the copy's store believes its directory is the one it was made in
+        meta = json.loads((dst / "STORE").read_text())
+        meta["directory_inode"] = os.stat(dst).st_ino
+        (dst / "STORE").write_text(json.dumps(meta))
+
+
 def sync_once(store: Store, server: Server, *, pull: bool = False) -> Replicator:
     """One ship (and pull) round, as `walsync sync --once` does."""
     rep = Replicator(store, server.transport(), OPTIONS if pull else ONCE)
@@ -50,21 +66,25 @@ def write(store: Store, prefix: str, values: list[Any]) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("how", COPIES)
 def test_copy_whose_original_shipped_on_takes_a_fresh_id_before_its_remote_write_returns(
-        tmp_path: Path, servers: Any, kind: str) -> None:
+        tmp_path: Path, servers: Any, kind: str, how: str) -> None:
     server = servers(kind)
     a_dir, copy_dir = tmp_path / "a", tmp_path / "copy"
     with Store.open(a_dir, node_id="A") as a:
         write(a, "k", list(range(5)))
         sync_once(a, server)
-    shutil.copytree(a_dir, copy_dir)  # cp -r of the store
+    copy_store(a_dir, copy_dir, how)
     with Store.open(a_dir) as a:  # the original goes on, and ships past the copy
         assert write(a, "k", ["original 0", "original 1", "original 2"]) == [6, 7, 8]
         sync_once(a, server)
+        assert a.node_id == "A"
     assert server.acked("A") == 8
 
     with Store.open(copy_dir, remote_timeout_seconds=30) as copy:
-        assert (copy.node_id, copy.applied_lsn) == ("A", 5)
+        # a cp -r copy knows by its directory, a clone only once the server tells it
+        assert copy.node_id == "A"
+        assert (copy.copied_from is None) is (how == "clone")
         rep = Replicator(copy, server.transport(), OPTIONS).start()
         try:
             done = copy.put("k/0", "from the copy", durability="remote")
@@ -75,6 +95,7 @@ def test_copy_whose_original_shipped_on_takes_a_fresh_id_before_its_remote_write
             assert rep.stats().node_renewals == 1
         finally:
             rep.close()
+        assert copy.copied_from is None  # its directory is its own now
         assert copy.node_id == owner != "A"
         assert [i.node_id for i in copy.identities] == ["A", owner]
         assert copy.identities[-1].start_lsn == 6  # the copy and the server agree up to 5
@@ -93,9 +114,9 @@ def test_copy_whose_original_shipped_on_takes_a_fresh_id_before_its_remote_write
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("first", ["original", "copy"])
-def test_copies_at_the_same_position_both_ship_every_write(
+def test_clones_at_the_same_position_both_ship_every_write(
         tmp_path: Path, servers: Any, kind: str, first: str) -> None:
-    """Neither copy's server position is ahead when they diverge: the incarnation the
+    """Neither clone's server position is ahead when they diverge: the incarnation the
     server holds decides which one keeps the id; both LSN 6s reach the server, as
     concurrent versions of the key they both wrote."""
     server = servers(kind)
@@ -103,10 +124,11 @@ def test_copies_at_the_same_position_both_ship_every_write(
     with Store.open(a_dir, node_id="A") as a:
         write(a, "k", list(range(5)))
         sync_once(a, server)
-    shutil.copytree(a_dir, copy_dir)
+    copy_store(a_dir, copy_dir, "clone")
     with Store.open(a_dir) as a, Store.open(copy_dir) as copy:
         stores = {"original": a, "copy": copy}
         for name, store in stores.items():
+            assert store.node_id == "A"
             assert store.put("k/0", f"{name} wrote this").lsn == 6
             assert store.put(f"only/{name}", name).lsn == 7
         order = [first, *(n for n in stores if n != first)]
@@ -160,11 +182,12 @@ def test_forced_restore_into_an_existing_store_takes_a_fresh_node_id(
     with Store.open(a_dir, node_id="A") as a:
         write(a, "k", list(range(5)))
         sync_once(a, server)
-    shutil.copytree(a_dir, old_disk)  # host A's old disk, kept aside
+    copy_store(a_dir, old_disk, "clone")  # host A's old disk, kept aside
     with Store.open(a_dir) as a:
         write(a, "later", ["a", "b"])
         sync_once(a, server)
     with Store.open(old_disk) as stale:
+        assert stale.node_id == "A"
         stale.put("unshipped", "written on the old disk")  # LSN 6, as A's later/0
 
     report = restore(server.transport(), old_disk, force=True,
@@ -189,6 +212,45 @@ def test_forced_restore_into_an_existing_store_takes_a_fresh_node_id(
         sync_once(a, server)
         assert a.node_id == "A"
         assert missing_on(server, a) == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_copied_directory_takes_a_fresh_id_before_shipping_a_moved_one_keeps_it(
+        tmp_path: Path, servers: Any, kind: str) -> None:
+    """A directory that is not the one the store was made in is a copy, whatever the
+    server knows (here it never saw the store): its writes after what a server
+    confirmed (none: all of them) are relabelled before anything is shipped; the
+    original, moved within its file system, keeps its id."""
+    server = servers(kind)
+    original, moved, copied = tmp_path / "a", tmp_path / "moved", tmp_path / "copied"
+    with Store.open(original, node_id="A") as store:
+        write(store, "k", ["one", "two"])
+    shutil.copytree(original, copied)
+    os.rename(original, moved)
+    with Store.open(moved) as store:
+        assert store.copied_from is None
+        sync_once(store, server)
+        assert (store.node_id, [i.node_id for i in store.identities]) == ("A", ["A"])
+    with Store.open(copied, node_id="A") as store:  # the original name still opens it
+        assert store.copied_from is not None
+        rep = sync_once(store, server)
+        assert rep.status().node_renewals == 1
+        new = store.node_id
+        assert new.startswith("A.")
+        chain = store.identities
+        assert [(i.node_id, i.start_lsn) for i in chain] == [("A", 1), (new, 1)]
+        assert "is a copy" in chain[-1].reason
+        assert {k: (v.origin, v.lsn, dict(v.vv)) for k, v in
+                ((k, store.get_version(k)) for k in ("k/0", "k/1")) if v is not None} == {
+            "k/0": (new, 1, {new: 1}), "k/1": (new, 2, {new: 2})}
+        assert store.copied_from is None
+        assert missing_on(server, store) == []
+    with Store.open(copied) as store:  # once: the copy's directory is its own now
+        sync_once(store, server)
+        assert (store.node_id, len(store.identities)) == (new, 2)
+    with Store.open(moved) as store:
+        assert store.node_id == "A"
+        assert missing_on(server, store) == []
 
 
 def test_renewal_interrupted_before_the_store_file_is_rewritten_rolls_forward(
