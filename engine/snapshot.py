@@ -309,6 +309,11 @@ class SnapshotStore:
                 raise
         self.env.reader_check()
         try:
+            check_length(self.env, path / "data.mdb")
+        except BaseException:
+            self.env.close()
+            raise
+        try:
             self._data = self.env.open_db(_DATA_DB, create=not readonly)
             self._meta = self.env.open_db(_META_DB, create=not readonly)
         except lmdb.NotFoundError:
@@ -1004,6 +1009,21 @@ class SnapshotStore:
         self.env.close()
 
 
+def check_length(env: lmdb.Environment, data_file: Path) -> None:
+    """Refuse a file shorter than the pages its meta page counts (cut short, or a
+    damaged page count): LMDB maps the file and would fault reading past its end.
+    A writer extends the file before its meta page counts the new pages, so the
+    count is read first."""
+    last = int(env.info()["last_pgno"])
+    size = os.path.getsize(data_file)
+    need = (last + 1) * int(env.stat()["psize"])
+    if size < need:
+        raise CorruptionError(
+            f"the file holds {size} bytes but LMDB's meta page counts {last + 1} pages "
+            f"({need} bytes): it was cut short, or its meta page is damaged",
+            path=str(data_file), hint=REPAIR_HINT)
+
+
 #: at most this many problems of one file are kept as errors (the rest are counted)
 MAX_LISTED_PROBLEMS = 200
 
@@ -1207,6 +1227,11 @@ class CheckedFile:
                 ) from None
             raise CorruptionError(f"LMDB cannot open the file: {exc}", path=check.path,
                                   hint=REPAIR_HINT) from None
+        try:
+            check_length(self._env, data_file)
+        except BaseException:
+            self._env.close()
+            raise
         try:
             self._data = self._env.open_db(_DATA_DB, create=False)
             self._meta = self._env.open_db(_META_DB, create=False)

@@ -287,6 +287,28 @@ def test_a_value_neither_copy_holds_intact_is_named_lost(tmp_path: Path) -> None
         assert dict(store.scan()) == state
 
 
+@pytest.mark.parametrize("directory", ["snapshot", "snapshot-base"])
+def test_a_file_cut_short_is_refused_not_a_fault(tmp_path: Path, directory: str) -> None:
+    """LMDB maps the file: reading a page past its end would kill the process (SIGBUS)."""
+    path = tmp_path / "s"
+    state = _store_with_base(path)
+    data_file = path / directory / "data.mdb"
+    os.truncate(data_file, data_file.stat().st_size // 2)
+    if directory == "snapshot":
+        with pytest.raises(CorruptionError, match="cut short"):
+            Store.open(path)
+        with pytest.raises(CorruptionError, match="cut short"):
+            Store.open(path, readonly=True)
+    report = engine.verify(path)
+    assert [d.path for d in report.damage] == [str(data_file)]
+    assert "cut short" in report.damage[0].message
+    repaired = engine.repair(path)
+    assert repaired.lost_keys == []
+    assert engine.verify(path).ok
+    with Store.open(path) as store:
+        assert dict(store.scan()) == state
+
+
 def test_a_snapshot_older_than_its_base_with_no_wal_between_is_refused(tmp_path: Path) -> None:
     """LMDB falls back to an older transaction when its newest meta page is damaged.
     With the WAL gone up to the base, opening would hand out LSNs the base holds."""
