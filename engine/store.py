@@ -116,7 +116,11 @@ __all__ = [
 
 log = logging.getLogger("walsync.store")
 
-STORE_FORMAT_VERSION = 1
+#: 2: the STORE file may hold the store's node identities (engine/identity.py), which
+#: a reader of store 1 would ignore, shipping records under dots they no longer have
+STORE_FORMAT_VERSION = 2
+#: the store formats this walsync reads (1: the same file without identities)
+_STORE_FORMATS_READ = (1, 2)
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _RETAIN_FLOOR = b"retain_floor"
 #: record-meta name of the identity chain (engine/identity.py), written with the
@@ -1948,15 +1952,17 @@ def read_store_file(path: Path) -> dict[str, Any]:
             f"cannot read store metadata {path}: {exc}",
             hint="the STORE file is damaged; restore it from a backup or `walsync restore`",
         ) from None
-    if version != STORE_FORMAT_VERSION:
+    if version not in _STORE_FORMATS_READ:
         raise FormatVersionError(
             f"store format version {version} is not supported by this walsync, which reads "
-            f"version {STORE_FORMAT_VERSION}",
+            f"versions {', '.join(map(str, _STORE_FORMATS_READ))}",
             path=str(path),
         )
     return dict(meta)
 
 
 def write_store_file(path: Path, meta: dict[str, Any]) -> None:
-    """Replace the STORE file atomically (tmp, fsync, rename, fsync dir)."""
+    """Replace the STORE file atomically (tmp, fsync, rename, fsync dir), in the store
+    format this walsync writes (a store 1 file rewritten becomes store 2)."""
+    meta["format"] = STORE_FORMAT_VERSION
     _fs.atomic_write(path, json.dumps(meta, indent=1, sort_keys=True).encode())

@@ -277,6 +277,26 @@ def test_renewal_interrupted_before_the_store_file_is_rewritten_rolls_forward(
         Store.open(path, node_id="B")
 
 
+def test_store_1_file_opens_with_one_identity_and_is_written_back_as_store_2(
+        tmp_path: Path) -> None:
+    path = tmp_path / "a"
+    with Store.open(path, node_id="A") as store:
+        store.put("k", 1)
+    meta = json.loads((path / "STORE").read_text())
+    assert meta["format"] == 2
+    old = {k: v for k, v in meta.items()
+           if k not in ("directory_inode", "identities", "incarnations")}
+    (path / "STORE").write_text(json.dumps({**old, "format": 1}))
+    with Store.open(path) as store:
+        assert [(i.node_id, i.start_lsn) for i in store.identities] == [("A", 1)]
+        assert store.copied_from is None  # no directory recorded: none to compare
+        store.renew_node_id(1, reason="test")
+    meta = json.loads((path / "STORE").read_text())
+    assert meta["format"] == 2
+    assert [i["node_id"] for i in meta["identities"]][0] == "A"
+    assert meta["directory_inode"] == os.stat(path).st_ino
+
+
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(st.tuples(st.just("put"), st.integers(0, 5)),
