@@ -14,6 +14,9 @@ import itertools
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -275,6 +278,46 @@ def test_renewal_interrupted_before_the_store_file_is_rewritten_rolls_forward(
     assert b'"node_id": "' + new.encode() + b'"' in (path / "STORE").read_bytes()
     with pytest.raises(ValueError, match="already has node id"):
         Store.open(path, node_id="B")
+
+
+_KILLED_RENEWAL = """
+import os, signal, sys
+import engine.store
+from engine import Store
+
+write = engine.store.write_store_file
+
+def killed(path, meta):  # SIGKILL as the STORE file would name the new id
+    if len(meta.get("identities", [])) > 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(path, meta)
+
+engine.store.write_store_file = killed
+store = Store.open(sys.argv[1])
+store.renew_node_id(3, reason="killed")
+"""
+
+
+def test_process_killed_before_the_store_file_names_the_new_id_opens_under_it(
+        tmp_path: Path) -> None:
+    """A real SIGKILL after the renewal's record is durable, before the STORE file is
+    rewritten: the next open replays the record and rolls the STORE file forward."""
+    path = tmp_path / "a"
+    with Store.open(path, node_id="A") as store:
+        write(store, "k", list(range(6)))
+    child = subprocess.run([sys.executable, "-c", _KILLED_RENEWAL, str(path)],
+                           capture_output=True, text=True, timeout=60,
+                           cwd=Path(__file__).resolve().parents[2])
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert json.loads((path / "STORE").read_text())["node_id"] == "A"
+    with Store.open(path) as store:
+        new = store.node_id
+        assert new != "A"
+        assert [(i.node_id, i.start_lsn, i.reason) for i in store.identities] == [
+            ("A", 1, ""), (new, 4, "killed")]
+        assert {k: s[0].version.origin for k, s in store.iter_siblings()} == {
+            "k/0": "A", "k/1": "A", "k/2": "A", "k/3": new, "k/4": new, "k/5": new}
+    assert json.loads((path / "STORE").read_text())["node_id"] == new
 
 
 def test_store_1_file_opens_with_one_identity_and_is_written_back_as_store_2(
