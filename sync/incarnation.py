@@ -30,6 +30,7 @@ as a duplicate of (origin, LSN, key): a write acknowledged, never stored. So:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import Store
-from engine.errors import LSNGapError, RemoteUnavailableError, SyncProtocolError
+from engine.errors import CorruptionError, LSNGapError, RemoteUnavailableError, SyncProtocolError
 from engine.feed import WALReader
 from engine.identity import NodeIdentity, end_of
 
@@ -54,6 +55,8 @@ log = logging.getLogger("walsync.replicator")
 SERVER_ID = "server_id"
 #: LSNs per node_entries call
 _ENTRIES_PAGE = 1000
+#: fencing tokens are bigints on the server (an entry outside is never shipped)
+_FENCE_LIMIT = 1 << 63
 #: claims a connect may go through before it gives up for now (each one answers a
 #: server that changed under it: a claim, an adoption, a renewal)
 _MAX_ROUNDS = 8
@@ -139,6 +142,23 @@ def _matches(server: list[_Print], local: list[_Print]) -> bool:
     return True
 
 
+def _prints(lsn: int, ops: Any) -> list[_Print]:
+    """What the server holds of a local record once shipped: its entries, but for those
+    the replicator sets aside (a value that does not decode, a fence outside a bigint,
+    a key with NUL: never shipped)."""
+    try:
+        wire = record_to_wire(lsn, ops)
+    except CorruptionError:
+        wire = []
+        last = {key: entry for key, entry in ops if key}
+        for key, entry in last.items():
+            with contextlib.suppress(CorruptionError):
+                wire += record_to_wire(lsn, [[key, entry]])
+    return [(e["key"], None if e["data"] is None else hashlib.md5(e["data"]).hexdigest(),
+             int(e["hlc"])) for e in wire
+            if "\x00" not in e["key"] and 0 <= int(e["fence"]) < _FENCE_LIMIT]
+
+
 def verified_through(transport: Transport, reader: WALReader, node_id: str, after: int,
                      upto: int) -> int:
     """The last LSN ``v`` in [after, upto] such that for every LSN in (after, v] the
@@ -159,11 +179,7 @@ def verified_through(transport: Transport, reader: WALReader, node_id: str, afte
         for rec in records:
             if rec.lsn != verified + 1:
                 return verified
-            local: list[_Print] = []
-            if rec.local:
-                local = [(e["key"], None if e["data"] is None
-                          else hashlib.md5(e["data"]).hexdigest(), int(e["hlc"]))
-                         for e in record_to_wire(rec.lsn, rec.ops)]
+            local = _prints(rec.lsn, rec.ops) if rec.local else []
             if not _matches(held.get(rec.lsn, []), local):
                 return verified
             verified = rec.lsn
