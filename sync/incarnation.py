@@ -279,9 +279,11 @@ def connect(store: Store, transport: Transport, reader: WALReader, acked: int,
         h = hello(transport, cur.node_id, tokens=store.incarnation_tokens(), new_token=token,
                   acked_lsn=mine, base_lsn=cur.base_lsn)
         if local_server != h.server_id:
-            if acked > 0 or known[1]:
+            # (a store that synced before servers had ids takes this one as its own:
+            # what it holds of the store is checked below like any server's)
+            if local_server is not None and (acked > 0 or known[1]):
                 rewind(0, f"the server is another one (id {h.server_id}, this store's "
-                          f"acknowledgement came from {local_server or 'a server before ids'})")
+                          f"acknowledgement came from {local_server})")
                 acked, known = 0, ("", 0)
                 changed = True
             store.set_sync_state(SERVER_ID, h.server_id.encode())

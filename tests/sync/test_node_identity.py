@@ -31,6 +31,7 @@ from sync.merge import record_to_wire
 from sync.replicator import Replicator, ReplicatorOptions
 from sync.restore import restore
 from tests.pg import PostgresCluster
+from tests.sync._helpers import query
 from tests.sync._servers import KINDS, Server, missing_on, server_factory
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
@@ -152,8 +153,6 @@ def test_clones_at_the_same_position_both_ship_every_write(
 
 
 def _siblings(server: Server) -> list[tuple[str, str, int]]:
-    from tests.sync._helpers import query
-
     return [(str(k), str(o), int(n)) for k, o, n in
             query(server.dsn, "select key, origin, lsn from walsync.siblings")]
 
@@ -375,3 +374,31 @@ def test_shipped_dots_are_the_dots_the_store_holds(tmp_path_factory: Any,
             for versions in current.values():
                 for v in versions.values():
                     assert v.vv.get(prev.node_id, 0) <= ident.base_lsn
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_store_synced_before_servers_had_ids_keeps_its_id_and_ships_nothing_again(
+        tmp_path: Path, servers: Any, kind: str) -> None:
+    """An upgrade: the store knows no server id and no token, its server row no claim,
+    and its WAL no longer holds what the server has: nothing is renewed or shipped."""
+    server = servers(kind)
+    path = tmp_path / "a"
+    with Store.open(path, node_id="A", segment_bytes=4096) as store:
+        write(store, "k", [{"i": i, "pad": "x" * 100} for i in range(120)])
+        sync_once(store, server)
+        store.checkpoint()
+        oldest = store.wal_reader().oldest_lsn()
+        assert oldest is not None
+        assert oldest > 100
+        store.set_sync_state("server_id", b"")
+    meta = json.loads((path / "STORE").read_text())
+    meta.pop("incarnations", None)
+    (path / "STORE").write_text(json.dumps(meta))
+    query(server.dsn, "update walsync.nodes set incarnation = null returning 1")
+    with Store.open(path) as store:
+        store.put("k/new", 1)
+        rep = sync_once(store, server)
+        assert (store.node_id, rep.status().node_renewals, rep.status().reships) == ("A", 0, 0)
+        assert rep.status().pushed_entries == 1
+        assert server.acked("A") == store.applied_lsn == 121
+        assert missing_on(server, store) == []
