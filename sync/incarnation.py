@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import secrets
 from collections.abc import Callable, Sequence
@@ -53,6 +54,8 @@ log = logging.getLogger("walsync.replicator")
 
 #: sync_state name of the server the acknowledged LSN was confirmed by
 SERVER_ID = "server_id"
+#: sync_state name of the acknowledged LSN of each server synced with before (JSON)
+_POSITIONS = "server_positions"
 #: LSNs per node_entries call
 _ENTRIES_PAGE = 1000
 #: fencing tokens are bigints on the server (an entry outside is never shipped)
@@ -281,10 +284,19 @@ def connect(store: Store, transport: Transport, reader: WALReader, acked: int,
         if local_server != h.server_id:
             # (a store that synced before servers had ids takes this one as its own:
             # what it holds of the store is checked below like any server's)
-            if local_server is not None and (acked > 0 or known[1]):
-                rewind(0, f"the server is another one (id {h.server_id}, this store's "
-                          f"acknowledgement came from {local_server})")
-                acked, known = 0, ("", 0)
+            if local_server is not None:
+                # another server: it holds what it acknowledged when the store last
+                # synced with it (checked below like any server's position), else nothing
+                positions = _positions(store)
+                positions[local_server] = acked
+                back = positions.pop(h.server_id, 0)
+                store.set_sync_state(_POSITIONS, json.dumps(positions).encode())
+                if back < acked or known[1]:
+                    rewind(back, f"the server is another one (id {h.server_id}, this "
+                                 f"store's acknowledgement came from {local_server})")
+                elif back > acked:
+                    advance(back)
+                acked, known = back, ("", 0)
                 changed = True
             store.set_sync_state(SERVER_ID, h.server_id.encode())
             if mine != max(acked, cur.base_lsn):
@@ -345,6 +357,18 @@ def _check_from(reader: WALReader, ident: NodeIdentity, acked: int) -> int:
     if oldest is None:
         return acked
     return max(ident.base_lsn, min(acked, oldest - 1))
+
+
+def _positions(store: Store) -> dict[str, int]:
+    """The acknowledged LSN of each server the store synced with before its current one
+    (going back to one ships only what it lacks)."""
+    raw = store.sync_state(_POSITIONS)
+    try:
+        doc = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return {k: v for k, v in doc.items() if type(k) is str and type(v) is int} \
+        if type(doc) is dict else {}
 
 
 def _text_state(store: Store, name: str) -> str | None:

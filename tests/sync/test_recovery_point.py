@@ -209,3 +209,39 @@ def test_recovery_point_has_the_same_names_and_forms_in_status_and_restore(
     assert report.recovery_point is not None
     assert report.recovery_point.endswith("+00:00")
     assert report.lost_node_acked_lsn == said["acked_lsn"] == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_going_back_to_a_server_ships_only_what_it_lacks(
+        tmp_path: Path, servers: Any, kind: str) -> None:
+    """Its position there was kept when the store left: back on it, the store ships what
+    it wrote meanwhile, though the WAL no longer holds what that server had (nothing is
+    shipped twice, no fresh node id for entries it could not compare)."""
+    first, second = servers(kind), servers(kind)
+    path = tmp_path / "a"
+    with Store.open(path, node_id="A", segment_bytes=4096) as store:
+        for i in range(150):
+            store.put(f"k/{i % 40}", {"i": i, "pad": "x" * 100})
+        on_first = Replicator(store, first.transport(), OPTIONS)
+        on_first.run_once()
+        on_first.close()
+        on_second = Replicator(store, second.transport(), OPTIONS)
+        on_second.run_once()
+        on_second.close()
+        assert on_second.status().reships == 1
+        for i in range(10):
+            store.put(f"new/{i}", i)
+        on_second = Replicator(store, second.transport(), OPTIONS)
+        on_second.run_once()
+        on_second.close()
+        store.checkpoint()
+        oldest = store.wal_reader().oldest_lsn()
+        assert oldest is not None
+        assert oldest > 100  # most of what the first server had is gone from the WAL
+        back = Replicator(store, first.transport(), OPTIONS)
+        pushed, _ = back.run_once()
+        back.close()
+        assert pushed == 10
+        assert (store.node_id, back.status().node_renewals) == ("A", 0)
+        assert missing_on(first, store) == []
+        assert missing_on(second, store) == []
