@@ -28,7 +28,7 @@ methods). Both must cost the same at either length.
 Both savers are durable per commit: walsync ``local`` (fdatasync), SQLite in
 WAL mode with ``synchronous`` at its default FULL (reported as
 ``sqlite_pragmas``). LangGraph is imported lazily: without the
-``walsync[langgraph]`` extra these cases report an error and the others run.
+``walsync-store[langgraph]`` extra these cases report an error and the others run.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _savers(ctx: Context, stack: contextlib.ExitStack, errors: dict[str, str]) -
         errors["walsync"] = f"skipped: engine did not import ({engine_error})"
     else:
         try:
-            from engine.langgraph_saver import WalsyncSaver
+            from walsync.engine.langgraph_saver import WalsyncSaver
 
             savers["walsync"] = stack.enter_context(
                 WalsyncSaver.from_path(ctx.subdir("walsync") / "store"))

@@ -58,7 +58,7 @@ def _cluster(ctx: Context) -> Any:
 
 
 def _database(ctx: Context, name: str) -> str:
-    from sync.migrate import migrate
+    from walsync.sync.migrate import migrate
 
     dsn: str = _cluster(ctx).create_database(name)
     migrate(dsn)
@@ -66,7 +66,7 @@ def _database(ctx: Context, name: str) -> str:
 
 
 def _fill(path: Path, n: int) -> Any:
-    from engine import Store
+    from walsync.engine import Store
 
     store = Store.open(path, durability="none")
     store.set_retain_floor(1)
@@ -80,9 +80,9 @@ def _fill(path: Path, n: int) -> Any:
 def sync_push(ctx: Context) -> CaseResult:
     import psycopg
 
-    from sync.merge import record_to_wire
-    from sync.postgres import PostgresTransport
-    from sync.replicator import Replicator, ReplicatorOptions
+    from walsync.sync.merge import record_to_wire
+    from walsync.sync.postgres import PostgresTransport
+    from walsync.sync.replicator import Replicator, ReplicatorOptions
 
     n = ctx.pick(20_000, 2_000)
     errors: dict[str, str] = {}
@@ -135,9 +135,9 @@ def sync_push(ctx: Context) -> CaseResult:
 
 @case("sync_lag", goal="replication lag p99 <= 1 s at 1,000 commits/s")
 def sync_lag(ctx: Context) -> CaseResult:
-    from engine import Store
-    from sync.postgres import PostgresTransport
-    from sync.replicator import Replicator, ReplicatorOptions
+    from walsync.engine import Store
+    from walsync.sync.postgres import PostgresTransport
+    from walsync.sync.replicator import Replicator, ReplicatorOptions
 
     seconds = ctx.pick(10.0, 3.0)
     errors: dict[str, str] = {}
@@ -197,8 +197,8 @@ def sync_lag(ctx: Context) -> CaseResult:
 
 _RESTORE_CHILD = """
 import json, resource, sys, threading, time
-from sync.postgres import PostgresTransport
-from sync.restore import restore
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.restore import restore
 
 def rss_mb(name):
     for line in open("/proc/self/status"):
@@ -224,8 +224,8 @@ print(json.dumps({"keys": report.keys, "bytes": report.bytes, "seconds": seconds
 
 @case("sync_restore", goal="restore of 100,000 keys: keys/s, peak anonymous RSS < 200 MB")
 def sync_restore(ctx: Context) -> CaseResult:
-    from sync.postgres import PostgresTransport
-    from sync.replicator import Replicator, ReplicatorOptions
+    from walsync.sync.postgres import PostgresTransport
+    from walsync.sync.replicator import Replicator, ReplicatorOptions
 
     k = ctx.pick(100_000, 10_000)
     errors: dict[str, str] = {}
@@ -263,9 +263,9 @@ def sync_restore(ctx: Context) -> CaseResult:
 
 @case("remote_commit", goal="latency of a 'remote' commit beside a 'local' one")
 def remote_commit(ctx: Context) -> CaseResult:
-    from engine import Store
-    from sync.postgres import PostgresTransport
-    from sync.replicator import Replicator, ReplicatorOptions
+    from walsync.engine import Store
+    from walsync.sync.postgres import PostgresTransport
+    from walsync.sync.replicator import Replicator, ReplicatorOptions
 
     n = ctx.pick(1000, 200)
     dsn = _database(ctx, "remote")

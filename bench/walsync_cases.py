@@ -44,7 +44,7 @@ def load_engine() -> tuple[Any, str | None]:
     global _engine, _engine_error
     if _engine is None and _engine_error is None:
         try:
-            import engine
+            from walsync import engine
 
             engine.Store  # noqa: B018 - fail here, not in the first case, if it is missing
             _engine = engine
@@ -63,7 +63,7 @@ def open_store(path: Path, *, create: bool = True, durability: str | None = None
     try:
         return engine.Store.open(path, create=create, durability=durability)
     except TypeError:
-        from engine.options import Durability, StoreOptions
+        from walsync.engine.options import Durability, StoreOptions
 
         options = StoreOptions(durability=Durability(durability))
         return engine.Store.open(path, create=create, options=options)

@@ -51,8 +51,8 @@ def _skip(ctx: Context) -> dict[str, str]:
 
 
 def _build_completed_run(path: Path, steps: int) -> None:
-    from engine import Store
-    from engine.workflow import Workflows
+    from walsync.engine import Store
+    from walsync.engine.workflow import Workflows
 
     with Store.open(path, durability="none") as store:
         run = Workflows(store).run(WORKFLOW, "resume-1k", total_steps=steps)
@@ -70,8 +70,8 @@ def workflow_resume_1k(ctx: Context) -> CaseResult:
     f: dict[str, Any] = {"steps": RESUME_STEPS, "loads": loads}
     if not ctx.engine_ok:
         return CaseResult(f, checks={"<= 20 ms": None}, errors=_skip(ctx))
-    from engine import Store
-    from engine.workflow import Workflows
+    from walsync.engine import Store
+    from walsync.engine.workflow import Workflows
 
     errors: dict[str, str] = {}
     path = ctx.subdir("walsync")
@@ -177,8 +177,8 @@ def workflow_step_checkpoint(ctx: Context) -> CaseResult:
     f: dict[str, Any] = {"steps": steps}
     if not ctx.engine_ok:
         return CaseResult(f, checks={">= 3x faster": None}, errors=_skip(ctx))
-    from engine import Store
-    from engine.workflow import Workflows
+    from walsync.engine import Store
+    from walsync.engine.workflow import Workflows
 
     errors: dict[str, str] = {}
     naive = NaiveJsonRun(ctx.subdir("json"), steps)

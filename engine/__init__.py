@@ -3,6 +3,12 @@
 The public face. Everything else in ``engine`` is an implementation module.
 """
 
+# The folder is on sys.path where a checkout's root is (tests, scripts): refuse a second copy.
+if __name__ != "walsync.engine":
+    raise ImportError(f"import walsync.engine, not {__name__!r}: engine/ is the package "
+                      "walsync.engine (install the project with pip install -e .)")
+
+
 from .check import Damage, SegmentReport, VerifyReport, verify
 from .errors import (
     CapacityError,

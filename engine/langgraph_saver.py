@@ -1,8 +1,8 @@
-"""A LangGraph checkpointer on a walsync store (the ``walsync[langgraph]`` extra).
+"""A LangGraph checkpointer on a walsync store (the ``walsync-store[langgraph]`` extra).
 
 Switching a LangGraph app from ``SqliteSaver`` is one import and one line::
 
-    from engine.langgraph_saver import WalsyncSaver
+    from walsync.engine.langgraph_saver import WalsyncSaver
 
     with WalsyncSaver.from_path("checkpoints") as saver:
         graph = builder.compile(checkpointer=saver)

@@ -29,8 +29,8 @@ from _harness import engine_imports, run
 with engine_imports(__name__ == "__main__"):
     import xxhash
 
-    from engine.errors import ExportFormatError, WalsyncError
-    from engine.export import (
+    from walsync.engine.errors import ExportFormatError, WalsyncError
+    from walsync.engine.export import (
         EXPORT_MAGIC,
         FRAME_HEADER_BYTES,
         HEADER_PREFIX_BYTES,
@@ -38,8 +38,8 @@ with engine_imports(__name__ == "__main__"):
         ExportReader,
         ExportWriter,
     )
-    from engine.record import decode_value
-    from engine.versions import Sibling
+    from walsync.engine.record import decode_value
+    from walsync.engine.versions import Sibling
 
 NAME = "fuzz.wsx"
 _U64 = struct.Struct("<Q")

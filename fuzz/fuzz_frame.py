@@ -25,8 +25,8 @@ from _harness import engine_imports, magic_offsets, run
 with engine_imports(__name__ == "__main__"):
     import xxhash
 
-    from engine.errors import FormatVersionError, WalsyncError
-    from engine.record import (
+    from walsync.engine.errors import FormatVersionError, WalsyncError
+    from walsync.engine.record import (
         FRAME_HEADER_BYTES,
         FRAME_MAGIC,
         FRAME_MAGIC_OFFSET,

@@ -21,8 +21,8 @@ from typing import Any
 from _harness import engine_imports, run
 
 with engine_imports(__name__ == "__main__"):
-    from engine.errors import WalsyncError
-    from engine.record import (
+    from walsync.engine.errors import WalsyncError
+    from walsync.engine.record import (
         CODEC_NONE,
         CODEC_ZSTD,
         KIND_LOCAL,
@@ -31,7 +31,7 @@ with engine_imports(__name__ == "__main__"):
         decode_payload,
         decode_value,
     )
-    from engine.versions import Sibling
+    from walsync.engine.versions import Sibling
 
 
 def value(codec: int, data: bytes) -> Any:

@@ -34,9 +34,9 @@ from _harness import engine_imports, run
 with engine_imports(__name__ == "__main__"):
     import xxhash
 
-    from engine.errors import WalsyncError
-    from engine.record import FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES, decode_payload
-    from engine.wal import SegmentScan, scan_segment
+    from walsync.engine.errors import WalsyncError
+    from walsync.engine.record import FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES, decode_payload
+    from walsync.engine.wal import SegmentScan, scan_segment
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")

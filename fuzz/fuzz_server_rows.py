@@ -47,7 +47,7 @@ def _imports(fuzzing: bool) -> Iterator[None]:
         return
     import atheris
 
-    with atheris.instrument_imports(include=["engine", "sync"]):
+    with atheris.instrument_imports(include=["walsync.engine", "walsync.sync"]):
         yield
 
 
@@ -55,11 +55,11 @@ with _imports(__name__ == "__main__"):
     import cbor2
     import httpx
 
-    from engine.errors import WalsyncError
-    from engine.record import decode_value
-    from engine.versions import Sibling
-    from sync.remote import head_of, node_status, pull_page, push_ack, state_page
-    from sync.supabase import SupabaseTransport
+    from walsync.engine.errors import WalsyncError
+    from walsync.engine.record import decode_value
+    from walsync.engine.versions import Sibling
+    from walsync.sync.remote import head_of, node_status, pull_page, push_ack, state_page
+    from walsync.sync.supabase import SupabaseTransport
 
 _transport: SupabaseTransport | None = None
 _answer: dict[str, Any] = {}

@@ -19,8 +19,8 @@ from pathlib import Path
 import cbor2
 import xxhash
 
-from engine.export import ExportHeader, ExportWriter
-from engine.record import (
+from walsync.engine.export import ExportHeader, ExportWriter
+from walsync.engine.record import (
     CODEC_NONE,
     KIND_LOCAL,
     KIND_MERGE,
@@ -31,7 +31,7 @@ from engine.record import (
     encode_payload,
     encode_segment_header,
 )
-from engine.versions import Sibling, Version
+from walsync.engine.versions import Sibling, Version
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 TARGETS = ("frame", "segment", "payload", "export")

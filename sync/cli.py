@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-import engine
-from engine import Store, WalsyncError
-from engine.demo import DEMO_STEPS, run_demo
-from engine.errors import SyncConfigError
-from engine.record import MAX_VALUE_DEPTH
-from engine.replay import describe_torn_tail
-from engine.runs import Cost
-from engine.workflow import Workflows
+from walsync import engine
+from walsync.engine import Store, WalsyncError
+from walsync.engine.demo import DEMO_STEPS, run_demo
+from walsync.engine.errors import SyncConfigError
+from walsync.engine.record import MAX_VALUE_DEPTH
+from walsync.engine.replay import describe_torn_tail
+from walsync.engine.runs import Cost
+from walsync.engine.workflow import Workflows
 
 from .replicator import LAST_ERROR, UNSHIPPED, Replicator, ReplicatorOptions
 
@@ -210,7 +210,7 @@ def _handles_errors(fn: F) -> F:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="walsync")
+@click.version_option(package_name="walsync-store")
 def main() -> None:
     """walsync: a durable state store for long-running workflows."""
 

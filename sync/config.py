@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from engine.errors import SyncConfigError
+from walsync.engine.errors import SyncConfigError
 
 from .remote import Transport
 

@@ -39,10 +39,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine import Store
-from engine.errors import CorruptionError, LSNGapError, RemoteUnavailableError, SyncProtocolError
-from engine.feed import WALReader
-from engine.identity import NodeIdentity, end_of
+from walsync.engine import Store
+from walsync.engine.errors import (
+    CorruptionError,
+    LSNGapError,
+    RemoteUnavailableError,
+    SyncProtocolError,
+)
+from walsync.engine.feed import WALReader
+from walsync.engine.identity import NodeIdentity, end_of
 
 from .merge import record_to_wire
 from .remote import Transport

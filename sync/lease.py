@@ -39,9 +39,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine import Store
-from engine.errors import LeaseHeldError, LeaseLostError, RemoteUnavailableError, SyncConfigError
-from engine.workflow import drop_lease, hold_lease
+from walsync.engine import Store
+from walsync.engine.errors import (
+    LeaseHeldError,
+    LeaseLostError,
+    RemoteUnavailableError,
+    SyncConfigError,
+)
+from walsync.engine.workflow import drop_lease, hold_lease
 
 from .remote import Transport
 

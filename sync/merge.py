@@ -26,8 +26,8 @@ from typing import Any
 import cbor2
 import xxhash
 
-from engine.record import CODEC_NONE, decode_entry, decode_value
-from engine.versions import Sibling, Version, merge_sibling, visible_siblings, winner
+from walsync.engine.record import CODEC_NONE, decode_entry, decode_value
+from walsync.engine.versions import Sibling, Version, merge_sibling, visible_siblings, winner
 
 __all__ = [
     "Replica",

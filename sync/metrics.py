@@ -64,8 +64,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
-from engine import Store, WalsyncError
-from engine.metrics import HistogramSnapshot
+from walsync.engine import Store, WalsyncError
+from walsync.engine.metrics import HistogramSnapshot
 
 from .replicator import Replicator
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 
-from engine.errors import SyncConfigError
+from walsync.engine.errors import SyncConfigError
 
 from .postgres import classify, redact_dsn
 

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from psycopg.abc import AdaptContext
 
-from engine.errors import (
+from walsync.engine.errors import (
     RemoteAuthError,
     RemoteRejectedError,
     RemoteUnavailableError,

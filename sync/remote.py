@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from engine.errors import (
+from walsync.engine.errors import (
     RemoteAuthError,
     RemoteRejectedError,
     RemoteSchemaError,
@@ -31,8 +31,8 @@ from engine.errors import (
     SyncError,
     SyncProtocolError,
 )
-from engine.record import CODEC_NONE, CODEC_ZSTD
-from engine.versions import Sibling, Version
+from walsync.engine.record import CODEC_NONE, CODEC_ZSTD
+from walsync.engine.versions import Sibling, Version
 
 __all__ = ["PUSH_ARRAYS", "Claim", "NodeStatus", "PullPage", "PushAck", "Transport", "WireBatch",
            "error_for_sqlstate", "head_of", "json_text", "node_status", "pull_page", "push_ack",

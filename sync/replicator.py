@@ -41,8 +41,8 @@ from typing import Any
 
 import tenacity
 
-from engine import Store
-from engine.errors import (
+from walsync.engine import Store
+from walsync.engine.errors import (
     CorruptionError,
     LeaseLostError,
     LSNGapError,
@@ -53,10 +53,10 @@ from engine.errors import (
     SyncError,
     WalsyncError,
 )
-from engine.events import LeaseLostEvent
-from engine.identity import NodeIdentity, end_of, owner_of, translate_vv
-from engine.metrics import LATENCY_BOUNDS_NS, Histogram, HistogramSnapshot
-from engine.workflow import drop_lease
+from walsync.engine.events import LeaseLostEvent
+from walsync.engine.identity import NodeIdentity, end_of, owner_of, translate_vv
+from walsync.engine.metrics import LATENCY_BOUNDS_NS, Histogram, HistogramSnapshot
+from walsync.engine.workflow import drop_lease
 
 from .incarnation import connect, hello
 from .merge import record_to_wire, sibling_to_wire

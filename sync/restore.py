@@ -25,11 +25,11 @@ from typing import Any
 import cbor2
 import xxhash
 
-from engine import Store
-from engine.errors import RestoreError
-from engine.record import decode_value
-from engine.versions import Sibling
-from engine.workflow import Workflows
+from walsync.engine import Store
+from walsync.engine.errors import RestoreError
+from walsync.engine.record import decode_value
+from walsync.engine.versions import Sibling
+from walsync.engine.workflow import Workflows
 
 from .incarnation import SERVER_ID, hello, verified_through
 from .merge import sibling_from_wire

@@ -19,7 +19,7 @@ import httpx
 from postgrest.exceptions import APIError
 from supabase import Client, ClientOptions, SupabaseException, create_client
 
-from engine.errors import (
+from walsync.engine.errors import (
     RemoteAuthError,
     RemoteRejectedError,
     RemoteSchemaError,

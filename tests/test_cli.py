@@ -21,9 +21,9 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from engine import Store
-from engine.record import FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES
-from sync.cli import main
+from walsync.engine import Store
+from walsync.engine.record import FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES
+from walsync.sync.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 WALSYNC = Path(sys.executable).with_name("walsync")
@@ -375,7 +375,7 @@ def test_missing_store_exits_5(tmp_path: Path, args: list[str]) -> None:
 
 HOLDER = """
 import sys
-from engine import Store
+from walsync.engine import Store
 store = Store.open(sys.argv[1], create=False)
 print("ready", flush=True)
 sys.stdin.read()

@@ -15,10 +15,10 @@ import cbor2
 import pytest
 from click.testing import CliRunner, Result
 
-from engine import Store
-from engine.versions import Sibling, Version
-from engine.workflow import Workflows
-from sync.cli import main
+from walsync.engine import Store
+from walsync.engine.versions import Sibling, Version
+from walsync.engine.workflow import Workflows
+from walsync.sync.cli import main
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DAMAGE, EXIT_NOT_FOUND = 0, 1, 2, 3, 5
 

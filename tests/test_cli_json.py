@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import Store
 from tests.test_cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_USAGE, assert_error, cli, ok
+from walsync.engine import Store
 
 
 def strict_loads(text: str) -> Any:

@@ -38,17 +38,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import engine
-from engine import Store
-from engine.errors import (
+from walsync import engine
+from walsync.engine import Store
+from walsync.engine.errors import (
     CheckpointNotFoundError,
     RunNotFoundError,
     StoreLockedError,
     StoreNotFoundError,
     WalsyncError,
 )
-from engine.layout import StoreLayout
-from engine.workflow import Workflows
+from walsync.engine.layout import StoreLayout
+from walsync.engine.workflow import Workflows
 
 from . import views
 from .replication import ReplicationView, known_nodes, local_state

@@ -21,9 +21,9 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from engine import Store
-from engine.errors import SyncConfigError, WalsyncError
-from engine.runs import keys
+from walsync.engine import Store
+from walsync.engine.errors import SyncConfigError, WalsyncError
+from walsync.engine.runs import keys
 
 from ..config import describe_target, transport_from_env
 from ..remote import Transport

@@ -18,14 +18,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine import Store
-from engine.base import read_base_lsn
-from engine.check import VerifyReport
-from engine.errors import WalsyncError
-from engine.layout import StoreLayout
-from engine.lock import read_holder_pid, writer_is_alive
-from engine.runs import RUN_STATUSES, Cost, StepRecord, keys
-from engine.workflow import Run, Workflows
+from walsync.engine import Store
+from walsync.engine.base import read_base_lsn
+from walsync.engine.check import VerifyReport
+from walsync.engine.errors import WalsyncError
+from walsync.engine.layout import StoreLayout
+from walsync.engine.lock import read_holder_pid, writer_is_alive
+from walsync.engine.runs import RUN_STATUSES, Cost, StepRecord, keys
+from walsync.engine.workflow import Run, Workflows
 
 __all__ = [
     "PREVIEW_CHARS",

@@ -74,7 +74,7 @@ def engine_failpoints(repo_root: Path) -> tuple[str, ...]:
 def _caller() -> str:
     """The qualified name of the first frame outside this module and engine._fs."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_globals.get("__name__") in (__name__, "engine._fs"):
+    while frame is not None and frame.f_globals.get("__name__") in (__name__, "walsync.engine._fs"):
         frame = frame.f_back  # type: ignore[assignment]
     return frame.f_code.co_qualname if frame is not None else "?"
 
@@ -126,8 +126,8 @@ class KillPoints:
 
     def install(self) -> None:
         """Wrap the engine's seams in this process (a forked child, never the parent)."""
-        from engine import _failpoints, _fs
-        from engine.snapshot import SnapshotStore
+        from walsync.engine import _failpoints, _fs
+        from walsync.engine.snapshot import SnapshotStore
 
         for name in _fs.__all__:
             fn = getattr(_fs, name)

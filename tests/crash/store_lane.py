@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import engine
-from engine import Store
 from tests.crash.children import REPO_ROOT, Child, Zygote
 from tests.crash.killpoints import WHEN, KillPlan, engine_failpoints
 from tests.crash.ledger import KeyState, Ledger, Observed
 from tests.crash.seeds import CrashViolation
 from tests.crash.store_load import Incarnation, StoreChildConfig
+from walsync import engine
+from walsync.engine import Store
 
 ENTRY = "tests.crash.store_load:child_main"
 #: the failpoints of WALWriter.append, which every commit passes

@@ -113,7 +113,7 @@ class StoreChildConfig:
 
 
 def child_main(report_fd: int, args: dict[str, Any]) -> int:
-    from engine import Delete, Put, Store
+    from walsync.engine import Delete, Put, Store
 
     config = StoreChildConfig(**args)
     emit = Emitter(report_fd)

@@ -25,10 +25,6 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-import engine
-from engine import Store
-from engine.runs import RunStatus, StepStatus
-from engine.workflow import Run, Workflows
 from tests.crash.children import Child, Zygote
 from tests.crash.killpoints import KillPlan
 from tests.crash.seeds import CrashViolation
@@ -47,6 +43,10 @@ from tests.crash.workflow_load import (
     is_idempotent,
     step_id,
 )
+from walsync import engine
+from walsync.engine import Store
+from walsync.engine.runs import RunStatus, StepStatus
+from walsync.engine.workflow import Run, Workflows
 
 ENTRY = "tests.crash.workflow_load:drive"
 CHILD_TIMEOUT_SECONDS = 60.0

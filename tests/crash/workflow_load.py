@@ -106,10 +106,10 @@ class _RolledBack(Exception):
 
 
 def drive(report_fd: int, args: dict[str, Any]) -> int:
-    from engine import Store
-    from engine.errors import StepNeedsAttentionError
-    from engine.runs import StepStatus
-    from engine.workflow import Workflows
+    from walsync.engine import Store
+    from walsync.engine.errors import StepNeedsAttentionError
+    from walsync.engine.runs import StepStatus
+    from walsync.engine.workflow import Workflows
 
     config = WorkflowChildConfig(**args)
     ledger = Path(config.ledger)

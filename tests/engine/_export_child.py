@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
-from engine import Store
-from engine.export import import_file
+from walsync.engine import Store
+from walsync.engine.export import import_file
 
 
 def _say(line: str) -> None:

@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import engine
-from engine import Delete, Put, Store, StorePoisonedError, _fs
-from engine.layout import StoreLayout
-from engine.record import FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES
+from walsync import engine
+from walsync.engine import Delete, Put, Store, StorePoisonedError, _fs
+from walsync.engine.layout import StoreLayout
+from walsync.engine.record import FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES
 
 #: every operation of the file layer (the composite ones call the others
 #: through the module, so a fault in those shows up too)

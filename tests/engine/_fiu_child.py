@@ -109,8 +109,8 @@ def _wrap(cls: type, method: str, hook: Callable[[], Any]) -> None:
 
 
 def run_case(case: dict[str, Any], injector: Injector, stage_ctx: dict[str, Any]) -> dict[str, Any]:
-    import engine
-    from engine import Put, Store
+    from walsync import engine
+    from walsync.engine import Put, Store
 
     out: dict[str, Any] = {"acked": [], "failed": None, "error_type": None, "error": "",
                            "raw_error": None}
@@ -171,7 +171,7 @@ def run_case(case: dict[str, Any], injector: Injector, stage_ctx: dict[str, Any]
 
 
 def main(plan_path: str, result_path: str) -> None:
-    from engine.snapshot import SnapshotStore
+    from walsync.engine.snapshot import SnapshotStore
 
     lib = ctypes.CDLL("libfiu.so.0")
     lib.fiu_enable_external.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p,

@@ -123,8 +123,8 @@ def _background_checkpoint(store: Any) -> BaseException | None:
 
 
 def run_case(case: dict[str, Any], injector: Injector) -> dict[str, Any]:
-    import engine
-    from engine import Store
+    from walsync import engine
+    from walsync.engine import Store
 
     out: dict[str, Any] = {"acked": [], "big": False, "failed": False, "error_type": None,
                            "error": "", "poisoned": None, "raw_error": None}

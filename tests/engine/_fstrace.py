@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import engine
-from engine import _fs
-from engine.snapshot import SnapshotStore
+from walsync import engine
+from walsync.engine import _fs
+from walsync.engine.snapshot import SnapshotStore
 
 # -- events -------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from engine import ANY, Delete, InvalidKeyError, Put, Store
-from engine.versions import Version
+from walsync.engine import ANY, Delete, InvalidKeyError, Put, Store
+from walsync.engine.versions import Version
 
 FAST = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import Store
-from engine.snapshot import _compaction_paths
+from walsync.engine import Store
+from walsync.engine.snapshot import _compaction_paths
 
 
 def _fill_and_delete(store: Store, n: int) -> None:

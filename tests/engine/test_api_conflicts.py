@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from engine import Store
-from engine.record import CODEC_NONE
-from engine.versions import Sibling, Version, join_vv
+from walsync.engine import Store
+from walsync.engine.record import CODEC_NONE
+from walsync.engine.versions import Sibling, Version, join_vv
 
 KEYS = ["a", "a/1", "a/2", "b", "b/1", "runs/1", "é"]
 PREFIXES = ["", "a", "a/", "b", "runs/", "z"]

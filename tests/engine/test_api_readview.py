@@ -6,10 +6,10 @@ from pathlib import Path
 
 import cbor2
 
-from engine import Store
-from engine.record import CODEC_NONE, compress_value
-from engine.store import Put
-from engine.versions import Sibling, Version
+from walsync.engine import Store
+from walsync.engine.record import CODEC_NONE, compress_value
+from walsync.engine.store import Put
+from walsync.engine.versions import Sibling, Version
 
 
 def test_snapshot_view_does_not_see_later_commits(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from engine import (
+from walsync.engine import (
     ANY,
     CapacityError,
     ConflictError,
@@ -38,9 +38,9 @@ from engine import (
     ValueTooLargeError,
     Version,
 )
-from engine import versions as versions_mod
-from engine.layout import StoreLayout
-from engine.record import (
+from walsync.engine import versions as versions_mod
+from walsync.engine.layout import StoreLayout
+from walsync.engine.record import (
     CODEC_NONE,
     CODEC_ZSTD,
     SEGMENT_HEADER_BYTES,
@@ -50,7 +50,7 @@ from engine.record import (
     decode_payload,
     encode_entry,
 )
-from engine.versions import Sibling
+from walsync.engine.versions import Sibling
 
 MiB = 1 << 20
 
@@ -609,7 +609,7 @@ def test_value_nested_extremely_deep_does_not_crash_the_process(store_path: Path
     # cbor2's C encoder overflows the stack on such values: the put must refuse it first
     code = (
         "import sys\n"
-        "from engine import Store, InvalidValueError\n"
+        "from walsync.engine import Store, InvalidValueError\n"
         "x = []\n"
         "for _ in range(200000): x = [x]\n"
         "s = Store.open(sys.argv[1])\n"

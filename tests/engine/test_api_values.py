@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import engine
-from engine import InvalidValueError, Put, Store
+from walsync import engine
+from walsync.engine import InvalidValueError, Put, Store
 
 FAST = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -233,7 +233,7 @@ def test_values_check_is_cheap_next_to_encoding() -> None:
     on a shared machine)."""
     import timeit
 
-    from engine.record import value_problem
+    from walsync.engine.record import value_problem
 
     value: dict[str, Any] = {f"field{i}": ("x" * 30 if i % 3 == 0 else i * 1000 if i % 3 == 1
                                            else [1.5, None, True]) for i in range(30)}
@@ -251,7 +251,7 @@ def test_values_check_is_cheap_next_to_encoding() -> None:
 def test_values_format_md_states_the_limits_the_code_applies() -> None:
     import re
 
-    from engine import record
+    from walsync.engine import record
 
     text = Path(record.__file__).with_name("FORMAT.md").read_text()
     section = text.split("## Values", 1)[1].split("\n## ", 1)[0]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-import engine
-from engine import CorruptionError, Store
+from walsync import engine
+from walsync.engine import CorruptionError, Store
 
 SEGMENT_BYTES = 1 << 20
 FLIPS = 400

@@ -43,10 +43,10 @@ import cbor2
 import lmdb
 import pytest
 
-import engine
-from engine import CorruptionError, Store, StorePoisonedError, _fs
-from engine.versions import Sibling, Version
 from tests.crash.summary import KillSummary, kill_summary_fixture
+from walsync import engine
+from walsync.engine import CorruptionError, Store, StorePoisonedError, _fs
+from walsync.engine.versions import Sibling, Version
 
 PAGE = 4096
 #: flips per file drawn uniformly, and within each page type

@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 import xxhash
 
-import engine
-from engine import CorruptionError, FormatVersionError, LSNGapError, Store
-from engine.layout import StoreLayout
-from engine.record import SEGMENT_HEADER_BYTES, decode_frame
-from engine.wal import TornTail
+from walsync import engine
+from walsync.engine import CorruptionError, FormatVersionError, LSNGapError, Store
+from walsync.engine.layout import StoreLayout
+from walsync.engine.record import SEGMENT_HEADER_BYTES, decode_frame
+from walsync.engine.wal import TornTail
 
 SEGMENT_BYTES = 4096
 
@@ -131,8 +131,8 @@ def writer_died(monkeypatch: pytest.MonkeyPatch) -> None:
 def no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip fsyncs for tests that open a store hundreds of times: what they check is
     how damage is read back, which syncing does not change."""
-    from engine import _fs
-    from engine.snapshot import SnapshotStore
+    from walsync.engine import _fs
+    from walsync.engine.snapshot import SnapshotStore
 
     for name in ("fsync", "fdatasync", "fsync_dir"):
         monkeypatch.setattr(_fs, name, lambda *_: None)
@@ -558,7 +558,7 @@ def test_corruption_second_repair_in_the_same_second_gets_its_own_quarantine(
 ) -> None:
     fixed = time.gmtime(1_800_000_000)
     clock = SimpleNamespace(strftime=time.strftime, gmtime=lambda *_: fixed)
-    monkeypatch.setattr(importlib.import_module("engine.layout"), "time", clock)
+    monkeypatch.setattr(importlib.import_module("walsync.engine.layout"), "time", clock)
     work, _applied = _damaged_store(pristine, tmp_path, "deleted")
     seg3 = _wal(work, pristine.segments[2])
     seg3_bytes = seg3.read_bytes()
@@ -689,7 +689,7 @@ def test_corruption_repair_stopped_at_any_step_never_reuses_lsns(
     store either still refuses to open (and a second repair finishes the job) or opens
     with exactly the records before the damage; either way no LSN seen in the damaged
     log is ever handed out again, and verify stays ok."""
-    repair_module = importlib.import_module("engine.repair")
+    repair_module = importlib.import_module("walsync.engine.repair")
     owner: Any = repair_module if step == "write_store_file" else repair_module._fs
     real = getattr(owner, step)
     stopped_any = False

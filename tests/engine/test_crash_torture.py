@@ -29,8 +29,6 @@ from typing import Any
 
 import pytest
 
-import engine
-from engine import Store
 from tests.crash.children import REPO_ROOT, Zygote
 from tests.crash.killpoints import KillPlan, engine_failpoints
 from tests.crash.ledger import KeyState, Ledger
@@ -47,6 +45,8 @@ from tests.crash.store_lane import (
 )
 from tests.crash.store_load import Incarnation, StoreChildConfig, batch_key, make_value, single_key
 from tests.crash.summary import KillSummary
+from walsync import engine
+from walsync.engine import Store
 
 pytestmark = pytest.mark.crash
 

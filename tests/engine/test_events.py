@@ -15,7 +15,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from engine import (
+from walsync.engine import (
     CheckpointEvent,
     CommitEvent,
     ConflictError,
@@ -28,8 +28,8 @@ from engine import (
     StoreClosedError,
     Subscription,
 )
-from engine.record import CODEC_NONE
-from engine.versions import Sibling, Version
+from walsync.engine.record import CODEC_NONE
+from walsync.engine.versions import Sibling, Version
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -413,7 +413,7 @@ def test_store_checkpoint_subscribers_get_no_run_checkpoints_and_cost_commits_no
 ) -> None:
     """Store and run checkpoints are different kinds: a subscriber to store checkpoints
     gets those alone, and (commits carrying none) makes commits publish nothing."""
-    from engine.workflow import Workflows
+    from walsync.engine.workflow import Workflows
 
     with Store.open(tmp_path / "s") as store:
         with store.events.subscribe(kinds=("checkpoint",)) as sub:

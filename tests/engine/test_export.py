@@ -30,18 +30,18 @@ import cbor2
 import pytest
 import xxhash
 
-import engine.export as export_module
-import engine.record as record_module
-import engine.store as store_module
-from engine import Store, _failpoints
-from engine.errors import (
+import walsync.engine.export as export_module
+import walsync.engine.record as record_module
+import walsync.engine.store as store_module
+from walsync.engine import Store, _failpoints
+from walsync.engine.errors import (
     CapacityError,
     CorruptionError,
     ExportFormatError,
     RunNotFoundError,
     WalsyncError,
 )
-from engine.export import (
+from walsync.engine.export import (
     EXPORT_MAGIC,
     EXPORT_VERSION,
     FRAME_HEADER_BYTES,
@@ -57,17 +57,17 @@ from engine.export import (
     import_file,
     verify_export_file,
 )
-from engine.layout import StoreLayout
-from engine.record import (
+from walsync.engine.layout import StoreLayout
+from walsync.engine.record import (
     CODEC_NONE,
     CODEC_ZSTD,
     encode_frame,
     encode_payload,
     encode_segment_header,
 )
-from engine.versions import Sibling, Version
-from engine.wal import scan_segment
-from engine.workflow import Workflows
+from walsync.engine.versions import Sibling, Version
+from walsync.engine.wal import scan_segment
+from walsync.engine.workflow import Workflows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPORT_MD = Path(export_module.__file__).with_name("EXPORT.md")

@@ -26,8 +26,9 @@ from typing import Any
 
 import pytest
 
-import engine
-from engine import (
+from tests.engine._faults import Ops, apply_ops, durability_of, ops_of
+from walsync import engine
+from walsync.engine import (
     Delete,
     DiskFullError,
     Put,
@@ -36,8 +37,7 @@ from engine import (
     _failpoints,
     _fs,
 )
-from engine.snapshot import SnapshotStore
-from tests.engine._faults import Ops, apply_ops, durability_of, ops_of
+from walsync.engine.snapshot import SnapshotStore
 
 SEGMENT_BYTES = 4096
 #: commits in the workload; values are ~1 KiB, so a segment holds about three

@@ -33,11 +33,11 @@ from typing import Any
 
 import pytest
 
-import engine
-from engine import Store
 from tests.crash.summary import KillSummary
 from tests.engine import _fiu_child
 from tests.engine._faults import fast_dir
+from walsync import engine
+from walsync.engine import Store
 
 REPO = Path(__file__).resolve().parents[2]
 #: (stage, libfiu point) pairs counted and failed

@@ -35,8 +35,6 @@ from typing import Any
 
 import pytest
 
-import engine
-from engine import DiskFullError, Store, StoreIOError, StorePoisonedError, _fs
 from tests.crash.summary import KillSummary
 from tests.engine import _fiu_threads_child
 from tests.engine._faults import (
@@ -48,6 +46,8 @@ from tests.engine._faults import (
     fast_dir,
     record_workload,
 )
+from walsync import engine
+from walsync.engine import DiskFullError, Store, StoreIOError, StorePoisonedError, _fs
 
 #: at least this many cases per mode run (the workload makes ~170 operations;
 #: a change that shrinks it a lot would silently weaken the sweep)

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from engine import Store, StoreLockedError
+from walsync.engine import Store, StoreLockedError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # A child that opens stores and answers one JSON command per stdin line.
 _CHILD = r"""
 import json, os, sys, threading
-from engine import Store, WalsyncError
+from walsync.engine import Store, WalsyncError
 
 store = None
 def reply(**kw):

@@ -22,15 +22,15 @@ from typing import Any
 
 import pytest
 
-from engine import ConflictError, Put, Store, StorePoisonedError, _fs
-from engine.metrics import (
+from walsync.engine import ConflictError, Put, Store, StorePoisonedError, _fs
+from walsync.engine.metrics import (
     BATCH_RECORDS_BOUNDS,
     LATENCY_BOUNDS_NS,
     LATENCY_BOUNDS_SECONDS,
     Histogram,
     HistogramSnapshot,
 )
-from engine.record import SEGMENT_HEADER_BYTES
+from walsync.engine.record import SEGMENT_HEADER_BYTES
 
 #: consecutive latency bounds differ by at most this factor
 BUCKET_RATIO = 1.25

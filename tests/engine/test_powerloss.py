@@ -29,16 +29,6 @@ from typing import Any
 
 import pytest
 
-import engine
-from engine import Delete, Put, Store, _fs, wal
-from engine.record import (
-    _FRAME_HEADER,
-    FRAME_HEADER_BYTES,
-    FRAME_MAGIC,
-    MAX_PAYLOAD_BYTES,
-    Frame,
-    FrameStatus,
-)
 from tests.crash.summary import KillSummary
 from tests.engine._faults import apply_ops
 from tests.engine._fstrace import (
@@ -53,6 +43,16 @@ from tests.engine._fstrace import (
     crash_state,
     crash_states,
     materialize,
+)
+from walsync import engine
+from walsync.engine import Delete, Put, Store, _fs, wal
+from walsync.engine.record import (
+    _FRAME_HEADER,
+    FRAME_HEADER_BYTES,
+    FRAME_MAGIC,
+    MAX_PAYLOAD_BYTES,
+    Frame,
+    FrameStatus,
 )
 
 SEGMENT_BYTES = 4096

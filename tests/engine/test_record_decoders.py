@@ -14,8 +14,8 @@ import cbor2
 import pytest
 import zstandard
 
-from engine.errors import CorruptionError
-from engine.record import (
+from walsync.engine.errors import CorruptionError
+from walsync.engine.record import (
     CODEC_NONE,
     CODEC_ZSTD,
     KIND_LOCAL,
@@ -27,7 +27,7 @@ from engine.record import (
     encode_entry,
     encode_payload,
 )
-from engine.versions import Sibling, Version
+from walsync.engine.versions import Sibling, Version
 
 SIB = Sibling(Version("n1", 3, 5 << 16, {"n1": 3}, 0), CODEC_NONE, cbor2.dumps({"a": 1}))
 TOMB = Sibling(Version("n1", 4, 6 << 16, {"n1": 4}, 2, True), CODEC_NONE, None)

@@ -13,10 +13,10 @@ import cbor2
 import pytest
 import xxhash
 
-from engine import record
-from engine.errors import CapacityError, CorruptionError, FormatVersionError
-from engine.options import StoreOptions
-from engine.record import (
+from walsync.engine import record
+from walsync.engine.errors import CapacityError, CorruptionError, FormatVersionError
+from walsync.engine.options import StoreOptions
+from walsync.engine.record import (
     CODEC_NONE,
     CODEC_ZSTD,
     FRAME_HEADER_BYTES,
@@ -36,7 +36,7 @@ from engine.record import (
     encode_frame,
     encode_segment_header,
 )
-from engine.store import STORE_FORMAT_VERSION
+from walsync.engine.store import STORE_FORMAT_VERSION
 
 FORMAT_MD = Path(record.__file__).with_name("FORMAT.md")
 PAYLOAD = cbor2.dumps([0, 123, [["k", b"entry"]]])

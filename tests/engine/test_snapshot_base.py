@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import Store, StoreStateError, _fs
-from engine.base import SnapshotRebuild, read_base_lsn
-from engine.layout import StoreLayout
+from walsync.engine import Store, StoreStateError, _fs
+from walsync.engine.base import SnapshotRebuild, read_base_lsn
+from walsync.engine.layout import StoreLayout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SEGMENT_BYTES = 64 * 1024
@@ -33,7 +33,7 @@ SEGMENT_BYTES = 64 * 1024
 #: prints the last LSN and waits to be killed
 CHILD = f"""
 import sys, time
-from engine import Store
+from walsync.engine import Store
 path, before, after, checkpoint = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 store = Store.open(path, segment_bytes={SEGMENT_BYTES})
 for i in range(before):
@@ -167,7 +167,7 @@ def test_crash_during_the_rebuild_rebuilds_again(
     path = tmp_path / "s"
     _run_and_kill(path, 60, 60, checkpoint=True)
     _tear_snapshot(path)
-    import engine.store as store_module
+    import walsync.engine.store as store_module
 
     def die(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt("killed during replay")
@@ -194,7 +194,7 @@ def test_process_crash_during_the_rebuild_keeps_the_rebuilt_snapshot(
     path = tmp_path / "s"
     _run_and_kill(path, 60, 60, checkpoint=True)
     _tear_snapshot(path)
-    import engine.store as store_module
+    import walsync.engine.store as store_module
 
     def die(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt("killed during replay")

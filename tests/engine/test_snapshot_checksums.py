@@ -25,13 +25,13 @@ import lmdb
 import pytest
 from click.testing import CliRunner, Result
 
-import engine
-from engine import CorruptionError, FormatVersionError, LSNGapError, Store, _fs
-from engine.record import encode_entry
-from engine.replay import describe_torn_tail
-from engine.snapshot import SNAPSHOT_FORMAT_VERSION, unseal
-from engine.versions import Sibling, Version
-from sync.cli import main
+from walsync import engine
+from walsync.engine import CorruptionError, FormatVersionError, LSNGapError, Store, _fs
+from walsync.engine.record import encode_entry
+from walsync.engine.replay import describe_torn_tail
+from walsync.engine.snapshot import SNAPSHOT_FORMAT_VERSION, unseal
+from walsync.engine.versions import Sibling, Version
+from walsync.sync.cli import main
 
 EXIT_OK, EXIT_DAMAGE = 0, 3
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -424,7 +424,7 @@ def test_a_format_1_entry_that_does_not_decode_is_not_sealed_over(
 
 _CHILD = """
 import sys
-from engine import Store
+from walsync.engine import Store
 with_close = sys.argv[2] == "close"
 store = Store.open(sys.argv[1])
 for i in range(5):

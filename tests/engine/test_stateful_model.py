@@ -18,8 +18,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from engine import ConflictError, Delete, Put, Store, Version
-from engine.layout import StoreLayout
+from walsync.engine import ConflictError, Delete, Put, Store, Version
+from walsync.engine.layout import StoreLayout
 
 KEYS = [
     "a", "a/1", "a/2", "a/10", "ab", "b", "runs/1/steps/1", "runs/1/steps/2", "runs/2",

@@ -31,10 +31,6 @@ from pathlib import Path
 
 import pytest
 
-import engine
-from engine import Put, Store
-from engine.layout import parse_segment_name
-from engine.record import SEGMENT_HEADER_BYTES, decode_frame, encode_frame, encode_segment_header
 from tests.engine._fstrace import (
     Ack,
     Capture,
@@ -51,6 +47,15 @@ from tests.engine._fstrace import (
     Write,
     parent,
     under,
+)
+from walsync import engine
+from walsync.engine import Put, Store
+from walsync.engine.layout import parse_segment_name
+from walsync.engine.record import (
+    SEGMENT_HEADER_BYTES,
+    decode_frame,
+    encode_frame,
+    encode_segment_header,
 )
 
 SEGMENT_BYTES = 4096

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.versions import (
+from walsync.engine.versions import (
     HLC_LOGICAL_BITS,
     HybridClock,
     Sibling,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import Store
-from engine.langgraph_saver import WalsyncSaver
+from walsync.engine import Store
+from walsync.engine.langgraph_saver import WalsyncSaver
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.capabilities import ALL_CAPABILITIES
 
-from engine import Store
-from engine.langgraph_saver import WalsyncSaver
+from walsync.engine import Store
+from walsync.engine.langgraph_saver import WalsyncSaver
 
 
 @checkpointer_test(name="WalsyncSaver")

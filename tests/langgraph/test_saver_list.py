@@ -21,9 +21,9 @@ import pytest
 from langgraph.checkpoint.base import Checkpoint, CheckpointMetadata, empty_checkpoint
 from langgraph.graph import END, START, StateGraph
 
-import engine.langgraph_saver as saver_module
-from engine import Delete, FormatVersionError, Put, Store
-from engine.langgraph_saver import LAYOUT, WalsyncSaver
+import walsync.engine.langgraph_saver as saver_module
+from walsync.engine import Delete, FormatVersionError, Put, Store
+from walsync.engine.langgraph_saver import LAYOUT, WalsyncSaver
 
 
 def cfg(thread_id: str, ns: str | None = "", checkpoint_id: str | None = None) -> Any:

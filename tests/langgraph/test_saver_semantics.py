@@ -20,8 +20,8 @@ from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.serde.types import ERROR
 from langgraph.graph import END, START, StateGraph
 
-from engine import FormatVersionError, Store, StoreClosedError
-from engine.langgraph_saver import WalsyncSaver, _index_id, _segment, _sortable
+from walsync.engine import FormatVersionError, Store, StoreClosedError
+from walsync.engine.langgraph_saver import WalsyncSaver, _index_id, _segment, _sortable
 
 
 def cfg(thread_id: str, ns: str = "", checkpoint_id: str | None = None) -> Any:

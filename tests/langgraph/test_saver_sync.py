@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from langgraph.types import Command
 
-from engine import Store
-from engine.langgraph_saver import WalsyncSaver
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.replicator import Replicator, ReplicatorOptions
-from sync.restore import restore
 from tests.langgraph._graph_child import config, question_graph
+from walsync.engine import Store
+from walsync.engine.langgraph_saver import WalsyncSaver
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.replicator import Replicator, ReplicatorOptions
+from walsync.sync.restore import restore
 
 pytestmark = pytest.mark.postgres
 

@@ -14,13 +14,13 @@ import cbor2
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from engine import Store
-from engine.record import CODEC_NONE
-from engine.versions import Sibling, Version
-from sync.merge import record_to_wire, sibling_to_wire
-from sync.supabase import SupabaseTransport
 from tests.gateway import PostgrestGateway
 from tests.pg import PostgresCluster
+from walsync.engine import Store
+from walsync.engine.record import CODEC_NONE
+from walsync.engine.versions import Sibling, Version
+from walsync.sync.merge import record_to_wire, sibling_to_wire
+from walsync.sync.supabase import SupabaseTransport
 
 #: a role that must log in with a password (the cluster trusts everyone else)
 PASSWORD_ROLE = "walsync_pw_probe"

@@ -55,13 +55,13 @@ from typing import Any
 
 import psycopg
 
-from engine import Store
-from engine.errors import LeaseLostError, RemoteUnavailableError
-from engine.runs import StepRecord, StepStatus
-from engine.workflow import Run, Workflows, current_step
-from sync.lease import Leases
-from sync.postgres import PostgresTransport
-from sync.replicator import Replicator, ReplicatorOptions
+from walsync.engine import Store
+from walsync.engine.errors import LeaseLostError, RemoteUnavailableError
+from walsync.engine.runs import StepRecord, StepStatus
+from walsync.engine.workflow import Run, Workflows, current_step
+from walsync.sync.lease import Leases
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.replicator import Replicator, ReplicatorOptions
 
 DSN_ENV = "WALSYNC_TEST_DSN"
 WORKFLOW = "hostloss"

@@ -18,16 +18,16 @@ import cbor2
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from engine import Store
-from engine.identity import owner_of, translate_vv
-from engine.record import decode_value
-from sync.merge import record_to_wire
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.remote import Transport
 from tests.gateway import PostgrestGateway
 from tests.pg import PostgresCluster, find_bindir
 from tests.sync._helpers import query, supabase_transport
+from walsync.engine import Store
+from walsync.engine.identity import owner_of, translate_vv
+from walsync.engine.record import decode_value
+from walsync.sync.merge import record_to_wire
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.remote import Transport
 
 KINDS = ["postgres", "supabase"]
 _numbers = itertools.count(1)

@@ -41,15 +41,6 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from engine import Store
-from engine.errors import RemoteDurabilityTimeoutError
-from engine.record import decode_value
-from sync.merge import Replica, sibling_from_wire
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.remote import Transport
-from sync.replicator import Replicator, ReplicatorOptions
-from sync.supabase import SupabaseTransport
 from tests.crash.ledger import Commit as SharedCommit
 from tests.crash.ledger import KeyState, Observed
 from tests.crash.ledger import Ledger as SharedLedger
@@ -58,6 +49,15 @@ from tests.gateway import PostgrestGateway
 from tests.pg import PostgresCluster
 from tests.sync._helpers import local_entries, with_port
 from tests.sync._proxy import FaultProxy
+from walsync.engine import Store
+from walsync.engine.errors import RemoteDurabilityTimeoutError
+from walsync.engine.record import decode_value
+from walsync.sync.merge import Replica, sibling_from_wire
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.remote import Transport
+from walsync.sync.replicator import Replicator, ReplicatorOptions
+from walsync.sync.supabase import SupabaseTransport
 
 __all__ = ["FAULT_KINDS", "TRANSPORTS", "Commit", "Fault", "Ledger", "RoundResult",
            "plan_faults", "run_round"]

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from engine import Store
-from sync.cli import main
-from sync.lease import Leases
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.replicator import Replicator, ReplicatorOptions
+from walsync.engine import Store
+from walsync.sync.cli import main
+from walsync.sync.lease import Leases
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.replicator import Replicator, ReplicatorOptions
 
 pytestmark = pytest.mark.postgres
 

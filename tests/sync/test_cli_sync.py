@@ -18,9 +18,6 @@ import pytest
 from click.testing import CliRunner, Result
 from psycopg.conninfo import conninfo_to_dict
 
-from engine import Store
-from sync.cli import main
-from sync.migrate import list_migrations
 from tests.pg import PostgresCluster, free_port
 from tests.sync._helpers import (
     PASSWORD_ROLE,
@@ -31,6 +28,9 @@ from tests.sync._helpers import (
     server_entry_ids,
     with_port,
 )
+from walsync.engine import Store
+from walsync.sync.cli import main
+from walsync.sync.migrate import list_migrations
 
 pytestmark = pytest.mark.postgres
 

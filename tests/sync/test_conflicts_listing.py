@@ -22,14 +22,14 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import Store
-from sync.cli import main
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.remote import Transport
-from sync.replicator import Replicator, ReplicatorOptions
 from tests.gateway import PostgrestGateway
 from tests.sync._helpers import supabase_transport
+from walsync.engine import Store
+from walsync.sync.cli import main
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.remote import Transport
+from walsync.sync.replicator import Replicator, ReplicatorOptions
 
 pytestmark = pytest.mark.postgres
 

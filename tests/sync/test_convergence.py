@@ -23,13 +23,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import Store
-from engine.record import CODEC_NONE
-from engine.versions import Sibling, Version, dominates_or_equal, join_vv, winner
-from sync.merge import Replica, sibling_from_wire, sibling_to_wire
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
 from tests.sync._helpers import local_entries, server_siblings, server_winners
+from walsync.engine import Store
+from walsync.engine.record import CODEC_NONE
+from walsync.engine.versions import Sibling, Version, dominates_or_equal, join_vv, winner
+from walsync.sync.merge import Replica, sibling_from_wire, sibling_to_wire
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
 
 NODES = ("A", "B", "C")
 KEYS = ("k0", "k1", "k2")

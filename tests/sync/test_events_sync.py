@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from engine import CommitEvent, ConflictEvent, Event, LeaseLostEvent, Store
-from engine.errors import LeaseLostError
-from engine.workflow import Workflows
-from sync.lease import Leases
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.replicator import Replicator, ReplicatorOptions
+from walsync.engine import CommitEvent, ConflictEvent, Event, LeaseLostEvent, Store
+from walsync.engine.errors import LeaseLostError
+from walsync.engine.workflow import Workflows
+from walsync.sync.lease import Leases
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.replicator import Replicator, ReplicatorOptions
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(90)]
 

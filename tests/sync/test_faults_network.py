@@ -20,17 +20,17 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine import Store
-from engine.errors import RemoteUnavailableError, SyncError, SyncProtocolError
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.remote import pull_page, push_ack, state_page
-from sync.replicator import Replicator, ReplicatorOptions
-from sync.supabase import SupabaseTransport
 from tests.gateway import service_role_key
 from tests.pg import PostgresCluster
 from tests.sync._helpers import entry, query, server_entry_ids, wait_for, with_port
 from tests.sync._proxy import FaultProxy
+from walsync.engine import Store
+from walsync.engine.errors import RemoteUnavailableError, SyncError, SyncProtocolError
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.remote import pull_page, push_ack, state_page
+from walsync.sync.replicator import Replicator, ReplicatorOptions
+from walsync.sync.supabase import SupabaseTransport
 
 pytestmark = pytest.mark.postgres
 

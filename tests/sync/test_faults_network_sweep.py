@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.remote import PushAck
 from tests.crash.summary import KillSummary
 from tests.pg import PostgresCluster
 from tests.sync.netfaults import FAULT_KINDS, TRANSPORTS, run_round
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.remote import PushAck
 
 pytestmark = pytest.mark.postgres
 

@@ -17,19 +17,19 @@ from typing import Any
 
 import pytest
 
-from engine import LeaseLostEvent, Store
-from engine.errors import ConflictError, LeaseLostError, WorkflowError
-from engine.record import decode_value
-from engine.runs import StepRecord, StepStatus
-from engine.workflow import Workflows, held_lease
-from sync.lease import Leases
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.remote import Transport
-from sync.replicator import Replicator, ReplicatorOptions
-from sync.restore import restore
 from tests.gateway import PostgrestGateway
 from tests.sync._helpers import entry, query, supabase_transport
+from walsync.engine import LeaseLostEvent, Store
+from walsync.engine.errors import ConflictError, LeaseLostError, WorkflowError
+from walsync.engine.record import decode_value
+from walsync.engine.runs import StepRecord, StepStatus
+from walsync.engine.workflow import Workflows, held_lease
+from walsync.sync.lease import Leases
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.remote import Transport
+from walsync.sync.replicator import Replicator, ReplicatorOptions
+from walsync.sync.restore import restore
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
 

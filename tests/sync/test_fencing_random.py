@@ -34,19 +34,19 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
-from engine import LeaseLostEvent, Store
-from engine.errors import ConflictError, LeaseHeldError, LeaseLostError
-from engine.events import Subscription
-from engine.runs import RunRecord, keys
-from engine.workflow import Run, Workflows, held_lease
-from sync.lease import Leases
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.remote import Transport
-from sync.replicator import Replicator, ReplicatorOptions, _run_of
-from sync.restore import restore
 from tests.gateway import PostgrestGateway
 from tests.sync._helpers import local_entries, query, supabase_transport
+from walsync.engine import LeaseLostEvent, Store
+from walsync.engine.errors import ConflictError, LeaseHeldError, LeaseLostError
+from walsync.engine.events import Subscription
+from walsync.engine.runs import RunRecord, keys
+from walsync.engine.workflow import Run, Workflows, held_lease
+from walsync.sync.lease import Leases
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.remote import Transport
+from walsync.sync.replicator import Replicator, ReplicatorOptions, _run_of
+from walsync.sync.restore import restore
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(600)]
 

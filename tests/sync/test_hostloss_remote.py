@@ -10,13 +10,13 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from engine import Store
-from engine.errors import DurabilityError, RemoteDurabilityTimeoutError
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.replicator import Replicator, ReplicatorOptions
 from tests.pg import PostgresCluster
 from tests.sync._hostloss_child import one
+from walsync.engine import Store
+from walsync.engine.errors import DurabilityError, RemoteDurabilityTimeoutError
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.replicator import Replicator, ReplicatorOptions
 
 pytestmark = [pytest.mark.postgres, pytest.mark.crash, pytest.mark.timeout(90)]
 

@@ -15,16 +15,6 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine import Store
-from engine.errors import LeaseHeldError
-from engine.record import decode_value
-from engine.runs import RunStatus, StepStatus
-from engine.workflow import Workflows
-from sync.lease import Leases
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.replicator import Replicator
-from sync.restore import restore
 from tests.sync._hostloss_child import (
     HALF,
     REPLICATOR_OPTIONS,
@@ -37,6 +27,16 @@ from tests.sync._hostloss_child import (
     step_id,
     wait_json,
 )
+from walsync.engine import Store
+from walsync.engine.errors import LeaseHeldError
+from walsync.engine.record import decode_value
+from walsync.engine.runs import RunStatus, StepStatus
+from walsync.engine.workflow import Workflows
+from walsync.sync.lease import Leases
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.replicator import Replicator
+from walsync.sync.restore import restore
 
 pytestmark = [pytest.mark.postgres, pytest.mark.crash, pytest.mark.timeout(90)]
 

@@ -18,15 +18,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine import Store
-from engine.errors import LeaseLostError, RemoteUnavailableError
-from engine.record import decode_value
-from engine.workflow import Workflows
-from sync.lease import Leases
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport, classify
-from sync.replicator import Replicator
 from tests.sync._hostloss_child import REPLICATOR_OPTIONS, one, reap, spawn, wait_json
+from walsync.engine import Store
+from walsync.engine.errors import LeaseLostError, RemoteUnavailableError
+from walsync.engine.record import decode_value
+from walsync.engine.workflow import Workflows
+from walsync.sync.lease import Leases
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport, classify
+from walsync.sync.replicator import Replicator
 
 pytestmark = [pytest.mark.postgres, pytest.mark.crash, pytest.mark.timeout(90)]
 

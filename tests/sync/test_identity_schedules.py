@@ -43,12 +43,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from engine import Store
-from engine.identity import owner_of
-from sync.cli import main
-from sync.replicator import Replicator, ReplicatorOptions
 from tests.pg import PostgresCluster
 from tests.sync._servers import KINDS, Server, missing_on, server_factory
+from walsync.engine import Store
+from walsync.engine.identity import owner_of
+from walsync.sync.cli import main
+from walsync.sync.replicator import Replicator, ReplicatorOptions
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(900)]
 

@@ -12,13 +12,13 @@ from typing import Any
 import cbor2
 import pytest
 
-from sync.incarnation import hello, server_entries
-from sync.migrate import migrate
-from sync.remote import Claim, PushAck, Transport, WireBatch
-from sync.supabase import SupabaseTransport
 from tests.pg import PostgresCluster
 from tests.sync._helpers import entry, query
 from tests.sync._servers import KINDS, Server, server_factory
+from walsync.sync.incarnation import hello, server_entries
+from walsync.sync.migrate import migrate
+from walsync.sync.remote import Claim, PushAck, Transport, WireBatch
+from walsync.sync.supabase import SupabaseTransport
 
 pytestmark = pytest.mark.postgres
 

@@ -9,11 +9,11 @@ from typing import Any
 import cbor2
 import pytest
 
-from engine.record import CODEC_NONE
-from engine.versions import Sibling, Version
-from sync.merge import Replica, sibling_to_wire
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
+from walsync.engine.record import CODEC_NONE
+from walsync.engine.versions import Sibling, Version
+from walsync.sync.merge import Replica, sibling_to_wire
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
 
 VECTORS = json.loads((Path(__file__).with_name("merge_vectors.json")).read_text())["cases"]
 IDS = [c["name"] for c in VECTORS]

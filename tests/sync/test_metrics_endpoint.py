@@ -22,14 +22,14 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine import ConflictError, Store
-from engine.record import SEGMENT_HEADER_BYTES
-from sync.cli import main
-from sync.metrics import EXPOSED_LATENCY_BOUNDS_SECONDS, MetricsServer, serve
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.replicator import Replicator, ReplicatorOptions
 from tests.sync._helpers import wait_for
+from walsync.engine import ConflictError, Store
+from walsync.engine.record import SEGMENT_HEADER_BYTES
+from walsync.sync.cli import main
+from walsync.sync.metrics import EXPOSED_LATENCY_BOUNDS_SECONDS, MetricsServer, serve
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.replicator import Replicator, ReplicatorOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 WALSYNC = Path(sys.executable).with_name("walsync")
@@ -298,7 +298,7 @@ def test_cli_sync_serves_every_metric_with_its_type(tmp_path: Path, schema: str)
         assert not missing, missing
         assert set(scrape.types) == set(FAMILIES)
         readme = (ROOT / "README.md").read_text()
-        metrics_doc = sys.modules["sync.metrics"].__doc__ or ""
+        metrics_doc = sys.modules["walsync.sync.metrics"].__doc__ or ""
         for name, kind in FAMILIES.items():
             exposed = f"{name}_total" if kind == "counter" else name
             assert f"`{exposed}" in readme, f"README.md does not list {exposed}"

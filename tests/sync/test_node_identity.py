@@ -25,14 +25,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import Store
-from engine.identity import owner_of, translate_vv
-from sync.merge import record_to_wire
-from sync.replicator import Replicator, ReplicatorOptions
-from sync.restore import restore
 from tests.pg import PostgresCluster
 from tests.sync._helpers import query
 from tests.sync._servers import KINDS, Server, missing_on, server_factory
+from walsync.engine import Store
+from walsync.engine.identity import owner_of, translate_vv
+from walsync.sync.merge import record_to_wire
+from walsync.sync.replicator import Replicator, ReplicatorOptions
+from walsync.sync.restore import restore
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
 
@@ -282,7 +282,7 @@ def test_renewal_interrupted_before_the_store_file_is_rewritten_rolls_forward(
 _KILLED_RENEWAL = """
 import os, signal, sys
 import engine.store
-from engine import Store
+from walsync.engine import Store
 
 write = engine.store.write_store_file
 

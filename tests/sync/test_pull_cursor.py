@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
 from tests.sync._helpers import entry, query
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
 
 pytestmark = pytest.mark.postgres
 

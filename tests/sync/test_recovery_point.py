@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from engine import Store
-from sync.cli import main
-from sync.replicator import Replicator, ReplicatorOptions
-from sync.restore import restore
 from tests.pg import PostgresCluster
 from tests.sync._helpers import wait_for
 from tests.sync._servers import KINDS, Server, missing_on, server_factory
+from walsync.engine import Store
+from walsync.sync.cli import main
+from walsync.sync.replicator import Replicator, ReplicatorOptions
+from walsync.sync.restore import restore
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
 

@@ -18,11 +18,6 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine import Store
-from engine.errors import RemoteDurabilityTimeoutError, RemoteSchemaError, ReplicatorStoppedError
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.replicator import Replicator, ReplicatorOptions
 from tests.gateway import PostgrestGateway
 from tests.pg import PostgresCluster
 from tests.sync._helpers import (
@@ -36,6 +31,15 @@ from tests.sync._helpers import (
     supabase_transport,
     wait_for,
 )
+from walsync.engine import Store
+from walsync.engine.errors import (
+    RemoteDurabilityTimeoutError,
+    RemoteSchemaError,
+    ReplicatorStoppedError,
+)
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.replicator import Replicator, ReplicatorOptions
 
 pytestmark = pytest.mark.postgres
 

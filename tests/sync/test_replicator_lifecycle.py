@@ -16,20 +16,20 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine import Store
-from engine.errors import (
+from tests.sync._helpers import server_entry_ids, wait_for, with_port
+from tests.sync.test_replicator_retention import _closed_port
+from walsync.engine import Store
+from walsync.engine.errors import (
     NoReplicatorError,
     NotReplicatedError,
     RemoteSchemaError,
     ReplicatorStoppedError,
     SyncError,
 )
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.remote import PushAck
-from sync.replicator import Replicator, ReplicatorOptions
-from tests.sync._helpers import server_entry_ids, wait_for, with_port
-from tests.sync.test_replicator_retention import _closed_port
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.remote import PushAck
+from walsync.sync.replicator import Replicator, ReplicatorOptions
 
 pytestmark = pytest.mark.postgres
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from engine import Store, _fs
-from sync.cli import main
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.replicator import Replicator, ReplicatorOptions
 from tests.sync._helpers import query, server_entry_ids, wait_for, with_port
+from walsync.engine import Store, _fs
+from walsync.sync.cli import main
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.replicator import Replicator, ReplicatorOptions
 
 pytestmark = pytest.mark.postgres
 
@@ -91,7 +91,7 @@ def test_retain_floor_holds_every_entry_while_the_server_was_never_reached(
 
 CHILD = """
 import sys
-from engine import Store
+from walsync.engine import Store
 path, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 with Store.open(path, segment_bytes=4096) as store:
     for i in range(first, first + count):
@@ -131,9 +131,9 @@ def test_retain_floor_holds_in_a_process_that_opens_the_store_without_sync(
 
 CRASH_CHILD = """
 import sys, time
-from engine import Store
-from sync.postgres import PostgresTransport
-from sync.replicator import Replicator, ReplicatorOptions
+from walsync.engine import Store
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.replicator import Replicator, ReplicatorOptions
 path, dsn = sys.argv[1], sys.argv[2]
 store = Store.open(path, segment_bytes=4096)
 for i in range(30):

@@ -23,14 +23,14 @@ import pytest
 from click.testing import CliRunner
 
 import engine.store
-from engine import Put, Store
-from sync.cli import main
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.remote import Transport
-from sync.replicator import UNSHIPPED, Replicator, ReplicatorOptions
 from tests.gateway import PostgrestGateway
 from tests.sync._helpers import query, supabase_transport
+from walsync.engine import Put, Store
+from walsync.sync.cli import main
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.remote import Transport
+from walsync.sync.replicator import UNSHIPPED, Replicator, ReplicatorOptions
 
 pytestmark = pytest.mark.postgres
 

@@ -15,11 +15,11 @@ import httpx
 import psycopg
 import pytest
 
-from engine.errors import RemoteAuthError
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
 from tests.gateway import PostgrestGateway
 from tests.sync._helpers import entry, query, records, supabase_transport
+from walsync.engine.errors import RemoteAuthError
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
 
 pytestmark = pytest.mark.postgres
 

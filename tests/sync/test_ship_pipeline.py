@@ -19,13 +19,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine import Store
-from engine.errors import RemoteUnavailableError
-from sync.migrate import _apply, list_migrations, migrate
-from sync.postgres import PostgresTransport
-from sync.remote import PushAck, WireBatch
-from sync.replicator import Replicator, ReplicatorOptions
 from tests.sync._helpers import entry, local_entries, query, server_entry_ids
+from walsync.engine import Store
+from walsync.engine.errors import RemoteUnavailableError
+from walsync.sync.migrate import _apply, list_migrations, migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.remote import PushAck, WireBatch
+from walsync.sync.replicator import Replicator, ReplicatorOptions
 
 pytestmark = pytest.mark.postgres
 
@@ -227,18 +227,18 @@ def test_wal_reader_asked_for_a_few_records_reads_about_that_much(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Read ahead in steps of a few records, the reader copies about those records from the
     segment (the active one is preallocated: a fixed 4 MiB read copied 4 MiB every time)."""
-    import engine.feed
+    import walsync.engine.feed
 
     store = _store_with_records(tmp_path / "a", 40)
     sizes: list[int] = []
-    real_pread = engine.feed.os.pread
+    real_pread = walsync.engine.feed.os.pread
 
     def pread(fd: int, size: int, offset: int) -> bytes:
         sizes.append(size)
         return real_pread(fd, size, offset)
 
     try:
-        monkeypatch.setattr(engine.feed.os, "pread", pread)
+        monkeypatch.setattr(walsync.engine.feed.os, "pread", pread)
         reader = store.wal_reader()
         lsns: list[int] = []
         while len(lsns) < 40:

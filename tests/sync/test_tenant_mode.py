@@ -27,17 +27,17 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from engine import Store
-from engine.errors import RemoteAuthError, SyncConfigError
-from sync.cli import main
-from sync.config import transport_from_env
-from sync.migrate import MIGRATIONS_DIR, list_migrations, migrate
-from sync.postgres import PostgresTransport
-from sync.remote import Transport
-from sync.replicator import Replicator, ReplicatorOptions
-from sync.supabase import SupabaseTransport
 from tests.gateway import PostgrestGateway
 from tests.sync._helpers import assert_secret_absent, entry, query, records, wait_for
+from walsync.engine import Store
+from walsync.engine.errors import RemoteAuthError, SyncConfigError
+from walsync.sync.cli import main
+from walsync.sync.config import transport_from_env
+from walsync.sync.migrate import MIGRATIONS_DIR, list_migrations, migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.remote import Transport
+from walsync.sync.replicator import Replicator, ReplicatorOptions
+from walsync.sync.supabase import SupabaseTransport
 
 pytestmark = pytest.mark.postgres
 

@@ -18,17 +18,6 @@ from typing import Any
 
 import pytest
 
-from engine.errors import (
-    RemoteAuthError,
-    RemoteRejectedError,
-    RemoteSchemaError,
-    RemoteUnavailableError,
-    SyncError,
-)
-from sync.migrate import migrate
-from sync.postgres import PostgresTransport
-from sync.remote import Transport
-from sync.supabase import SupabaseTransport
 from tests.gateway import PostgrestGateway, mint_jwt
 from tests.pg import PostgresCluster, free_port
 from tests.sync._helpers import (
@@ -43,6 +32,17 @@ from tests.sync._helpers import (
     supabase_transport,
     with_port,
 )
+from walsync.engine.errors import (
+    RemoteAuthError,
+    RemoteRejectedError,
+    RemoteSchemaError,
+    RemoteUnavailableError,
+    SyncError,
+)
+from walsync.sync.migrate import migrate
+from walsync.sync.postgres import PostgresTransport
+from walsync.sync.remote import Transport
+from walsync.sync.supabase import SupabaseTransport
 
 pytestmark = pytest.mark.postgres
 

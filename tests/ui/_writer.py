@@ -11,8 +11,8 @@ import json
 import os
 import sys
 
-from engine import Store
-from engine.workflow import Workflows
+from walsync.engine import Store
+from walsync.engine.workflow import Workflows
 
 
 def main(path: str) -> None:

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from engine import Store
-from engine.runs import Cost
-from engine.workflow import Workflows
-from sync.ui import DashboardServer, serve
 from tests.ui.stores import ROOT, add_showcase_runs_in_child, make_demo_store
+from walsync.engine import Store
+from walsync.engine.runs import Cost
+from walsync.engine.workflow import Workflows
+from walsync.sync.ui import DashboardServer, serve
 
 
 @dataclass(frozen=True)

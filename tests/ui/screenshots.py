@@ -14,9 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sync.ui import serve
 from tests.ui.browser import INSTALL_HINT, Page, find_chromium
 from tests.ui.stores import ROOT, make_showcase_store
+from walsync.sync.ui import serve
 
 OUT = ROOT / "sync" / "ui" / "screenshots"
 WIDTH = 1280

@@ -21,11 +21,11 @@ from typing import Any
 
 import cbor2
 
-from engine import Store
-from engine.errors import StepNeedsAttentionError
-from engine.record import CODEC_NONE
-from engine.versions import Sibling, Version
-from engine.workflow import Workflows
+from walsync.engine import Store
+from walsync.engine.errors import StepNeedsAttentionError
+from walsync.engine.record import CODEC_NONE
+from walsync.engine.versions import Sibling, Version
+from walsync.engine.workflow import Workflows
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFLICT_KEY = "config/pricing"
@@ -33,7 +33,7 @@ CONFLICT_KEY = "config/pricing"
 
 def walsync(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """The `walsync` command, run as a child process from the repository's root."""
-    done = subprocess.run([sys.executable, "-c", "from sync.cli import main; main()", *args],
+    done = subprocess.run([sys.executable, "-m", "walsync.sync.cli", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     if check and done.returncode != 0:
         raise AssertionError(f"walsync {' '.join(args)} exited {done.returncode}:\n"

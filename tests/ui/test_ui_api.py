@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from engine.record import SEGMENT_HEADER_BYTES
-from sync.ui import DashboardServer
 from tests.ui.conftest import DemoStore, Writer, api, exchange, request
 from tests.ui.stores import CONFLICT_KEY, ROOT, SHOWCASE
+from walsync.engine.record import SEGMENT_HEADER_BYTES
+from walsync.sync.ui import DashboardServer
 
 STATIC = ROOT / "sync" / "ui" / "static"
 
@@ -420,11 +420,11 @@ def test_ui_replication_reports_a_config_error_as_not_configured(
 def test_ui_replication_shows_recovery_point_nodes_leases_and_lag(
         demo_store: DemoStore, store_copy: Callable[[Path], Path], ui: UI,
         writer: Callable[[Path], Writer], pg_db: str) -> None:
-    from engine import Store
-    from sync.lease import Leases
-    from sync.migrate import migrate
-    from sync.postgres import PostgresTransport
-    from sync.replicator import Replicator, ReplicatorOptions
+    from walsync.engine import Store
+    from walsync.sync.lease import Leases
+    from walsync.sync.migrate import migrate
+    from walsync.sync.postgres import PostgresTransport
+    from walsync.sync.replicator import Replicator, ReplicatorOptions
 
     migrate(pg_db)
     path = store_copy(demo_store.path)
@@ -508,14 +508,14 @@ def test_ui_command_serves_until_sigterm_and_refuses_a_missing_store(
         demo_store: DemoStore, tmp_path: Path) -> None:
     import urllib.request
 
-    missing = subprocess.run([sys.executable, "-c", "from sync.cli import main; main()", "ui",
+    missing = subprocess.run([sys.executable, "-m", "walsync.sync.cli", "ui",
                               "--store", str(tmp_path / "nothing"), "--port", "0"],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 5, missing.stderr
     assert "error: no walsync store" in missing.stderr
     assert "hint:" in missing.stderr
 
-    proc = subprocess.Popen([sys.executable, "-c", "from sync.cli import main; main()", "ui",
+    proc = subprocess.Popen([sys.executable, "-m", "walsync.sync.cli", "ui",
                              "--store", str(demo_store.path), "--port", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -45,7 +45,7 @@ class _Served:
 
     def __init__(self, store: Path, *extra: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from sync.cli import main; main()", "ui", "--store",
+            [sys.executable, "-c", "from walsync.sync.cli import main; main()", "ui", "--store",
              str(store), "--port", "0", *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None

@@ -14,8 +14,8 @@ from __future__ import annotations
 import sys
 import time
 
-from engine import Store
-from engine.workflow import Workflows, current_step
+from walsync.engine import Store
+from walsync.engine.workflow import Workflows, current_step
 
 
 def say(text: str) -> None:

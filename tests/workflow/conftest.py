@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import Store
-from engine.workflow import Workflows
+from walsync.engine import Store
+from walsync.engine.workflow import Workflows
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from engine import Store
-from engine.errors import CheckpointNotFoundError, RunNotFoundError, SchemaVersionError
-from engine.runs import RunStatus, StepRecord, StepStatus, keys, utcnow
-from engine.workflow import (
+from walsync.engine import Store
+from walsync.engine.errors import CheckpointNotFoundError, RunNotFoundError, SchemaVersionError
+from walsync.engine.runs import RunStatus, StepRecord, StepStatus, keys, utcnow
+from walsync.engine.workflow import (
     RetentionPolicy,
     Run,
     RunState,

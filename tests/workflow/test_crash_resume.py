@@ -27,9 +27,6 @@ from pathlib import Path
 
 import pytest
 
-from engine import Store
-from engine.runs import RunStatus
-from engine.workflow import Workflows
 from tests.crash.children import REPO_ROOT, Zygote
 from tests.crash.seeds import crash_seed, seeded
 from tests.crash.store_lane import Tally
@@ -43,6 +40,9 @@ from tests.crash.workflow_load import (
     expected_outputs,
     step_id,
 )
+from walsync.engine import Store
+from walsync.engine.runs import RunStatus
+from walsync.engine.workflow import Workflows
 
 pytestmark = pytest.mark.crash
 
@@ -148,7 +148,7 @@ def test_crash_run_checker_flags_a_lost_success_and_a_foreign_output(tmp_path: P
 
 def demo_cmd(store: Path, *extra: str) -> list[str]:
     exe = REPO_ROOT / ".venv" / "bin" / "walsync"
-    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "sync.cli"]
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "walsync.sync.cli"]
     return [*base, "demo", "--store", str(store), "--delay", "0", *extra]
 
 

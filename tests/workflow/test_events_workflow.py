@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from engine import (
+from walsync.engine import (
     CommitEvent,
     Event,
     RunCheckpointEvent,
@@ -21,8 +21,8 @@ from engine import (
     Store,
     Subscription,
 )
-from engine.errors import InvalidValueError, StepNeedsAttentionError
-from engine.workflow import Workflows
+from walsync.engine.errors import InvalidValueError, StepNeedsAttentionError
+from walsync.engine.workflow import Workflows
 
 pytestmark = pytest.mark.timeout(60)
 

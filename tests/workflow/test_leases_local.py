@@ -15,18 +15,18 @@ from typing import Any
 
 import pytest
 
-from engine import Store
-from engine.errors import ConflictError, LeaseLostError, WorkflowError
-from engine.events import RunEvent
-from engine.runs import RunStatus, keys
-from engine.workflow import (
+from walsync.engine import Store
+from walsync.engine.errors import ConflictError, LeaseLostError, WorkflowError
+from walsync.engine.events import RunEvent
+from walsync.engine.runs import RunStatus, keys
+from walsync.engine.workflow import (
     RetentionPolicy,
     Workflows,
     drop_lease,
     held_lease,
     hold_lease,
 )
-from sync.merge import record_to_wire
+from walsync.sync.merge import record_to_wire
 
 OTHER = "0ther-host-node"
 

@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 
-from engine import Store
-from engine.errors import (
+from walsync.engine import Store
+from walsync.engine.errors import (
     InvalidValueError,
     RunNotFoundError,
     StepNeedsAttentionError,
     WorkflowError,
 )
-from engine.runs import RunStatus, StepRecord, StepStatus, keys
-from engine.workflow import Run, Workflows, current_run, current_step, step
+from walsync.engine.runs import RunStatus, StepRecord, StepStatus, keys
+from walsync.engine.workflow import Run, Workflows, current_run, current_step, step
 
 CHILD = Path(__file__).resolve().parent / "_child.py"
 REPO_ROOT = Path(__file__).resolve().parents[2]
