@@ -281,17 +281,17 @@ def test_renewal_interrupted_before_the_store_file_is_rewritten_rolls_forward(
 
 _KILLED_RENEWAL = """
 import os, signal, sys
-import engine.store
+import walsync.engine.store
 from walsync.engine import Store
 
-write = engine.store.write_store_file
+write = walsync.engine.store.write_store_file
 
 def killed(path, meta):  # SIGKILL as the STORE file would name the new id
     if len(meta.get("identities", [])) > 1:
         os.kill(os.getpid(), signal.SIGKILL)
     write(path, meta)
 
-engine.store.write_store_file = killed
+walsync.engine.store.write_store_file = killed
 store = Store.open(sys.argv[1])
 store.renew_node_id(3, reason="killed")
 """

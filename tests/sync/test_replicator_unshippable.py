@@ -22,7 +22,7 @@ import cbor2
 import pytest
 from click.testing import CliRunner
 
-import engine.store
+import walsync.engine.store
 from tests.gateway import PostgrestGateway
 from tests.sync._helpers import query, supabase_transport
 from walsync.engine import Put, Store
@@ -41,9 +41,9 @@ NO_PULL = ReplicatorOptions(pull=False, retry_initial_seconds=0.02, retry_max_se
 def older_walsync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Writes as an older walsync made them: no check of values, fences or NUL in keys."""
     with monkeypatch.context() as m:
-        m.setattr(engine.store, "value_problem", lambda *args, **kwargs: None)
-        m.setattr(engine.store, "_check_fence", lambda fence, where: None)
-        m.setattr(engine.store, "_check_key", lambda key, max_bytes: None)
+        m.setattr(walsync.engine.store, "value_problem", lambda *args, **kwargs: None)
+        m.setattr(walsync.engine.store, "_check_fence", lambda fence, where: None)
+        m.setattr(walsync.engine.store, "_check_key", lambda key, max_bytes: None)
         yield
 
 
