@@ -10,12 +10,15 @@ object the files create is missing although its file is recorded (say,
 safe to apply more than once): ``walsync migrate`` is the repair the sync
 errors point to.
 
-Tenant mode (``migrate(dsn, tenant_mode=True)``, ``walsync migrate
---tenant-mode``) applies the files under ``migrations/tenant/`` after the
-default ones. A plain run never turns it on; once on (its file is recorded),
-every run that applies or re-applies a default file applies the tenant files
-again, because the default files re-create the API functions without tenant
-scoping.
+Every function is defined once, in the default files: each always filters
+on the caller's tenant ('' while tenant mode is off). Tenant mode
+(``migrate(dsn, tenant_mode=True)``, ``walsync migrate --tenant-mode``)
+applies the files under ``migrations/tenant/`` after the default ones; they
+hold no function, only what tenant mode adds (its setting, Row Level Security
+policies, grants, the functions' owner). A plain run never turns it on; once
+on (a tenant file is recorded, or one of those it replaced), every run that
+applies or re-applies a default file applies the tenant files again, because
+a default file's closing REVOKE takes back their grants to ``authenticated``.
 """
 
 from __future__ import annotations
@@ -31,12 +34,17 @@ from walsync.engine.errors import SyncConfigError
 
 from .postgres import classify, redact_dsn
 
-__all__ = ["MIGRATIONS_DIR", "TENANT_MIGRATIONS_DIR", "MigrationReport", "list_migrations",
-           "migrate"]
+__all__ = ["MIGRATIONS_DIR", "RETIRED_TENANT_VERSIONS", "TENANT_MIGRATIONS_DIR",
+           "MigrationReport", "list_migrations", "migrate"]
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 TENANT_MIGRATIONS_DIR = MIGRATIONS_DIR / "tenant"
 _NAME = re.compile(r"^(\d{14})_([a-z0-9_]+)\.sql$")
+#: tenant files of earlier releases, each a copy of the API functions with a
+#: tenant filter; 20261207000007 made the functions tenant-aware once and for
+#: all and 20261207000107 holds the rest. A database that recorded one of them
+#: is in tenant mode.
+RETIRED_TENANT_VERSIONS = ("20261123000101", "20261207000104", "20261207000105")
 #: a JWT claim name: plain (tenant_id) or namespaced (https://example.com/tenant)
 _CLAIM = re.compile(r"^[A-Za-z0-9_.:/-]{1,200}$")
 
@@ -54,27 +62,39 @@ class MigrationReport:
     server_id: str | None = None
 
 
-_CREATES = re.compile(
-    r"create\s+(?:or\s+replace\s+)?(function|table|view)\s+(?:if\s+not\s+exists\s+)?"
-    r"(walsync(?:_api)?\.[a-z_][a-z0-9_]*)", re.IGNORECASE)
+_OBJECTS = re.compile(
+    r"(create\s+(?:or\s+replace\s+)?|drop\s+)(function|table|view)\s+"
+    r"(?:if\s+(?:not\s+)?exists\s+)?(walsync(?:_api)?\.[a-z_][a-z0-9_]*)", re.IGNORECASE)
 
 
 def _missing_objects(conn: psycopg.Connection[Any], tenant: bool) -> list[str]:
-    """Tables, views and functions the migration files create that the database lacks."""
-    missing = []
+    """Tables, views and functions the recorded migration files leave in place (created,
+    and not dropped by a later one) that the database lacks. Files not yet applied are
+    not asked about: an upgrade is not a repair."""
+    recorded = {str(v) for (v,) in conn.execute(
+        "select version from walsync.schema_migrations").fetchall()}
+    expected: dict[str, str] = {}
     files = list_migrations() + (list_migrations(tenant=True) if tenant else [])
-    for _, path in files:
-        for kind, name in _CREATES.findall(path.read_text()):
-            schema, _, obj = name.lower().partition(".")
-            if kind.lower() == "function":
-                row = conn.execute(
-                    "select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace "
-                    "where n.nspname = %s and p.proname = %s", (schema, obj)).fetchone()
+    for version, path in files:
+        if version not in recorded:
+            continue
+        for verb, kind, name in _OBJECTS.findall(path.read_text()):
+            if verb.lower().startswith("drop"):
+                expected.pop(name.lower(), None)
             else:
-                row = conn.execute("select to_regclass(%s)", (f"{schema}.{obj}",)).fetchone()
-                row = row if row and row[0] is not None else None
-            if row is None and name.lower() not in missing:
-                missing.append(name.lower())
+                expected[name.lower()] = kind.lower()
+    missing = []
+    for name, kind in expected.items():
+        schema, _, obj = name.partition(".")
+        if kind == "function":
+            row = conn.execute(
+                "select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace "
+                "where n.nspname = %s and p.proname = %s", (schema, obj)).fetchone()
+        else:
+            row = conn.execute("select to_regclass(%s)", (name,)).fetchone()
+            row = row if row and row[0] is not None else None
+        if row is None:
+            missing.append(name)
     return missing
 
 
@@ -116,6 +136,7 @@ def _apply(conn: psycopg.Connection[Any], version: str, path: Path, force: bool)
 
 def _tenant_mode_on(conn: psycopg.Connection[Any]) -> bool:
     versions = [version for version, _ in list_migrations(tenant=True)]
+    versions += RETIRED_TENANT_VERSIONS
     row = conn.execute("select exists (select 1 from walsync.schema_migrations "
                        "where version = any(%s))", (versions,)).fetchone()
     return bool(row and row[0])
@@ -148,7 +169,7 @@ def migrate(dsn: str, *, tenant_mode: bool = False,
                 done = _apply(conn, version, path, force=bool(repaired))
                 (applied if done else already).append(path.name)
             if tenant:
-                # after any default file ran, its functions replaced the tenant-mode ones
+                # after any default file ran, its closing REVOKE took back the tenant grants
                 force = bool(repaired or applied)
                 for version, path in list_migrations(tenant=True):
                     done = _apply(conn, version, path, force=force)

@@ -373,8 +373,8 @@ def test_tenant_mode_catalog_every_function_scoped_owned_and_granted(server: Ser
                exists (select 1 from aclexplode(coalesce(p.proacl, acldefault('f', p.proowner)))
                        where grantee = 0 and privilege_type = 'EXECUTE')
         from pg_proc p where p.pronamespace = 'walsync_api'::regnamespace order by 2""")
-    # every function the default files define has its tenant-mode twin (a new API
-    # function needs one, or tenants cannot call it)
+    # every function the default files define is open to tenants, except tenants() (a new
+    # API function is the service role's until the tenant file names it)
     assert {name for name, *_ in rows} == TENANT_FUNCTIONS | {"tenants"}
     for name, sig, secdef, config, owner, anon, authed, service, public in rows:
         assert secdef, sig
@@ -454,14 +454,28 @@ def run_cli(dsn: str, *args: str, code: int = 0) -> Any:
 def test_migrate_tenant_mode_is_opt_in_idempotent_and_stays_on(pg_db: str) -> None:
     plain = json.loads(run_cli(pg_db, "--json").stdout)
     assert (plain["applied"], plain["tenant_claim"]) == (DEFAULT_FILES, None)
-    # plain migrate creates no tenant object
-    assert query(pg_db, "select to_regclass('walsync.tenant_settings'), "
-                        "to_regprocedure('walsync.request_tenant()'), "
+    # plain migrate turns nothing of tenant mode on: no setting, no policy, no grant to
+    # authenticated, and every caller is the one tenant '' whatever its JWT says
+    assert query(pg_db, "select (select count(*) from walsync.tenant_settings), "
                         "(select count(*) from pg_policy pol join pg_class c "
                         " on c.oid = pol.polrelid "
                         " where c.relnamespace = 'walsync'::regnamespace), "
-                        "(select count(*) from pg_attribute where attname = 'tenant' and "
-                        " attrelid = 'walsync.entries'::regclass)") == [(None, None, 0, 0)]
+                        "(select count(*) from pg_proc p "
+                        " where p.pronamespace = 'walsync_api'::regnamespace "
+                        " and has_function_privilege('authenticated', p.oid, 'EXECUTE')), "
+                        "(select count(*) from pg_proc p "
+                        " where p.pronamespace = 'walsync_api'::regnamespace "
+                        " and pg_get_userbyid(p.proowner) <> current_user), "
+                        "(select array_agg(distinct pg_get_expr(d.adbin, d.adrelid)) "
+                        " from pg_attrdef d join pg_attribute a on a.attrelid = d.adrelid "
+                        " and a.attnum = d.adnum where a.attname = 'tenant' "
+                        " and d.adrelid = any(array['walsync.nodes', 'walsync.entries', "
+                        " 'walsync.siblings']::regclass[]))") == [(0, 0, 0, 0, ["''::text"])]
+    with psycopg.connect(pg_db) as conn:  # rolled back
+        conn.execute("select set_config('request.jwt.claims', %s, true)",
+                     (json.dumps({"tenant_id": "acme"}),))
+        assert conn.execute("select walsync.request_tenant()").fetchone() == ("",)
+        conn.rollback()
     untouched = fingerprint(pg_db)
     assert json.loads(run_cli(pg_db, "--json").stdout)["applied"] == []
     assert fingerprint(pg_db) == untouched
@@ -526,7 +540,7 @@ def test_migration_files_are_plain_sql_named_for_the_supabase_cli_and_shipped() 
     assert [p.as_posix() for p in files if p.parent.name == "tenant"] == [
         f"migrations/tenant/{name}" for name in TENANT_FILES]
     pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text())
-    shipped = pyproject["tool"]["setuptools"]["package-data"]["sync"]
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["walsync.sync"]
     for rel in files:
         assert re.fullmatch(r"\d{14}_[a-z0-9_]+\.sql", rel.name), rel
         lines = (root / rel).read_text().splitlines()
