@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import json
 import logging
 import threading
 import time
@@ -56,23 +55,20 @@ from walsync.engine.errors import (
 from walsync.engine.events import LeaseLostEvent
 from walsync.engine.identity import NodeIdentity, end_of, owner_of, translate_vv
 from walsync.engine.metrics import LATENCY_BOUNDS_NS, Histogram, HistogramSnapshot
+from walsync.engine.replication import LastError, ReplicationSource, UnshippedEntry
 from walsync.engine.workflow import drop_lease
+from walsync.engine.workflow import keys as run_keys
 
-from .incarnation import connect, hello
+from .incarnation import connect
 from .merge import record_to_wire, sibling_to_wire
-from .remote import Claim, PushAck, Transport, WireBatch
+from .transport import Claim, FencedRun, PushAck, Transport, WireBatch
 
 __all__ = ["Replicator", "ReplicatorOptions", "ReplicatorStats", "ReplicatorStatus"]
 
 log = logging.getLogger("walsync.replicator")
 
-_ACKED = "acked_lsn"
-_CURSOR = "pull_cursor"
-#: sync_state name of the last error (JSON: message, at_unix, stopped)
-LAST_ERROR = "last_error"
-#: sync_state name of the entries set aside, never shipped (JSON: a list of
-#: {lsn, key, reason}, the latest _UNSHIPPED_KEPT); see PROTOCOL.md
-UNSHIPPED = "unshipped"
+#: how many entries set aside, never shipped, the store lists (the latest ones); see
+#: PROTOCOL.md and SyncLedger.unshipped
 _UNSHIPPED_KEPT = 100
 #: fencing tokens are bigints on the server
 _FENCE_LIMIT = 1 << 63
@@ -220,7 +216,8 @@ class _Ahead:
 
 class Replicator:
     def __init__(
-        self, store: Store, transport: Transport, options: ReplicatorOptions | None = None
+        self, store: ReplicationSource, transport: Transport,
+        options: ReplicatorOptions | None = None,
     ) -> None:
         self.store = store
         self.transport = transport
@@ -232,8 +229,7 @@ class Replicator:
         self._thread: threading.Thread | None = None
         self._fatal: SyncError | None = None
         self._unacked: collections.deque[tuple[int, float]] = collections.deque()
-        raw = store.sync_state(_ACKED)
-        self._acked = int.from_bytes(raw, "little") if raw else 0
+        self._acked = store.sync_ledger.acked_lsn
         if store.retain_floor is None:
             # Held from the first attachment on, and persisted: no checkpoint, compaction
             # or close (here, or in a later open without sync) removes a record the
@@ -379,8 +375,19 @@ class Replicator:
             if self.options.batch_wait_seconds and not self._stop.is_set():
                 time.sleep(self.options.batch_wait_seconds)
 
-    def _with_retries(self, fn: Any) -> Any:
+    def _with_retries(self, fn: Any, deadline: float | None = None) -> Any:
+        """``fn()``, retrying transient faults until stop() (or the monotonic
+        ``deadline``), then raising the last one."""
         opts = self.options
+
+        def give_up(_state: tenacity.RetryCallState) -> bool:
+            return self._stop.is_set() or (deadline is not None
+                                           and time.monotonic() >= deadline)
+
+        def pause(seconds: float) -> None:
+            if deadline is not None:
+                seconds = min(seconds, max(0.0, deadline - time.monotonic()))
+            self._pause(seconds)
 
         def note(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -395,8 +402,8 @@ class Replicator:
             # its 'initial' argument is deprecated since tenacity 9.)
             wait=tenacity.wait_random_exponential(multiplier=opts.retry_initial_seconds,
                                                   max=opts.retry_max_seconds),
-            stop=lambda state: self._stop.is_set(),
-            sleep=self._pause,
+            stop=give_up,
+            sleep=pause,
             before_sleep=note,
             reraise=True,
         )
@@ -410,9 +417,9 @@ class Replicator:
         """Keep the last error in status and in the store, for `walsync status`."""
         self._status.last_error = message
         self._status.last_error_at = time.time()
-        doc = {"message": message, "at_unix": self._status.last_error_at, "stopped": stopped}
         with contextlib.suppress(WalsyncError):
-            self.store.set_sync_state(LAST_ERROR, json.dumps(doc).encode())
+            self.store.sync_ledger.set_last_error(
+                LastError(message, self._status.last_error_at, stopped))
 
     def _fail(self, exc: SyncError) -> None:
         self._fatal = exc
@@ -433,6 +440,16 @@ class Replicator:
             if pulled:
                 self.ship()  # acknowledge the merge records locally
         return pushed, pulled
+
+    def sync_once(self, timeout_seconds: float | None = None) -> tuple[int, int]:
+        """``run_once`` on the caller's thread, retrying transient faults (as the
+        background thread does) for at most ``timeout_seconds``, then raising the last
+        one; permanent faults are raised at once. For a one-shot sync (`walsync sync
+        --once`): a server that stays unreachable ends it instead of retrying forever.
+        ``stop()`` from another thread ends the retries too."""
+        deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+        pushed, pulled = self._with_retries(self.run_once, deadline)
+        return int(pushed), int(pulled)
 
     def ship(self) -> int:
         """Push every durable, applied record after the acknowledged LSN.
@@ -523,9 +540,8 @@ class Replicator:
             through = records[-1].lsn
             if step:
                 time.sleep(0)  # see _YIELD_EVERY
-        prepare = getattr(self.transport, "prepare_push", None)
-        if entries and prepare is not None:
-            prepare(entries)
+        if entries:
+            self.transport.prepare_push(entries)
         return _Batch(through, entries, size, after_lsn < through < upto_lsn, owner.node_id)
 
     def _wire_of(self, lsn: int, ops: Any) -> list[dict[str, Any]]:
@@ -567,12 +583,11 @@ class Replicator:
         log.error("sync: %s", message)
         self._record_error(message, stopped=False)
         with contextlib.suppress(WalsyncError, ValueError):
-            raw = self.store.sync_state(UNSHIPPED)
-            listed: list[dict[str, Any]] = json.loads(raw) if raw else []
-            item = {"lsn": lsn, "key": key, "reason": reason}
+            ledger = self.store.sync_ledger
+            listed = ledger.unshipped
+            item = UnshippedEntry(lsn, key, reason)
             if item not in listed:  # a batch read again after a failed push
-                listed = [*listed, item][-_UNSHIPPED_KEPT:]
-                self.store.set_sync_state(UNSHIPPED, json.dumps(listed).encode())
+                ledger.set_unshipped([*listed, item][-_UNSHIPPED_KEPT:])
 
     def _push_batch(self, batch: _Batch) -> int:
         """Push one batch and acknowledge it as far as the server confirmed: the count."""
@@ -622,12 +637,11 @@ class Replicator:
             return None
         return ack
 
-    def _report_fenced(self, fenced: list[dict[str, Any]], entries: list[dict[str, Any]]) -> None:
+    def _report_fenced(self, fenced: list[FencedRun], entries: list[dict[str, Any]]) -> None:
         """The server refused this node's writes to runs whose lease it does not hold
         (``entries``: the pushed batch, which says what token those writes carried)."""
         for item in fenced:
-            run_id, current = str(item["run_id"]), int(item["current"])
-            holder = None if item.get("holder") is None else str(item["holder"])
+            run_id, current, holder = item.run_id, item.current, item.holder
             if self._status.lost_runs.get(run_id) == current:
                 continue  # told already, for this lease
             if holder == self.store.node_id:
@@ -646,12 +660,15 @@ class Replicator:
                     "host; the server refused this host's writes to it")
             log.error("sync: %s", said)
             # from now on this host's writes to the run are refused locally as well
-            with contextlib.suppress(WalsyncError):
-                drop_lease(self.store, run_id, upto_token=current, lost_to=holder,
-                           current_token=current)
+            # (a run's lease notes live in a Store, where the workflow layer keeps them)
+            if isinstance(self.store, Store):
+                with contextlib.suppress(WalsyncError):
+                    drop_lease(self.store, run_id, upto_token=current, lost_to=holder,
+                               current_token=current)
             token, lsn = _refused_writes(entries, run_id)
             self.store.events.emit(LeaseLostEvent(
-                lsn=lsn, run_id=run_id, token=token, current_token=current, holder=holder))
+                lsn=lsn, key=run_keys.run(run_id), run_id=run_id, token=token,
+                current_token=current, holder=holder))
             for callback in self._lost_callbacks:
                 try:
                     callback(LeaseLostError(said, run_id=run_id, current_token=current,
@@ -736,7 +753,7 @@ class Replicator:
         status.reships += 1
         status.last_reship = said
         self._acked = lsn
-        self.store.set_sync_state(_ACKED, lsn.to_bytes(8, "little"))
+        self.store.sync_ledger.set_acked_lsn(lsn)
         self.store.set_retain_floor(lsn + 1)
         status.acked_lsn = lsn
         self._reset_pull_cursor()
@@ -745,8 +762,8 @@ class Replicator:
         if self._pull_cursor() == 0:
             return
         self._skipped_cursor = 0
-        self.store.set_sync_state(_CURSOR, (0).to_bytes(8, "little"))
-        self.store.apply_remote([], meta={_CURSOR: 0})
+        self.store.sync_ledger.set_skipped_pull_cursor(0)
+        self.store.apply_remote([], pull_cursor=0)
 
     def _still_claimed(self) -> bool:
         """Whether the server still gives this store's node id to this store (and
@@ -754,14 +771,15 @@ class Replicator:
         cur = self.store.identities[-1]
         if self._token is None:
             return False
-        h = hello(self.transport, cur.node_id, tokens=[self._token], new_token=None,
-                  acked_lsn=max(self._acked, cur.base_lsn), base_lsn=cur.base_lsn)
+        h = self.transport.hello(cur.node_id, tokens=[self._token], new_token=None,
+                                 acked_lsn=max(self._acked, cur.base_lsn),
+                                 base_lsn=cur.base_lsn)
         return h.reason is None and h.server_id == self._server_id
 
     def _set_acked(self, lsn: int) -> None:
         if lsn > self._acked or self.store.retain_floor != self._acked + 1:
             self._acked = max(lsn, self._acked)
-            self.store.set_sync_state(_ACKED, self._acked.to_bytes(8, "little"))
+            self.store.sync_ledger.set_acked_lsn(self._acked)
             self.store.set_retain_floor(self._acked + 1)
         while self._unacked and self._unacked[0][0] <= self._acked:
             self._unacked.popleft()
@@ -786,7 +804,7 @@ class Replicator:
                 # Only this node's own entries were passed over: re-reading them
                 # after a crash returns nothing, so the cursor need not be durable.
                 self._skipped_cursor = page.next
-                store.set_sync_state(_CURSOR, page.next.to_bytes(8, "little"))
+                store.sync_ledger.set_skipped_pull_cursor(page.next)
                 if page.next >= page.head:
                     break
                 continue
@@ -806,7 +824,7 @@ class Replicator:
                 self._server_checked = False
                 self._ensure_connected()
                 continue
-            store.apply_remote(items, meta={_CURSOR: page.next})
+            store.apply_remote(items, pull_cursor=page.next)
             total += len(items)
             self._status.pulled_entries += len(items)
             self._status.conflicts += sum(
@@ -820,10 +838,10 @@ class Replicator:
 
     def _pull_cursor(self) -> int:
         """The merged cursor (moved with merged data), or further if only own entries followed."""
-        durable = int(self.store.record_meta(_CURSOR) or 0)
+        ledger = self.store.sync_ledger
+        durable = ledger.pull_cursor
         if self._skipped_cursor is None:
-            raw = self.store.sync_state(_CURSOR)
-            self._skipped_cursor = int.from_bytes(raw, "little") if raw else 0
+            self._skipped_cursor = ledger.skipped_pull_cursor or 0
         return max(durable, self._skipped_cursor)
 
     # -- for callers -----------------------------------------------------------
@@ -921,18 +939,10 @@ def _translate(chain: tuple[NodeIdentity, ...], lsn: int, wire: list[dict[str, A
         e["vv"] = dict(translate_vv(chain, lsn, e["vv"])[1])
 
 
-def _run_of(key: str) -> str | None:
-    """The run a key belongs to: the Python twin of the SQL ``walsync.run_of``."""
-    for prefix in ("runs/", "index/runs/"):
-        if key.startswith(prefix):
-            return key[len(prefix):].split("/", 1)[0]
-    return None
-
-
 def _refused_writes(entries: list[dict[str, Any]], run_id: str) -> tuple[int, int]:
     """(token, newest LSN) of a pushed batch's writes to ``run_id``, a run another node
     leases: the server refused every one of them."""
-    refused = [e for e in entries if _run_of(e["key"]) == run_id]
+    refused = [e for e in entries if run_keys.run_of(e["key"]) == run_id]
     if not refused:
         return 0, 0
     return max(int(e["fence"]) for e in refused), max(int(e["lsn"]) for e in refused)

@@ -1,8 +1,8 @@
-"""The `walsync` command line (sync/cli.py): every command, its JSON, its exit codes.
+"""The `walsync` command line (sync/cli/): every command, its JSON, its exit codes.
 
 Most tests drive the click group in-process with CliRunner; a few run the
 installed console script or hold the store's lock from another process.
-Exit codes are the table in sync/cli.py's docstring: 0 ok, 1 error, 2 usage,
+Exit codes are the table in sync/cli/exits.py: 0 ok, 1 error, 2 usage,
 3 damage, 4 locked, 5 not found. Errors print ``error:`` and ``hint:`` lines
 on stderr.
 """
@@ -24,6 +24,7 @@ from click.testing import CliRunner, Result
 from walsync.engine import Store
 from walsync.engine.record import FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES
 from walsync.sync.cli import main
+from walsync.sync.cli.exits import MEANING, Exit, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 WALSYNC = Path(sys.executable).with_name("walsync")
@@ -487,6 +488,48 @@ def test_readme_mentions_every_command() -> None:
         if not re.search(rf"\bwalsync\s+{re.escape(name)}\b", text)
     ]
     assert not missing, f"README.md does not mention: {', '.join('walsync ' + n for n in missing)}"
+
+
+def test_readme_exit_codes_are_the_cli_table() -> None:
+    """README's exit-code table is the one the commands follow, code for code."""
+    assert markdown_table() in (ROOT / "README.md").read_text()
+    assert [int(code) for code in Exit] == [EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DAMAGE,
+                                            EXIT_LOCKED, EXIT_NOT_FOUND]
+    assert set(MEANING) == set(Exit)
+
+
+#: what a command module must not do itself: a library function does it (a typed
+#: answer from the transport, the replicator's public methods, sync/status.py)
+_LIBRARY_WORK = {
+    r"\.call\(": "a raw server call",
+    r"\b_with_retries\b|\brep\._": "a private method of the replicator",
+    r"\bsync_state\(|\brecord_meta\(": "reading the sync state's bytes",
+    r">>\s*16\b": "decoding a hybrid-clock value",
+    r"\bjson\.(loads|dumps)\(": "JSON not through the one formatter (values.py)",
+}
+
+
+def test_commands_leave_the_work_to_the_library() -> None:
+    cli_dir = ROOT / "sync" / "cli"
+    found = []
+    for path in sorted(cli_dir.glob("*.py")):
+        if path.name == "values.py":  # the strict JSON in and out itself
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for pattern, what in _LIBRARY_WORK.items():
+                if re.search(pattern, line):
+                    found.append(f"{path.name}:{n}: {what}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+def test_every_command_module_is_registered() -> None:
+    """Each topic's COMMANDS are the group's commands, and no command is left out."""
+    from walsync.sync.cli import demo, runs_cmds, store_cmds, sync_cmds, ui_cmd
+
+    registered = [c for m in (store_cmds, runs_cmds, sync_cmds, ui_cmd, demo)
+                  for c in m.COMMANDS]
+    assert sorted(c.name or "" for c in registered) == sorted(main.commands)
+    assert all(main.commands[c.name or ""] is c for c in registered)
 
 
 # -- the installed console script -------------------------------------------------------

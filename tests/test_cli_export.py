@@ -1,6 +1,6 @@
-"""`walsync export` and `walsync import` (sync/cli.py): JSON, progress, exit codes.
+"""`walsync export` and `walsync import` (sync/cli/store_cmds.py): JSON, progress, exit codes.
 
-Exit codes as in sync/cli.py's table: 0 ok, 1 error, 2 usage, 3 damaged file,
+Exit codes as in sync/cli/exits.py's table: 0 ok, 1 error, 2 usage, 3 damaged file,
 5 not found (the run, the export file, the store). Errors print ``error:`` and
 ``hint:`` lines on stderr.
 """

@@ -1,4 +1,4 @@
-"""The README's main job: a small invoicing pipeline that survives being killed.
+"""`walsync demo`, the README's main job: a small invoicing pipeline that survives being killed.
 
 fetch orders (paged, with a resume cursor) → compute invoices → summarise
 with a paid model API (tokens and dollars) → charge cards (not idempotent) →
@@ -9,11 +9,15 @@ skipped, what ran again and what the resume saved.
 
 Side effects (charges, emails) are appended to ``side-effects.log`` in the
 store's directory and fsynced, so a repeated charge would be visible there.
+
+It is an application of the workflow layer, as a user would write one, so it
+lives with the command that runs it rather than in the engine.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -21,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .runs import StepStatus
-from .store import Store
-from .workflow import Run, Workflows, current_step
+import click
 
-__all__ = ["DEMO_STEPS", "run_demo"]
+from walsync.engine import Store
+from walsync.engine.workflow import Run, StepStatus, Workflows, current_step
+
+__all__ = ["COMMANDS", "DEMO_STEPS", "run_demo"]
 
 WORKFLOW = "invoices"
 DEMO_STEPS = ("fetch_orders", "compute_invoices", "summarise", "charge_cards", "email_receipts")
@@ -242,3 +247,24 @@ def run_demo(
             f"customers in {demo.ledger} (each customer charged once)")
         return run
 
+
+
+@click.command("demo")
+@click.option("--store", "-s", "store_path", envvar="WALSYNC_DEMO_STORE", default=".walsync-demo",
+              show_default=True, type=click.Path(file_okay=False), help="Demo store directory.")
+@click.option("--crash-after", type=click.IntRange(0, len(DEMO_STEPS) - 1),
+              help="SIGKILL this process part-way through step N+1 (0-based N).")
+@click.option("--delay", type=click.FloatRange(min=0), default=0.15, show_default=True,
+              help="Seconds each unit of pretend work takes.")
+@click.option("--fresh", is_flag=True, help="Delete the demo store first.")
+def demo_command(store_path: str, crash_after: int | None, delay: float, fresh: bool) -> None:
+    """Run an invoicing pipeline that survives SIGKILL; run again to resume it.
+
+    Try: walsync demo --crash-after 3; walsync demo
+    """
+    if fresh and os.path.isdir(store_path):
+        shutil.rmtree(store_path)
+    run_demo(store_path, crash_after=crash_after, delay_seconds=delay, out=click.echo)
+
+
+COMMANDS = [demo_command]
