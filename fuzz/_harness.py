@@ -27,7 +27,7 @@ def engine_imports(fuzzing: bool) -> Iterator[None]:
     import atheris
 
     already = "engine" in sys.modules
-    with atheris.instrument_imports(include=["engine"]):
+    with atheris.instrument_imports(include=["walsync.engine"]):
         yield
     if already:  # imported before the hook saw it (a sitecustomize, a plugin, ...)
         atheris.instrument_all()
