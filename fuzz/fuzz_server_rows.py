@@ -12,8 +12,9 @@ An input is one selector byte and a body. The body is decoded
   ``jsonb`` result, and as CBOR, when it parses, for object trees JSON cannot make
   (bytes where text belongs, big integers, tags); each document goes through every
   decoder of ``sync.remote``: ``push_ack``, ``pull_page`` (each entry to a Sibling),
-  ``node_status``, ``head_of``, ``state_page``; the Siblings of a clean page have their
-  values decoded as a reader would (``decode_value``);
+  ``node_status``, ``head_of``, ``state_page``, ``hello_of``, ``node_entries_of``,
+  ``conflicts_of``, ``state_count_of`` and the lease answers; the Siblings of a clean
+  page have their values decoded as a reader would (``decode_value``);
 * as an HTTP answer to the supabase transport (an httpx mock in place of the network),
   with the status and the call (head, pull, node_status, push) picked by the selector,
   so postgrest-py's own decoding of the body is covered too.
@@ -58,7 +59,21 @@ with _imports(__name__ == "__main__"):
     from walsync.engine.errors import WalsyncError
     from walsync.engine.record import decode_value
     from walsync.engine.versions import Sibling
-    from walsync.sync.remote import head_of, node_status, pull_page, push_ack, state_page
+    from walsync.sync.remote import (
+        conflicts_of,
+        head_of,
+        hello_of,
+        lease_grant,
+        lease_list,
+        lease_released,
+        lease_renewal,
+        node_entries_of,
+        node_status,
+        pull_page,
+        push_ack,
+        state_count_of,
+        state_page,
+    )
     from walsync.sync.supabase import SupabaseTransport
 
 _transport: SupabaseTransport | None = None
@@ -107,7 +122,7 @@ def documents(doc: Any) -> None:
         ack = push_ack(doc)
         for n in (ack.acked_lsn, ack.inserted, ack.merged, ack.head):
             _bigint(n)
-        assert all(type(f["run_id"]) is str for f in ack.fenced)
+        assert all(type(f.run_id) is str for f in ack.fenced)
     with contextlib.suppress(WalsyncError):
         page = pull_page(doc)
         _bigint(page.next)
@@ -124,8 +139,47 @@ def documents(doc: Any) -> None:
         _bigint(head_of(doc))
     with contextlib.suppress(WalsyncError):
         checked = state_page(doc)
-        assert type(checked["done"]) is bool
-        assert all(type(r["key"]) is str for r in checked["rows"])
+        assert type(checked.done) is bool
+        for row in checked.rows:
+            check_sibling(row.key, row.sibling)
+            assert row.value_hash is None or type(row.value_hash) is str
+    with contextlib.suppress(WalsyncError):
+        hello = hello_of(doc)
+        assert hello.reason in (None, "taken", "ahead")
+        assert type(hello.claimed) is bool
+        for n in (hello.acked_lsn, hello.acked_hlc, hello.head):
+            _bigint(n)
+    with contextlib.suppress(WalsyncError):
+        for row in node_entries_of(doc):
+            _bigint(row.lsn)
+            assert type(row.key) is str
+            assert row.md5 is None or type(row.md5) is str
+            assert row.hlc is None or (type(row.hlc) is int and 0 <= row.hlc < 2**63)
+    with contextlib.suppress(WalsyncError):
+        for c in conflicts_of(doc):
+            assert type(c.key) is str
+            _bigint(c.versions)
+    with contextlib.suppress(WalsyncError):
+        count = state_count_of(doc)
+        _bigint(count.keys)
+        _bigint(count.bytes)
+    with contextlib.suppress(WalsyncError):
+        grant = lease_grant(doc)
+        assert type(grant.acquired) is bool
+        assert type(grant.expires_at) is str
+        _bigint(grant.token)
+    with contextlib.suppress(WalsyncError):
+        renewal = lease_renewal(doc)
+        assert type(renewal.renewed) is bool
+        assert renewal.token is None or (type(renewal.token) is int and renewal.token >= 0)
+        assert not renewal.renewed or type(renewal.expires_at) is str
+    with contextlib.suppress(WalsyncError):
+        assert type(lease_released(doc)) is bool
+    with contextlib.suppress(WalsyncError):
+        for lease in lease_list(doc):
+            assert type(lease.live) is bool
+            assert type(lease.holder) is str
+            _bigint(lease.token)
 
 
 def over_http(selector: int, body: bytes) -> None:
@@ -195,6 +249,18 @@ def seeds() -> dict[str, bytes]:
                                               "pull_cursor": 2, "last_push_at": None}),
         "head": answer("head", {"head": 7, "schema_version": 1}),
         "state_page": answer("head", state),
+        "hello": answer("head", {"server_id": "5f0c4a5e-8d0e-4c55-9d43-1f3a7c2b9e10",
+                                 "node_id": "A", "reason": "ahead", "claimed": False,
+                                 "acked_lsn": 4, "acked_hlc": 9, "head": 7}),
+        "node_entries": answer("head", {"rows": [
+            {"lsn": 1, "key": "k", "md5": "9e107d9d372bb6826bd81d3542a419d6", "hlc": 9},
+            {"lsn": 2, "key": "runs/r1", "md5": None, "hlc": None}]}),
+        "leases": answer("head", [{"run_id": "r1", "holder": "A", "token": 2,
+                                   "expires_at": "2026-12-07T21:23:00.5+00:00",
+                                   "live": True}]),
+        "lease_acquire": answer("head", {"acquired": False, "run_id": "r1", "holder": "B",
+                                         "token": 3, "now": "2026-12-07T21:23:00+00:00",
+                                         "expires_at": "2026-12-07T21:24:00+00:00"}),
         "error_503": answer("head", {"code": "PGRST001", "message": "no connection",
                                      "details": None, "hint": None}, STATUSES.index(503)),
         "pull_cbor": bytes([CALLS.index("pull") * n]) + cbor2.dumps(page),

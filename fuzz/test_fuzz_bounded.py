@@ -145,7 +145,7 @@ def test_atheris_bounded_run(target: str, tmp_path: Path) -> None:
         f"fuzz_{target} found a contract violation (exit {proc.returncode}); "
         f"artifacts {crashes} in {tmp_path}\n{log[-6000:]}"
     )
-    assert "INFO: Instrumenting engine.record" in log, "engine was not instrumented"
+    assert "INFO: Instrumenting walsync.engine.record" in log, "engine was not instrumented"
     assert "Done " in log, log[-2000:]
 
 
@@ -299,7 +299,9 @@ def test_server_rows_seed_corpus_is_current_and_meets_the_contract() -> None:
 
 
 @pytest.mark.parametrize("attr", ["pull_page", "push_ack", "node_status", "head_of",
-                                  "state_page", "supabase"])
+                                  "state_page", "hello_of", "node_entries_of", "conflicts_of",
+                                  "state_count_of", "lease_grant", "lease_renewal",
+                                  "lease_released", "lease_list", "supabase"])
 def test_server_rows_foreign_exceptions_escape_the_target(
     monkeypatch: pytest.MonkeyPatch, attr: str
 ) -> None:
@@ -328,7 +330,7 @@ def test_server_rows_atheris_bounded_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, (
         f"fuzz_server_rows found a contract violation (exit {proc.returncode}); "
         f"artifacts {crashes} in {tmp_path}\n{log[-6000:]}")
-    assert "INFO: Instrumenting sync.remote" in log, "sync was not instrumented"
+    assert "INFO: Instrumenting walsync.sync.remote" in log, "sync was not instrumented"
     assert "Done " in log, log[-2000:]
 
 

@@ -32,35 +32,25 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from walsync.engine import Store
-from walsync.engine.errors import (
-    CorruptionError,
-    LSNGapError,
-    RemoteUnavailableError,
-    SyncProtocolError,
-)
+from walsync.engine.errors import CorruptionError, LSNGapError, RemoteUnavailableError
 from walsync.engine.feed import WALReader
 from walsync.engine.identity import NodeIdentity, end_of
+from walsync.engine.replication import ReplicationSource
 
 from .merge import record_to_wire
-from .remote import Transport
+from .transport import Hello, Transport
 
-__all__ = ["SERVER_ID", "Connection", "Hello", "ServerPosition", "connect", "hello", "position",
+__all__ = ["Connection", "Hello", "ServerPosition", "connect", "position",
            "server_entries", "verified_through"]
 
 log = logging.getLogger("walsync.replicator")
 
-#: sync_state name of the server the acknowledged LSN was confirmed by
-SERVER_ID = "server_id"
-#: sync_state name of the acknowledged LSN of each server synced with before (JSON)
-_POSITIONS = "server_positions"
 #: LSNs per node_entries call
 _ENTRIES_PAGE = 1000
 #: fencing tokens are bigints on the server (an entry outside is never shipped)
@@ -68,46 +58,6 @@ _FENCE_LIMIT = 1 << 63
 #: claims a connect may go through before it gives up for now (each one answers a
 #: server that changed under it: a claim, an adoption, a renewal)
 _MAX_ROUNDS = 8
-
-
-@dataclass(frozen=True)
-class Hello:
-    """The server's answer to a claim (or to the question whether one still holds)."""
-
-    server_id: str
-    node_id: str
-    #: None: claimed (or still held); "taken": another incarnation holds the id;
-    #: "ahead": the server holds entries of the id past the caller's acknowledgement
-    reason: str | None
-    claimed: bool
-    #: what the server holds of the id: every LSN up to it
-    acked_lsn: int
-    acked_hlc: int
-    head: int
-
-
-def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
-    value = doc.get(name)
-    if type(value) is not kind or (type(value) is int and not 0 <= value < 2**63):
-        raise SyncProtocolError(f"hello: {name!r} is {value!r:.40}, not a {kind.__name__}")
-    return value
-
-
-def hello(transport: Transport, node_id: str, *, tokens: Sequence[str], new_token: str | None,
-          acked_lsn: int, base_lsn: int) -> Hello:
-    """Claim ``node_id`` with ``new_token`` (None: only ask whether a token of
-    ``tokens`` still holds it and nothing is past ``acked_lsn``)."""
-    doc = transport.call("hello", {"p_node": node_id, "p_tokens": list(tokens),
-                                   "p_new_token": new_token, "p_acked_lsn": acked_lsn,
-                                   "p_base_lsn": base_lsn})
-    if type(doc) is not dict:
-        raise SyncProtocolError(f"hello: the server answered {type(doc).__name__}, not an object")
-    reason = doc.get("reason")
-    if reason not in (None, "taken", "ahead"):
-        raise SyncProtocolError(f"hello: 'reason' is {reason!r:.40}")
-    return Hello(_field(doc, "server_id", str), _field(doc, "node_id", str), reason,
-                 _field(doc, "claimed", bool), _field(doc, "acked_lsn", int),
-                 _field(doc, "acked_hlc", int), _field(doc, "head", int))
 
 
 #: an entry as both sides can compare it: key, md5 of the stored bytes (None: a
@@ -122,19 +72,8 @@ def server_entries(transport: Transport, node_id: str, after: int,
     lo = after
     while lo < upto:
         hi = min(upto, lo + _ENTRIES_PAGE)
-        doc = transport.call("node_entries", {"p_node": node_id, "p_after": lo, "p_upto": hi})
-        rows = doc.get("rows") if type(doc) is dict else None
-        if type(rows) is not list:
-            raise SyncProtocolError("node_entries: the answer holds no 'rows' list")
-        for row in rows:
-            if type(row) is not dict:
-                raise SyncProtocolError("node_entries: a row is not an object")
-            lsn, key, md5, hlc = row.get("lsn"), row.get("key"), row.get("md5"), row.get("hlc")
-            if (type(lsn) is not int or type(key) is not str
-                    or not (md5 is None or type(md5) is str)
-                    or not (hlc is None or type(hlc) is int)):
-                raise SyncProtocolError(f"node_entries: malformed row {row!r:.120}")
-            out.setdefault(lsn, []).append((key, md5, hlc))
+        for row in transport.node_entries(node_id, lo, hi):
+            out.setdefault(row.lsn, []).append((row.key, row.md5, row.hlc))
         lo = hi
     return out
 
@@ -217,8 +156,8 @@ def position(transport: Transport, chain: Sequence[NodeIdentity]) -> ServerPosit
     nodes: dict[str, int] = {}
     for ident in chain:
         base = ident.base_lsn if pos >= ident.base_lsn else 0
-        h = hello(transport, ident.node_id, tokens=[], new_token=None, acked_lsn=2**62,
-                  base_lsn=base)
+        h = transport.hello(ident.node_id, tokens=[], new_token=None, acked_lsn=2**62,
+                            base_lsn=base)
         server_id, head = h.server_id, h.head
         nodes[ident.node_id] = h.acked_lsn
         if pos < ident.base_lsn:
@@ -250,7 +189,7 @@ class Connection:
     renewed: NodeIdentity | None = None
 
 
-def connect(store: Store, transport: Transport, reader: WALReader, acked: int,
+def connect(store: ReplicationSource, transport: Transport, reader: WALReader, acked: int,
             rewind: Callable[[int, str], None], advance: Callable[[int], None]) -> Connection:
     """Claim the store's node id on the server and find where shipping goes on.
 
@@ -280,22 +219,22 @@ def connect(store: Store, transport: Transport, reader: WALReader, acked: int,
     for _ in range(_MAX_ROUNDS):
         chain = store.identities
         cur = chain[-1]
-        local_server = _text_state(store, SERVER_ID)
+        local_server = store.sync_ledger.server_id
         token = secrets.token_hex(16)
         store.add_incarnation_token(token)  # before the server knows it
         mine = max(acked, cur.base_lsn, known[1] if known[0] == cur.node_id else 0)
-        h = hello(transport, cur.node_id, tokens=store.incarnation_tokens(), new_token=token,
-                  acked_lsn=mine, base_lsn=cur.base_lsn)
+        h = transport.hello(cur.node_id, tokens=store.incarnation_tokens(), new_token=token,
+                            acked_lsn=mine, base_lsn=cur.base_lsn)
         if local_server != h.server_id:
             # (a store that synced before servers had ids takes this one as its own:
             # what it holds of the store is checked below like any server's)
             if local_server is not None:
                 # another server: it holds what it acknowledged when the store last
                 # synced with it (checked below like any server's position), else nothing
-                positions = _positions(store)
+                positions = store.sync_ledger.server_positions
                 positions[local_server] = acked
                 back = positions.pop(h.server_id, 0)
-                store.set_sync_state(_POSITIONS, json.dumps(positions).encode())
+                store.sync_ledger.set_server_positions(positions)
                 if back < acked or known[1]:
                     rewind(back, f"the server is another one (id {h.server_id}, this "
                                  f"store's acknowledgement came from {local_server})")
@@ -303,7 +242,7 @@ def connect(store: Store, transport: Transport, reader: WALReader, acked: int,
                     advance(back)
                 acked, known = back, ("", 0)
                 changed = True
-            store.set_sync_state(SERVER_ID, h.server_id.encode())
+            store.sync_ledger.set_server_id(h.server_id)
             if mine != max(acked, cur.base_lsn):
                 continue  # claim again with what this store holds on this server
         if len(chain) > 1:
@@ -364,24 +303,7 @@ def _check_from(reader: WALReader, ident: NodeIdentity, acked: int) -> int:
     return max(ident.base_lsn, min(acked, oldest - 1))
 
 
-def _positions(store: Store) -> dict[str, int]:
-    """The acknowledged LSN of each server the store synced with before its current one
-    (going back to one ships only what it lacks)."""
-    raw = store.sync_state(_POSITIONS)
-    try:
-        doc = json.loads(raw) if raw else {}
-    except ValueError:
-        return {}
-    return {k: v for k, v in doc.items() if type(k) is str and type(v) is int} \
-        if type(doc) is dict else {}
-
-
-def _text_state(store: Store, name: str) -> str | None:
-    raw = store.sync_state(name)
-    return raw.decode() if raw else None
-
-
-def count_unreplicated(store: Store, after: int, applied: int) -> int:
+def count_unreplicated(store: ReplicationSource, after: int, applied: int) -> int:
     """Local records (not merges) in (after, applied]: what a server holding the
     store up to ``after`` lacks. Records the WAL no longer holds count as local."""
     if applied <= after:
@@ -405,16 +327,16 @@ def count_unreplicated(store: Store, after: int, applied: int) -> int:
     return count + (applied - lsn)
 
 
-def confirmed_position(store: Store, transport: Transport,
+def confirmed_position(store: ReplicationSource, transport: Transport,
                        held: ServerPosition) -> int:
     """The LSN up to which the server holds this store's writes as the store wrote them
     (for `walsync status`, asking nothing but reads): its position for the store's node
     ids, trusted as far as this server acknowledged them to this store, and checked
     against the WAL beyond (a copy of the store may have shipped under the same id)."""
-    raw_server = store.sync_state(SERVER_ID)
-    raw_acked = store.sync_state("acked_lsn")
-    acked = int.from_bytes(raw_acked, "little") if raw_acked else 0
-    same = raw_server is None or raw_server.decode() == held.server_id
+    ledger = store.sync_ledger
+    acked = ledger.acked_lsn
+    local_server = ledger.server_id
+    same = local_server is None or local_server == held.server_id
     cur = store.identities[-1]
     trusted = min(held.acked_lsn, acked) if same else min(held.acked_lsn, cur.base_lsn)
     if held.acked_lsn <= max(trusted, cur.base_lsn):

@@ -37,7 +37,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from walsync.engine import Store
 from walsync.engine.errors import (
@@ -48,7 +47,7 @@ from walsync.engine.errors import (
 )
 from walsync.engine.workflow import drop_lease, hold_lease
 
-from .remote import Transport
+from .transport import LeaseInfo, Transport
 
 __all__ = ["Lease", "Leases"]
 
@@ -92,56 +91,50 @@ class Leases:
         if self.store is not None and not self.store.closed:
             drop_lease(self.store, lease.run_id, upto_token=lease.token)
 
-    def _call(self, function: str, args: dict[str, Any]) -> Any:
-        with self._lock:
-            return self.transport.call(function, args)
-
     def acquire(self, run_id: str, *, wait_seconds: float = 0.0,
                 poll_seconds: float = 0.5) -> Lease:
         """Take the lease (or renew our own); wait up to ``wait_seconds`` for a holder's expiry."""
         deadline = time.monotonic() + wait_seconds
         while True:
-            doc = self._call("lease_acquire", {"p_run_id": run_id, "p_holder": self.holder,
-                                               "p_ttl_seconds": self.ttl_seconds})
-            if doc["acquired"]:
-                lease = Lease(run_id, str(doc["holder"]), int(doc["token"]),
-                              str(doc["expires_at"]), self.ttl_seconds)
+            with self._lock:
+                got = self.transport.lease_acquire(run_id, self.holder, self.ttl_seconds)
+            if got.acquired:
+                lease = Lease(run_id, got.holder, got.token, got.expires_at, self.ttl_seconds)
                 if self.store is not None:
                     hold_lease(self.store, run_id, lease.token)
                 return lease
             if time.monotonic() >= deadline:
                 raise LeaseHeldError(
-                    f"run {run_id!r} is leased by {doc['holder']} until {doc['expires_at']} "
-                    f"(server time; now {doc['now']})"
+                    f"run {run_id!r} is leased by {got.holder} until {got.expires_at} "
+                    f"(server time; now {got.now})"
                 )
             time.sleep(min(poll_seconds, max(0.01, deadline - time.monotonic())))
 
     def renew(self, lease: Lease) -> Lease:
-        doc = self._call("lease_renew", {"p_run_id": lease.run_id, "p_holder": lease.holder,
-                                         "p_token": lease.token,
-                                         "p_ttl_seconds": lease.ttl_seconds})
-        if not doc["renewed"]:
+        with self._lock:
+            got = self.transport.lease_renew(lease.run_id, lease.holder, lease.token,
+                                             lease.ttl_seconds)
+        if not got.renewed or got.expires_at is None:
             self._forget(lease)
             raise LeaseLostError(
                 f"lease on run {lease.run_id!r} (token {lease.token}) was lost: now held by "
-                f"{doc.get('holder')} with token {doc.get('token')}",
-                run_id=lease.run_id, current_token=int(doc.get("token") or 0),
-                holder=None if doc.get("holder") is None else str(doc["holder"]),
+                f"{got.holder} with token {got.token}",
+                run_id=lease.run_id, current_token=got.token or 0, holder=got.holder,
             )
-        return Lease(lease.run_id, lease.holder, lease.token, str(doc["expires_at"]),
+        return Lease(lease.run_id, lease.holder, lease.token, got.expires_at,
                      lease.ttl_seconds)
 
     def release(self, lease: Lease) -> bool:
         """End the lease now; with the store, its writes to the run are refused locally."""
         self.stop_keep_alive(lease.run_id)
         self._forget(lease)
-        doc = self._call("lease_release", {"p_run_id": lease.run_id, "p_holder": lease.holder,
-                                           "p_token": lease.token})
-        return bool(doc["released"])
+        with self._lock:
+            return self.transport.lease_release(lease.run_id, lease.holder, lease.token)
 
-    def held(self) -> list[dict[str, Any]]:
+    def held(self) -> list[LeaseInfo]:
         """Leases this holder has on the server (live or expired)."""
-        return list(self._call("leases", {"p_holder": self.holder}))
+        with self._lock:
+            return self.transport.leases(self.holder)
 
     def keep_alive(self, lease: Lease, on_lost: Callable[[LeaseLostError], None]) -> None:
         """Renew every third of the TTL until released; ``on_lost`` is called once if lost.

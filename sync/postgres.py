@@ -29,15 +29,8 @@ from walsync.engine.errors import (
     SyncProtocolError,
 )
 
-from .remote import (
-    PUSH_ARRAYS,
-    PushAck,
-    RpcTransport,
-    WireBatch,
-    error_for_sqlstate,
-    push_ack,
-    push_arrays,
-)
+from .remote import PUSH_ARRAYS, RpcTransport, error_for_sqlstate, push_ack, push_arrays
+from .transport import PushAck, WireBatch, WireEntry
 
 __all__ = ["PostgresTransport", "classify", "redact_dsn"]
 
@@ -303,7 +296,7 @@ class PostgresTransport(RpcTransport):
         the ``push`` that follows."""
         entries.keep(self.name, _push_params(entries))
 
-    def push(self, node_id: str, through_lsn: int, entries: list[dict[str, Any]]) -> PushAck:
+    def push(self, node_id: str, through_lsn: int, entries: list[WireEntry]) -> PushAck:
         """One call with the batch as parallel arrays in PostgreSQL's binary format: no
         JSON document to build or parse, bytes as bytea (version vectors and JSON views
         go as text, cast to jsonb by the server)."""

@@ -1,13 +1,12 @@
-"""The transport protocol: what the replicator needs from a server.
+"""What the ``postgres`` and ``supabase`` transports share: the SQL functions of schema
+``walsync_api`` called by name (``RpcTransport``), their answers checked into the typed
+answers of transport.py, push's array arguments, and the classification of errors.
 
-Two implementations pass one contract suite: ``postgres`` (psycopg, direct)
-and ``supabase`` (supabase-py, RPC over PostgREST). Both call the same SQL
-functions of schema ``walsync_api``; all merge logic runs there.
-
-Errors a transport raises are the sync branch of the error tree:
-RemoteUnavailableError is transient (the replicator retries it);
-RemoteAuthError, RemoteSchemaError and RemoteRejectedError are permanent
-(the replicator stops and reports them).
+Both transports call the same functions and all merge logic runs there; they
+differ only in how a call travels (psycopg straight to the database, or RPC over
+PostgREST). ``RpcTransport.call`` is the raw call: the typed methods are built on
+it, and nothing outside the transport modules uses it (tests of SQL functions
+outside the protocol aside).
 """
 
 from __future__ import annotations
@@ -15,11 +14,9 @@ from __future__ import annotations
 import base64
 import json
 import json.encoder
-import operator
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import orjson
 
@@ -34,9 +31,32 @@ from walsync.engine.errors import (
 from walsync.engine.record import CODEC_NONE, CODEC_ZSTD
 from walsync.engine.versions import Sibling, Version
 
-__all__ = ["PUSH_ARRAYS", "Claim", "NodeStatus", "PullPage", "PushAck", "Transport", "WireBatch",
-           "error_for_sqlstate", "head_of", "json_text", "node_status", "pull_page", "push_ack",
-           "push_arrays", "state_page", "wire_sibling"]
+# the door's names, importable from here as before
+from .transport import (
+    Claim,
+    Conflict,
+    FencedRun,
+    Hello,
+    LeaseGrant,
+    LeaseInfo,
+    LeaseRenewal,
+    NodeEntry,
+    NodeStatus,
+    PullPage,
+    PushAck,
+    StateCount,
+    StatePage,
+    StateRow,
+    Transport,
+    WireBatch,
+    WireEntry,
+)
+
+__all__ = ["PUSH_ARRAYS", "Claim", "NodeStatus", "PullPage", "PushAck", "RpcTransport",
+           "Transport", "WireBatch", "conflicts_of", "error_for_sqlstate", "head_of",
+           "hello_of", "json_text", "lease_grant", "lease_list", "lease_released",
+           "lease_renewal", "node_entries_of", "node_status", "pull_page", "push_ack",
+           "push_arrays", "state_count_of", "state_page", "wire_sibling"]
 
 #: SQLSTATEs worth retrying: connection trouble, shutdown, overload,
 #: serialization failures and deadlocks, statement timeouts, lock timeouts, a
@@ -57,83 +77,26 @@ def error_for_sqlstate(state: str, message: str) -> SyncError:
     return RemoteRejectedError(message)
 
 
-@dataclass(frozen=True)
-class PushAck:
-    acked_lsn: int
-    inserted: int
-    merged: int
-    head: int
-    #: runs whose entries the server refused for an older fencing token:
-    #: ``[{"run_id": ..., "current": token}]``
-    fenced: list[dict[str, Any]] = field(default_factory=list)
-    #: the server's identity (walsync.server), in the answer to a claimed push
-    server_id: str | None = None
-    #: why a claimed push was refused, nothing of it stored: "taken" (another
-    #: incarnation holds the node id) or "behind" (the server lacks entries before
-    #: the batch; ``acked_lsn`` is what it holds)
-    refused: str | None = None
-
-
-@dataclass(frozen=True)
-class Claim:
-    """What a batch is pushed under (``walsync_api.push_claimed``): the incarnation
-    token the node id was claimed with (None: an id the store retired, whose LSNs the
-    server held before), the LSN below the id's first (``base_lsn``) and the
-    acknowledged LSN the batch follows. A batch without one goes to the plain push."""
-
-    incarnation: str | None
-    base_lsn: int
-    after_lsn: int
-
-
-@dataclass(frozen=True)
-class PullPage:
-    entries: list[dict[str, Any]]
-    #: the position to pass to the next pull
-    next: int
-    head: int
-    #: the entries decoded, ``(key, Sibling)`` each (decoded here when not given)
-    siblings: list[tuple[str, Sibling]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.entries and not self.siblings:
-            object.__setattr__(self, "siblings", [wire_sibling(e) for e in self.entries])
-
-
-@dataclass(frozen=True)
-class NodeStatus:
-    node_id: str
-    acked_lsn: int
-    acked_hlc: int
-    pull_cursor: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Transport(Protocol):
-    name: str
-
-    def push(self, node_id: str, through_lsn: int, entries: list[dict[str, Any]]) -> PushAck:
-        """Ship entries; the server acknowledges every LSN up to ``through_lsn``."""
-
-    def pull(self, node_id: str, after: int, limit: int) -> PullPage:
-        """Other origins' entries after position ``after`` (whole records)."""
-
-    def node_status(self, node_id: str) -> NodeStatus: ...
-
-    def head(self) -> int: ...
-
-    def call(self, function: str, args: dict[str, Any]) -> Any:
-        """Call any ``walsync_api`` function by name (leases, restore, conflicts)."""
-
-    def close(self) -> None: ...
-
-
 class RpcTransport(ABC):
-    """What both transports do the same way, in terms of their ``call``."""
+    """A transport whose calls are ``walsync_api`` functions called by name: every
+    typed call of the door in terms of ``call``, each answer checked here."""
+
+    name: str
 
     @abstractmethod
     def call(self, function: str, args: dict[str, Any]) -> Any:
         """Call ``walsync_api.<function>`` with named arguments; its JSON result."""
+
+    @abstractmethod
+    def push(self, node_id: str, through_lsn: int, entries: list[WireEntry]) -> PushAck:
+        """Ship entries (under ``entries.claim`` when a WireBatch carries one)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def prepare_push(self, entries: WireBatch) -> None:
+        """Nothing to encode ahead of ``push`` (a transport that has, overrides it)."""
+        return None
 
     def pull(self, node_id: str, after: int, limit: int) -> PullPage:
         return pull_page(self.call("pull", {"p_node": node_id, "p_after": after,
@@ -144,6 +107,46 @@ class RpcTransport(ABC):
 
     def head(self) -> int:
         return head_of(self.call("head", {}))
+
+    def hello(self, node_id: str, *, tokens: Sequence[str], new_token: str | None,
+              acked_lsn: int, base_lsn: int) -> Hello:
+        return hello_of(self.call("hello", {"p_node": node_id, "p_tokens": list(tokens),
+                                            "p_new_token": new_token,
+                                            "p_acked_lsn": acked_lsn,
+                                            "p_base_lsn": base_lsn}))
+
+    def node_entries(self, node_id: str, after: int, upto: int) -> list[NodeEntry]:
+        return node_entries_of(self.call("node_entries", {"p_node": node_id, "p_after": after,
+                                                          "p_upto": upto}))
+
+    def state_page(self, prefix: str, after_key: str | None, limit: int) -> StatePage:
+        return state_page(self.call("state_page", {"p_prefix": prefix,
+                                                   "p_after_key": after_key,
+                                                   "p_limit": limit}))
+
+    def state_count(self, prefix: str) -> StateCount:
+        return state_count_of(self.call("state_count", {"p_prefix": prefix}))
+
+    def conflicts(self, prefix: str, limit: int) -> list[Conflict]:
+        return conflicts_of(self.call("conflicts", {"p_prefix": prefix, "p_limit": limit}))
+
+    def lease_acquire(self, run_id: str, holder: str, ttl_seconds: float) -> LeaseGrant:
+        return lease_grant(self.call("lease_acquire", {"p_run_id": run_id, "p_holder": holder,
+                                                       "p_ttl_seconds": ttl_seconds}))
+
+    def lease_renew(self, run_id: str, holder: str, token: int,
+                    ttl_seconds: float) -> LeaseRenewal:
+        return lease_renewal(self.call("lease_renew", {
+            "p_run_id": run_id, "p_holder": holder, "p_token": token,
+            "p_ttl_seconds": ttl_seconds}))
+
+    def lease_release(self, run_id: str, holder: str, token: int) -> bool:
+        return lease_released(self.call("lease_release", {"p_run_id": run_id,
+                                                          "p_holder": holder,
+                                                          "p_token": token}))
+
+    def leases(self, holder: str | None = None) -> list[LeaseInfo]:
+        return lease_list(self.call("leases", {"p_holder": holder}))
 
 
 # -- the server's answers --------------------------------------------------------------
@@ -169,11 +172,21 @@ def _object(doc: Any, what: str) -> dict[Any, Any]:
     return doc
 
 
+def _list(doc: Any, what: str) -> list[Any]:
+    if type(doc) is not list:
+        raise SyncProtocolError(f"{what}: the server answered {_kind(doc)}, not a JSON array")
+    return doc
+
+
 def _int(doc: dict[Any, Any], name: str, what: str) -> int:
     value = doc.get(name)
     if type(value) is not int or not 0 <= value < _BIGINT:
         raise SyncProtocolError(f"{what}: {name!r} is {_kind(value)}, not a bigint >= 0")
     return value
+
+
+def _int_or_null(doc: dict[Any, Any], name: str, what: str) -> int | None:
+    return None if doc.get(name) is None else _int(doc, name, what)
 
 
 def _text(doc: dict[Any, Any], name: str, what: str) -> str:
@@ -185,6 +198,21 @@ def _text(doc: dict[Any, Any], name: str, what: str) -> str:
 
 def _text_or_null(doc: dict[Any, Any], name: str, what: str) -> str | None:
     return None if doc.get(name) is None else _text(doc, name, what)
+
+
+def _string(doc: dict[Any, Any], name: str, what: str) -> str:
+    """Text, empty or not (a run id is the caller's)."""
+    value = doc.get(name)
+    if type(value) is not str:
+        raise SyncProtocolError(f"{what}: {name!r} is {_kind(value)}, not a text")
+    return value
+
+
+def _bool(doc: dict[Any, Any], name: str, what: str) -> bool:
+    value = doc.get(name)
+    if type(value) is not bool:
+        raise SyncProtocolError(f"{what}: {name!r} is {_kind(value)}, not a boolean")
+    return value
 
 
 def wire_sibling(entry: Any, what: str = "pull") -> tuple[str, Sibling]:
@@ -228,16 +256,17 @@ def push_ack(doc: Any) -> PushAck:
     fenced = d.get("fenced") or []
     if type(fenced) is not list:
         raise SyncProtocolError(f"push: 'fenced' is {_kind(fenced)}, not a list")
+    runs = []
     for item in fenced:
         run = _object(item, "push: a fenced run")
-        _text(run, "run_id", "push: a fenced run")
-        _int(run, "current", "push: a fenced run")
-        _text_or_null(run, "holder", "push: a fenced run")
+        runs.append(FencedRun(_text(run, "run_id", "push: a fenced run"),
+                              _int(run, "current", "push: a fenced run"),
+                              _text_or_null(run, "holder", "push: a fenced run")))
     refused = _text_or_null(d, "refused", "push")
     if refused not in (None, "taken", "behind"):
         raise SyncProtocolError(f"push: 'refused' is {refused!r}, not 'taken' or 'behind'")
     return PushAck(_int(d, "acked_lsn", "push"), _int(d, "inserted", "push"),
-                   _int(d, "merged", "push"), _int(d, "head", "push"), list(fenced),
+                   _int(d, "merged", "push"), _int(d, "head", "push"), runs,
                    _text_or_null(d, "server_id", "push"), refused)
 
 
@@ -262,20 +291,90 @@ def head_of(doc: Any) -> int:
     return _int(_object(doc, "head"), "head", "head")
 
 
-def state_page(doc: Any) -> dict[str, Any]:
+def hello_of(doc: Any) -> Hello:
+    d = _object(doc, "hello")
+    reason = _text_or_null(d, "reason", "hello")
+    if reason not in (None, "taken", "ahead"):
+        raise SyncProtocolError(f"hello: 'reason' is {reason!r:.40}, not 'taken' or 'ahead'")
+    return Hello(_text(d, "server_id", "hello"), _text(d, "node_id", "hello"), reason,
+                 _bool(d, "claimed", "hello"), _int(d, "acked_lsn", "hello"),
+                 _int(d, "acked_hlc", "hello"), _int(d, "head", "hello"))
+
+
+def node_entries_of(doc: Any) -> list[NodeEntry]:
+    rows = _object(doc, "node_entries").get("rows")
+    if type(rows) is not list:
+        raise SyncProtocolError(f"node_entries: 'rows' is {_kind(rows)}, not a list")
+    out = []
+    for row in rows:
+        r = _object(row, "node_entries: a row")
+        out.append(NodeEntry(_int(r, "lsn", "node_entries: a row"),
+                             _string(r, "key", "node_entries: a row"),
+                             _text_or_null(r, "md5", "node_entries: a row"),
+                             _int_or_null(r, "hlc", "node_entries: a row")))
+    return out
+
+
+def state_page(doc: Any) -> StatePage:
     """A ``state_page`` answer, checked: every row a wire entry (with ``value_hash``
     text or null), ``last_key`` text or null, ``done`` a boolean."""
     d = _object(doc, "state_page")
     rows = d.get("rows")
     if type(rows) is not list:
         raise SyncProtocolError(f"state_page: 'rows' is {_kind(rows)}, not a list")
+    out = []
     for row in rows:
-        wire_sibling(row, "state_page")
-        _text_or_null(row, "value_hash", "state_page: a row")
-    _text_or_null(d, "last_key", "state_page")
+        key, sib = wire_sibling(row, "state_page")
+        out.append(StateRow(key, sib, _text_or_null(row, "value_hash", "state_page: a row")))
+    last_key = _text_or_null(d, "last_key", "state_page")
     if type(d.get("done")) is not bool:
         raise SyncProtocolError(f"state_page: 'done' is {_kind(d.get('done'))}, not a boolean")
-    return d
+    return StatePage(out, last_key, d["done"])
+
+
+def state_count_of(doc: Any) -> StateCount:
+    d = _object(doc, "state_count")
+    return StateCount(_int(d, "keys", "state_count"), _int(d, "bytes", "state_count"))
+
+
+def conflicts_of(doc: Any) -> list[Conflict]:
+    return [Conflict(_text(c, "key", "conflicts: a key"), _int(c, "versions", "conflicts: a key"))
+            for c in (_object(item, "conflicts: a key")
+                      for item in _list(doc, "conflicts"))]
+
+
+def lease_grant(doc: Any) -> LeaseGrant:
+    d = _object(doc, "lease_acquire")
+    what = "lease_acquire"
+    return LeaseGrant(_bool(d, "acquired", what), _string(d, "run_id", what),
+                      _string(d, "holder", what), _int(d, "token", what),
+                      _text(d, "expires_at", what), _text(d, "now", what))
+
+
+def lease_renewal(doc: Any) -> LeaseRenewal:
+    d = _object(doc, "lease_renew")
+    renewed = _bool(d, "renewed", "lease_renew")
+    if renewed:
+        return LeaseRenewal(True, _int(d, "token", "lease_renew"),
+                            _text(d, "expires_at", "lease_renew"))
+    holder = None if d.get("holder") is None else _string(d, "holder", "lease_renew")
+    return LeaseRenewal(False, _int_or_null(d, "token", "lease_renew"),
+                        _text_or_null(d, "expires_at", "lease_renew"), holder)
+
+
+def lease_released(doc: Any) -> bool:
+    return _bool(_object(doc, "lease_release"), "released", "lease_release")
+
+
+def lease_list(doc: Any) -> list[LeaseInfo]:
+    out = []
+    for item in _list(doc, "leases"):
+        d = _object(item, "leases: a lease")
+        what = "leases: a lease"
+        out.append(LeaseInfo(_string(d, "run_id", what), _string(d, "holder", what),
+                             _int(d, "token", what), _text(d, "expires_at", what),
+                             _bool(d, "live", what)))
+    return out
 
 
 # -- push's arguments ------------------------------------------------------------------
@@ -339,38 +438,6 @@ def _stored_bytes(data: Any) -> bytes | None:
     if isinstance(data, str):  # the JSON form of a wire entry
         return base64.b64decode(data, validate=True)
     return bytes(data)
-
-
-class WireBatch(list[dict[str, Any]]):
-    """The wire entries of one push, carrying what a transport encoded of them ahead of
-    time (``prepare_push``, called off the pushing thread while the previous batch is in
-    flight) so that ``push`` only sends it.
-
-    An encoding is kept with the entries it was made from and used only while the
-    batch still holds exactly those objects: a slice or copy is a plain list, and a
-    batch whose entries were added, removed or replaced is encoded again. (Entries are
-    not to be changed in place once encoded.)
-    """
-
-    __slots__ = ("_encoded", "claim")
-
-    def __init__(self, entries: Iterable[dict[str, Any]] = (), claim: Claim | None = None
-                 ) -> None:
-        super().__init__(entries)
-        self._encoded: dict[str, tuple[tuple[dict[str, Any], ...], Any]] = {}
-        #: the incarnation the batch is pushed under (travels with the batch through
-        #: any wrapper of a transport to the one that sends it)
-        self.claim = claim
-
-    def keep(self, transport: str, encoded: Any) -> None:
-        self._encoded[transport] = (tuple(self), encoded)
-
-    def kept(self, transport: str) -> Any | None:
-        """The transport's encoding of exactly these entries, if it made one."""
-        got = self._encoded.get(transport)
-        if got is None or len(got[0]) != len(self) or not all(map(operator.is_, got[0], self)):
-            return None
-        return got[1]
 
 
 def push_arrays(entries: Sequence[Mapping[str, Any]], *, vv_as_text: bool,

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import cbor2
 import xxhash
@@ -30,10 +29,10 @@ from walsync.engine.errors import RestoreError
 from walsync.engine.record import decode_value
 from walsync.engine.versions import Sibling
 from walsync.engine.workflow import Workflows
+from walsync.engine.workflow import keys as run_keys
 
-from .incarnation import SERVER_ID, hello, verified_through
-from .merge import sibling_from_wire
-from .remote import Transport, state_page
+from .incarnation import verified_through
+from .transport import StateRow, Transport
 
 __all__ = ["RestoreReport", "recovery_point_iso", "restore"]
 
@@ -72,12 +71,11 @@ def _renew_existing(store: Store, transport: Transport) -> str:
     server does not hold as this store wrote it (its old id may live on in another
     copy of the directory). Returns the old id."""
     old = store.identities[-1]
-    h = hello(transport, old.node_id, tokens=[], new_token=None, acked_lsn=2**62,
-              base_lsn=old.base_lsn)
-    raw_server = store.sync_state(SERVER_ID)
-    raw_acked = store.sync_state("acked_lsn")
-    acked = int.from_bytes(raw_acked, "little") if raw_acked else 0
-    same = raw_server is None or raw_server.decode() == h.server_id
+    h = transport.hello(old.node_id, tokens=[], new_token=None, acked_lsn=2**62,
+                        base_lsn=old.base_lsn)
+    acked = store.sync_ledger.acked_lsn
+    local_server = store.sync_ledger.server_id
+    same = local_server is None or local_server == h.server_id
     start = max(old.base_lsn, min(acked, h.acked_lsn) if same else old.base_lsn)
     store.flush()
     fork = verified_through(transport, store.wal_reader(), old.node_id, start,
@@ -86,41 +84,45 @@ def _renew_existing(store: Store, transport: Transport) -> str:
     return old.node_id
 
 
-def _checked(row: dict[str, Any]) -> Sibling:
-    sib = sibling_from_wire(row)
+def _checked(row: StateRow) -> Sibling:
+    sib = row.sibling
     if sib.data is None:
         return sib
+    where = f"key {row.key!r} ({sib.version.origin}:{sib.version.lsn})"
     try:
         raw = cbor2.dumps(decode_value(sib.codec, sib.data)) if sib.codec else sib.data
     except Exception as exc:  # noqa: BLE001 - any decode failure is damage
+        raise RestoreError(f"value of {where} does not decode: {exc}") from None
+    if row.value_hash and xxhash.xxh3_64_hexdigest(raw) != row.value_hash:
         raise RestoreError(
-            f"value of key {row['key']!r} ({row['origin']}:{row['lsn']}) does not decode: {exc}"
-        ) from None
-    if row.get("value_hash") and xxhash.xxh3_64_hexdigest(raw) != row["value_hash"]:
-        raise RestoreError(
-            f"checksum mismatch for key {row['key']!r} ({row['origin']}:{row['lsn']}): the "
-            "server's bytes do not match the hash written with them"
+            f"checksum mismatch for {where}: the server's bytes do not match the hash "
+            "written with them"
         )
     return sib
 
 
 def _runs_of(transport: Transport, node: str, page_keys: int) -> list[str]:
-    """Run ids whose index entry was last written by ``node``."""
-    runs: list[str] = []
-    after: str | None = None
-    while True:
-        doc = state_page(transport.call("state_page", {"p_prefix": "index/runs/",
-                                                       "p_after_key": after,
-                                                       "p_limit": page_keys}))
-        best: dict[str, tuple[tuple[int, int, str, int], str]] = {}
-        for row in doc["rows"]:
-            order = (int(row["fence"]), int(row["hlc"]), str(row["origin"]), int(row["lsn"]))
-            if row["key"] not in best or order > best[row["key"]][0]:
-                best[row["key"]] = (order, str(row["origin"]))
-        runs += [k[len("index/runs/"):] for k, (_o, origin) in best.items() if origin == node]
-        if doc["done"] or doc["last_key"] is None:
-            return runs
-        after = doc["last_key"]
+    """The record and index keys of each run whose index entry was last written by
+    ``node``, in the spelling it was written in (a host of an older walsync wrote
+    the legacy one: engine/workflow/keys.py)."""
+    found: list[str] = []
+    for grammar in (run_keys.CURRENT, run_keys.LEGACY):
+        after: str | None = None
+        while True:
+            page = transport.state_page(grammar.INDEX, after, page_keys)
+            best: dict[str, tuple[tuple[int, int, str, int], str]] = {}
+            for row in page.rows:
+                order = row.sibling.version.order_key
+                if row.key not in best or order > best[row.key][0]:
+                    best[row.key] = (order, row.sibling.version.origin)
+            for key, (_order, origin) in best.items():
+                run_id = key[len(grammar.INDEX):]
+                if origin == node and run_id and "/" not in run_id:
+                    found += [grammar.run(run_id), grammar.index(run_id)]
+            if page.done or page.last_key is None:
+                break
+            after = page.last_key
+    return found
 
 
 def restore(
@@ -139,28 +141,23 @@ def restore(
     if target.exists() and any(target.iterdir()) and not force:
         raise RestoreError(f"{target} is not empty: restore builds a new store")
     head = transport.head()
-    if lost_node is not None:
-        prefixes = []
-        for run_id in _runs_of(transport, lost_node, page_keys):
-            prefixes += [f"runs/{run_id}", f"index/runs/{run_id}"]
-    else:
-        prefixes = [prefix]
-    total = sum(int(transport.call("state_count", {"p_prefix": p})["keys"]) for p in prefixes)
+    # a lost node's runs: each run's key and everything under it (exact_run below:
+    # not another run whose id begins with this one's)
+    prefixes = _runs_of(transport, lost_node, page_keys) if lost_node is not None else [prefix]
+    total = sum(transport.state_count(p).keys for p in prefixes)
     existing = (target / "STORE").exists()
     with Store.open(target, create=True) as store:
         renewed_from = _renew_existing(store, transport) if existing else None
         report = RestoreReport(str(target), store.node_id, lost_node=lost_node, pull_cursor=head,
                                renewed_from=renewed_from)
         for p in prefixes:
-            exact_run = p.startswith("runs/") and lost_node is not None
+            exact_run = lost_node is not None
             after: str | None = None
             while True:
-                doc = state_page(transport.call("state_page", {"p_prefix": p,
-                                                               "p_after_key": after,
-                                                               "p_limit": page_keys}))
-                rows = [r for r in doc["rows"]
-                        if not exact_run or r["key"] == p or r["key"].startswith(p + "/")]
-                items = [(r["key"], _checked(r)) for r in rows]
+                page = transport.state_page(p, after, page_keys)
+                rows = [r for r in page.rows
+                        if not exact_run or r.key == p or r.key.startswith(p + "/")]
+                items = [(r.key, _checked(r)) for r in rows]
                 if items:
                     store.apply_remote(items)
                 report.siblings += len(items)
@@ -168,10 +165,10 @@ def restore(
                 report.bytes += sum(len(s.data or b"") for _, s in items)
                 if progress is not None:
                     progress(report.keys, total)
-                if doc["done"] or doc["last_key"] is None:
+                if page.done or page.last_key is None:
                     break
-                after = doc["last_key"]
-        store.apply_remote([], meta={"pull_cursor": head})
+                after = page.last_key
+        store.apply_remote([], pull_cursor=head)
         if lost_node is not None:
             status = transport.node_status(lost_node)
             report.lost_node_acked_lsn = status.acked_lsn

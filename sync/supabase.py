@@ -29,14 +29,8 @@ from walsync.engine.errors import (
     SyncProtocolError,
 )
 
-from .remote import (
-    PushAck,
-    RpcTransport,
-    WireBatch,
-    error_for_sqlstate,
-    push_ack,
-    push_arrays,
-)
+from .remote import RpcTransport, error_for_sqlstate, push_ack, push_arrays
+from .transport import PushAck, WireBatch, WireEntry
 
 __all__ = ["SupabaseTransport", "classify_api_error"]
 
@@ -126,7 +120,7 @@ class SupabaseTransport(RpcTransport):
                                     f"{self._status}) does not decode: {type(exc).__name__}"
                                     ) from None
 
-    def push(self, node_id: str, through_lsn: int, entries: list[dict[str, Any]]) -> PushAck:
+    def push(self, node_id: str, through_lsn: int, entries: list[WireEntry]) -> PushAck:
         """The batch as push's parallel arrays in the JSON body: PostgREST types them by
         the function's signature (bytea elements as ``\\x`` hex text, version vectors as
         objects, JSON views as JSON text)."""

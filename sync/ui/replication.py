@@ -15,23 +15,21 @@ one thread at a time).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 from walsync.engine import Store
 from walsync.engine.errors import SyncConfigError, WalsyncError
-from walsync.engine.runs import keys
+from walsync.engine.workflow import keys
 
 from ..config import describe_target, transport_from_env
-from ..remote import Transport
+from ..transport import Transport
 
 __all__ = ["ReplicationView", "known_nodes", "local_state"]
 
-#: what the store records of the sync worker's progress (see sync/replicator.py)
-_ACKED, _CURSOR, _LAST_ERROR = "acked_lsn", "pull_cursor", "last_error"
 #: seconds a server answer is reused
 _SERVER_TTL_SECONDS = 2.0
 #: each server call gives up after this long (the page polls again)
@@ -88,10 +86,8 @@ class ReplicationView:
 def _ask_server(transport: Transport, node_id: str, other_nodes: Iterable[str]) -> dict[str, Any]:
     try:
         head = transport.head()
-        leases = transport.call("leases", {"p_holder": None})
-        if not isinstance(leases, list):
-            leases = []
-        holders = {str(row.get("holder")) for row in leases if isinstance(row, dict)}
+        leases = transport.leases()
+        holders = {lease.holder for lease in leases}
         names = [node_id, *sorted((set(other_nodes) | holders) - {node_id})]
         nodes = []
         for name in names:
@@ -108,10 +104,8 @@ def _ask_server(transport: Transport, node_id: str, other_nodes: Iterable[str]) 
                 or status.extra.get("last_push_at") is not None,
             })
         return {"error": None, "head": head, "nodes": nodes,
-                "leases": [{"run_id": str(r.get("run_id")), "holder": str(r.get("holder")),
-                            "token": r.get("token"), "expires_at": r.get("expires_at"),
-                            "live": bool(r.get("live"))}
-                           for r in leases if isinstance(r, dict)],
+                "leases": [{"run_id": r.run_id, "holder": r.holder, "token": r.token,
+                            "expires_at": r.expires_at, "live": r.live} for r in leases],
                 "asked_unix": time.time()}
     except WalsyncError as exc:
         return {"error": str(exc), "hint": exc.hint, "head": None, "nodes": [], "leases": [],
@@ -120,20 +114,16 @@ def _ask_server(transport: Transport, node_id: str, other_nodes: Iterable[str]) 
 
 def local_state(store: Store) -> dict[str, Any]:
     """What the sync worker recorded in the store, and the unreplicated tail it implies."""
-    raw = store.sync_state(_ACKED)
-    acked = int.from_bytes(raw, "little") if raw else 0
+    state = store.sync_ledger.state()
+    acked = state.acked_lsn
     applied = store.applied_lsn
-    raw_error = store.sync_state(_LAST_ERROR)
-    try:
-        last_error = json.loads(raw_error) if raw_error else None
-    except ValueError:
-        last_error = {"message": raw_error.decode(errors="replace") if raw_error else ""}
+    last_error = None if state.last_error is None else asdict(state.last_error)
     return {
         "node_id": store.node_id,
-        "synced_before": raw is not None or store.record_meta(_CURSOR) is not None,
+        "synced_before": state.synced_before,
         "applied_lsn": applied,
         "acked_lsn": acked,
-        "pull_cursor": int(store.record_meta(_CURSOR) or 0),
+        "pull_cursor": state.pull_cursor,
         "unreplicated_entries": max(0, applied - acked),
         "oldest_unreplicated_age_seconds": _oldest_unshipped(store, acked, applied),
         "last_error": last_error,

@@ -55,10 +55,16 @@ from typing import Any
 
 import psycopg
 
-from walsync.engine import Store
+from walsync.engine import Put, Store
 from walsync.engine.errors import LeaseLostError, RemoteUnavailableError
-from walsync.engine.runs import StepRecord, StepStatus
-from walsync.engine.workflow import Run, Workflows, current_step
+from walsync.engine.workflow import (
+    Run,
+    StepRecord,
+    StepStatus,
+    Workflows,
+    current_step,
+    keys,
+)
 from walsync.sync.lease import Leases
 from walsync.sync.postgres import PostgresTransport
 from walsync.sync.replicator import Replicator, ReplicatorOptions
@@ -262,10 +268,10 @@ def splitbrain(store_path: str, out: str, run_id: str, ttl: float) -> int:
             # its old token, for the server to refuse.
             refused(exc)
             local_refusal = True
-            store.put(f"runs/{run_id}/steps/{sid}",
-                      StepRecord(sid, StepStatus.SUCCESS.value, output={"by": "A", "i": i},
-                                 seq=i).to_dict(),
-                      fence=lease.token)
+            store.commit([Put(keys.step(run_id, sid),
+                              StepRecord(sid, StepStatus.SUCCESS.value,
+                                         output={"by": "A", "i": i}, seq=i).to_dict(),
+                              fence=lease.token)], internal=True)
         lsn = store.applied_lsn
         writes.append({"step": sid, "lsn": lsn, "at": time.time(), "lost_known": lost,
                        "refused_locally": local_refusal})
@@ -285,8 +291,8 @@ def splitbrain(store_path: str, out: str, run_id: str, ttl: float) -> int:
         run.complete()
     except LeaseLostError as exc:
         refused(exc)
-        store.put(f"runs/{run_id}", {**run.record.to_dict(), "status": "completed"},
-                  fence=lease.token)
+        store.commit([Put(keys.run(run_id), {**run.record.to_dict(), "status": "completed"},
+                          fence=lease.token)], internal=True)
     final_lsn = store.applied_lsn
     try:
         rep.wait_acknowledged(final_lsn, 15.0)
@@ -302,14 +308,14 @@ def splitbrain(store_path: str, out: str, run_id: str, ttl: float) -> int:
     status = rep.status()
     rep.stop()
     pulled = rep.pull()
-    run_versions = store.get_versions(f"runs/{run_id}")
+    run_versions = store.get_versions(keys.run(run_id))
     write_json(out_dir / "report.json", {
         "node_id": store.node_id, "token": lease.token, "writes": writes,
         "final_lsn": final_lsn, "all_acked": all_acked, "acked_lsn": status.acked_lsn,
         "lost_runs": status.lost_runs, "fenced_runs": status.fenced_runs,
         "replicator_lost": replicator_lost, "keepalive_lost": keepalive_lost,
         "renew_error": renew_error, "pulled_after": pulled, "refusals": refusals,
-        "local_run_after_pull": store.get(f"runs/{run_id}"),
+        "local_run_after_pull": store.get(keys.run(run_id)),
         "local_run_siblings": len(run_versions),
         "last_error": status.last_error, "stopped_reason": status.stopped_reason,
     })
@@ -321,8 +327,7 @@ def hold(store_path: str, out: str, run_id: str, ttl: float, call: str) -> int:
     out_dir = Path(out)
     store = Store.open(store_path)
     transport = PostgresTransport(dsn())
-    backend = transport.call("node_status", {"p_node": store.node_id})  # connects
-    del backend
+    transport.node_status(store.node_id)  # connects
     conn = transport._connection()
     pid = conn.info.backend_pid
     leases = Leases(transport, store.node_id, ttl_seconds=ttl)

@@ -1,6 +1,7 @@
 """Several sync servers in one test: real databases of the throwaway cluster, each reached
-through the transport under test (postgres directly, supabase through a gateway), plus
-what the node-identity and recovery-point suites read of them.
+through the transport under test (postgres directly, supabase through a gateway), or
+in-memory reference servers (sync/memory.py), plus what the node-identity and
+recovery-point suites read of them.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import pickle
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,27 +26,34 @@ from tests.sync._helpers import query, supabase_transport
 from walsync.engine import Store
 from walsync.engine.identity import owner_of, translate_vv
 from walsync.engine.record import decode_value
+from walsync.sync.memory import MemoryServer
 from walsync.sync.merge import record_to_wire
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport
-from walsync.sync.remote import Transport
+from walsync.sync.transport import Transport
 
 KINDS = ["postgres", "supabase"]
+#: the database kinds and the in-memory reference server
+ALL_KINDS = [*KINDS, "memory"]
 _numbers = itertools.count(1)
 
 
 @dataclass
 class Server:
-    """One migrated database, reached with one transport kind."""
+    """One migrated database, reached with one transport kind; or (kind ``memory``) an
+    in-memory reference server, read and backed up the same way."""
 
     kind: str
     dsn: str
     gateway: PostgrestGateway | None
     opened: list[Transport] = field(default_factory=list)
+    memory: MemoryServer | None = None
 
     def transport(self) -> Transport:
         t: Transport
-        if self.kind == "postgres":
+        if self.memory is not None:
+            t = self.memory.transport()
+        elif self.kind == "postgres":
             t = PostgresTransport(self.dsn, timeout_seconds=20, connect_timeout_seconds=5)
         else:
             assert self.gateway is not None
@@ -54,6 +63,7 @@ class Server:
 
     def env(self) -> dict[str, str | None]:
         """The CLI's environment for this server."""
+        assert self.memory is None, "the CLI reaches databases only, not a memory server"
         env: dict[str, str | None] = dict.fromkeys(
             ("WALSYNC_PG_DSN", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WALSYNC_CONFIG",
              "WALSYNC_TRANSPORT", "WALSYNC_STORE", "WALSYNC_SUPABASE_KEY", "SUPABASE_ANON_KEY"))
@@ -65,37 +75,76 @@ class Server:
             env["SUPABASE_SERVICE_ROLE_KEY"] = self.gateway.service_role_key
         return env
 
+    def _rows(self, sql: str, table: str, *columns: str,
+              params: Any = None) -> list[tuple[Any, ...]]:
+        """``sql``'s rows, or (memory) those ``columns`` of each row of ``table``."""
+        if self.memory is None:
+            return query(self.dsn, sql, params)
+        rows = self.memory.entries() if table == "entries" else [
+            r for rs in self.memory.siblings().values() for r in rs]
+        return [tuple(hashlib.md5(r["data"]).hexdigest() if c == "md5" and r["data"] is not None
+                      else None if c == "md5" else r[c] for c in columns) for r in rows]
+
     def server_id(self) -> str:
+        if self.memory is not None:
+            return self.memory.server_id
         return str(query(self.dsn, "select server_id::text from walsync.server")[0][0])
 
     def entries(self) -> dict[tuple[str, int, str], Any]:
         """Every stored entry: (origin, lsn, key) -> the value (None: a tombstone)."""
         return {(o, int(n), k): (None if d is None else decode_value(c, bytes(d)))
-                for o, n, k, c, d in query(
-                    self.dsn, "select origin, lsn, key, codec, data from walsync.entries")}
+                for o, n, k, c, d in self._rows(
+                    "select origin, lsn, key, codec, data from walsync.entries",
+                    "entries", "origin", "lsn", "key", "codec", "data")}
 
     def sibling_values(self) -> dict[str, list[Any]]:
         """The merged state: each key's stored siblings' values (None: a tombstone)."""
         out: dict[str, list[Any]] = {}
-        for k, c, d in query(self.dsn, "select key, codec, data from walsync.siblings"):
+        for k, c, d in self._rows("select key, codec, data from walsync.siblings",
+                                  "siblings", "key", "codec", "data"):
             out.setdefault(k, []).append(None if d is None else decode_value(c, bytes(d)))
         return out
 
     def digests(self) -> set[tuple[str, int, str, str | None]]:
         """(origin, lsn, key, md5 of the stored bytes) of every entry."""
-        return {(o, int(n), k, m) for o, n, k, m in query(
-            self.dsn, "select origin, lsn, key, md5(data) from walsync.entries")}
+        return {(o, int(n), k, m) for o, n, k, m in self._rows(
+            "select origin, lsn, key, md5(data) from walsync.entries",
+            "entries", "origin", "lsn", "key", "md5")}
 
     def acked(self, node: str) -> int:
+        if self.memory is not None:
+            row = self.memory.node_row(node)
+            return int(row["acked_lsn"]) if row else 0
         rows = query(self.dsn, "select acked_lsn from walsync.nodes where node_id = %s", (node,))
         return int(rows[0][0]) if rows else 0
 
+    def incarnation(self, node: str) -> str | None:
+        """The token the node id was last claimed with."""
+        if self.memory is not None:
+            row = self.memory.node_row(node)
+            return None if row is None else row["incarnation"]
+        rows = query(self.dsn, "select incarnation from walsync.nodes where node_id = %s",
+                     (node,))
+        return rows[0][0] if rows else None
+
+    def node_known(self, node: str) -> bool:
+        """Whether the server holds a row for the node."""
+        if self.memory is not None:
+            return self.memory.node_row(node) is not None
+        return bool(query(self.dsn, "select 1 from walsync.nodes where node_id = %s", (node,)))
+
     def dump(self, path: Path) -> None:
-        """A real backup (pg_dump, custom format) of the sync schemas."""
+        """A real backup (pg_dump, custom format) of the sync schemas (memory: its tables)."""
+        if self.memory is not None:
+            path.write_bytes(pickle.dumps(self.memory.backup()))
+            return
         _run(self, "pg_dump", "-Fc", "-n", "walsync", "-n", "walsync_api", "-f", str(path))
 
     def restore_dump(self, path: Path) -> None:
         """Put the database back as the backup holds it (the schemas dropped first)."""
+        if self.memory is not None:
+            self.memory.put_back(pickle.loads(path.read_bytes()))
+            return
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute("drop schema walsync cascade")
             conn.execute("drop schema walsync_api cascade")
@@ -114,14 +163,25 @@ def _run(server: Server, tool: str, *args: str) -> None:
     assert done.returncode == 0, (cmd, done.stdout, done.stderr)
 
 
-def server_factory(pg_cluster: PostgresCluster) -> Iterator[Callable[[str], Server]]:
+def server_factory(pg_cluster: PostgresCluster | Callable[[], PostgresCluster]
+                   ) -> Iterator[Callable[[str], Server]]:
     """For a ``servers`` fixture: ``servers(kind)`` makes a new migrated database reached
-    with ``kind``'s transport; all are dropped at the end."""
+    with ``kind``'s transport (``memory``: a memory server); all are dropped at the end.
+    ``pg_cluster`` may be a callable giving the cluster when a database is first made."""
     made: list[tuple[str, Server]] = []
+    clusters: list[PostgresCluster] = []
+
+    def cluster() -> PostgresCluster:
+        if not clusters:
+            clusters.append(pg_cluster if isinstance(pg_cluster, PostgresCluster)
+                            else pg_cluster())
+        return clusters[0]
 
     def make(kind: str) -> Server:
+        if kind == "memory":
+            return Server(kind, "", None, memory=MemoryServer())
         name = f"walsync_id{os.getpid()}_{next(_numbers)}"
-        dsn = pg_cluster.create_database(name)
+        dsn = cluster().create_database(name)
         migrate(dsn)
         gateway = None
         if kind == "supabase":
@@ -138,9 +198,9 @@ def server_factory(pg_cluster: PostgresCluster) -> Iterator[Callable[[str], Serv
                 t.close()
             if server.gateway is not None:
                 server.gateway.stop()
-            if not pg_cluster.running:
-                pg_cluster.start()
-            pg_cluster.drop_database(name)
+            if not cluster().running:
+                cluster().start()
+            cluster().drop_database(name)
 
 
 # -- what a store holds ------------------------------------------------------------------

@@ -41,8 +41,7 @@ VALUES = [1, 2, "two", None]  # None: a delete
 
 
 def _server_conflicts(transport: Transport, prefix: str) -> dict[str, int]:
-    rows = transport.call("conflicts", {"p_prefix": prefix, "p_limit": 10_000})
-    return {str(row["key"]): int(row["versions"]) for row in rows}
+    return {c.key: c.versions for c in transport.conflicts(prefix, 10_000)}
 
 
 def _local_conflicts(store: Store, prefix: str) -> dict[str, int]:

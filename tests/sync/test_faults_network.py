@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -28,7 +28,19 @@ from walsync.engine import Store
 from walsync.engine.errors import RemoteUnavailableError, SyncError, SyncProtocolError
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport
-from walsync.sync.remote import pull_page, push_ack, state_page
+from walsync.sync.remote import (
+    conflicts_of,
+    hello_of,
+    lease_grant,
+    lease_list,
+    lease_released,
+    lease_renewal,
+    node_entries_of,
+    pull_page,
+    push_ack,
+    state_count_of,
+    state_page,
+)
 from walsync.sync.replicator import Replicator, ReplicatorOptions
 from walsync.sync.supabase import SupabaseTransport
 
@@ -54,14 +66,17 @@ def _transport(pg_db: str, proxy: FaultProxy) -> PostgresTransport:
                              connect_timeout_seconds=2)
 
 
-def _call_until_ok(t: PostgresTransport, fn: str, args: dict[str, object]) -> object:
+T = TypeVar("T")
+
+
+def _call_until_ok(call: Callable[[], T]) -> T:
     """A caller's retry: the first call after a fault may find its connection dead."""
     for _ in range(5):
         try:
-            return t.call(fn, args)
+            return call()
         except RemoteUnavailableError:
             continue
-    raise AssertionError(f"{fn} kept failing")
+    raise AssertionError(f"{call} kept failing")
 
 
 def test_proxy_faults_surface_as_unavailable_and_the_transport_recovers(
@@ -80,16 +95,13 @@ def test_proxy_faults_surface_as_unavailable_and_the_transport_recovers(
         with pytest.raises(RemoteUnavailableError):
             t.push("A", 1, [entry("A", 1, "k", 1)])
         # the torn push may or may not have committed; re-sending is harmless either way
-        ack = _call_until_ok(t, "push", {"p_node": "A", "p_through_lsn": 1,
-                                         "p_entries": [entry("A", 1, "k", 1)]})
-        assert isinstance(ack, dict)
-        assert ack["acked_lsn"] == 1
+        ack = _call_until_ok(lambda: t.push("A", 1, [entry("A", 1, "k", 1)]))
+        assert ack.acked_lsn == 1
 
         proxy.truncate_next(3, to_client=False)  # a request torn mid-message
         with pytest.raises(RemoteUnavailableError):
             t.push("A", 2, [entry("A", 2, "k", 2, {"A": 2})])
-        _call_until_ok(t, "push", {"p_node": "A", "p_through_lsn": 2,
-                                   "p_entries": [entry("A", 2, "k", 2, {"A": 2})]})
+        _call_until_ok(lambda: t.push("A", 2, [entry("A", 2, "k", 2, {"A": 2})]))
 
         proxy.refuse = True  # the server looks down
         with pytest.raises(RemoteUnavailableError, match=r"cannot reach|connection"):
@@ -100,7 +112,7 @@ def test_proxy_faults_surface_as_unavailable_and_the_transport_recovers(
 
         proxy.delay_seconds = 0.05  # slow, but fine
         started = time.monotonic()
-        assert _call_until_ok(t, "head", {}) == {"head": 2, "schema_version": 1}
+        assert _call_until_ok(t.head) == 2
         assert time.monotonic() - started >= 0.05
         proxy.delay_seconds = 0.0
     finally:
@@ -217,7 +229,7 @@ def test_faults_network_sync_errors_never_leak_the_password(
                 t.head()
             errors.append(info.value)
             proxy.refuse = False
-            _call_until_ok(t, "head", {})
+            _call_until_ok(t.head)
         for err in errors:
             assert isinstance(err, RemoteUnavailableError)
             assert secret not in str(err)
@@ -262,7 +274,7 @@ def test_faults_network_half_open_connection_is_cut_after_the_answer_timeout(
         assert 0.6 <= time.monotonic() - started < 5
         assert proxy.swallowed_bytes > 0  # the request did go into the void
         proxy.blackhole = False
-        assert _call_until_ok(t, "head", {}) == {"head": 0, "schema_version": 1}
+        assert _call_until_ok(t.head) == 0
         t.push("A", 1, [entry("A", 1, "k", 1)])
     finally:
         t.close()
@@ -390,6 +402,26 @@ def test_faults_network_replicator_stops_on_a_garbage_pull_and_keeps_the_entries
     (state_page, {"rows": [], "last_key": None}, "'done'"),
     (state_page, {"rows": [entry("A", 1, "k", 1) | {"origin": "A", "value_hash": 5}],
                   "last_key": "k", "done": True}, "'value_hash'"),
+    (hello_of, {"server_id": "s", "node_id": "n", "reason": "gone", "claimed": False,
+                "acked_lsn": 0, "acked_hlc": 0, "head": 0}, "'reason'"),
+    (hello_of, {"server_id": "s", "node_id": "n", "reason": None, "claimed": 1,
+                "acked_lsn": 0, "acked_hlc": 0, "head": 0}, "'claimed'"),
+    (node_entries_of, {"rows": [{"lsn": "1", "key": "k", "md5": None, "hlc": 1}]}, "'lsn'"),
+    (node_entries_of, {"rows": [{"lsn": 1, "key": "k", "md5": None, "hlc": -1}]}, "'hlc'"),
+    (node_entries_of, {"entries": []}, "'rows'"),
+    (conflicts_of, {"key": "k", "versions": 2}, "not a JSON array"),
+    (conflicts_of, [{"key": "k", "versions": "2"}], "'versions'"),
+    (state_count_of, {"keys": 1}, "'bytes'"),
+    (lease_grant, {"acquired": True, "run_id": "r", "holder": "h", "token": 1,
+                   "expires_at": None, "now": "t"}, "'expires_at'"),
+    (lease_grant, {"acquired": "yes", "run_id": "r", "holder": "h", "token": 1,
+                   "expires_at": "t", "now": "t"}, "'acquired'"),
+    (lease_renewal, {"renewed": True, "token": None, "expires_at": "t"}, "'token'"),
+    (lease_renewal, {"renewed": False, "holder": 7, "token": None, "expires_at": None},
+     "'holder'"),
+    (lease_released, {"released": None}, "'released'"),
+    (lease_list, [{"run_id": "r", "holder": "h", "token": 1, "expires_at": "t"}], "'live'"),
+    (lease_list, {"run_id": "r"}, "not a JSON array"),
 ])
 def test_faults_network_malformed_documents_raise_a_protocol_error(
         decode: Callable[[Any], Any], doc: Any, reason: str) -> None:

@@ -19,17 +19,16 @@ import pytest
 
 from tests.gateway import PostgrestGateway
 from tests.sync._helpers import entry, query, supabase_transport
-from walsync.engine import LeaseLostEvent, Store
+from walsync.engine import LeaseLostEvent, Put, Store
 from walsync.engine.errors import ConflictError, LeaseLostError, WorkflowError
 from walsync.engine.record import decode_value
-from walsync.engine.runs import StepRecord, StepStatus
-from walsync.engine.workflow import Workflows, held_lease
+from walsync.engine.workflow import StepRecord, StepStatus, Workflows, held_lease, keys
 from walsync.sync.lease import Leases
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport
-from walsync.sync.remote import Transport
 from walsync.sync.replicator import Replicator, ReplicatorOptions
 from walsync.sync.restore import restore
+from walsync.sync.transport import FencedRun, Transport
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
 
@@ -140,17 +139,17 @@ def test_a_restored_host_without_the_lease_is_refused_locally_and_by_the_server(
         assert b.applied_lsn == before
 
         # On the server: B writes around the workflow layer with the copied token.
-        with b.batch(fence=lease_a.token) as batch:
-            batch.put(f"runs/{RUN}/steps/s2", step_record("s2", "by B"))
-            batch.put(f"runs/{RUN}", {**run_b.record.to_dict(), "status": "completed"})
+        with b.batch(fence=lease_a.token, internal=True) as batch:
+            batch.put(keys.step(RUN, "s2"), step_record("s2", "by B"))
+            batch.put(keys.run(RUN), {**run_b.record.to_dict(), "status": "completed"})
         rep_b.ship()
         assert rep_b.acked_lsn == b.applied_lsn
         assert fenced_rows(remote.dsn, b.node_id) == [
-            (f"runs/{RUN}", lease_a.token, lease_a.token, a.node_id),
-            (f"runs/{RUN}/steps/s2", lease_a.token, lease_a.token, a.node_id)]
+            (keys.run(RUN), lease_a.token, lease_a.token, a.node_id),
+            (keys.step(RUN, "s2"), lease_a.token, lease_a.token, a.node_id)]
         assert run_entries(remote.dsn, b.node_id) == []
-        assert winner(remote.dsn, f"runs/{RUN}/steps/s2") is None
-        run_row = winner(remote.dsn, f"runs/{RUN}")
+        assert winner(remote.dsn, keys.step(RUN, "s2")) is None
+        run_row = winner(remote.dsn, keys.run(RUN))
         assert run_row is not None
         assert (run_row[0], run_row[2]["status"]) == (a.node_id, "running")
         # ... and B is told.
@@ -170,9 +169,9 @@ def test_a_restored_host_without_the_lease_is_refused_locally_and_by_the_server(
         resumed.step("s3", lambda: "by B, leased")
         rep_b.ship()
         assert set(run_entries(remote.dsn, b.node_id)) == {
-            (f"runs/{RUN}", lease_b.token), (f"runs/{RUN}/steps/s3", lease_b.token),
-            (f"index/runs/{RUN}", lease_b.token)}
-        taken = winner(remote.dsn, f"runs/{RUN}")
+            (keys.run(RUN), lease_b.token), (keys.step(RUN, "s3"), lease_b.token),
+            (keys.index(RUN), lease_b.token)}
+        taken = winner(remote.dsn, keys.run(RUN))
         assert taken is not None
         assert (taken[0], taken[1], taken[2]["owner_node"]) == \
             (b.node_id, lease_b.token, b.node_id)
@@ -233,15 +232,17 @@ def test_a_holder_taken_over_cannot_write_with_its_old_run_or_the_new_token(
         assert x.applied_lsn == before
 
         # Around the workflow layer: Y's token copied from the pulled record, and X's own.
-        x.put(f"runs/{RUN}/steps/x2", step_record("x2", "by X"), fence=lease_y.token)
-        x.put(f"runs/{RUN}/steps/x3", step_record("x3", "by X"), fence=lease_x.token)
+        x.commit([Put(keys.step(RUN, "x2"), step_record("x2", "by X"), fence=lease_y.token)],
+                 internal=True)
+        x.commit([Put(keys.step(RUN, "x3"), step_record("x3", "by X"), fence=lease_x.token)],
+                 internal=True)
         rep_x.ship()
         assert fenced_rows(remote.dsn, x.node_id) == [
-            (f"runs/{RUN}/steps/x2", lease_y.token, lease_y.token, y.node_id),
-            (f"runs/{RUN}/steps/x3", lease_x.token, lease_y.token, y.node_id)]
-        assert winner(remote.dsn, f"runs/{RUN}/steps/x2") is None
-        assert winner(remote.dsn, f"runs/{RUN}/steps/x3") is None
-        run_row = winner(remote.dsn, f"runs/{RUN}")
+            (keys.step(RUN, "x2"), lease_y.token, lease_y.token, y.node_id),
+            (keys.step(RUN, "x3"), lease_x.token, lease_y.token, y.node_id)]
+        assert winner(remote.dsn, keys.step(RUN, "x2")) is None
+        assert winner(remote.dsn, keys.step(RUN, "x3")) is None
+        run_row = winner(remote.dsn, keys.run(RUN))
         assert run_row is not None
         assert run_row[:2] == (y.node_id, lease_y.token)
         assert rep_x.status().lost_runs == {RUN: lease_y.token}
@@ -286,8 +287,8 @@ def fenced(e: dict[str, Any], token: int) -> dict[str, Any]:
 def test_push_accepts_a_leased_runs_entries_from_the_holder_with_its_token_only(
         pusher: Transport, pg_db: str) -> None:
     t = pusher
-    got = t.call("lease_acquire", {"p_run_id": "r", "p_holder": "n1", "p_ttl_seconds": 600})
-    assert (got["holder"], got["token"]) == ("n1", 1)
+    got = t.lease_acquire("r", "n1", 600)
+    assert (got.holder, got.token) == ("n1", 1)
     # the holder with its token: in
     ack = t.push("n1", 1, [fenced(entry("n1", 1, "runs/r", "n1's"), 1)])
     assert (ack.inserted, ack.fenced) == (1, [])
@@ -295,12 +296,11 @@ def test_push_accepts_a_leased_runs_entries_from_the_holder_with_its_token_only(
     for lsn, token in ((1, 0), (2, 1), (3, 2)):
         ack = t.push("n2", lsn, [fenced(entry("n2", lsn, f"runs/r/steps/s{lsn}", "n2's"),
                                         token)])
-        assert (ack.inserted, ack.fenced) == (0, [{"run_id": "r", "current": 1,
-                                                   "holder": "n1"}])
+        assert (ack.inserted, ack.fenced) == (0, [FencedRun("r", 1, "n1")])
     # the holder itself: its unfenced write and a token never handed out are out
     ack = t.push("n1", 3, [entry("n1", 2, "index/runs/r", "unfenced"),
                            fenced(entry("n1", 3, "runs/r/steps/big", "big"), 5)])
-    assert (ack.inserted, ack.fenced) == (0, [{"run_id": "r", "current": 1, "holder": "n1"}])
+    assert (ack.inserted, ack.fenced) == (0, [FencedRun("r", 1, "n1")])
     # other keys are not a run's: fencing leaves them alone
     assert t.push("n2", 4, [entry("n2", 4, "runsx/r", "free")]).inserted == 1
     assert query(pg_db, "select origin, key, fence, current, holder from walsync.fenced "
@@ -313,20 +313,20 @@ def test_push_accepts_a_leased_runs_entries_from_the_holder_with_its_token_only(
 def test_push_after_expiry_keeps_the_last_holder_until_a_takeover(
         pusher: Transport, pg_db: str) -> None:
     t = pusher
-    t.call("lease_acquire", {"p_run_id": "r", "p_holder": "n1", "p_ttl_seconds": 0.2})
+    t.lease_acquire("r", "n1", 0.2)
     accepted = [fenced(entry("n1", 1, "runs/r", "v1"), 1)]
     assert t.push("n1", 1, accepted).inserted == 1
     time.sleep(0.3)  # the database's clock passes the lease's expiry
-    assert t.call("leases", {"p_holder": None})[0]["live"] is False
+    assert t.leases()[0].live is False
     # expired, nobody took it: the last holder's writes still count, nobody else's
     assert t.push("n1", 2, [fenced(entry("n1", 2, "runs/r", "v2", {"n1": 2}), 1)]).inserted == 1
     ack = t.push("n2", 1, [entry("n2", 1, "runs/r/steps/x", "n2's")])
-    assert (ack.inserted, ack.fenced) == (0, [{"run_id": "r", "current": 1, "holder": "n1"}])
+    assert (ack.inserted, ack.fenced) == (0, [FencedRun("r", 1, "n1")])
     # n2 takes it over: token 2; from then on n1's writes are out, with any token
-    got = t.call("lease_acquire", {"p_run_id": "r", "p_holder": "n2", "p_ttl_seconds": 600})
-    assert (got["acquired"], got["token"]) == (True, 2)
+    got = t.lease_acquire("r", "n2", 600)
+    assert (got.acquired, got.token) == (True, 2)
     ack = t.push("n1", 3, [fenced(entry("n1", 3, "runs/r", "v3", {"n1": 3}), 1)])
-    assert (ack.inserted, ack.fenced) == (0, [{"run_id": "r", "current": 2, "holder": "n2"}])
+    assert (ack.inserted, ack.fenced) == (0, [FencedRun("r", 2, "n2")])
     assert t.push("n2", 2, [fenced(entry("n2", 2, "runs/r", "n2 v", {"n1": 2, "n2": 2}),
                                    2)]).inserted == 1
     # a re-sent batch the server had already merged is a duplicate, never refused later
@@ -354,19 +354,17 @@ def test_a_run_nobody_leased_is_no_ones_and_its_first_lease_tops_its_tokens(
     assert query(pg_db, "select origin, lsn, fence from walsync.state "
                         "where key = 'runs/free'") == [("n1", 2, 7)]
     # the run's first lease here starts above the tokens its record carries ...
-    got = t.call("lease_acquire", {"p_run_id": "free", "p_holder": "n2", "p_ttl_seconds": 600})
-    assert (got["acquired"], got["token"]) == (True, 8)
+    got = t.lease_acquire("free", "n2", 600)
+    assert (got.acquired, got.token) == (True, 8)
     ack = t.push("n1", 3, [fenced(entry("n1", 3, "runs/free", "late", {"n1": 3, "n2": 1}), 7)])
-    assert (ack.inserted, ack.fenced) == (0, [{"run_id": "free", "current": 8, "holder": "n2"}])
+    assert (ack.inserted, ack.fenced) == (0, [FencedRun("free", 8, "n2")])
     # ... and so does a takeover from a lease row older than the record (a restored
     # database), while a holder taking its own lease again keeps its token
     query(pg_db, "update walsync.leases set token = 2, expires_at = now() "
                  "where run_id = 'free' returning 1")
-    again = t.call("lease_acquire", {"p_run_id": "free", "p_holder": "n2",
-                                     "p_ttl_seconds": 600})
-    assert (again["acquired"], again["token"]) == (True, 2)
+    again = t.lease_acquire("free", "n2", 600)
+    assert (again.acquired, again.token) == (True, 2)
     query(pg_db, "update walsync.leases set expires_at = now() where run_id = 'free' "
                  "returning 1")
-    taken = t.call("lease_acquire", {"p_run_id": "free", "p_holder": "n3",
-                                     "p_ttl_seconds": 600})
-    assert (taken["acquired"], taken["token"]) == (True, 8)
+    taken = t.lease_acquire("free", "n3", 600)
+    assert (taken.acquired, taken.token) == (True, 8)

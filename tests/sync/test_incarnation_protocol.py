@@ -1,6 +1,7 @@
 """The server side of node incarnations (migration 20261207000005, PROTOCOL.md "Node
 identity"): claims, claimed pushes and what a server holds of a node, called directly
-through both transports against a real PostgreSQL.
+through both transports against a real PostgreSQL, and against the in-memory reference
+server (sync/memory.py).
 """
 
 from __future__ import annotations
@@ -12,20 +13,24 @@ from typing import Any
 import cbor2
 import pytest
 
-from tests.pg import PostgresCluster
 from tests.sync._helpers import entry, query
-from tests.sync._servers import KINDS, Server, server_factory
-from walsync.sync.incarnation import hello, server_entries
+from tests.sync._servers import Server, server_factory
+from walsync.sync.incarnation import server_entries
 from walsync.sync.migrate import migrate
-from walsync.sync.remote import Claim, PushAck, Transport, WireBatch
 from walsync.sync.supabase import SupabaseTransport
+from walsync.sync.transport import Claim, PushAck, Transport, WireBatch
 
-pytestmark = pytest.mark.postgres
+KINDS = [pytest.param("postgres", marks=pytest.mark.postgres),
+         pytest.param("supabase", marks=pytest.mark.postgres), "memory"]
 
 
 @pytest.fixture
-def servers(pg_cluster: PostgresCluster) -> Iterator[Callable[[str], Server]]:
-    yield from server_factory(pg_cluster)
+def servers(request: pytest.FixtureRequest) -> Iterator[Callable[[str], Server]]:
+    yield from server_factory(lambda: request.getfixturevalue("pg_cluster"))
+
+
+def hello(t: Transport, node: str, **claim: Any) -> Any:
+    return t.hello(node, **claim)
 
 
 def push(t: Transport, node: str, claim: Claim, through: int,
@@ -54,15 +59,13 @@ def test_claims_go_to_a_holder_of_the_token_not_ahead_of_the_server(
     # only asking: no new token, nothing written
     asked = hello(t, "N", tokens=["t2"], new_token=None, acked_lsn=3, base_lsn=0)
     assert (asked.reason, asked.claimed) == (None, False)
-    assert query(server.dsn, "select incarnation from walsync.nodes where node_id = 'N'") == [
-        ("t2",)]
+    assert server.incarnation("N") == "t2"
     # a renewed id starts above its base: the server holds everything of it below
     renewed = hello(t, "N.x", tokens=["u1"], new_token="u1", acked_lsn=40, base_lsn=40)
     assert (renewed.claimed, renewed.acked_lsn) == (True, 40)
     unknown = hello(t, "nobody", tokens=[], new_token=None, acked_lsn=0, base_lsn=0)
     assert (unknown.reason, unknown.acked_lsn) == (None, 0)
-    assert query(server.dsn, "select count(*) from walsync.nodes where node_id = 'nobody'") == [
-        (0,)]
+    assert not server.node_known("nobody")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -99,11 +102,11 @@ def test_node_entries_name_what_the_server_holds_of_a_node_with_refused_ones(
     server: Server = servers(kind)
     t = server.transport()
     hello(t, "N", tokens=["t1"], new_token="t1", acked_lsn=0, base_lsn=0)
-    t.call("lease_acquire", {"p_run_id": "r1", "p_holder": "other", "p_ttl_seconds": 60})
+    t.lease_acquire("r1", "other", 60)
     batch = [entry("N", 1, "a", "one", hlc=11 << 16), entry("N", 2, "b", None, hlc=12 << 16),
              entry("N", 3, "runs/r1", "refused", hlc=13 << 16)]
     ack = push(t, "N", Claim("t1", 0, 0), 3, batch)
-    assert [f["run_id"] for f in ack.fenced] == ["r1"]
+    assert [f.run_id for f in ack.fenced] == ["r1"]
     held = server_entries(t, "N", 0, 3)
     assert held == {
         1: [("a", hashlib.md5(cbor2.dumps("one")).hexdigest(), 11 << 16)],
@@ -113,6 +116,7 @@ def test_node_entries_name_what_the_server_holds_of_a_node_with_refused_ones(
     assert server_entries(t, "N", 3, 3) == {}
 
 
+@pytest.mark.postgres
 def test_tenant_mode_claims_and_positions_are_per_tenant(servers: Any) -> None:
     """Tenants may share node ids: each has its own claim and position; the server's id
     is the database's."""

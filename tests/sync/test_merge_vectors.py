@@ -1,4 +1,5 @@
-"""The shared merge vectors, run against the Python rules and the SQL functions."""
+"""The shared merge vectors, run against the Python rules, the SQL functions and the
+in-memory reference server (sync/memory.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from walsync.engine.record import CODEC_NONE
 from walsync.engine.versions import Sibling, Version
+from walsync.sync.memory import MemoryServer
 from walsync.sync.merge import Replica, sibling_to_wire
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport
@@ -38,6 +40,25 @@ def test_merge_vectors_python(case: dict[str, Any]) -> None:
         assert [best.version.origin, best.version.lsn] == want["winner"]
         assert len(replica.visible(key)) == want["visible"]
         assert best.deleted == want.get("deleted", False)
+
+
+@pytest.mark.parametrize("case", VECTORS, ids=IDS)
+def test_merge_vectors_memory(case: dict[str, Any]) -> None:
+    """As the SQL test below: each delivery one push, then the server's siblings, the
+    winner its ``walsync.state`` view names and what ``conflicts`` counts."""
+    server = MemoryServer()
+    transport = server.transport()
+    for d in case["deliveries"]:
+        transport.push(d["origin"], 0, [sibling_to_wire(d["key"], 0, _sibling(d))])
+    stored = server.siblings()
+    state = server.state()
+    conflicts = {c.key: c.versions for c in transport.conflicts("", 1000)}
+    for key, want in case["expected"].items():
+        assert sorted([s["origin"], s["lsn"]] for s in stored[key]) == sorted(want["stored"]), \
+            case["name"]
+        assert [state[key]["origin"], state[key]["lsn"]] == want["winner"]
+        assert state[key]["deleted"] == want.get("deleted", False)
+        assert conflicts.get(key, 1) == want["visible"]
 
 
 @pytest.mark.postgres

@@ -34,7 +34,7 @@ def populated(pg_db: str) -> str:
     try:
         t.push("A", 10, records("A", 10, 2))
         t.push("B", 1, [entry("B", 1, "k/A/1/0", "concurrent")])
-        t.call("lease_acquire", {"p_run_id": "r1", "p_holder": "A", "p_ttl_seconds": 60})
+        t.lease_acquire("r1", "A", 60)
     finally:
         t.close()
     return pg_db

@@ -24,21 +24,20 @@ from walsync.engine import Store
 from walsync.engine.errors import RemoteUnavailableError
 from walsync.sync.migrate import _apply, list_migrations, migrate
 from walsync.sync.postgres import PostgresTransport
-from walsync.sync.remote import PushAck, WireBatch
 from walsync.sync.replicator import Replicator, ReplicatorOptions
+from walsync.sync.transport import PushAck, TransportProxy, WireBatch
 
 pytestmark = pytest.mark.postgres
 
 
-class FlakyTransport:
+class FlakyTransport(TransportProxy):
     """A postgres transport whose pushes number ``fail_before`` fail before reaching the
     server and ``fail_after`` fail once the server committed them; each failure waits
     until the batch after it is being built on another thread: it happens mid-pipeline."""
 
-    name = "postgres"
-
     def __init__(self, real: PostgresTransport, store: Store, *, fail_before: set[int],
                  fail_after: set[int]) -> None:
+        super().__init__(real)
         self.real = real
         self.store = store
         self.fail_before = fail_before
@@ -54,8 +53,7 @@ class FlakyTransport:
         self.violations: list[str] = []
 
     def _acked(self) -> int:
-        raw = self.store.sync_state("acked_lsn")
-        return int.from_bytes(raw, "little") if raw else 0
+        return self.store.sync_ledger.acked_lsn
 
     def prepare_push(self, entries: WireBatch) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -84,15 +82,6 @@ class FlakyTransport:
         if self.calls in self.fail_after:
             raise RemoteUnavailableError("injected: the acknowledgement was lost")
         return ack
-
-    def node_status(self, node_id: str) -> Any:
-        return self.real.node_status(node_id)
-
-    def call(self, function: str, args: dict[str, Any]) -> Any:
-        return self.real.call(function, args)
-
-    def close(self) -> None:
-        self.real.close()
 
 
 def _store_with_records(path: Path, count: int) -> Store:
@@ -132,7 +121,7 @@ def test_pipelined_ship_survives_push_failures_mid_pipeline_in_lsn_order(
         for call in (2, 4, 6, 9):
             assert firsts[call] == firsts[call - 1]
         assert rep.acked_lsn == store.shippable_lsn == flaky.confirmed
-        assert int.from_bytes(store.sync_state("acked_lsn") or b"", "little") == rep.acked_lsn
+        assert store.sync_ledger.acked_lsn == rep.acked_lsn
         expected = sorted(("A", int(e["lsn"]), e["key"]) for e in local_entries(store))
         assert sorted(server_entry_ids(pg_db)) == expected  # each once: the ids are the key
         assert query(pg_db, "select acked_lsn from walsync.nodes where node_id = 'A'") == [
@@ -250,12 +239,11 @@ def test_wal_reader_asked_for_a_few_records_reads_about_that_much(
         store.close()
 
 
-class SlowTransport:
+class SlowTransport(TransportProxy):
     """A postgres transport whose pushes each take ``seconds``, counted."""
 
-    name = "postgres"
-
     def __init__(self, real: PostgresTransport, seconds: float) -> None:
+        super().__init__(real)
         self.real = real
         self.seconds = seconds
         self.pushes = 0
@@ -269,15 +257,6 @@ class SlowTransport:
         time.sleep(self.seconds)
         self.pushes += 1
         return self.real.push(node_id, through_lsn, entries)
-
-    def node_status(self, node_id: str) -> Any:
-        return self.real.node_status(node_id)
-
-    def call(self, function: str, args: dict[str, Any]) -> Any:
-        return self.real.call(function, args)
-
-    def pull(self, *args: Any, **kwargs: Any) -> Any:
-        return self.real.pull(*args, **kwargs)
 
     def close(self) -> None:
         self.closed = True
@@ -347,7 +326,7 @@ def test_a_lease_taken_during_a_push_does_not_mark_merged_entries_fenced(pg_db: 
     finally:
         taker.join()
         transport.close()
-    assert [f["run_id"] for f in ack.fenced] == ["R1"]
+    assert [f.run_id for f in ack.fenced] == ["R1"]
     assert query(pg_db, "select key from walsync.fenced order by key") == [("runs/R1",)]
     assert query(pg_db, "select key from walsync.siblings order by key") == [
         ("runs/R2",), ("runs/slow/x",)]

@@ -35,9 +35,9 @@ from walsync.sync.cli import main
 from walsync.sync.config import transport_from_env
 from walsync.sync.migrate import MIGRATIONS_DIR, list_migrations, migrate
 from walsync.sync.postgres import PostgresTransport
-from walsync.sync.remote import Transport
 from walsync.sync.replicator import Replicator, ReplicatorOptions
 from walsync.sync.supabase import SupabaseTransport
+from walsync.sync.transport import Conflict, FencedRun, LeaseRenewal, StateCount, Transport
 
 pytestmark = pytest.mark.postgres
 
@@ -106,8 +106,7 @@ def populate(server: Server) -> tuple[Transport, Transport]:
     a, b = server.tenant("A"), server.tenant("B")
     a.push("n1", 3, records("n1", 3, 2))
     a.push("n2", 1, [entry("n2", 1, "k/n1/1/0", "A concurrent")])  # a conflict in A
-    assert a.call("lease_acquire", {"p_run_id": "r1", "p_holder": "n1",
-                                    "p_ttl_seconds": 600})["token"] == 1
+    assert a.lease_acquire("r1", "n1", 600).token == 1
     b.push("n1", 1, [entry("n1", 1, "b/only", "B's")])
     return a, b
 
@@ -119,12 +118,11 @@ def visible(t: Transport) -> dict[str, Any]:
         "pulled": sorted((e["origin"], e["lsn"], e["key"])
                          for e in t.pull("reader", 0, 10_000).entries),
         "head": t.head(),
-        "state": sorted((r["key"], r["origin"], r["lsn"]) for r in t.call(
-            "state_page", {"p_prefix": "", "p_after_key": None, "p_limit": 1000})["rows"]),
-        "count": t.call("state_count", {"p_prefix": ""}),
-        "conflicts": t.call("conflicts", {"p_prefix": "", "p_limit": 100}),
-        "leases": [(x["run_id"], x["holder"], x["token"])
-                   for x in t.call("leases", {"p_holder": None})],
+        "state": sorted((r.key, r.sibling.version.origin, r.sibling.version.lsn)
+                        for r in t.state_page("", None, 1000).rows),
+        "count": t.state_count(""),
+        "conflicts": t.conflicts("", 100),
+        "leases": [(x.run_id, x.holder, x.token) for x in t.leases()],
         "n1": (n1.acked_lsn, n1.pull_cursor),
     }
 
@@ -147,19 +145,19 @@ def test_tenant_reads_only_its_own_rows_through_every_read_function(server: Serv
     assert {k for k, _, _ in seen_a["state"]} == own_keys
     assert seen_a["pulled"] == sorted(
         [("n1", e["lsn"], e["key"]) for e in records("n1", 3, 2)] + [("n2", 1, "k/n1/1/0")])
-    assert (seen_a["head"], seen_a["count"]["keys"]) == (7, 6)
-    assert seen_a["conflicts"] == [{"key": "k/n1/1/0", "versions": 2}]
+    assert (seen_a["head"], seen_a["count"].keys) == (7, 6)
+    assert seen_a["conflicts"] == [Conflict("k/n1/1/0", 2)]
     assert seen_a["leases"] == [("r1", "n1", 1)]
     assert seen_a["n1"] == (3, 0)
     # B: its one row, positions counted from its own 1, none of A's rows, leases or nodes
     assert seen_b == {"pulled": [("n1", 1, "b/only")], "head": 1,
                       "state": [("b/only", "n1", 1)],
-                      "count": {"keys": 1, "bytes": seen_b["count"]["bytes"]},
+                      "count": StateCount(1, seen_b["count"].bytes),
                       "conflicts": [], "leases": [], "n1": (1, 0)}
     # a tenant that never wrote sees an empty server, and its pull cursor stays put
     c = server.tenant("C")
     assert visible(c) == {"pulled": [], "head": 0, "state": [],
-                          "count": {"keys": 0, "bytes": 0}, "conflicts": [], "leases": [],
+                          "count": StateCount(0, 0), "conflicts": [], "leases": [],
                           "n1": (0, 0)}
     assert c.pull("reader", 0, 100).next == 0
 
@@ -191,28 +189,21 @@ def test_tenant_cannot_take_renew_release_or_be_fenced_by_another_tenants_lease(
     lease_a = query(server.dsn, "select holder, token, expires_at from walsync.leases "
                                 "where tenant = 'A'")
     # B's calls with A's holder and token find no lease of B's: nothing of A's changes
-    assert b.call("lease_renew", {"p_run_id": "r1", "p_holder": "n1", "p_token": 1,
-                                  "p_ttl_seconds": 600}) == {
-        "renewed": False, "holder": None, "token": None, "expires_at": None}
-    assert b.call("lease_release", {"p_run_id": "r1", "p_holder": "n1",
-                                    "p_token": 1}) == {"released": False}
+    assert b.lease_renew("r1", "n1", 1, 600) == LeaseRenewal(False, None, None, None)
+    assert b.lease_release("r1", "n1", 1) is False
     # an unfenced write to run r1 is B's own business; A's lease refuses A's
     assert b.push("n1", 5, [entry("n1", 5, "runs/r1", "B's run")]).fenced == []
     refused = a.push("n7", 1, [entry("n7", 1, "runs/r1", "stale A write")])
-    assert (refused.inserted, refused.fenced) == (
-        0, [{"run_id": "r1", "current": 1, "holder": "n1"}])
+    assert (refused.inserted, refused.fenced) == (0, [FencedRun("r1", 1, "n1")])
     # taking "r1" gives B its own lease, token 1: A's lease is untouched
-    taken = b.call("lease_acquire", {"p_run_id": "r1", "p_holder": "b-host",
-                                     "p_ttl_seconds": 600})
-    assert (taken["acquired"], taken["holder"], taken["token"]) == (True, "b-host", 1)
+    taken = b.lease_acquire("r1", "b-host", 600)
+    assert (taken.acquired, taken.holder, taken.token) == (True, "b-host", 1)
     assert query(server.dsn, "select holder, token, expires_at from walsync.leases "
                              "where tenant = 'A'") == lease_a
-    assert a.call("lease_acquire", {"p_run_id": "r1", "p_holder": "other-a-host",
-                                    "p_ttl_seconds": 600})["acquired"] is False
-    assert a.call("lease_renew", {"p_run_id": "r1", "p_holder": "n1", "p_token": 1,
-                                  "p_ttl_seconds": 600})["renewed"] is True
-    assert b.call("leases", {"p_holder": None})[0]["holder"] == "b-host"
-    assert a.call("leases", {"p_holder": None})[0]["holder"] == "n1"
+    assert a.lease_acquire("r1", "other-a-host", 600).acquired is False
+    assert a.lease_renew("r1", "n1", 1, 600).renewed is True
+    assert b.leases()[0].holder == "b-host"
+    assert a.leases()[0].holder == "n1"
     assert query(server.dsn, "select tenant, run_id from walsync.fenced") == [("A", "r1")]
 
 
@@ -520,8 +511,8 @@ def test_migrate_repair_reapplies_tenant_mode_after_the_default_files(server: Se
     assert report.applied == [*DEFAULT_FILES, *TENANT_FILES]
     assert report.tenant_claim == "tenant_id"
     assert fingerprint(server.dsn) == scoped
-    assert b.call("state_count", {"p_prefix": ""})["keys"] == 1
-    assert a.call("state_count", {"p_prefix": ""})["keys"] == 6
+    assert b.state_count("").keys == 1
+    assert a.state_count("").keys == 6
     assert visible(b)["pulled"] == [("n1", 1, "b/only")]
     # a default file applied later (an upgrade) is followed by the tenant file again
     query(server.dsn, "delete from walsync.schema_migrations where version = %s returning 1",
@@ -565,7 +556,7 @@ def test_contract_flows_hold_for_the_default_tenant_and_for_a_tenant(server: Ser
         assert ([e["lsn"] for e in rest.entries], rest.next) == ([3, 3], 6)
         assert t.pull("n1", 0, 100).entries == []
         assert (t.node_status("n1").acked_lsn, t.node_status("n2").pull_cursor) == (3, 4)
-        assert t.call("head", {}) == {"head": 6, "schema_version": 1}
+        assert t.head() == 6
     assert query(server.dsn, "select tenant, pos from walsync.head order by 1") == [
         ("", 6), ("A", 6)]
 
