@@ -63,7 +63,7 @@ def _savers(ctx: Context, stack: contextlib.ExitStack, errors: dict[str, str]) -
         errors["walsync"] = f"skipped: engine did not import ({engine_error})"
     else:
         try:
-            from walsync.engine.langgraph_saver import WalsyncSaver
+            from walsync.engine.integrations.langgraph import WalsyncSaver
 
             savers["walsync"] = stack.enter_context(
                 WalsyncSaver.from_path(ctx.subdir("walsync") / "store"))

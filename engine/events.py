@@ -9,7 +9,7 @@ must not miss anything re-reads it (after an overflow, or on start-up)::
         for event in sub:
             ...
 
-    sub = store.events.subscribe(on_event, prefix="runs/")       # callback form
+    sub = store.events.subscribe(on_event, prefix="orders/")     # callback form
     ...
     sub.close()
 
@@ -138,22 +138,28 @@ class CommitEvent(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunEvent(Event):
-    """A run's status changed (``old_status`` None: the run was created)."""
+    """A run's status changed (``old_status`` None: the run was created).
+
+    ``key`` is the run record's key (the workflow layer spells it).
+    """
 
     kind: ClassVar[str] = "run"
+    key: str
     run_id: str
     old_status: str | None
     new_status: str
 
     def concerns(self, prefix: str) -> bool:
-        return f"runs/{self.run_id}".startswith(prefix)
+        return self.key.startswith(prefix)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepEvent(Event):
-    """A step's status changed (``old_status`` None: the step is new)."""
+    """A step's status changed (``old_status`` None: the step is new); ``key`` is the
+    step record's key."""
 
     kind: ClassVar[str] = "step"
+    key: str
     run_id: str
     step_id: str
     old_status: str | None
@@ -161,20 +167,22 @@ class StepEvent(Event):
     attempts: int
 
     def concerns(self, prefix: str) -> bool:
-        return f"runs/{self.run_id}/steps/{self.step_id}".startswith(prefix)
+        return self.key.startswith(prefix)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunCheckpointEvent(Event):
-    """A run's named checkpoint was ``created``, or the run ``rolled_back`` to it."""
+    """A run's named checkpoint was ``created``, or the run ``rolled_back`` to it;
+    ``key`` is the checkpoint's key."""
 
     kind: ClassVar[str] = "run_checkpoint"
+    key: str
     run_id: str
     name: str
     action: Literal["created", "rolled_back"]
 
     def concerns(self, prefix: str) -> bool:
-        return f"runs/{self.run_id}/checkpoints/{self.name}".startswith(prefix)
+        return self.key.startswith(prefix)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,17 +214,18 @@ class LeaseLostEvent(Event):
 
     ``token`` is the lease token those writes carried, ``current_token`` and
     ``holder`` the lease that won; ``lsn`` is the newest refused record. Stop
-    driving the run here.
+    driving the run here. ``key`` is the run record's key.
     """
 
     kind: ClassVar[str] = "lease_lost"
+    key: str
     run_id: str
     token: int
     current_token: int
     holder: str | None
 
     def concerns(self, prefix: str) -> bool:
-        return f"runs/{self.run_id}".startswith(prefix)
+        return self.key.startswith(prefix)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -466,10 +475,11 @@ class EventBus:
 
         ``kinds`` (names from KINDS or event classes) and ``prefix`` filter
         what is queued. The prefix is matched against the key an event
-        concerns: any of a commit's keys, a conflict's key, ``runs/<id>`` for
-        run and lease-lost events, ``runs/<id>/steps/<step>`` and
-        ``runs/<id>/checkpoints/<name>``; store checkpoints concern no key and
-        always pass. See the module docstring for order, overflow and failures.
+        concerns: any of a commit's keys, a conflict's key, the run record's key
+        for run and lease-lost events, the step's or the checkpoint's key for
+        step and run-checkpoint events (``walsync.engine.workflow.keys`` spells
+        them: ``keys.run(run_id)`` is a prefix of them all); store checkpoints
+        concern no key and always pass. See the module docstring for order, overflow and failures.
         """
         wanted = _kinds(kinds)
         if max_queued < 1:

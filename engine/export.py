@@ -47,9 +47,9 @@ from .errors import (
     WalsyncError,
 )
 from .record import CODEC_NONE, CODEC_ZSTD, MAX_PAYLOAD_BYTES, decode_value
-from .runs import keys as run_keys
 from .store import Store, _prefix_end
 from .versions import Sibling
+from .workflow import keys as run_keys
 
 __all__ = [
     "EXPORT_MAGIC",
@@ -237,11 +237,12 @@ def export_file(
 ) -> ExportSummary:
     """Write the whole store, the keys under ``prefix``, or one run to ``path``.
 
-    A run is its record (``runs/<id>``), everything under ``runs/<id>/`` and
-    its index entry. Keys are read in chunks of 1000, each chunk from one
-    snapshot; export a run nobody is driving for an exact picture of it. The
-    file is written beside ``path`` as a dot-prefixed ``.tmp``, fsynced and
-    renamed into place, so ``path`` never holds a partial export.
+    A run is its record, everything under it and its index entry
+    (``walsync.engine.workflow.keys``: ``.walsync/runs/<id>``...). Keys are
+    read in chunks of 1000, each chunk from one snapshot; export a run nobody
+    is driving for an exact picture of it. The file is written beside ``path``
+    as a dot-prefixed ``.tmp``, fsynced and renamed into place, so ``path``
+    never holds a partial export.
     ``progress(keys_done, keys_total)`` is called as keys are written.
     """
     if prefix is not None and run_id is not None:

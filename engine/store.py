@@ -68,6 +68,7 @@ from .errors import (
 from .events import CheckpointEvent, Event, EventBus
 from .feed import WALReader
 from .identity import NodeIdentity, chain_from_json, chain_to_json, relabel_version
+from .keyspace import reserved_refusal
 from .layout import StoreLayout
 from .lock import WriterLock, writer_is_alive
 from .metrics import StoreMetrics, StoreStats
@@ -239,10 +240,12 @@ class Batch:
     CommitResult) and discards everything otherwise.
     """
 
-    def __init__(self, store: Store, durability: Durability | str | None, fence: int = 0) -> None:
+    def __init__(self, store: Store, durability: Durability | str | None, fence: int = 0,
+                 internal: bool = False) -> None:
         self._store = store
         self._durability = durability
         self._fence = fence
+        self._internal = internal
         self.ops: list[Put | Delete] = []
         #: events published with the commit, after its CommitEvent (see Store.commit)
         self.notes: list[Event] = []
@@ -260,7 +263,7 @@ class Batch:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None and self.ops:
             self.result = self._store.commit(self.ops, durability=self._durability,
-                                             notes=self.notes)
+                                             notes=self.notes, internal=self._internal)
 
 
 class Store:
@@ -596,25 +599,37 @@ class Store:
         """Write a tombstone for ``key`` (a versioned delete, so sync can merge it)."""
         return self.commit([Delete(key, expect, fence)], durability=durability)
 
-    def batch(self, durability: Durability | str | None = None, *, fence: int = 0) -> Batch:
-        """Operations committed together; ``fence`` stamps a lease token on each (sync)."""
+    def batch(self, durability: Durability | str | None = None, *, fence: int = 0,
+              internal: bool = False) -> Batch:
+        """Operations committed together; ``fence`` stamps a lease token on each (sync);
+        ``internal`` as for ``commit``."""
         if durability is not None:
             _durability_of(durability)
         _check_fence(fence, "the batch")
-        return Batch(self, durability, fence)
+        return Batch(self, durability, fence, internal)
 
     def commit(
         self, ops: Sequence[Put | Delete], *, durability: Durability | str | None = None,
-        notes: Sequence[Event] = (),
+        notes: Sequence[Event] = (), internal: bool = False,
     ) -> CommitResult:
         """Commit operations as one atomic record.
 
         ``notes`` are events the commit carries (the workflow layer's run and
         step transitions): ``store.events`` publishes them, stamped with the
         commit's LSN, right after its CommitEvent, only if it commits.
+        ``internal=True`` is the door of walsync's own layers (the workflow
+        layer, the LangGraph saver) into the reserved namespace, whose keys
+        every other write is refused (engine/keyspace.py).
         """
         started = time.perf_counter_ns()
         try:
+            if not internal:
+                ops = _operations(ops)
+                for op in ops:
+                    key = getattr(op, "key", None)
+                    refusal = reserved_refusal(key) if type(key) is str else None
+                    if refusal is not None:
+                        raise InvalidKeyError(refusal)
             result = self._commit(ops, durability, notes)
         except WalsyncError as exc:
             self._metrics.record_error(exc)

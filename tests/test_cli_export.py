@@ -70,7 +70,7 @@ def test_export_then_import_moves_a_run_and_twice_changes_nothing(
     out = json.loads(ok("export", "-s", source, file, "--run", "r1", "--json").stdout)
     assert out["header"]["scope"] == "run"
     assert out["header"]["node_id"] == "src"
-    assert out["keys"] == 3  # index/runs/r1, runs/r1, runs/r1/steps/fetch
+    assert out["keys"] == 3  # the run's record, its index entry, its step "fetch"
     target = str(tmp_path / "target")
     ok("init", target, "--node-id", "dst")
     first = json.loads(ok("import", "-s", target, file, "--json").stdout)

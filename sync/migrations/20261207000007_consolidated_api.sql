@@ -129,11 +129,20 @@ begin
 end
 $$;
 
--- The run a key belongs to (runs/<id>, runs/<id>/..., index/runs/<id>), or null.
+-- The run a key belongs to, or null: .walsync/runs/<id>, anything under it, or
+-- .walsync/index/runs/<id> (walsync's reserved namespace: engine/FORMAT.md,
+-- "Keys"), or the same in the legacy spelling an older walsync wrote (runs/<id>,
+-- runs/<id>/..., index/runs/<id>), so that a host not yet upgraded stays fenced
+-- (sync/PROTOCOL.md, "Leases and fencing"). Its Python twin is
+-- walsync.engine.workflow.keys.run_of (tests/workflow/test_keys_sql.py).
 create or replace function walsync.run_of(p_key text) returns text
 language sql immutable parallel safe
 as $$
   select case
+    when pg_catalog.left(p_key, 14) = '.walsync/runs/'
+      then pg_catalog.split_part(pg_catalog.substr(p_key, 15), '/', 1)
+    when pg_catalog.left(p_key, 20) = '.walsync/index/runs/'
+      then pg_catalog.split_part(pg_catalog.substr(p_key, 21), '/', 1)
     when p_key like 'runs/%' then pg_catalog.split_part(pg_catalog.substr(p_key, 6), '/', 1)
     when p_key like 'index/runs/%' then pg_catalog.split_part(pg_catalog.substr(p_key, 12), '/', 1)
   end
@@ -251,8 +260,11 @@ begin
   -- tenants push without waiting for each other.
   perform pg_advisory_xact_lock(hashtext('walsync.push'), hashtext(v_tenant));
   insert into nodes (tenant, node_id) values (v_tenant, p_node) on conflict do nothing;
-  insert into head (tenant, pos) values (v_tenant, 0) on conflict do nothing;
   select pos into v_head from head where tenant = v_tenant for update;
+  if not found then  -- a tenant's first push
+    insert into head (tenant, pos) values (v_tenant, 0) on conflict do nothing;
+    select pos into v_head from head where tenant = v_tenant for update;
+  end if;
   -- the batch's LSN range bounds the duplicate checks below to an index range (as
   -- constants: a bound taken from the batch inside the query would not be one)
   select min(l), max(l) into v_min, v_max from unnest(p_lsn) l;
@@ -352,9 +364,11 @@ begin
   end if;
   if v_drop is not null then
     -- planned for its tids each time: a cached plan made while the table was small
-    -- could scan all of it
+    -- could scan all of it. The tids are this tenant's rows, read above under its
+    -- push lock (no other push moves them): a tenant filter here would only make a
+    -- scan read every row's last column.
     perform set_config('plan_cache_mode', 'force_custom_plan', true);
-    delete from siblings where tenant = v_tenant and ctid = any (v_drop);
+    delete from siblings where ctid = any (v_drop);
   end if;
   -- The wide columns, streamed from the arguments into the tables: one plan for
   -- every call (no join, nothing to estimate), never a copy of the arrays.
@@ -514,7 +528,8 @@ $$;
 -- skewed host clocks cannot make two holders believe they own a run at once.
 -- A holder taking its own lease again keeps its token; a new holder's token is
 -- above the lease row's and above every token the run's record was written
--- with on this server (its run and index keys' siblings): without a row, or
+-- with on this server (its run and index keys' siblings, in both spellings, as
+-- run_of; Python twin: walsync.engine.workflow.keys.record_keys): without a row, or
 -- with a row older than the run's data (a database restored from a backup, or
 -- filled again by re-shipping), tokens would otherwise start again below the
 -- ones hosts already wrote with.
@@ -538,7 +553,8 @@ begin
   if v_missing or (l.holder <> p_holder and l.expires_at <= now()) then
     select coalesce(max(s.fence), 0) into v_floor from siblings s
      where s.tenant = v_tenant
-       and s.key in ('runs/' || p_run_id, 'index/runs/' || p_run_id);
+       and s.key in ('.walsync/runs/' || p_run_id, '.walsync/index/runs/' || p_run_id,
+                     'runs/' || p_run_id, 'index/runs/' || p_run_id);
   end if;
   if v_missing then
     insert into leases (tenant, run_id, holder, token, expires_at)

@@ -340,7 +340,7 @@ def _rollback(run_id: str, doc: Mapping[str, Any]) -> Callable[[Store], Any]:
         report = Workflows(store).get_run(run_id).rollback(name)
         return {"run_id": run_id, "checkpoint": report.checkpoint, "rollback": report.rollback,
                 "discarded_steps": report.discarded_steps,
-                "restored_steps": report.restored_steps}
+                "reverted_steps": report.reverted_steps}
 
     return act
 

@@ -24,8 +24,7 @@ from walsync.engine.check import VerifyReport
 from walsync.engine.errors import WalsyncError
 from walsync.engine.layout import StoreLayout
 from walsync.engine.lock import read_holder_pid, writer_is_alive
-from walsync.engine.runs import RUN_STATUSES, Cost, StepRecord, keys
-from walsync.engine.workflow import Run, Workflows
+from walsync.engine.workflow import RUN_STATUSES, Cost, Run, StepRecord, Workflows, keys
 
 __all__ = [
     "PREVIEW_CHARS",

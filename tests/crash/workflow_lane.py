@@ -45,8 +45,7 @@ from tests.crash.workflow_load import (
 )
 from walsync import engine
 from walsync.engine import Store
-from walsync.engine.runs import RunStatus, StepStatus
-from walsync.engine.workflow import Run, Workflows
+from walsync.engine.workflow import Run, RunStatus, StepStatus, Workflows
 
 ENTRY = "tests.crash.workflow_load:drive"
 CHILD_TIMEOUT_SECONDS = 60.0

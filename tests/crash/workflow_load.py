@@ -108,8 +108,7 @@ class _RolledBack(Exception):
 def drive(report_fd: int, args: dict[str, Any]) -> int:
     from walsync.engine import Store
     from walsync.engine.errors import StepNeedsAttentionError
-    from walsync.engine.runs import StepStatus
-    from walsync.engine.workflow import Workflows
+    from walsync.engine.workflow import StepStatus, Workflows
 
     config = WorkflowChildConfig(**args)
     ledger = Path(config.ledger)

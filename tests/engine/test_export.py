@@ -67,7 +67,7 @@ from walsync.engine.record import (
 )
 from walsync.engine.versions import Sibling, Version
 from walsync.engine.wal import scan_segment
-from walsync.engine.workflow import Workflows
+from walsync.engine.workflow import Workflows, keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPORT_MD = Path(export_module.__file__).with_name("EXPORT.md")
@@ -222,7 +222,7 @@ def test_export_run_holds_exactly_that_run_and_imports_it(
     source: Store, target: Store, tmp_path: Path
 ) -> None:
     _make_run(source, "r1", 3)
-    _make_run(source, "r10", 2)  # shares the prefix "runs/r1"
+    _make_run(source, "r10", 2)  # its keys begin with keys.run("r1")
     path = tmp_path / "r1.wsx"
     summary = export_file(source, path, run_id="r1")
     assert summary.header.scope == "run"
@@ -232,7 +232,8 @@ def test_export_run_holds_exactly_that_run_and_imports_it(
         reader = ExportReader(stream, name=str(path), size=path.stat().st_size)
         exported = sorted({key for key, _ in reader.records()})
     expected = sorted(k for k, _ in source.iter_siblings()
-                      if k in ("runs/r1", "index/runs/r1") or k.startswith("runs/r1/"))
+                      if k in (keys.run("r1"), keys.index("r1"))
+                      or k.startswith(keys.all_of_run("r1")))
     assert exported == expected
     assert any("/outputs/" in k for k in exported)
     assert any("/checkpoints/" in k for k in exported)

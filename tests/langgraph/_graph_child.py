@@ -32,7 +32,7 @@ from typing import Annotated, Any, TypedDict
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
-from walsync.engine.langgraph_saver import WalsyncSaver
+from walsync.engine.integrations.langgraph import WalsyncSaver
 
 HANG_SECONDS = 60.0
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from walsync.engine import Store
-from walsync.engine.langgraph_saver import WalsyncSaver
+from walsync.engine.integrations.langgraph import WalsyncSaver
 
 
 @pytest.fixture

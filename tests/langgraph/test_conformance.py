@@ -16,7 +16,7 @@ from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.capabilities import ALL_CAPABILITIES
 
 from walsync.engine import Store
-from walsync.engine.langgraph_saver import WalsyncSaver
+from walsync.engine.integrations.langgraph import WalsyncSaver
 
 
 @checkpointer_test(name="WalsyncSaver")

@@ -21,9 +21,9 @@ import pytest
 from langgraph.checkpoint.base import Checkpoint, CheckpointMetadata, empty_checkpoint
 from langgraph.graph import END, START, StateGraph
 
-import walsync.engine.langgraph_saver as saver_module
+import walsync.engine.integrations.langgraph as saver_module
 from walsync.engine import Delete, FormatVersionError, Put, Store
-from walsync.engine.langgraph_saver import LAYOUT, WalsyncSaver
+from walsync.engine.integrations.langgraph import LAYOUT, WalsyncSaver
 
 
 def cfg(thread_id: str, ns: str | None = "", checkpoint_id: str | None = None) -> Any:
@@ -170,13 +170,13 @@ def test_alist_yields_newest_first_with_filter_and_before(saver: WalsyncSaver) -
 
 
 def index_entries(store: Store) -> set[tuple[str, str, str]]:
-    return {tuple(v) for _, v in store.scan("lg/t/")}  # type: ignore[misc]
+    return {tuple(v) for _, v in store.scan(".walsync/lg/t/")}  # type: ignore[misc]
 
 
 def subgraph_checkpoints(store: Store) -> set[tuple[str, str, str]]:
     """What the thread index must hold: every checkpoint outside the root namespace."""
     return {(r["thread_id"], r["checkpoint_ns"], r["checkpoint_id"])
-            for _, r in store.scan("lg/c/") if r["checkpoint_ns"]}
+            for _, r in store.scan(".walsync/lg/c/") if r["checkpoint_ns"]}
 
 
 class Counter(TypedDict):
@@ -223,7 +223,7 @@ def test_thread_list_merges_the_root_and_subgraph_namespaces_by_id(
     assert "" in namespaces
     assert [c.checkpoint["id"] for c in listed] == sorted(
         (c for _, _, c in {(r["thread_id"], r["checkpoint_ns"], r["checkpoint_id"])
-                           for _, r in store.scan("lg/c/")}), reverse=True)
+                           for _, r in store.scan(".walsync/lg/c/")}), reverse=True)
     assert index_entries(store) == subgraph_checkpoints(store) != set()
     assert graph.invoke({"value": 10}, cfg("t"))["value"] == 14
     # one checkpoint by id, without its namespace, from either stream
@@ -246,7 +246,7 @@ def test_every_maintenance_call_keeps_the_thread_index_whole(
     assert ids_newest_first(saver, "a2") == ids_newest_first(saver, "a")
     saver.delete_thread("a")
     assert index_entries(store) == subgraph_checkpoints(store)
-    assert store.keys("lg/t/a/") == []
+    assert store.keys(".walsync/lg/t/a/") == []
     saver.delete_for_runs(["run-b"])
     assert index_entries(store) == subgraph_checkpoints(store)
     assert ids_newest_first(saver, "b") == []
@@ -261,16 +261,17 @@ def test_every_maintenance_call_keeps_the_thread_index_whole(
 
 def to_layout_1(store: Store) -> None:
     """Layout 1 is the current layout without the thread index and without
-    ``lg/layout`` (records, channel values, writes and the run index are the same)."""
-    store.commit([Delete(k) for k in [*store.keys("lg/t/"), "lg/layout"]])
+    ``.walsync/lg/layout`` (records, channel values, writes and the run index are the same)."""
+    store.commit([Delete(k) for k in [*store.keys(".walsync/lg/t/"), ".walsync/lg/layout"]],
+                 internal=True)
 
 
 def to_layout_2(saver: WalsyncSaver) -> None:
     """Layout 2 indexed root checkpoints too."""
     saver.store.commit([
         *(saver._index_put(r["thread_id"], "", r["checkpoint_id"])
-          for _, r in saver.store.scan("lg/c/") if not r["checkpoint_ns"]),
-        Put("lg/layout", 2)])
+          for _, r in saver.store.scan(".walsync/lg/c/") if not r["checkpoint_ns"]),
+        Put(".walsync/lg/layout", 2)], internal=True)
 
 
 def test_layout_1_store_is_indexed_on_first_use(tmp_path: Path,
@@ -281,10 +282,10 @@ def test_layout_1_store_is_indexed_on_first_use(tmp_path: Path,
         fill_thread(saver, "u/v", 4)
         expected = index_entries(saver.store)
         to_layout_1(saver.store)
-        assert saver.store.keys("lg/t/") == []
+        assert saver.store.keys(".walsync/lg/t/") == []
     monkeypatch.setattr(saver_module, "_MIGRATE_CHUNK", 3)  # several commits
     with WalsyncSaver.from_path(path) as saver:
-        assert saver.store.get("lg/layout") == LAYOUT
+        assert saver.store.get(".walsync/lg/layout") == LAYOUT
         assert index_entries(saver.store) == expected == subgraph_checkpoints(saver.store)
         assert len(expected) == 7
         assert ids_newest_first(saver, "t") == ids[::-1]
@@ -306,7 +307,7 @@ def test_layout_2_store_drops_its_root_entries(tmp_path: Path) -> None:
         assert len(index_entries(saver.store)) == 10
         assert len(expected) == 5
     with WalsyncSaver.from_path(path) as saver:
-        assert saver.store.get("lg/layout") == LAYOUT
+        assert saver.store.get(".walsync/lg/layout") == LAYOUT
         assert index_entries(saver.store) == expected
         assert ids_newest_first(saver, "t") == ids[::-1]
 
@@ -317,7 +318,7 @@ def test_migration_cut_short_is_finished_by_the_next_saver(tmp_path: Path) -> No
         ids = fill_thread(saver, "t", 7)
         to_layout_1(saver.store)
         # as if a migration died after its first commit
-        saver.store.commit([saver._index_put("t", "child:1", ids[1])])
+        saver.store.commit([saver._index_put("t", "child:1", ids[1])], internal=True)
     with WalsyncSaver.from_path(path) as saver:
         assert index_entries(saver.store) == subgraph_checkpoints(saver.store)
         assert ids_newest_first(saver, "t") == ids[::-1]
@@ -343,7 +344,7 @@ def test_read_only_old_store_lists_without_the_index(tmp_path: Path, layout: int
 
 
 def test_unknown_layout_is_refused(store: Store) -> None:
-    store.put("lg/layout", LAYOUT + 1)
+    store.commit([Put(".walsync/lg/layout", LAYOUT + 1)], internal=True)
     with pytest.raises(FormatVersionError, match=f"key layout {LAYOUT + 1}"):
         WalsyncSaver(store)
 
@@ -352,10 +353,10 @@ def test_a_saver_on_a_fresh_store_writes_nothing_until_its_first_put(store: Stor
     lsn = store.next_lsn
     saver = WalsyncSaver(store)
     assert store.next_lsn == lsn
-    assert store.get("lg/layout") is None
+    assert store.get(".walsync/lg/layout") is None
     saver.put(cfg("t"), checkpoint("1", {}, {}), md(0), {})
     assert store.next_lsn == lsn + 1
-    assert store.get("lg/layout") == LAYOUT
+    assert store.get(".walsync/lg/layout") == LAYOUT
 
 
 def test_migration_needs_no_replicator_for_a_remote_durability_saver(store: Store) -> None:
@@ -363,5 +364,5 @@ def test_migration_needs_no_replicator_for_a_remote_durability_saver(store: Stor
     ids = fill_thread(WalsyncSaver(store), "t", 6)
     to_layout_1(store)
     saver = WalsyncSaver(store, durability="remote")
-    assert store.get("lg/layout") == LAYOUT
+    assert store.get(".walsync/lg/layout") == LAYOUT
     assert ids_newest_first(saver, "t") == ids[::-1]

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from walsync.engine.langgraph_saver import WalsyncSaver
+from walsync.engine.integrations.langgraph import WalsyncSaver
 
 from ._graph_child import chain_graph, config, read_effects
 

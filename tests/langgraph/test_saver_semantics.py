@@ -20,8 +20,8 @@ from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.serde.types import ERROR
 from langgraph.graph import END, START, StateGraph
 
-from walsync.engine import FormatVersionError, Store, StoreClosedError
-from walsync.engine.langgraph_saver import WalsyncSaver, _index_id, _segment, _sortable
+from walsync.engine import FormatVersionError, Put, Store, StoreClosedError
+from walsync.engine.integrations.langgraph import WalsyncSaver, _index_id, _segment, _sortable
 
 
 def cfg(thread_id: str, ns: str = "", checkpoint_id: str | None = None) -> Any:
@@ -85,12 +85,12 @@ def test_saver_key_layout_writes_only_what_changed(store: Store, saver: WalsyncS
     saver.put(cfg("t", "", "1"), checkpoint("2", {"a": "A2", "b": "B"}, {"a": "2", "b": "1"}),
               md(1, run_id="r1"), {"a": "2"})
     saver.put_writes(first, [("a", "w")], "task")
-    assert store.keys("lg/") == [
-        "lg/b/t//a/1", "lg/b/t//a/2", "lg/b/t//b/1",
-        "lg/c/t//1", "lg/c/t//2",
-        "lg/layout",
-        "lg/r/r1/t//1", "lg/r/r1/t//2",
-        "lg/w/t//1/task/0",
+    assert store.keys(".walsync/lg/") == [
+        ".walsync/lg/b/t//a/1", ".walsync/lg/b/t//a/2", ".walsync/lg/b/t//b/1",
+        ".walsync/lg/c/t//1", ".walsync/lg/c/t//2",
+        ".walsync/lg/layout",
+        ".walsync/lg/r/r1/t//1", ".walsync/lg/r/r1/t//2",
+        ".walsync/lg/w/t//1/task/0",
     ]
     latest = saver.get_tuple(cfg("t"))
     assert latest is not None
@@ -118,8 +118,9 @@ def test_saver_escapes_slashes_and_keeps_id_order(saver: WalsyncSaver, store: St
         assert [t.checkpoint["id"] for t in saver.list(whole)] == sorted(ids, reverse=True)
         assert [t.checkpoint["id"] for t in saver.list(whole, before=cfg(thread, "", "a/"))] == \
             before
-    slashes = {"b": 5, "c": 4, "w": 6, "t": 3}
-    assert all(k.count("/") == slashes[k[3]] for k in store.keys("lg/") if k != "lg/layout")
+    slashes = {"b": 6, "c": 5, "w": 7, "t": 4}
+    assert all(k.count("/") == slashes[k[len(saver.root)]]
+               for k in store.keys(saver.root) if k != f"{saver.root}layout")
 
 
 def test_saver_hashes_long_segments(saver: WalsyncSaver, store: Store) -> None:
@@ -129,7 +130,7 @@ def test_saver_hashes_long_segments(saver: WalsyncSaver, store: Store) -> None:
     assert got is not None
     assert got.config["configurable"]["checkpoint_ns"] == long_ns
     assert got.checkpoint["channel_values"] == {"a": 1}
-    assert max(len(k.encode()) for k in store.keys("lg/")) < 200
+    assert max(len(k.encode()) for k in store.keys(".walsync/lg/")) < 200
 
 
 @given(st.text(), st.text())
@@ -153,8 +154,8 @@ def test_index_id_sorts_like_the_id_whatever_follows(a: str, b: str, x: str, y: 
 
 def test_saver_refuses_unknown_record_format(saver: WalsyncSaver, store: Store) -> None:
     saver.put(cfg("t"), checkpoint("1", {}, {}), md(0), {})
-    record = store.get("lg/c/t//1")
-    store.put("lg/c/t//1", {**record, "format": 99})
+    record = store.get(".walsync/lg/c/t//1")
+    store.commit([Put(".walsync/lg/c/t//1", {**record, "format": 99})], internal=True)
     with pytest.raises(FormatVersionError, match="format 99"):
         saver.get_tuple(cfg("t"))
 
@@ -247,13 +248,14 @@ def test_saver_delete_for_runs_collects_only_unreferenced_values(
     saver.put(cfg("t", "", "1"), checkpoint("2", {"a": "A", "b": "B"}, {"a": "1", "b": "1"}),
               md(1, run_id="r2"), {"b": "1"})
     saver.delete_for_runs(["r1"])
-    assert store.keys("lg/") == ["lg/b/t//a/1", "lg/b/t//b/1", "lg/c/t//2", "lg/layout",
-                                 "lg/r/r2/t//2"]
+    assert store.keys(".walsync/lg/") == [
+        ".walsync/lg/b/t//a/1", ".walsync/lg/b/t//b/1", ".walsync/lg/c/t//2",
+        ".walsync/lg/layout", ".walsync/lg/r/r2/t//2"]
     got = saver.get_tuple(cfg("t"))
     assert got is not None
     assert got.checkpoint["channel_values"] == {"a": "A", "b": "B"}
     saver.delete_for_runs(["r2"])
-    assert store.keys("lg/") == ["lg/layout"]
+    assert store.keys(".walsync/lg/") == [".walsync/lg/layout"]
 
 
 def test_saver_prune_keep_latest_collects_values(saver: WalsyncSaver, store: Store) -> None:
@@ -264,8 +266,9 @@ def test_saver_prune_keep_latest_collects_values(saver: WalsyncSaver, store: Sto
     assert len(list(saver.list(cfg("t")))) == 1
     latest = saver.get_tuple(cfg("t"))
     assert latest is not None
-    wanted = {f"lg/b/t//{ch}/{v}" for ch, v in latest.checkpoint["channel_versions"].items()}
-    assert set(store.keys("lg/b/")) <= wanted
+    wanted = {f".walsync/lg/b/t//{ch}/{v}"
+              for ch, v in latest.checkpoint["channel_versions"].items()}
+    assert set(store.keys(".walsync/lg/b/")) <= wanted
     assert graph.invoke({"value": 10}, cfg("t")) == {
         "value": 13, "log": ["step00", "step01", "step02"] * 2}
     with pytest.raises(ValueError, match="unknown prune strategy"):

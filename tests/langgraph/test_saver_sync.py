@@ -9,7 +9,7 @@ from langgraph.types import Command
 
 from tests.langgraph._graph_child import config, question_graph
 from walsync.engine import Store
-from walsync.engine.langgraph_saver import WalsyncSaver
+from walsync.engine.integrations.langgraph import WalsyncSaver
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport
 from walsync.sync.replicator import Replicator, ReplicatorOptions

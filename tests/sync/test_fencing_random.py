@@ -36,16 +36,15 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 
 from tests.gateway import PostgrestGateway
 from tests.sync._helpers import local_entries, query, supabase_transport
-from walsync.engine import LeaseLostEvent, Store
+from walsync.engine import LeaseLostEvent, Put, Store
 from walsync.engine.errors import ConflictError, LeaseHeldError, LeaseLostError
 from walsync.engine.events import Subscription
-from walsync.engine.runs import RunRecord, keys
-from walsync.engine.workflow import Run, Workflows, held_lease
+from walsync.engine.workflow import Run, RunRecord, Workflows, held_lease, keys
 from walsync.sync.lease import Leases
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport
 from walsync.sync.remote import Transport
-from walsync.sync.replicator import Replicator, ReplicatorOptions, _run_of
+from walsync.sync.replicator import Replicator, ReplicatorOptions
 from walsync.sync.restore import restore
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(600)]
@@ -237,7 +236,8 @@ class FencingModel(RuleBasedStateMachine):
         elif which == "own":
             token = max(host.acquired.get(run_id, {0}))
         n = self._next()
-        host.store.put(f"runs/{run_id}/raw/{n}", n, fence=token)
+        host.store.commit([Put(f"{keys.all_of_run(run_id)}raw/{n}", n, fence=token)],
+                          internal=True)
 
     # -- sync --------------------------------------------------------------------------
 
@@ -252,7 +252,7 @@ class FencingModel(RuleBasedStateMachine):
         host.rep.ship()
         assert host.rep.acked_lsn == host.store.applied_lsn
         shipped = [e for e in local_entries(host.store)
-                   if after < e["lsn"] <= host.rep.acked_lsn and _run_of(e["key"]) in self.runs]
+                   if after < e["lsn"] <= host.rep.acked_lsn and keys.run_of(e["key"]) in self.runs]
         if not shipped:
             return
         stored = {(lsn, key) for lsn, key in query(
@@ -263,7 +263,7 @@ class FencingModel(RuleBasedStateMachine):
                       "where origin = %s and lsn > %s", (node, after))}
         refused_runs: dict[str, tuple[int, str | None]] = {}
         for e in shipped:
-            run_id = _run_of(e["key"])
+            run_id = keys.run_of(e["key"])
             assert run_id is not None
             ident = (e["lsn"], e["key"])
             if run_id in leases:
@@ -317,7 +317,7 @@ class FencingModel(RuleBasedStateMachine):
         old.lost.close()
         old.store.close()
         directory = self.root / f"h{h}-{self._next()}"
-        report = restore(self._transport(), directory, prefix=f"runs/{self.tag}-")
+        report = restore(self._transport(), directory, prefix=f"{keys.RUNS}{self.tag}-")
         store = Store.open(directory, create=False)
         assert store.node_id == report.node_id != old.store.node_id
         for run_id in self.runs:

@@ -30,8 +30,7 @@ from tests.sync._hostloss_child import (
 from walsync.engine import Store
 from walsync.engine.errors import LeaseHeldError
 from walsync.engine.record import decode_value
-from walsync.engine.runs import RunStatus, StepStatus
-from walsync.engine.workflow import Workflows
+from walsync.engine.workflow import RunStatus, StepStatus, Workflows, keys
 from walsync.sync.lease import Leases
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport
@@ -160,17 +159,17 @@ def test_lost_host_run_is_restored_and_resumed_elsewhere(pg_db: str, tmp_path: P
             rep.stop()
             leases.transport.close()
 
-    run_row = server_state(pg_db, f"runs/{RUN_ID}")
+    run_row = server_state(pg_db, keys.run(RUN_ID))
     assert run_row is not None
     assert (run_row["origin"], run_row["fence"]) == (b_node, lease.token)
     assert run_row["value"]["status"] == "completed"
     assert run_row["value"]["owner_node"] == b_node
-    index_row = server_state(pg_db, f"index/runs/{RUN_ID}")
+    index_row = server_state(pg_db, keys.index(RUN_ID))
     assert index_row is not None
     assert index_row["origin"] == b_node
     assert index_row["value"]["status"] == "completed"
     for i in range(1, STEPS + 1):
-        row = server_state(pg_db, f"runs/{RUN_ID}/steps/{step_id(i)}")
+        row = server_state(pg_db, keys.step(RUN_ID, step_id(i)))
         assert row is not None
         assert row["value"]["status"] == "success"
         assert row["origin"] == (a_node if i <= HALF else b_node)
@@ -180,7 +179,7 @@ def test_lost_host_run_is_restored_and_resumed_elsewhere(pg_db: str, tmp_path: P
         (b_acked,) = one(conn,
             "select acked_lsn from walsync.nodes where node_id = %s", (b_node,))
     # Only A's unfenced creation of the run was refused; none of B's writes.
-    assert sorted(fenced) == [(a_node, f"index/runs/{RUN_ID}", 0), (a_node, f"runs/{RUN_ID}", 0)]
+    assert sorted(fenced) == [(a_node, keys.index(RUN_ID), 0), (a_node, keys.run(RUN_ID), 0)]
     assert b_acked > 0
     transport.close()
 

@@ -22,7 +22,7 @@ from tests.sync._hostloss_child import REPLICATOR_OPTIONS, one, reap, spawn, wai
 from walsync.engine import Store
 from walsync.engine.errors import LeaseLostError, RemoteUnavailableError
 from walsync.engine.record import decode_value
-from walsync.engine.workflow import Workflows
+from walsync.engine.workflow import Workflows, keys
 from walsync.sync.lease import Leases
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport, classify
@@ -98,10 +98,10 @@ def test_paused_holder_is_fenced_and_told(pg_db: str, tmp_path: Path) -> None:
         rep.wait_acknowledged(store.applied_lsn, 20)
         pulled_up_to_head(rep, pg_db, 10)
         assert rep.status().lost_runs == {}
-        b_run = store.get(f"runs/{RUN_ID}")
-        b_index = store.get(f"index/runs/{RUN_ID}")
-        b_run_siblings = len(store.get_versions(f"runs/{RUN_ID}"))
-        b_keys = set(store.keys(f"runs/{RUN_ID}/steps/"))
+        b_run = store.get(keys.run(RUN_ID))
+        b_index = store.get(keys.index(RUN_ID))
+        b_run_siblings = len(store.get_versions(keys.run(RUN_ID)))
+        b_keys = set(store.keys(keys.steps(RUN_ID)))
     finally:
         reap(proc)
         rep.stop()
@@ -146,7 +146,7 @@ def test_paused_holder_is_fenced_and_told(pg_db: str, tmp_path: Path) -> None:
         assert max(accepted_lsns) < min(fenced_lsns)
         fenced_keys = {r[1] for r in fenced}
         for w in after:
-            assert f"runs/{RUN_ID}/steps/{w['step']}" in fenced_keys
+            assert keys.step(RUN_ID, w["step"]) in fenced_keys
             assert w["lsn"] in fenced_lsns
         assert report["final_lsn"] in fenced_lsns  # the run's completion by A
         # Every write of A is accounted for: accepted or fenced, never both, never lost.
@@ -154,8 +154,8 @@ def test_paused_holder_is_fenced_and_told(pg_db: str, tmp_path: Path) -> None:
                                                         report["final_lsn"] + 1))
 
         # --- B's state wins on the server. ---
-        run_row = server_winner(conn, f"runs/{RUN_ID}")
-        index_row = server_winner(conn, f"index/runs/{RUN_ID}")
+        run_row = server_winner(conn, keys.run(RUN_ID))
+        index_row = server_winner(conn, keys.index(RUN_ID))
         assert run_row is not None
         assert index_row is not None
         assert (run_row["origin"], run_row["fence"]) == (b_node, lease.token)
@@ -178,9 +178,9 @@ def test_paused_holder_is_fenced_and_told(pg_db: str, tmp_path: Path) -> None:
     assert b_run["status"] == "completed"
     assert b_run_siblings == 1
     for w in after:
-        assert f"runs/{RUN_ID}/steps/{w['step']}" not in b_keys
-    assert f"runs/{RUN_ID}/steps/b001" in b_keys
-    assert f"runs/{RUN_ID}/steps/b002" in b_keys
+        assert keys.step(RUN_ID, w["step"]) not in b_keys
+    assert keys.step(RUN_ID, "b001") in b_keys
+    assert keys.step(RUN_ID, "b002") in b_keys
 
     # --- A's own store, after one pull: B's run record wins there too (highest fence). ---
     assert report["local_run_after_pull"]["owner_node"] == b_node

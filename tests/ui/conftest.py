@@ -22,8 +22,7 @@ import pytest
 
 from tests.ui.stores import ROOT, add_showcase_runs_in_child, make_demo_store
 from walsync.engine import Store
-from walsync.engine.runs import Cost
-from walsync.engine.workflow import Workflows
+from walsync.engine.workflow import Cost, Workflows
 from walsync.sync.ui import DashboardServer, serve
 
 

@@ -9,15 +9,20 @@ from typing import Any
 
 import pytest
 
+from tests.workflow._internal import delete_internal, put_internal
 from walsync.engine import Store
 from walsync.engine.errors import CheckpointNotFoundError, RunNotFoundError, SchemaVersionError
-from walsync.engine.runs import RunStatus, StepRecord, StepStatus, keys, utcnow
 from walsync.engine.workflow import (
     RetentionPolicy,
     Run,
     RunState,
+    RunStatus,
+    StepRecord,
+    StepStatus,
     Workflows,
     current_step,
+    keys,
+    utcnow,
 )
 
 
@@ -77,7 +82,7 @@ def test_run_checkpoint_is_durable_after_reopen(store_path: Path) -> None:
         ]
 
 
-def test_run_rollback_restores_steps_and_run_and_keeps_discarded(store_path: Path) -> None:
+def test_run_rollback_reverts_steps_and_run_and_keeps_discarded(store_path: Path) -> None:
     bodies = Bodies()
     with Store.open(store_path) as s1:
         wf = Workflows(s1, inline_output_bytes=256)
@@ -97,7 +102,7 @@ def test_run_rollback_restores_steps_and_run_and_keeps_discarded(store_path: Pat
         assert report.checkpoint == "two-done"
         assert report.rollback == 1
         assert sorted(report.discarded_steps) == ["c", "d"]
-        assert report.restored_steps == []
+        assert report.reverted_steps == []
         assert sorted(run.steps) == ["a", "b"]
         assert run.record.steps_done == 2
         assert run.record.progress == 50.0
@@ -134,7 +139,7 @@ def test_run_rollback_restores_steps_and_run_and_keeps_discarded(store_path: Pat
         assert run.discarded()[1]["c"] == discarded[1]["c"]
 
 
-def test_run_rollback_restores_changed_step_records(wf: Workflows) -> None:
+def test_run_rollback_reverts_changed_step_records(wf: Workflows) -> None:
     run = wf.run("w", "r")
     flaky_calls = 0
 
@@ -159,7 +164,7 @@ def test_run_rollback_restores_changed_step_records(wf: Workflows) -> None:
         run.step("flaky", flaky)
     assert run.steps["flaky"].status == StepStatus.SUCCESS
     report = run.rollback("after-failure")
-    assert report.restored_steps == ["flaky"]
+    assert report.reverted_steps == ["flaky"]
     assert report.discarded_steps == ["flaky"]
     assert run.steps["flaky"].status == StepStatus.FAILURE
     assert wf.store.get(keys.step("r", "flaky"))["status"] == "failure"
@@ -185,8 +190,8 @@ def test_run_rollback_to_unknown_checkpoint_raises(wf: Workflows) -> None:
 # ---------------------------------------------------------------- restoration protocol
 
 
-def test_workflows_restore_without_state_starts_fresh(wf: Workflows) -> None:
-    got = wf.restore("r", "w", inputs={"x": 1})
+def test_workflows_recover_without_state_starts_fresh(wf: Workflows) -> None:
+    got = wf.recover("r", "w", inputs={"x": 1})
     assert got.outcome == "fresh"
     assert "no saved state" in got.reason
     assert got.run.status == RunStatus.PENDING
@@ -197,7 +202,7 @@ def test_workflows_restore_without_state_starts_fresh(wf: Workflows) -> None:
     assert wf.get_run("r").run_id == "r"
 
 
-def test_workflows_restore_valid_state_counts_and_hands_back_work(store_path: Path) -> None:
+def test_workflows_recover_valid_state_counts_and_hands_back_work(store_path: Path) -> None:
     questions = [{"id": "q1", "text": "approve the refund?"}]
     with Store.open(store_path) as s1:
         wf = Workflows(s1)
@@ -205,12 +210,13 @@ def test_workflows_restore_valid_state_counts_and_hands_back_work(store_path: Pa
         with run:
             run.step("a", lambda: 1)
             run.pause("waiting for answers")
-        s1.put(keys.step("r", "b"), StepRecord("b", StepStatus.PENDING.value, seq=5).to_dict())
-        s1.put(keys.step("r", "c"), StepRecord("c", StepStatus.RUNNING.value, seq=6,
-                                               idempotent=False).to_dict())
+        put_internal(s1, keys.step("r", "b"),
+                     StepRecord("b", StepStatus.PENDING.value, seq=5).to_dict())
+        put_internal(s1, keys.step("r", "c"),
+                     StepRecord("c", StepStatus.RUNNING.value, seq=6, idempotent=False).to_dict())
         before = utcnow()
-        got = wf.restore("r", "w", source="supervisor-restart")
-        assert got.outcome == "restored"
+        got = wf.recover("r", "w", source="supervisor-restart")
+        assert got.outcome == "recovered"
         assert got.problems == []
         assert got.pending_questions == questions
         assert got.waiting_steps == ["b", "c"]
@@ -221,8 +227,8 @@ def test_workflows_restore_valid_state_counts_and_hands_back_work(store_path: Pa
         assert got.run.record.metadata["tasks"] == ["t1"]
     with Store.open(store_path) as s2:
         wf = Workflows(s2)
-        again = wf.restore("r", "w", source="second-restart")
-        assert again.outcome == "restored"
+        again = wf.recover("r", "w", source="second-restart")
+        assert again.outcome == "recovered"
         assert again.run.record.restoration_count == 2
         assert again.run.record.restoration_source == "second-restart"
         stored = wf.get_run("r").record
@@ -249,11 +255,11 @@ def _at_most_two_done(state: RunState) -> list[str]:
     return [] if done <= 2 else [f"{done} steps done, at most 2 allowed"]
 
 
-def test_workflows_restore_invalid_by_validator_uses_newest_valid_checkpoint(
+def test_workflows_recover_invalid_by_validator_uses_newest_valid_checkpoint(
     wf: Workflows,
 ) -> None:
     _run_with_checkpoints(wf)
-    got = wf.restore("r", "w", validator=_at_most_two_done, source="sup")
+    got = wf.recover("r", "w", validator=_at_most_two_done, source="sup")
     assert got.outcome == "checkpoint"
     assert "two" in got.reason
     assert got.problems == ["4 steps done, at most 2 allowed"]
@@ -280,13 +286,13 @@ def test_workflows_validate_accepts_every_validator_form(wf: Workflows, verdict:
 
     problems = wf.validate(run.state(), validator)
     assert len(problems) == 1
-    got = wf.restore("r", "w", validator=validator)
+    got = wf.recover("r", "w", validator=validator)
     assert got.outcome == "checkpoint"
     assert sorted(got.run.steps) == ["s0", "s1", "s2"]
 
 
 @pytest.mark.parametrize("broken", ["step-status", "run-status", "steps-done", "output"])
-def test_workflows_restore_structurally_broken_state_uses_checkpoint(
+def test_workflows_recover_structurally_broken_state_uses_checkpoint(
     wf: Workflows, broken: str
 ) -> None:
     wf.inline_output_bytes = 64
@@ -294,17 +300,17 @@ def test_workflows_restore_structurally_broken_state_uses_checkpoint(
     store = wf.store
     if broken == "step-status":
         raw = store.get(keys.step("r", "s3"))
-        store.put(keys.step("r", "s3"), {**raw, "status": "exploded"})
+        put_internal(store, keys.step("r", "s3"), {**raw, "status": "exploded"})
     elif broken == "run-status":
-        store.put(keys.run("r"), {**store.get(keys.run("r")), "status": "limbo"})
+        put_internal(store, keys.run("r"), {**store.get(keys.run("r")), "status": "limbo"})
     elif broken == "steps-done":
-        store.put(keys.run("r"), {**store.get(keys.run("r")), "steps_done": 99})
+        put_internal(store, keys.run("r"), {**store.get(keys.run("r")), "steps_done": 99})
     else:
         with run:
             run.step("big", lambda: "x" * 500)
             run.pause()
-        store.delete(run.steps["big"].output_key)  # type: ignore[arg-type]
-    got = wf.restore("r", "w")
+        delete_internal(store, run.steps["big"].output_key)  # type: ignore[arg-type]
+    got = wf.recover("r", "w")
     assert got.outcome == "checkpoint"
     assert got.problems, "the broken state must be reported"
     assert sorted(got.run.steps) == ["s0", "s1", "s2"]
@@ -312,7 +318,7 @@ def test_workflows_restore_structurally_broken_state_uses_checkpoint(
     assert wf.validate(wf.get_run("r").state()) == []
 
 
-def test_workflows_restore_invalid_without_valid_checkpoint_starts_fresh(
+def test_workflows_recover_invalid_without_valid_checkpoint_starts_fresh(
     wf: Workflows,
 ) -> None:
     run = wf.run("w", "r", inputs={"day": 1})
@@ -321,8 +327,8 @@ def test_workflows_restore_invalid_without_valid_checkpoint_starts_fresh(
         run.step("b", lambda: "B")
         run.pause()
     store = wf.store
-    store.put(keys.step("r", "b"), {**store.get(keys.step("r", "b")), "status": "???"})
-    got = wf.restore("r", "w", inputs={"day": 2})
+    put_internal(store, keys.step("r", "b"), {**store.get(keys.step("r", "b")), "status": "???"})
+    got = wf.recover("r", "w", inputs={"day": 2})
     assert got.outcome == "fresh"
     assert "step 'b' has unknown status '???'" in got.problems
     assert got.run.steps == {}
@@ -349,13 +355,13 @@ def test_workflows_restore_invalid_without_valid_checkpoint_starts_fresh(
             for sid, rec in recs.items() if sid == "b"] == ["B2"]
 
 
-def test_workflows_restore_rejects_all_invalid_checkpoints(wf: Workflows) -> None:
+def test_workflows_recover_rejects_all_invalid_checkpoints(wf: Workflows) -> None:
     _run_with_checkpoints(wf)
 
     def nothing_valid(state: RunState) -> bool:
         return False
 
-    got = wf.restore("r", "w", validator=nothing_valid)
+    got = wf.recover("r", "w", validator=nothing_valid)
     assert got.outcome == "fresh"
     assert got.run.steps == {}
 

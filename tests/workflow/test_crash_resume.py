@@ -41,8 +41,7 @@ from tests.crash.workflow_load import (
     step_id,
 )
 from walsync.engine import Store
-from walsync.engine.runs import RunStatus
-from walsync.engine.workflow import Workflows
+from walsync.engine.workflow import RunStatus, Workflows
 
 pytestmark = pytest.mark.crash
 

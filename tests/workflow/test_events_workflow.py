@@ -22,7 +22,7 @@ from walsync.engine import (
     Subscription,
 )
 from walsync.engine.errors import InvalidValueError, StepNeedsAttentionError
-from walsync.engine.workflow import Workflows
+from walsync.engine.workflow import Workflows, keys
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -139,7 +139,7 @@ def test_events_checkpoint_and_rollback(wf: Workflows, store: Store) -> None:
     ]
     created, rolled_back = (e for e in got if isinstance(e, RunCheckpointEvent))
     assert created.lsn < rolled_back.lsn
-    assert store.get("runs/r2/checkpoints/after-a")["description"] == "a done"
+    assert store.get(keys.checkpoint("r2", "after-a"))["description"] == "a done"
 
 
 def test_events_a_change_that_was_not_committed_announces_nothing(
@@ -200,7 +200,7 @@ def test_events_runs_driven_from_threads_stay_in_commit_order(
                 run.step(sid, str, sid)
 
     store = wf.store
-    with store.events.subscribe(kinds=("run", "step"), prefix="runs/t1/steps/") as t1_steps:
+    with store.events.subscribe(kinds=("run", "step"), prefix=keys.steps("t1")) as t1_steps:
         threads = [threading.Thread(target=drive, args=(f"t{i}",)) for i in range(4)]
         for t in threads:
             t.start()

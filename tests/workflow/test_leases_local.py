@@ -15,16 +15,18 @@ from typing import Any
 
 import pytest
 
+from tests.workflow._internal import put_internal
 from walsync.engine import Store
 from walsync.engine.errors import ConflictError, LeaseLostError, WorkflowError
 from walsync.engine.events import RunEvent
-from walsync.engine.runs import RunStatus, keys
 from walsync.engine.workflow import (
     RetentionPolicy,
+    RunStatus,
     Workflows,
     drop_lease,
     held_lease,
     hold_lease,
+    keys,
 )
 from walsync.sync.merge import record_to_wire
 
@@ -44,7 +46,7 @@ def lease_elsewhere(store: Store, run_id: str, token: int, holder: str = OTHER) 
     """The run's record as another host, holding its lease, last wrote it."""
     record = dict(store.get(keys.run(run_id)))
     record.update(owner_node=holder, lease_token=token)
-    store.put(keys.run(run_id), record)
+    put_internal(store, keys.run(run_id), record)
 
 
 def fences_since(store: Store, lsn: int) -> list[int]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.workflow._internal import put_internal
 from walsync.engine import Store
 from walsync.engine.errors import (
     InvalidValueError,
@@ -21,8 +22,17 @@ from walsync.engine.errors import (
     StepNeedsAttentionError,
     WorkflowError,
 )
-from walsync.engine.runs import RunStatus, StepRecord, StepStatus, keys
-from walsync.engine.workflow import Run, Workflows, current_run, current_step, step
+from walsync.engine.workflow import (
+    Run,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    Workflows,
+    current_run,
+    current_step,
+    keys,
+    step,
+)
 
 CHILD = Path(__file__).resolve().parent / "_child.py"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +58,7 @@ class Abort(BaseException):
 
 def write_step(store: Store, run_id: str, rec: StepRecord) -> None:
     """Write a step record directly, as a crashed process could have left it."""
-    store.put(keys.step(run_id, rec.step_id), rec.to_dict())
+    put_internal(store, keys.step(run_id, rec.step_id), rec.to_dict())
 
 
 def stored_step(store: Store, run_id: str, step_id: str) -> StepRecord:
@@ -388,7 +398,7 @@ def test_run_resolve_on_success_step_keeps_summary_consistent(wf: Workflows) -> 
     stored = wf.get_run("r")
     assert stored.record.steps_done == 0
     assert wf.validate(stored.state()) == []
-    assert wf.restore("r", "w").outcome == "restored"
+    assert wf.recover("r", "w").outcome == "recovered"
 
 
 def test_run_resolve_rejects_unknown_action_and_step(wf: Workflows) -> None:

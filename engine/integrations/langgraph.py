@@ -2,13 +2,17 @@
 
 Switching a LangGraph app from ``SqliteSaver`` is one import and one line::
 
-    from walsync.engine.langgraph_saver import WalsyncSaver
+    from walsync.engine.integrations.langgraph import WalsyncSaver
 
     with WalsyncSaver.from_path("checkpoints") as saver:
         graph = builder.compile(checkpointer=saver)
         graph.invoke(inputs, {"configurable": {"thread_id": "order-42"}})
 
-This is the only module of walsync that imports ``langgraph``.
+This is the only module of walsync that imports ``langgraph``. It is one
+module of about 950 lines, above the project's usual 500, because it is one
+class: LangGraph's ``BaseCheckpointSaver``, whose reads, writes and maintenance
+calls share one key layout and one lock, and whose async methods are the sync
+ones in a worker thread; the pure key and id escapes sit at its end.
 
 What is durable when a call returns: ``put`` commits the checkpoint record,
 the channel values that changed (``new_versions``) and its index entries in
@@ -20,16 +24,19 @@ the same ``thread_id`` from the last checkpoint, and tasks whose writes were
 recorded are not run again. The maintenance calls (``delete_thread``,
 ``delete_for_runs``, ``copy_thread``, ``prune``) are each one atomic batch too.
 
-Keys, under ``prefix`` (default ``lg/``), one value per key::
+Keys, under ``.walsync/`` + ``prefix`` (``root``; by default ``.walsync/lg/``, in
+the reserved namespace user keys cannot enter: engine/keyspace.py), one value
+per key::
 
-    lg/c/<thread>/<ns>/<checkpoint_id>           the checkpoint (without channel values),
-                                                 its metadata and parent id
-    lg/b/<thread>/<ns>/<channel>/<version>       one channel value (written once per version)
-    lg/w/<thread>/<ns>/<checkpoint_id>/<task_id>/<idx>   one pending write
-    lg/r/<run_id>/<thread>/<ns>/<checkpoint_id>  index: the checkpoints of a run
-    lg/t/<thread>/<checkpoint_id>!<ns>           index: the checkpoints of a thread outside
-                                                 the root namespace, in id order
-    lg/layout                                    the key layout (3)
+    <root>c/<thread>/<ns>/<checkpoint_id>           the checkpoint (without channel
+                                                    values), its metadata and parent id
+    <root>b/<thread>/<ns>/<channel>/<version>       one channel value (written once
+                                                    per version)
+    <root>w/<thread>/<ns>/<checkpoint_id>/<task_id>/<idx>   one pending write
+    <root>r/<run_id>/<thread>/<ns>/<checkpoint_id>  index: the checkpoints of a run
+    <root>t/<thread>/<checkpoint_id>!<ns>           index: the checkpoints of a thread
+                                                    outside the root namespace, in id order
+    <root>layout                                    the key layout (3)
 
 So a checkpoint writes only the channels that changed, and ``put_writes``
 only its task's writes. The record kind comes before the thread so that
@@ -57,6 +64,15 @@ that it sorts like the id even though more follows it: characters up to
 ``"`` become ``"`` and two hex digits, ``.`` -> ``.0``, ``/`` -> ``.1``,
 and ``!`` ends it, below every escaped character. ``list(None)`` (every
 thread) sorts the keys of ``c``, then reads records lazily.
+
+A walsync before the reserved namespace kept these keys under ``prefix``
+itself (``lg/...``), where user keys live now. A saver created on such a store
+moves them into the namespace first, kind by kind (``b``, ``w``, ``r``, ``t``,
+then ``c``), a thousand keys per commit, each commit putting keys under the
+root and deleting them where they were, and the layout key last: a move cut
+short is finished by the next saver, and once the layout key is in the
+namespace keys under ``prefix`` are the user's and never moved again. A
+read-only store is not moved: the saver reads the checkpoints where they are.
 
 An older layout is migrated when a saver is created on the store: every
 ``c`` record outside the root namespace gets its ``t`` entry (layout 1 had
@@ -119,12 +135,14 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
-from .errors import ConflictError, FormatVersionError
-from .options import Durability
-from .store import Delete, Put, ReadView, Store
+from ..errors import ConflictError, FormatVersionError
+from ..keyspace import RESERVED_PREFIX
+from ..options import Durability
+from ..store import Delete, Put, ReadView, Store
 
 __all__ = ["DEFAULT_PREFIX", "LAYOUT", "RECORD_FORMAT", "WalsyncSaver"]
 
+#: the saver's keys go under the reserved namespace + this (``.walsync/lg/``)
 DEFAULT_PREFIX = "lg/"
 #: the format of checkpoint records; bump it (and migrate) when their shape changes
 RECORD_FORMAT = 1
@@ -140,6 +158,9 @@ _FIRST_PAGE = 4
 #: checkpoint records read (and indexed) per commit when migrating an older layout
 _MIGRATE_CHUNK = 1000
 _STRATEGIES = ("keep_latest", "delete")
+#: the order an older walsync's keys are moved into the namespace: the checkpoint
+#: records last, so that while any key is left to move, the records say so
+_LEGACY_MOVE_ORDER = ("b/", "w/", "r/", "t/", "c/")
 
 
 def _writes_sort_key_4_2(task_path: str, task_id: str = "", idx: int = 0) -> tuple[str, str, int]:
@@ -175,13 +196,17 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         durability: Durability | str | None = None,
     ) -> None:
         super().__init__(serde=serde)
-        if not prefix or not prefix.endswith("/"):
-            raise ValueError(f"prefix must be non-empty and end with '/', got {prefix!r}")
+        if not prefix or not prefix.endswith("/") or prefix.startswith(RESERVED_PREFIX):
+            raise ValueError(f"prefix must be non-empty and end with '/', got {prefix!r} (it "
+                             f"is taken within walsync's reserved namespace {RESERVED_PREFIX!r})")
         self.store = store
         self.prefix = prefix
+        #: where the saver's keys start: ``prefix`` within the reserved namespace (on a
+        #: read-only store an older walsync wrote, ``prefix`` itself: see the module doc)
+        self.root = RESERVED_PREFIX + prefix
         self.durability = None if durability is None else Durability(durability)
         self._lock = _SharedLock()
-        self._layout_key = f"{prefix}layout"
+        self._layout_key = f"{self.root}layout"
         #: a fresh store's layout key, still to be written with the first put
         self._layout_unwritten = False
         #: False only on a read-only store in an older layout: no trusted thread index
@@ -207,7 +232,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
     # -- keys ----------------------------------------------------------------
 
     def _thread_prefix(self, kind: str, thread_id: str) -> str:
-        return f"{self.prefix}{kind}/{_segment(thread_id)}/"
+        return f"{self.root}{kind}/{_segment(thread_id)}/"
 
     def _ns_prefix(self, kind: str, thread_id: str, ns: str) -> str:
         return f"{self._thread_prefix(kind, thread_id)}{_segment(ns)}/"
@@ -226,7 +251,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         return f"{blobs}{_segment(channel)}/{_segment(str(version))}"
 
     def _run_key(self, run_id: str, thread_id: str, ns: str, checkpoint_id: str) -> str:
-        return (f"{self.prefix}r/{_segment(run_id)}/{_segment(thread_id)}/{_segment(ns)}/"
+        return (f"{self.root}r/{_segment(run_id)}/{_segment(thread_id)}/{_segment(ns)}/"
                 f"{_sortable(checkpoint_id)}")
 
     def _index_key(self, thread_id: str, ns: str, checkpoint_id: str) -> str:
@@ -246,23 +271,29 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         the saver's or the store's: it only derives keys from what is stored,
         and must not need a replicator (``remote``) that is attached later.
         """
+        if self.store.get(self._layout_key) is None and self._legacy_found():
+            if self.store.readonly:
+                self.root = self.prefix
+                self._layout_key = f"{self.root}layout"
+            else:
+                self._move_legacy()
         layout_key = self._layout_key
         found = self.store.get(layout_key)
         if found == LAYOUT:
             return True
         if found not in (None, 2):
             raise FormatVersionError(
-                f"LangGraph checkpoints under {self.prefix!r} have key layout {found!r} "
+                f"LangGraph checkpoints under {self.root!r} have key layout {found!r} "
                 f"({layout_key!r}); this walsync reads layouts 1 to {LAYOUT}",
             )
-        if found is None and not self.store.keys(f"{self.prefix}c/", limit=1):
+        if found is None and not self.store.keys(f"{self.root}c/", limit=1):
             self._layout_unwritten = True
             return True
         if self.store.readonly:
             return False
         start: str | None = None
         while True:
-            rows = builtins.list(self.store.scan(f"{self.prefix}c/", start=start,
+            rows = builtins.list(self.store.scan(f"{self.root}c/", start=start,
                                                  limit=_MIGRATE_CHUNK))
             ops: builtins.list[Put | Delete] = []
             for key, record in rows:
@@ -274,11 +305,38 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                     ops.append(Delete(self._index_key(thread_id, ns, record["checkpoint_id"])))
             if len(rows) < _MIGRATE_CHUNK:
                 ops.append(Put(layout_key, LAYOUT))
-                self.store.commit(ops, durability=Durability.LOCAL)
+                self.store.commit(ops, durability=Durability.LOCAL, internal=True)
                 return True
             if ops:
-                self.store.commit(ops, durability=Durability.LOCAL)
+                self.store.commit(ops, durability=Durability.LOCAL, internal=True)
             start = rows[-1][0] + "\x00"
+
+    def _legacy_found(self) -> bool:
+        """Whether an older walsync's checkpoints are under ``prefix`` (outside the
+        namespace), or what a move into it cut short left there."""
+        old = self.prefix
+        if self.store.get(f"{old}layout") is not None:
+            return True
+        rows = builtins.list(self.store.scan(f"{old}c/", limit=1))
+        return bool(rows) and type(rows[0][1]) is dict and "checkpoint_id" in rows[0][1]
+
+    def _move_legacy(self) -> None:
+        """Move an older walsync's keys from ``prefix`` into the namespace (module doc):
+        each commit moves up to a thousand keys whole, the layout key goes last."""
+        old = self.prefix
+        for kind in _LEGACY_MOVE_ORDER:
+            while True:
+                rows = builtins.list(self.store.scan(f"{old}{kind}", limit=_MIGRATE_CHUNK))
+                if not rows:
+                    break
+                ops: builtins.list[Put | Delete] = []
+                for key, value in rows:
+                    ops += [Put(self.root + key[len(old):], value), Delete(key)]
+                self.store.commit(ops, durability=Durability.LOCAL, internal=True)
+        layout = self.store.get(f"{old}layout")
+        if layout is not None:
+            self.store.commit([Put(self._layout_key, layout), Delete(f"{old}layout")],
+                              durability=Durability.LOCAL, internal=True)
 
     # -- reads ---------------------------------------------------------------
 
@@ -375,7 +433,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         A ``c`` key ends with its id's order-preserving escape, so the keys
         sort on their last segment without reading a record.
         """
-        keys = self.store.keys(f"{self.prefix}c/")
+        keys = self.store.keys(f"{self.root}c/")
         cut = _sortable(before_id) if before_id is not None else None
         keys = [k for k in keys if cut is None or k.rsplit("/", 1)[1] < cut]
         keys.sort(key=lambda k: k.rsplit("/", 1)[1], reverse=True)
@@ -487,7 +545,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         if self._layout_unwritten:
             ops.append(Put(self._layout_key, LAYOUT))
         with self._lock.shared():
-            self.store.commit(ops, durability=self.durability)
+            self.store.commit(ops, durability=self.durability, internal=True)
         self._layout_unwritten = False
         return _config(thread_id, ns, checkpoint_id)
 
@@ -534,7 +592,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                 if not ops:
                     return
                 try:
-                    self.store.commit(ops, durability=self.durability)
+                    self.store.commit(ops, durability=self.durability, internal=True)
                     return
                 except ConflictError as exc:
                     # The other write may still be in its group commit, not yet
@@ -565,7 +623,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
             ops: builtins.list[Put | Delete] = []
             for run_id in run_ids:
                 for key, (thread_id, ns, checkpoint_id) in self.store.scan(
-                        f"{self.prefix}r/{_segment(str(run_id))}/"):
+                        f"{self.root}r/{_segment(str(run_id))}/"):
                     ops.append(Delete(key))
                     doomed.setdefault((thread_id, ns), set()).add(checkpoint_id)
             for (thread_id, ns), ids in doomed.items():
@@ -699,7 +757,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
 
     def _commit_ops(self, ops: Sequence[Put | Delete]) -> None:
         if ops:
-            self.store.commit(ops, durability=self.durability)
+            self.store.commit(ops, durability=self.durability, internal=True)
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         """``<counter, 32 digits>.<random>``, as LangGraph's SQLite and Postgres savers do."""
