@@ -19,7 +19,7 @@ from pathlib import Path
 
 from walsync.engine.errors import SyncConfigError
 
-from .remote import Transport
+from .transport import Transport
 
 __all__ = ["describe_target", "load_settings", "transport_from_env"]
 

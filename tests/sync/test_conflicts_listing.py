@@ -28,8 +28,8 @@ from walsync.engine import Store
 from walsync.sync.cli import main
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport
-from walsync.sync.remote import Transport
 from walsync.sync.replicator import Replicator, ReplicatorOptions
+from walsync.sync.transport import Transport
 
 pytestmark = pytest.mark.postgres
 

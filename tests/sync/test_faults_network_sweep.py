@@ -24,7 +24,7 @@ from tests.pg import PostgresCluster
 from tests.sync.netfaults import FAULT_KINDS, TRANSPORTS, run_round
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport
-from walsync.sync.remote import PushAck
+from walsync.sync.transport import PushAck
 
 pytestmark = pytest.mark.postgres
 

@@ -43,9 +43,9 @@ from walsync.engine.workflow import Run, RunRecord, Workflows, held_lease, keys
 from walsync.sync.lease import Leases
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport
-from walsync.sync.remote import Transport
 from walsync.sync.replicator import Replicator, ReplicatorOptions
 from walsync.sync.restore import restore
+from walsync.sync.transport import Transport
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(600)]
 

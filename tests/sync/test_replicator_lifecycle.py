@@ -28,8 +28,8 @@ from walsync.engine.errors import (
 )
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport
-from walsync.sync.remote import PushAck
 from walsync.sync.replicator import Replicator, ReplicatorOptions
+from walsync.sync.transport import PushAck
 
 pytestmark = pytest.mark.postgres
 

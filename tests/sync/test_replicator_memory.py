@@ -33,11 +33,12 @@ from walsync.engine.errors import (
     RemoteDurabilityTimeoutError,
     RemoteUnavailableError,
     ReplicatorStoppedError,
+    SyncProtocolError,
 )
 from walsync.engine.identity import owner_of
-from walsync.engine.workflow import Workflows
+from walsync.engine.workflow import Workflows, held_lease
 from walsync.sync.lease import Leases
-from walsync.sync.memory import MemoryServer
+from walsync.sync.memory import MemoryServer, MemoryTransport
 from walsync.sync.replicator import Replicator, ReplicatorOptions
 from walsync.sync.restore import restore
 from walsync.sync.transport import PushAck, Transport, TransportProxy, WireEntry
@@ -436,6 +437,46 @@ def test_memory_replicator_a_host_whose_lease_was_taken_over_is_refused_and_told
         lost.close()
         x.close()
         y.close()
+
+
+class Answering(MemoryTransport):
+    """A memory transport whose answer to one function is ``doc`` (another protocol
+    version, or a proxy answering in the server's place)."""
+
+    def __init__(self, server: MemoryServer, function: str, doc: Any) -> None:
+        super().__init__(server)
+        self.function = function
+        self.doc = doc
+
+    def call(self, function: str, args: dict[str, Any]) -> Any:
+        answer = super().call(function, args)
+        return self.doc if function == self.function else answer
+
+
+@pytest.mark.parametrize(("function", "doc", "field"), [
+    ("lease_acquire", {"acquired": True, "holder": "A", "token": 1}, "'run_id'"),
+    ("lease_acquire", {"acquired": True, "run_id": "r1", "holder": "A", "token": "1",
+                       "expires_at": "2026-12-07T00:00:00+00:00",
+                       "now": "2026-12-07T00:00:00+00:00"}, "'token'"),
+    ("lease_renew", {"renewed": True}, "'token'"),
+    ("lease_release", ["released"], "not a JSON object"),
+    ("leases", {"leases": []}, "not a JSON array"),
+])
+def test_memory_leases_refuse_a_malformed_answer_naming_the_call(
+        tmp_path: Path, server: MemoryServer, function: str, doc: Any, field: str) -> None:
+    """A lease answer of another shape is a SyncProtocolError naming the call and the
+    field, never a KeyError or a lease taken on half an answer."""
+    with Store.open(tmp_path / "a", node_id="A") as a:
+        good = Leases(server.transport(), store=a).acquire("r1")
+        leases = Leases(Answering(server, function, doc), store=a)
+        calls = {"lease_acquire": lambda: leases.acquire("r2"),
+                 "lease_renew": lambda: leases.renew(good),
+                 "lease_release": lambda: leases.release(good),
+                 "leases": leases.held}
+        with pytest.raises(SyncProtocolError, match=field) as info:
+            calls[function]()
+        assert str(info.value).startswith(function)
+        assert held_lease(a, "r2") is None  # nothing taken on half an answer
 
 
 def test_memory_restore_rebuilds_a_lost_nodes_runs_and_names_the_recovery_point(
