@@ -101,7 +101,7 @@ def sync_push(ctx: Context) -> CaseResult:
         rates: dict[str, list[float]] = {"walsync": [], "executemany": []}
         for r in range(ctx.pick(3, 1)):
             dsn = _database(ctx, f"push_{r}")
-            store.set_sync_state("acked_lsn", (0).to_bytes(8, "little"))  # ship it all again
+            store.sync_ledger.set_acked_lsn(0)  # ship it all again
             rep = Replicator(store, PostgresTransport(dsn), ReplicatorOptions(pull=False))
             t = time.perf_counter()
             shipped = rep.ship()

@@ -9,6 +9,7 @@ if __name__ != "walsync.engine":
                       "walsync.engine (install the project with pip install -e .)")
 
 
+from .base import SnapshotRebuild
 from .check import Damage, SegmentReport, VerifyReport, verify
 from .errors import (
     CapacityError,
@@ -45,15 +46,26 @@ from .events import (
     Subscription,
 )
 from .export import ExportSummary, ImportReport, export_file, import_file, verify_export_file
+from .feed import WALReader
+from .identity import NodeIdentity
 from .metrics import HistogramSnapshot, StoreStats
 from .options import Durability, StoreOptions
 from .repair import RepairReport, repair
 from .replay import RecoveryReport
+from .replication import (
+    Acknowledger,
+    LastError,
+    ReplicationSource,
+    SyncLedger,
+    SyncState,
+    UnshippedEntry,
+)
 from .store import (
     ANY,
     Batch,
     CheckpointResult,
     CommitResult,
+    CompactResult,
     Delete,
     Put,
     ReadView,
@@ -61,17 +73,19 @@ from .store import (
     StoreInfo,
     VersionedValue,
 )
-from .versions import Version
+from .versions import Sibling, Version
 from .wal import TornTail
 
 __all__ = [
     "ANY",
+    "Acknowledger",
     "Batch",
     "CapacityError",
     "CheckpointEvent",
     "CheckpointResult",
     "CommitEvent",
     "CommitResult",
+    "CompactResult",
     "ConflictError",
     "ConflictEvent",
     "CorruptionError",
@@ -89,17 +103,22 @@ __all__ = [
     "InvalidKeyError",
     "InvalidValueError",
     "LSNGapError",
+    "LastError",
     "LeaseLostEvent",
     "NoReplicatorError",
+    "NodeIdentity",
     "OverflowEvent",
     "Put",
     "ReadOnlyStoreError",
     "ReadView",
     "RecoveryReport",
     "RepairReport",
+    "ReplicationSource",
     "RunCheckpointEvent",
     "RunEvent",
     "SegmentReport",
+    "Sibling",
+    "SnapshotRebuild",
     "StepEvent",
     "Store",
     "StoreClosedError",
@@ -112,11 +131,15 @@ __all__ = [
     "StoreStateError",
     "StoreStats",
     "Subscription",
+    "SyncLedger",
+    "SyncState",
     "TornTail",
+    "UnshippedEntry",
     "ValueTooLargeError",
     "VerifyReport",
     "Version",
     "VersionedValue",
+    "WALReader",
     "WalsyncError",
     "export_file",
     "import_file",

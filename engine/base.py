@@ -20,23 +20,24 @@ system gives no boot id, every unclean shutdown is treated that way.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import _fs
-from .errors import CorruptionError
+from .errors import CorruptionError, StoreStateError
 from .layout import StoreLayout
-from .snapshot import (
-    REPAIR_HINT,
-    SNAPSHOT_FORMAT_VERSION,
-    CheckedFile,
-    SnapshotStore,
-    SnapshotUninitialisedError,
-)
+from .lock import writer_is_alive
+from .snapshot import SnapshotStore
+from .snapshot.bulk import copy_to
+from .snapshot.env import SnapshotUninitialisedError
+from .snapshot.pagecheck import CheckedFile
+from .snapshot.seal import REPAIR_HINT, SNAPSHOT_FORMAT_VERSION
 
 __all__ = [
+    "BASE_FORMAT_VERSION",
     "SnapshotRebuild",
     "base_outdated",
     "check_base",
@@ -44,10 +45,13 @@ __all__ = [
     "finish_base_swap",
     "read_base_lsn",
     "rebuild_snapshot",
+    "trust_snapshot",
     "untrusted_snapshot_reason",
     "write_base",
     "write_open_marker",
 ]
+
+log = logging.getLogger("walsync.store")
 
 BASE_FORMAT_VERSION = 1
 _BASE_INFO = "BASE"
@@ -81,7 +85,7 @@ def write_base(layout: StoreLayout, snapshot: SnapshotStore) -> int:
     if fresh.exists():
         _fs.remove_tree(fresh)
     _fs.make_dir(fresh)
-    lsn = snapshot.copy_to(fresh)
+    lsn = copy_to(snapshot, fresh)
     _check_copy(fresh, lsn, snapshot.data_file)
     info = {"format": BASE_FORMAT_VERSION, "lsn": lsn, "created_unix_ms": int(time.time() * 1000),
             "snapshot_format": SNAPSHOT_FORMAT_VERSION}
@@ -202,6 +206,32 @@ def untrusted_snapshot_reason(layout: StoreLayout) -> str | None:
                 "cannot tell whether the machine restarted since")
     return (f"the machine restarted while the store was open (writer pid {pid}): "
             "writes to the snapshot that were never synced may be torn")
+
+
+def trust_snapshot(layout: StoreLayout, *, readonly: bool) -> SnapshotRebuild | None:
+    """What an open does first: a writer rebuilds a snapshot the machine went down
+    under from its base (and says so); a reader refuses to read one."""
+    if readonly:
+        reason = untrusted_snapshot_reason(layout)
+        if reason is not None and _fs.boot_id() is None and writer_is_alive(layout.lock_file):
+            # no boot id to compare: a marker under a live writer is its own
+            reason = None
+        if reason is not None:
+            raise StoreStateError(
+                f"store {layout.root}: {reason}; its snapshot cannot be read safely",
+                hint="open it for writing once (e.g. `walsync verify` after `walsync "
+                "checkpoint`): the writer rebuilds the snapshot from its last "
+                "checkpoint and the WAL",
+            )
+        return None
+    finish_base_swap(layout)
+    reason = untrusted_snapshot_reason(layout)
+    if reason is None:
+        return None
+    rebuild = rebuild_snapshot(layout, reason)
+    log.warning("store %s: %s; snapshot moved to %s and rebuilt from the base at LSN %d "
+                "and the WAL", layout.root, reason, rebuild.quarantine, rebuild.base_lsn)
+    return rebuild
 
 
 def write_open_marker(layout: StoreLayout) -> None:

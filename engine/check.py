@@ -40,20 +40,24 @@ from .layout import StoreLayout
 from .lock import writer_is_alive
 from .record import decode_entry
 from .replay import gap_allowed, tail_may_be_torn, walk_log
-from .snapshot import (
-    MAX_LISTED_PROBLEMS,
-    META_OP_PREFIX,
-    REPAIR_HINT,
-    CheckedFile,
-    FileCheck,
-    SnapshotUninitialisedError,
-    compaction_survivor,
-    key_text,
-)
-from .store import read_store_file
+from .snapshot.bulk import compaction_survivor
+from .snapshot.env import SnapshotUninitialisedError
+from .snapshot.pagecheck import MAX_LISTED_PROBLEMS, CheckedFile, FileCheck
+from .snapshot.seal import META_OP_PREFIX, REPAIR_HINT, key_text
+from .storefile import read_store_file
 from .wal import TornTail
 
-__all__ = ["Damage", "SegmentReport", "VerifyReport", "WalOps", "verify"]
+__all__ = [
+    "GONE",
+    "Damage",
+    "SegmentReport",
+    "VerifyReport",
+    "WalOps",
+    "joined",
+    "open_checked",
+    "snapshot_trusted",
+    "verify",
+]
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ __all__ = [
     "ValueTooLargeError",
     "WalsyncError",
     "WorkflowError",
+    "error_from_os",
 ]
 
 

@@ -1,5 +1,8 @@
 """Export files: a run, a key prefix or a whole store in one portable, self-checking file.
 
+(Over 500 lines: the writer and the reader of one file format, EXPORT.md, and the two
+calls over them; the reader's checks of a damaged file are the bulk.)
+
 An export carries every key's stored siblings, tombstones included, with
 their versions (vector, HLC, origin, LSN, fence). The importing store merges
 them by the same version-vector rules as a pull, so a later sync converges
@@ -44,21 +47,32 @@ from .errors import (
     InvalidKeyError,
     ReadOnlyStoreError,
     RunNotFoundError,
+    StoreClosedError,
     WalsyncError,
 )
 from .record import CODEC_NONE, CODEC_ZSTD, MAX_PAYLOAD_BYTES, decode_value
-from .store import Store, _prefix_end
+from .store import Store
 from .versions import Sibling
 from .workflow import keys as run_keys
 
 __all__ = [
     "EXPORT_MAGIC",
     "EXPORT_VERSION",
+    "FILE_CHECKSUM_BYTES",
+    "FRAME_HEADER_BYTES",
+    "HEADER_PREFIX_BYTES",
+    "KIND_RECORD",
+    "KIND_TRAILER",
+    "MAX_HEADER_BODY_BYTES",
+    "MAX_KEY_BYTES",
+    "SCOPES",
+    "TRAILER_PAYLOAD_BYTES",
     "ExportHeader",
     "ExportReader",
     "ExportSummary",
     "ExportWriter",
     "ImportReport",
+    "Progress",
     "export_file",
     "import_file",
     "verify_export_file",
@@ -301,13 +315,7 @@ def _count_keys(store: Store, key: str, exact: bool) -> int:
     counted without decoding their entries."""
     if exact:
         return sum(1 for _ in _iter_scope(store, [(key, True)]))
-    snapshot = store._snapshot
-    if not key:
-        return snapshot.count()
-    lo = key.encode()
-    hi = _prefix_end(lo)
-    with snapshot.read() as txn:
-        return sum(1 for _ in snapshot.iter_range(txn, lo, hi, False))
+    return store.count_keys(key)
 
 
 def _iter_scope(
@@ -605,7 +613,8 @@ def import_file(
     started = time.perf_counter()
     if store.readonly:
         raise ReadOnlyStoreError(f"store {store.path} was opened read-only: cannot import")
-    store._check_open()
+    if store.closed:
+        raise StoreClosedError(f"store {store.path} is closed")
     total = 2 * max(os.stat(path).st_size, 1)
 
     def verifying(done: int, _size: int) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 from .versions import Version
 
 __all__ = ["NodeIdentity", "chain_from_json", "chain_to_json", "end_of", "owner_of",
-           "relabel_version", "relabel_vv", "translate_vv", "writer_of"]
+           "relabel_version", "relabel_vv", "resolve_chain", "translate_vv", "writer_of"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,20 @@ def chain_from_json(doc: Any) -> tuple[NodeIdentity, ...]:
             raise ValueError("identity chain out of order: "
                              f"{chain_to_json(out)!r:.200}")
     return tuple(out)
+
+
+def resolve_chain(stored: Any, node_id: str,
+                  logged: Any) -> tuple[tuple[NodeIdentity, ...], bool]:
+    """A store's chain at open: the STORE file's (``stored``; None for a store that
+    never renewed, whose one id is ``node_id``), or the one the WAL's last renewal
+    record carries (``logged``, its record meta) when that is longer: the record is
+    the commit point, and a crash may come before the STORE file is rewritten.
+    Returns the chain and whether it was rolled forward; ValueError when malformed."""
+    chain = chain_from_json(stored) if stored is not None else (NodeIdentity(node_id, 1),)
+    found = chain_from_json(logged) if logged is not None else ()
+    if len(found) > len(chain):
+        return found, True
+    return chain, False
 
 
 def owner_of(chain: Sequence[NodeIdentity], lsn: int) -> NodeIdentity:

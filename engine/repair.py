@@ -48,19 +48,18 @@ from .record import (
     decode_frame,
 )
 from .replay import describe_torn_tail, gap_allowed, walk_log
-from .snapshot import (
-    APPLIED_LSN_NAME,
-    HLC_NAME,
-    META_OP_PREFIX,
-    CheckedFile,
-    SnapshotStore,
-    finish_compaction,
-    key_text,
-)
-from .store import read_store_file, write_store_file
+from .snapshot import SnapshotStore
+from .snapshot.bulk import finish_compaction, load
+from .snapshot.pagecheck import CheckedFile
+from .snapshot.seal import APPLIED_LSN_NAME, HLC_NAME, META_OP_PREFIX, key_text
+from .storefile import read_store_file, write_store_file
 from .wal import TornTail
 
-__all__ = ["RepairReport", "repair"]
+__all__ = [
+    "RESTORE_HINT",
+    "RepairReport",
+    "repair",
+]
 
 #: how to bring back keys a repair could not rebuild
 RESTORE_HINT = (
@@ -336,7 +335,7 @@ def _rebuild(layout: StoreLayout, found: list[str], *, base_bad: bool) -> Repair
             _fs.remove_tree(fresh)
         target = SnapshotStore(fresh, map_size_bytes=1 << 20)
         try:
-            target.load(plan.entries(), plan.meta())
+            load(target, plan.entries(), plan.meta())
             target.sync()
         finally:
             target.close()

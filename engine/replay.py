@@ -31,13 +31,15 @@ from .base import SnapshotRebuild, read_base_lsn
 from .errors import CorruptionError, LSNGapError
 from .layout import StoreLayout
 from .record import FRAME_HEADER_BYTES, KIND_LOCAL, KIND_MERGE, decode_payload
-from .snapshot import REPAIR_HINT, SnapshotStore
+from .snapshot import SnapshotStore
+from .snapshot.seal import REPAIR_HINT
 from .wal import SegmentScan, TornTail, iter_frames, scan_segment
 
 __all__ = [
     "LogStep",
     "RecoveryReport",
     "describe_torn_tail",
+    "gap_allowed",
     "recover",
     "tail_may_be_torn",
     "walk_log",

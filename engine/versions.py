@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "HLC_LOGICAL_BITS",
+    "VV",
     "HybridClock",
     "Sibling",
     "Version",

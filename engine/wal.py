@@ -1,5 +1,8 @@
 """The write-ahead log: the segment writer and the segment scanner.
 
+(Over 500 lines: the writer, its segment preparer and the scanner share one segment
+layout and one rule for a torn tail, which FORMAT.md states once.)
+
 The writer appends frames to the active segment and rotates to a new one
 when it is full; it is not thread-safe, and the store's group-commit leader is
 its only caller. Before a new segment is named the old one is synced, so

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from walsync.engine.record import MAX_VALUE_DEPTH
+from walsync.engine.values import MAX_VALUE_DEPTH
 
 from .exits import Exit, fail
 

@@ -331,7 +331,7 @@ def settle(store: Store) -> None:
     that file is ready yet; waiting first makes the order of the test thread's
     file operations the same in every run, so that "the Nth" means one thing.
     """
-    preparer = getattr(store._wal, "_preparer", None)
+    preparer = getattr(store._pipeline.wal, "_preparer", None)
     if preparer is None:
         return
     with preparer._cond:
@@ -346,7 +346,7 @@ def checkpoint_in_background(store: Store, ledger: Ledger, step: str) -> None:
     settle(store)
     if store.poisoned is not None:
         return  # the checkpoint thread does nothing for a poisoned store
-    real = store._checkpoint
+    real = store._checkpointer.run
     finished = threading.Event()
 
     def traced(**kwargs: Any) -> Any:
@@ -357,13 +357,13 @@ def checkpoint_in_background(store: Store, ledger: Ledger, step: str) -> None:
         finally:
             finished.set()
 
-    store._checkpoint = traced  # type: ignore[method-assign]
+    store._checkpointer.run = traced  # type: ignore[method-assign]
     try:
-        store._request_checkpoint()
+        store._checkpointer.request()
         if not finished.wait(60):
             raise AssertionError("the background checkpoint did not finish within 60 s")
     finally:
-        del store._checkpoint
+        del store._checkpointer.run
 
 
 def _close(store: Store, ledger: Ledger, step: str) -> None:

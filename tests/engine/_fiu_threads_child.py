@@ -99,7 +99,7 @@ class Injector:
 def _background_checkpoint(store: Any) -> BaseException | None:
     """Have the checkpoint thread run one checkpoint with a new base and wait for it
     (what a commit starts once enough WAL was written); return what it raised."""
-    real = store._checkpoint
+    real = store._checkpointer.run
     finished = threading.Event()
     raised: list[BaseException] = []
 
@@ -112,13 +112,13 @@ def _background_checkpoint(store: Any) -> BaseException | None:
         finally:
             finished.set()
 
-    store._checkpoint = traced
+    store._checkpointer.run = traced
     try:
-        store._request_checkpoint()
+        store._checkpointer.request()
         if not finished.wait(60):
             raise AssertionError("the background checkpoint did not finish within 60 s")
     finally:
-        del store._checkpoint
+        del store._checkpointer.run
     return raised[0] if raised else None
 
 

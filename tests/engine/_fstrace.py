@@ -35,7 +35,10 @@ from typing import Any
 
 from walsync import engine
 from walsync.engine import _fs
+from walsync.engine import base as base_module
+from walsync.engine.commit import CommitPipeline
 from walsync.engine.snapshot import SnapshotStore
+from walsync.engine.snapshot import snapshot_store as snapshot_module
 
 # -- events -------------------------------------------------------------------
 
@@ -387,31 +390,33 @@ class FsRecorder:
         setattr(owner, name, value)
 
     def _patch_commit(self) -> None:
-        real_commit = engine.Store.commit
+        # every local commit (put, delete, batch, commit) passes the pipeline once
+        real_commit = CommitPipeline.commit
         recorder = self
 
-        def commit(store: engine.Store, ops: Any, **kwargs: Any) -> engine.CommitResult:
+        def commit(pipeline: CommitPipeline, ops: Any, *args: Any,
+                   **kwargs: Any) -> engine.CommitResult:
             with recorder._lock:
                 seq = recorder._seq
                 recorder._seq += 1
             recorder._emit(Intent(seq))
-            result = real_commit(store, ops, **kwargs)
+            result = real_commit(pipeline, ops, *args, **kwargs)
             recorder._emit(Ack(seq, result.lsn, result.durability is not engine.Durability.NONE))
             return result
 
-        self._patch(engine.Store, "commit", commit)
+        self._patch(CommitPipeline, "commit", commit)
 
     def _patch_snapshot(self) -> None:
         recorder = self
-        real_open = SnapshotStore._open_env
+        real_open = snapshot_module.open_env
 
-        def open_env(snapshot: SnapshotStore) -> Any:
-            env = real_open(snapshot)
-            if not snapshot.readonly:
-                recorder._opened_lmdb(snapshot.path / "data.mdb")
+        def open_env(path: Path, map_size_bytes: int, readonly: bool) -> Any:
+            env = real_open(path, map_size_bytes, readonly)
+            if not readonly:
+                recorder._opened_lmdb(path / "data.mdb")
             return env
 
-        self._patch(SnapshotStore, "_open_env", open_env)
+        self._patch(snapshot_module, "open_env", open_env)
         real_sync = SnapshotStore.sync
 
         def sync(snapshot: SnapshotStore) -> None:
@@ -420,17 +425,16 @@ class FsRecorder:
             recorder._captured(snapshot.path / "data.mdb", lsn)
 
         self._patch(SnapshotStore, "sync", sync)
-        real_copy = getattr(SnapshotStore, "copy_to", None)
-        if real_copy is not None:
+        real_copy = base_module.copy_to
 
-            def copy_to(snapshot: SnapshotStore, directory: Path) -> int:
-                lsn = int(real_copy(snapshot, directory))
-                fid = recorder._fid_of_path(directory / "data.mdb")
-                if fid is not None:
-                    recorder._emit(Checkpoint(fid, lsn))
-                return lsn
+        def copy_to(snapshot: SnapshotStore, directory: Path) -> int:
+            lsn = int(real_copy(snapshot, directory))
+            fid = recorder._fid_of_path(directory / "data.mdb")
+            if fid is not None:
+                recorder._emit(Checkpoint(fid, lsn))
+            return lsn
 
-            self._patch(SnapshotStore, "copy_to", copy_to)
+        self._patch(base_module, "copy_to", copy_to)
 
     def _lmdb_file(self, data_file: Path) -> int | None:
         """The LMDB file's identity; LMDB creates it outside the seam, so a file

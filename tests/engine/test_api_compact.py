@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from walsync.engine import Store
-from walsync.engine.snapshot import _compaction_paths
+from walsync.engine.snapshot.bulk import _compaction_paths
 
 
 def _fill_and_delete(store: Store, n: int) -> None:
@@ -44,7 +44,7 @@ def test_compact_purge_tombstones_drops_deleted_keys_entirely(tmp_path: Path) ->
 def test_compact_refuses_to_purge_tombstones_of_a_syncing_store(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s") as store:
         store.put("a", 1)
-        store.set_sync_state("acked_lsn", (1).to_bytes(8, "little"))
+        store.sync_ledger.set_acked_lsn(1)
         with pytest.raises(ValueError, match="replica"):
             store.compact(purge_tombstones=True)
 

@@ -50,6 +50,7 @@ from walsync.engine.record import (
     decode_payload,
     encode_entry,
 )
+from walsync.engine.snapshot.bulk import write_raw
 from walsync.engine.versions import Sibling
 
 MiB = 1 << 20
@@ -969,7 +970,7 @@ def test_local_write_vv_is_node_lsn_over_joined_siblings(open_store: OpenFn) -> 
     def plant(txn: Any) -> None:
         txn.put(b"k", encode_entry([sib_a, sib_b]))
 
-    s._snapshot.write_raw(plant)
+    write_raw(s._snapshot, plant)
     assert [x.value for x in s.get_versions("k")] == ["from a", "from b"]
     assert s.get("k") == "from b"  # highest HLC wins
     r3 = s.put("k", 3)

@@ -233,7 +233,7 @@ def test_values_check_is_cheap_next_to_encoding() -> None:
     on a shared machine)."""
     import timeit
 
-    from walsync.engine.record import value_problem
+    from walsync.engine.values import value_problem
 
     value: dict[str, Any] = {f"field{i}": ("x" * 30 if i % 3 == 0 else i * 1000 if i % 3 == 1
                                            else [1.5, None, True]) for i in range(30)}
@@ -251,13 +251,13 @@ def test_values_check_is_cheap_next_to_encoding() -> None:
 def test_values_format_md_states_the_limits_the_code_applies() -> None:
     import re
 
-    from walsync.engine import record
+    from walsync.engine import values
 
-    text = Path(record.__file__).with_name("FORMAT.md").read_text()
+    text = Path(values.__file__).with_name("FORMAT.md").read_text()
     section = text.split("## Values", 1)[1].split("\n## ", 1)[0]
     m = re.search(r"nest at most\s+(\d+)\s+deep", section)
     assert m, "FORMAT.md's Values section no longer states the depth limit"
-    assert int(m.group(1)) == record.MAX_VALUE_DEPTH
+    assert int(m.group(1)) == values.MAX_VALUE_DEPTH
     for name in ("`list`", "`dict`", "`datetime.datetime`", "`datetime.date`", "`uuid.UUID`",
                  "`decimal.Decimal`", "`bytes`", "tuples", "sets", "CBOR"):
         assert name in section, name

@@ -30,9 +30,9 @@ import cbor2
 import pytest
 import xxhash
 
+import walsync.engine.assign as assign_module
 import walsync.engine.export as export_module
 import walsync.engine.record as record_module
-import walsync.engine.store as store_module
 from walsync.engine import Store, _failpoints
 from walsync.engine.errors import (
     CapacityError,
@@ -520,7 +520,7 @@ def test_oversized_merge_is_refused_without_poisoning_the_store(
 ) -> None:
     """Regression: apply_remote used to hand an over-large merge record to the WAL,
     whose refusal poisoned the store; now it is refused before the WAL."""
-    monkeypatch.setattr(store_module, "MAX_PAYLOAD_BYTES", 512)
+    monkeypatch.setattr(assign_module, "MAX_PAYLOAD_BYTES", 512)
     monkeypatch.setattr(record_module, "MAX_PAYLOAD_BYTES", 512)
     next_lsn = target.next_lsn
     with pytest.raises(CapacityError, match="one record may hold"):

@@ -219,9 +219,8 @@ def test_faults_io_writev_helper_loops_until_every_byte_is_written(
     assert target.read_bytes() == b"".join(buffers)
 
 
-@pytest.mark.parametrize("method", ["apply", "apply_puts"])
 def test_faults_io_snapshot_apply_failure_poisons_and_replays_on_reopen(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The WAL has the record; LMDB failed to take it: the commit fails, the store is
     poisoned, and reopening applies the record from the WAL."""
@@ -234,15 +233,12 @@ def test_faults_io_snapshot_apply_failure_poisons_and_replays_on_reopen(
         calls["n"] += 1
         raise OSError(errno.EIO, "injected: LMDB write failed")
 
-    # the commit path uses one of the two; fail both, once each
-    originals = {m: getattr(SnapshotStore, m) for m in ("apply", "apply_puts")}
-    monkeypatch.setattr(SnapshotStore, method, failing)
-    other = "apply_puts" if method == "apply" else "apply"
-    monkeypatch.setattr(SnapshotStore, other, failing)
+    # the commit path applies through apply_puts (replay too)
+    original = SnapshotStore.apply_puts
+    monkeypatch.setattr(SnapshotStore, "apply_puts", failing)
     with pytest.raises(StorePoisonedError, match="applied when the store is reopened") as exc:
         store.put("b", {"x": 2})
-    monkeypatch.setattr(SnapshotStore, "apply", originals["apply"])
-    monkeypatch.setattr(SnapshotStore, "apply_puts", originals["apply_puts"])
+    monkeypatch.setattr(SnapshotStore, "apply_puts", original)
     assert calls["n"] == 1
     assert store.path in str(exc.value)
     assert not isinstance(exc.value, DiskFullError)
@@ -322,9 +318,9 @@ def test_faults_io_commit_queued_behind_a_failed_write_is_refused(
             thread.start()
             results["thread"] = thread
             deadline = time.monotonic() + 10
-            while not store._queue and time.monotonic() < deadline:
+            while not store._pipeline._queue and time.monotonic() < deadline:
                 time.sleep(0.001)
-            assert store._queue, "the second commit never queued"
+            assert store._pipeline._queue, "the second commit never queued"
             raise OSError(errno.EIO, "injected: write failed")
         return real(fd, buffers)
 

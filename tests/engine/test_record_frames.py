@@ -36,7 +36,7 @@ from walsync.engine.record import (
     encode_frame,
     encode_segment_header,
 )
-from walsync.engine.store import STORE_FORMAT_VERSION
+from walsync.engine.storefile import STORE_FORMAT_VERSION
 
 FORMAT_MD = Path(record.__file__).with_name("FORMAT.md")
 PAYLOAD = cbor2.dumps([0, 123, [["k", b"entry"]]])

@@ -167,7 +167,7 @@ def test_crash_during_the_rebuild_rebuilds_again(
     path = tmp_path / "s"
     _run_and_kill(path, 60, 60, checkpoint=True)
     _tear_snapshot(path)
-    import walsync.engine.store as store_module
+    import walsync.engine.opening as store_module
 
     def die(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt("killed during replay")
@@ -194,7 +194,7 @@ def test_process_crash_during_the_rebuild_keeps_the_rebuilt_snapshot(
     path = tmp_path / "s"
     _run_and_kill(path, 60, 60, checkpoint=True)
     _tear_snapshot(path)
-    import walsync.engine.store as store_module
+    import walsync.engine.opening as store_module
 
     def die(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt("killed during replay")
@@ -301,7 +301,7 @@ def test_background_checkpoint_copies_nothing_while_the_snapshot_outweighs_the_w
         for i in range(100):  # ~100 KB of WAL: past checkpoint_every_bytes
             store.put(f"k/{i:05d}", "y" * 900, durability="none")
         _wait_for(lambda: store.stats().checkpoints > before, "no background checkpoint ran")
-        assert store._snapshot.live_bytes() > 3 * store._wal_bytes_above_base()
+        assert store._snapshot.live_bytes() > 3 * store._checkpointer.wal_bytes_above_base()
         assert read_base_lsn(store._layout) == 600
 
 

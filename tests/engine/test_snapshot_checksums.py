@@ -29,7 +29,8 @@ from walsync import engine
 from walsync.engine import CorruptionError, FormatVersionError, LSNGapError, Store, _fs
 from walsync.engine.record import encode_entry
 from walsync.engine.replay import describe_torn_tail
-from walsync.engine.snapshot import SNAPSHOT_FORMAT_VERSION, unseal
+from walsync.engine.snapshot.bulk import write_raw
+from walsync.engine.snapshot.seal import SNAPSHOT_FORMAT_VERSION, unseal
 from walsync.engine.versions import Sibling, Version
 from walsync.sync.cli import main
 
@@ -161,7 +162,7 @@ def test_entries_that_pass_their_seal_but_do_not_decode_raise_corruption_errors(
     entry = {**_UNDECODABLE, **_BAD_VALUE}[kind]
     with Store.open(path) as store:
         store.put("fine", 1)
-        store._snapshot.write_raw(lambda writer: writer.put(b"bad", entry))
+        write_raw(store._snapshot, lambda writer: writer.put(b"bad", entry))
         for name, read in _every_read(store, "bad").items():
             if kind in _BAD_VALUE and name not in _VALUE_READS:
                 if name != "put":  # (a put would replace it: its siblings decode)

@@ -255,7 +255,7 @@ def _workload(root: Path) -> None:
     with Store.open(root, segment_bytes=SEGMENT_BYTES, node_id="audit") as store:
         commits(store, 0, 12)
         store.set_retain_floor(None)
-        store.set_sync_state("acked_lsn", b"\x05")
+        store.sync_ledger.set_acked_lsn(5)
         assert store.checkpoint().segments_removed > 0
     with Store.open(root, segment_bytes=SEGMENT_BYTES) as store:
         commits(store, 12, 8)

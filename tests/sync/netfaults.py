@@ -55,9 +55,9 @@ from walsync.engine.record import decode_value
 from walsync.sync.merge import Replica, sibling_from_wire
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport
-from walsync.sync.remote import Transport
 from walsync.sync.replicator import Replicator, ReplicatorOptions
 from walsync.sync.supabase import SupabaseTransport
+from walsync.sync.transport import Transport
 
 __all__ = ["FAULT_KINDS", "TRANSPORTS", "Commit", "Fault", "Ledger", "RoundResult",
            "plan_faults", "run_round"]
@@ -487,8 +487,7 @@ class _Round:
                               f"{len(on_server)} entries: positions drawn for nothing")
         # acknowledged LSNs, as persisted, never ahead of the server
         for node, store in self.stores.items():
-            raw = store.sync_state("acked_lsn")
-            persisted = int.from_bytes(raw, "little") if raw else 0
+            persisted = store.sync_ledger.acked_lsn
             mine = self.ledger.entries(node)
             last = max((lsn for _o, lsn, _k in mine), default=0)
             if persisted < last:
@@ -588,7 +587,7 @@ class _Round:
             head_before = self.head()
             for node, store in self.stores.items():
                 # start pulling at the head: earlier rounds' entries are not this round's
-                store.apply_remote([], meta={"pull_cursor": head_before})
+                store.apply_remote([], pull_cursor=head_before)
                 self.reps[node] = Replicator(store, self.transport(), OPTIONS).start()
             chaos = threading.Thread(target=self.chaos, args=(plan, time.monotonic()),
                                      name="netfaults-chaos", daemon=True)

@@ -1,0 +1,508 @@
+"""The group commit: how a record becomes durable in the WAL and applied to the snapshot.
+
+(Over 500 lines: the two stages and their hand-offs are one state machine under one
+lock, whose invariants are read together.)
+
+Commits take a short lock to check ``expect=``, get their LSN and versions
+(engine/assign.py), then join a group commit of two pipelined stages, each led
+by one of the waiting threads: the WAL stage writes every queued frame with one
+``writev`` and one ``fdatasync``; the apply stage applies written batches to
+LMDB, strictly in LSN order, in one transaction, and wakes their committers.
+The next batch's write and fdatasync overlap the previous batch's apply; a
+commit still returns only once its record is durable (as asked) and applied.
+A large batch is applied alongside its WAL write (apply-ahead). A failed write
+poisons the store (engine/health.py): records queued behind it are refused.
+
+This is the commit hot path: each commit passes here once, so work is added
+here only where it is needed by every commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from .assign import Assigner, Pending
+from .errors import NoReplicatorError, WalsyncError
+from .health import Health, fresh
+from .identity import NodeIdentity
+from .metrics import StoreMetrics
+from .ops import CommitResult, Delete, Put, durability_of, operations, prepare
+from .options import Durability, StoreOptions
+from .snapshot import SnapshotStore
+from .versions import Sibling
+from .wal import WALWriter
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .events import Event, EventBus
+    from .replication import Acknowledger
+
+__all__ = ["CommitPipeline"]
+
+log = logging.getLogger("walsync.store")
+
+#: a batch of at least this many payload bytes is applied alongside its WAL
+#: write (CommitPipeline._write_and_apply); smaller ones the usual way, after it
+_APPLY_AHEAD_BYTES = 1 << 20
+
+
+class CommitPipeline:
+    """The store's writer side: one per open store (read-only ones never commit)."""
+
+    def __init__(self, path: str, health: Health, assigner: Assigner, snapshot: SnapshotStore,
+                 options: StoreOptions, metrics: StoreMetrics, events: EventBus,
+                 applied_lsn: int) -> None:
+        self._path = path
+        self._health = health
+        self._assigner = assigner
+        self._snapshot = snapshot
+        self._options = options
+        self._metrics = metrics
+        self._events = events
+        #: set once the WAL is recovered (a read-only store has none)
+        self.wal: WALWriter | None = None
+        mutex = threading.Lock()
+        #: guards the pipeline; close and flush wait on ``cv``, a committer on its
+        #: record's own condition, a leader gathering a batch on ``_gather``
+        self._mutex = mutex
+        self.cv = threading.Condition(mutex)
+        #: records waiting for the WAL stage; ``_leading``: a thread holds the WAL
+        self._queue: list[Pending] = []
+        self._leading = False
+        #: batches written to the WAL, waiting to be applied to LMDB in LSN
+        #: order; ``_applying``: a thread is applying
+        self._apply_queue: list[list[Pending]] = []
+        self._applying = False
+        #: an apply failed: no later record can be applied in this process
+        self._apply_error: WalsyncError | None = None
+        self._preparing = 0
+        #: records queued or further along, whose commit has not returned yet
+        self._in_pipeline = 0
+        self._gather = threading.Condition(mutex)
+        self.applied_lsn = applied_lsn
+        #: WAL bytes written since the last checkpoint (reset by it, under ``cv``)
+        self.bytes_since_checkpoint = 0
+        #: asked once ``bytes_since_checkpoint`` reaches checkpoint_every_bytes
+        self.on_checkpoint_due: Callable[[], None] = _nothing
+        self.listeners: list[Callable[[int], None]] = []
+        #: what durability 'remote' waits on (engine/replication.py), if attached
+        self.replicator: Acknowledger | None = None
+        #: why durability 'remote' is off again (the replicator was stopped)
+        self.detached_because: str | None = None
+
+    # -- commits ---------------------------------------------------------------
+
+    def commit(
+        self, ops: Sequence[Put | Delete], durability: Durability | str | None,
+        notes: Sequence[Event] = (), internal: bool = False,
+    ) -> CommitResult:
+        """A local commit as one atomic record (Store.commit)."""
+        started = time.perf_counter_ns()
+        try:
+            level = self._options.durability if durability is None \
+                else durability_of(durability)
+            ops = operations(ops)
+            self._health.check_writable()
+            # read once: a replicator stopped meanwhile is told apart by its own answer
+            replicator = self.replicator
+            if level is Durability.REMOTE and replicator is None:
+                why = f" ({self.detached_because})" if self.detached_because else ""
+                raise NoReplicatorError(
+                    f"durability 'remote' needs a running replicator on store {self._path}"
+                    f"{why}; nothing was written"
+                )
+            if not ops:
+                raise ValueError("a commit needs at least one operation")
+            # _preparing counts commits on their way to the queue, which a leader
+            # gathering a batch waits for (up to group_wait_seconds)
+            with self.cv:
+                self._preparing += 1
+            try:
+                options = self._options
+                prepared = [prepare(op, options, internal) for op in ops]
+            except BaseException:
+                with self.cv:
+                    self._preparing -= 1
+                    if self._leading:
+                        self._gather.notify()
+                raise
+            with self.cv:
+                try:
+                    self._health.check_writable()
+                    item = self._assigner.local(ops, prepared, level is not Durability.NONE)
+                finally:
+                    self._preparing -= 1
+                    if self._leading:
+                        self._gather.notify()
+                if notes:
+                    item.notes = tuple(notes)
+                self._submit(item)
+            self._finish(item)
+            if level is Durability.REMOTE:
+                assert replicator is not None
+                replicator.wait_acknowledged(item.lsn, self._options.remote_timeout_seconds)
+        except WalsyncError as exc:
+            self._metrics.record_error(exc)
+            raise
+        self._metrics.commit_ns.observe(time.perf_counter_ns() - started)
+        return CommitResult(item.lsn, item.hlc, level)
+
+    def merge(
+        self, items: Sequence[tuple[str, Sibling]], meta: dict[str, Any] | None
+    ) -> CommitResult | None:
+        """Versions from other nodes as one durable merge record (Store.apply_remote)."""
+        self._health.check_writable()
+        with self.cv:
+            self._health.check_writable()
+            item = self._assigner.merge(items, meta)
+            if item is None:
+                return None
+            self._submit(item)
+        self._finish(item)
+        return CommitResult(item.lsn, item.hlc, Durability.LOCAL)
+
+    def renew(self, fork_lsn: int, reason: str) -> NodeIdentity:
+        """The durable relabelling record of a node-id renewal (Store.renew_node_id)."""
+        with self.cv:
+            self._health.check_writable()
+            item, ident = self._assigner.renewal(fork_lsn, reason, self._path)
+            self._submit(item)
+        self._finish(item)
+        return ident
+
+    def flush(self) -> None:
+        """Make every written record durable (fdatasync), e.g. after 'none' commits."""
+        self._health.check_writable()
+        wal = self.wal
+        assert wal is not None
+        with self.cv:
+            while self._leading:
+                self.cv.wait()
+            self._leading = True
+        try:
+            unsynced = wal.synced_lsn < wal.next_lsn - 1
+            wal.sync()
+            if unsynced:
+                self._metrics.record_sync()
+        except BaseException as exc:
+            raise fresh(self._health.poison(exc, "WAL flush")) from exc
+        finally:
+            with self.cv:
+                self._leading = False
+                self._wake()
+
+    def close(self) -> None:
+        """Wait for the commits under way to finish, then refuse any more."""
+        with self.cv:
+            while self._busy():
+                self.cv.wait()
+            self._health.closed = True
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold off group commits (a compaction swapping the snapshot's file):
+        committers that queue meanwhile wait, each on its own condition."""
+        with self.cv:
+            while self._busy():
+                self.cv.wait()
+            self._leading = True
+        try:
+            yield
+        finally:
+            with self.cv:
+                self._leading = False
+                self._wake()
+
+    def _busy(self) -> bool:
+        return self._leading or bool(self._queue) or self._applying or bool(self._apply_queue)
+
+    def helper_failed(self, exc: BaseException, doing: str) -> None:
+        """A helper thread's write or sync failed (the segment preparer's): no commit
+        is waiting for it, so the store stops taking writes here and the next one
+        says why. The first failure stays the reason."""
+        with self.cv:
+            if self._health.poisoned is None:
+                self._health.poison(exc, doing)
+
+    # -- the two stages --------------------------------------------------------
+
+    def _submit(self, item: Pending) -> None:
+        """Queue a record and wait until it is durable and applied. Holds ``cv``.
+
+        Group commit in two pipelined stages, each led by one waiting thread
+        at a time: the WAL stage writes (and syncs) every queued record in one
+        batch; the apply stage applies written batches to LMDB in LSN order.
+        While one batch is being applied, the next one's write and fdatasync
+        can run. A thread whose record is written keeps leading the WAL stage
+        for the records queued meanwhile if another waiting thread can take
+        the apply stage (it is woken for it), so the WAL stage does not wait
+        for a thread to wake up.
+
+        Every thread in here is running a stage, waiting on its record's
+        condition, or about to re-check; whenever a stage is free and has
+        work, a thread that will take it is either awake or notified.
+        """
+        self._queue.append(item)
+        self._in_pipeline += 1
+        if self._leading:
+            self._gather.notify()
+        try:
+            while not item.done:
+                if (not self._leading and self._queue
+                        and (not item.written or self._hand_over_apply(item))):
+                    self._lead(item)
+                elif self._apply_queue and not self._applying:
+                    self._wake_wal_leader()
+                    self._apply_written()
+                else:
+                    if item.waiter is None:
+                        item.waiter = threading.Condition(self._mutex)
+                    item.waiter.wait()
+        finally:
+            self._in_pipeline -= 1
+            if self._leading:
+                self._gather.notify()
+            self._wake()
+
+    def _hand_over_apply(self, item: Pending) -> bool:
+        """May the thread of ``item`` (written, not yet applied) lead the WAL stage
+        for others? Yes if the apply stage needs nobody, or another waiting
+        thread with a written record can take it (it is woken). Holds ``cv``."""
+        if self._applying or not self._apply_queue:
+            return True
+        for batch in self._apply_queue:
+            for other in batch:
+                if other is not item and other.waiter is not None:
+                    other.waiter.notify()
+                    return True
+        return False
+
+    def _wake_wal_leader(self) -> None:
+        if not self._leading and self._queue:
+            waiter = self._queue[0].waiter
+            if waiter is not None:
+                waiter.notify()
+
+    def _wake(self) -> None:
+        """After a stage ends: wake the thread that can lead each free stage, and
+        close/flush waiting for the pipeline. Holds ``cv``."""
+        if not self._leading and self._queue:
+            waiter = self._queue[0].waiter
+            if waiter is not None:
+                waiter.notify()
+        if not self._applying and self._apply_queue:
+            waiter = self._apply_queue[0][0].waiter
+            if waiter is not None:
+                waiter.notify()
+        self.cv.notify_all()
+
+    def _done(self, batch: list[Pending], error: WalsyncError | None) -> None:
+        """Finish a batch's commits. Holds ``cv``: batches applied are finished in
+        LSN order, so their events are published (one non-blocking put) in it."""
+        if error is None:
+            self._events.publish(batch)
+        for item in batch:
+            item.error = error
+            item.done = True
+            if item.waiter is not None:
+                item.waiter.notify()
+
+    def _finish(self, item: Pending) -> None:
+        if item.error is not None:
+            raise fresh(item.error)
+        if self.bytes_since_checkpoint >= self._options.checkpoint_every_bytes:
+            self.on_checkpoint_due()
+        for listener in self.listeners:
+            try:
+                listener(item.lsn)
+            except Exception:
+                log.exception("commit listener %r failed", listener)
+
+    def _lead(self, mine: Pending) -> None:
+        """The WAL stage: write (and sync) every queued record as one batch, then
+        queue it for the apply stage. Entered and left holding ``cv``."""
+        self._leading = True
+        try:
+            wait = self._options.group_wait_seconds
+            if wait > 0 and self._others_committing(mine):
+                # Other threads are committing right now (preparing a record,
+                # or with an earlier one still being applied, after which they
+                # often commit again): let them join this batch.
+                deadline = time.monotonic() + wait
+                while self._others_committing(mine):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._gather.wait(left)
+            batch = self._queue
+            self._queue = []
+            error: WalsyncError | None = None
+            poisoned = self._health.poisoned
+            if poisoned is not None:
+                # A group commit failed while these records waited: writing them
+                # now would put them after a hole in the log, or after a failed
+                # fsync as if nothing had happened.
+                error = self._health.refusal(poisoned)
+            else:
+                # A large batch next in line to apply is applied alongside its
+                # WAL write (see _write_and_apply): this thread takes the
+                # apply stage too.
+                ahead = (
+                    not self._applying and not self._apply_queue
+                    and self._apply_error is None
+                    and sum(_payload_bytes(p.payload) for p in batch) >= _APPLY_AHEAD_BYTES
+                )
+                if ahead:
+                    self._applying = True
+                apply_failed = False
+                self.cv.release()
+                try:
+                    if ahead:
+                        error, apply_failed = self._write_and_apply(batch)
+                    else:
+                        error = self._write_wal(batch)
+                finally:
+                    self.cv.acquire()
+                if ahead:
+                    self._applying = False
+                    for item in batch:
+                        item.written = True
+                    if error is None:
+                        self._applied(batch[-1].lsn)
+                    elif apply_failed:
+                        self._apply_error = error
+                    self._done(batch, error)
+                    return
+            for item in batch:
+                item.written = True
+            if error is None:
+                self._apply_queue.append(batch)
+            else:
+                self._done(batch, error)
+        finally:
+            self._leading = False
+            self.cv.notify_all()
+
+    def _others_committing(self, mine: Pending) -> bool:
+        """Whether commits other than the queued ones and the leader's own are under way."""
+        if self._preparing > 0:
+            return True
+        return self._in_pipeline - len(self._queue) - mine.written > 0
+
+    def _apply_written(self) -> None:
+        """The apply stage: apply every written batch, in LSN order, in one LMDB
+        transaction, and finish their commits. Entered and left holding ``cv``."""
+        self._applying = True
+        try:
+            batches = self._apply_queue
+            self._apply_queue = []
+            error = self._apply_error
+            if error is None:
+                self.cv.release()
+                try:
+                    error = self._apply_batches(batches)
+                finally:
+                    self.cv.acquire()
+                if error is None:
+                    self._applied(batches[-1][-1].lsn)
+                else:
+                    self._apply_error = error
+            for batch in batches:
+                self._done(batch, error)
+        finally:
+            self._applying = False
+            self.cv.notify_all()
+
+    def _applied(self, last: int) -> None:
+        """Records up to ``last`` are in the snapshot. Holds ``cv``."""
+        self.applied_lsn = last
+        overlay = self._assigner.overlay
+        for key in [k for k, (lsn, _) in overlay.items() if lsn <= last]:
+            del overlay[key]
+
+    def _write_and_apply(self, batch: list[Pending]) -> tuple[WalsyncError | None, bool]:
+        """Write a large batch to the WAL while a helper thread fills its LMDB
+        transaction; commit that only once the WAL write (and sync) succeeded.
+
+        Both copy the large values, and both release the GIL doing it, so a
+        big commit costs about the longer of the two, not their sum. Nothing
+        is visible or in the snapshot before the commit, which comes after the
+        WAL is durable (FORMAT.md invariant 4). Returns the error, and whether
+        it was the apply that failed.
+        """
+        job = self._snapshot.apply_ahead(lambda: _puts_of([batch]))
+        error = self._write_wal(batch)
+        job.finish(commit=error is None)
+        if error is not None or job.committed:
+            return error, False
+        if job.error is not None and not job.map_full:
+            # the helper's write (or anything else there) failed: as after a failed
+            # WAL write, trying again on the same file could report success for
+            # pages the failed write lost
+            return self._health.poison(
+                job.error,
+                f"applying LSN {batch[0].lsn}..{batch[-1].lsn} to the snapshot on the "
+                "apply-ahead thread (the records are in the WAL and are applied when the "
+                "store is reopened)",
+            ), True
+        # the map was full: nothing was applied; the usual way grows it
+        error = self._apply_batches([batch])
+        return error, error is not None
+
+    def _write_wal(self, batch: list[Pending]) -> WalsyncError | None:
+        wal = self.wal
+        assert wal is not None
+        before = wal.bytes_written
+        sync = any(p.sync for p in batch)
+        try:
+            wal.append([(p.lsn, p.payload) for p in batch], sync)
+        except BaseException as exc:  # noqa: BLE001 - every failure poisons the store
+            return self._health.poison(
+                exc, f"WAL write to segment {wal.segment_first_lsn:016x}.wal")
+        self.bytes_since_checkpoint += wal.bytes_written - before
+        self._metrics.record_group_commit(len(batch), wal.bytes_written - before, sync)
+        return None
+
+    def _apply_batches(self, batches: list[list[Pending]]) -> WalsyncError | None:
+        puts, last, hlc, meta_ops = _puts_of(batches)
+        try:
+            self._snapshot.apply_puts(puts, last, hlc, meta_ops=meta_ops)
+        except BaseException as exc:  # noqa: BLE001
+            return self._health.poison(
+                exc,
+                f"applying LSN {batches[0][0].lsn}..{batches[-1][-1].lsn} to the snapshot (the "
+                "records are in the WAL and are applied when the store is reopened)",
+            )
+        return None
+
+
+def _nothing() -> None:
+    return None
+
+
+def _payload_bytes(payload: bytes | list[bytes]) -> int:
+    return len(payload) if isinstance(payload, bytes) else sum(len(p) for p in payload)
+
+
+def _puts_of(
+    batches: list[list[Pending]],
+) -> tuple[list[tuple[bytes, bytes | list[bytes]]], int, int, bool]:
+    """The snapshot writes of written batches: (pairs, last LSN, highest HLC, any meta op).
+    An entry in parts stays in parts: the snapshot seals and joins it in one copy."""
+    puts: list[tuple[bytes, bytes | list[bytes]]] = []
+    meta_ops = False
+    hlc = 0
+    for batch in batches:
+        for p in batch:
+            hlc = max(hlc, p.hlc)
+            for key, entry in p.ops:
+                if not key:
+                    meta_ops = True
+                puts.append((key.encode(), entry))
+    return puts, batches[-1][-1].lsn, hlc, meta_ops

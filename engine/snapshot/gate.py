@@ -1,0 +1,120 @@
+"""The snapshot's thread rules: the resize gate, and an apply handed between threads.
+
+Any thread may read the snapshot; one at a time applies. LMDB's map grows by
+itself when it is full, and growing needs every transaction of this process
+closed, so reads and writes pass a gate that the resize waits on. A large
+commit's apply is filled on a helper thread while the committing thread writes
+the WAL, and committed only on its word (``ApplyAhead``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ..errors import CapacityError
+
+__all__ = ["ApplyAhead", "Gate"]
+
+
+class Gate:
+    """Many transactions at once, or one map resize alone."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self._resizing = False
+        self._shared = _SharedHold(self)
+
+    def shared(self) -> _SharedHold:
+        """``with gate.shared():`` holds the gate shared (a plain object, not a
+        generator: every commit passes here twice)."""
+        return self._shared
+
+    def _enter_shared(self) -> None:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._active += 1
+
+    def _exit_shared(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._active == 0 and self._resizing:
+                self._cond.notify_all()  # exclusive() waits for the last one out
+
+    @contextmanager
+    def exclusive(self, timeout_seconds: float = 60.0) -> Iterator[None]:
+        deadline = time.monotonic() + timeout_seconds
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._resizing = False
+                    self._cond.notify_all()
+                    raise CapacityError(
+                        "the LMDB map is full and cannot grow while read transactions stay "
+                        "open in this process",
+                        hint="close read views (Store.snapshot()) before committing from the "
+                        "same thread, or open the store with a larger map_size_bytes",
+                    )
+                self._cond.wait(left)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+class _SharedHold:
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+
+    def __enter__(self) -> None:
+        self._gate._enter_shared()
+
+    def __exit__(self, *exc: object) -> None:
+        self._gate._exit_shared()
+
+
+class ApplyAhead:
+    """An apply filled on a helper thread, committed or aborted on the caller's word."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._decision: bool | None = None
+        self._done = False
+        #: why filling or committing failed (nothing was applied then); an LMDB
+        #: failure comes as the OSError it stands for, naming the file
+        self.error: BaseException | None = None
+        #: the failure was a full map (the caller applies the usual way, which
+        #: grows it); any other failure must poison the store
+        self.map_full = False
+        self.committed = False
+
+    def finish(self, commit: bool) -> None:
+        """Commit (the records are durable) or abort, and wait until it is done."""
+        with self._cond:
+            self._decision = commit
+            self._cond.notify_all()
+            while not self._done:
+                self._cond.wait()
+
+    def wait_decision(self) -> bool:
+        with self._cond:
+            while self._decision is None:
+                self._cond.wait()
+            return self._decision
+
+    def set_done(self) -> None:
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
