@@ -1,5 +1,8 @@
 """Events: what happened in a store, delivered to subscribers in the same process.
 
+(Over 500 lines: the event types and their delivery, subscriptions, overflow and the
+bus, are one contract that a subscriber reads at once.)
+
 Orchestrators hang hooks on them (a step finished, a run failed, a pull
 brought a conflict, a lease was lost). Events are not durable and are not
 replayed after a crash: the store's state is the truth, and a subscriber that
