@@ -34,13 +34,14 @@ from walsync.sync.transport import Claim, WireBatch
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(600)]
 
 NODES = ("A", "B", "C")
-#: plain keys, a run's keys in both of its places, another run's, a key that only looks
-#: like a run's
-KEYS = ("k1", "k2", "k/x", "runs/r1", "runs/r1/steps/s", "index/runs/r1", "runs/r2",
-        "runsx/r1")
+#: plain keys; a run's keys in the reserved namespace and in the older spelling, each
+#: in both of its places; another run's; keys that only look like a run's
+KEYS = ("k1", "k2", "k/x", ".walsync/runs/r1", ".walsync/runs/r1/steps/s",
+        ".walsync/index/runs/r1", "runs/r1", "runs/r1/steps/s", "index/runs/r1", "runs/r2",
+        ".walsync/runs/r2/outputs/s/1", "runsx/r1", ".walsync/runsx/r1")
 RUNS = ("r1", "r2")
 TOKENS = ("t1", "t2", "t3")
-PREFIXES = ("", "k", "runs/", "runs/r1", "index/", "zz")
+PREFIXES = ("", "k", "runs/", "runs/r1", "index/", ".walsync/", ".walsync/runs/r1", "zz")
 
 
 @pytest.fixture(scope="module")
