@@ -202,6 +202,22 @@ def test_workflows_recover_without_state_starts_fresh(wf: Workflows) -> None:
     assert wf.get_run("r").run_id == "r"
 
 
+def test_the_old_names_of_recover_and_reverted_steps_still_answer_with_a_warning(
+        wf: Workflows) -> None:
+    """"restore" is the sync layer's host-loss restore alone: the workflow layer's
+    restore is recover, and a rollback reverts steps (README's glossary)."""
+    with pytest.warns(DeprecationWarning, match="recover"):
+        got = wf.restore("r", "w")
+    assert got.outcome == "fresh"
+    with got.run as run:
+        run.step("a", lambda: 1)
+        run.checkpoint("cp")
+        run.step("b", lambda: 2)
+    report = wf.get_run("r").rollback("cp")
+    with pytest.warns(DeprecationWarning, match="reverted_steps"):
+        assert report.restored_steps == report.reverted_steps == []
+
+
 def test_workflows_recover_valid_state_counts_and_hands_back_work(store_path: Path) -> None:
     questions = [{"id": "q1", "text": "approve the refund?"}]
     with Store.open(store_path) as s1:
