@@ -196,34 +196,42 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
 
 # -- stored values to records ---------------------------------------------------------
 
-_OPT_STR = (str, type(None))
-_OPT_INT = (int, type(None))
-_OPT_DT = (dt.datetime, type(None))
-_OPT_DICT = (dict, type(None))
-_NUMBER = (int, float)
-_Types = dict[str, type | tuple[type, ...]]
+#: a field's name -> the exact types its stored value may have (a bool is no int here:
+#: cbor2 gives back the type that was stored, so a bool where a count belongs is damage)
+_Types = dict[str, frozenset[type]]
+_NONE: type = type(None)
+_STR: frozenset[type] = frozenset({str})
+_OPT_STR: frozenset[type] = frozenset({str, _NONE})
+_INT: frozenset[type] = frozenset({int})
+_OPT_INT: frozenset[type] = frozenset({int, _NONE})
+_OPT_DT: frozenset[type] = frozenset({dt.datetime, _NONE})
+_DICT: frozenset[type] = frozenset({dict})
+_OPT_DICT: frozenset[type] = frozenset({dict, _NONE})
+_NUMBER: frozenset[type] = frozenset({int, float})
 
-#: the type each stored field of a run record must have (fields of any type, e.g.
-#: ``inputs``, are absent; unknown fields are ignored, as from_dict drops them)
+#: the types of a run record's stored fields (fields of any type, e.g. ``inputs``, are
+#: absent; unknown fields are ignored, as from_dict drops them)
 _RUN_TYPES: _Types = {
-    "run_id": str, "workflow": str, "workflow_version": (str, int), "schema_version": int,
-    "status": str, "current_step": _OPT_STR, "progress": _NUMBER, "total_steps": _OPT_INT,
-    "steps_done": int, "error": _OPT_DICT, "created_at": _OPT_DT, "started_at": _OPT_DT,
-    "updated_at": _OPT_DT, "completed_at": _OPT_DT, "metadata": dict,
-    "restoration_count": int, "last_restored_at": _OPT_DT, "restoration_source": _OPT_STR,
-    "owner_node": _OPT_STR, "lease_token": _OPT_INT, "cost": dict, "max_retries": int,
-    "retries": int, "rollbacks": int, "next_seq": int,
+    "run_id": _STR, "workflow": _STR, "workflow_version": frozenset({str, int}),
+    "schema_version": _INT, "status": _STR, "current_step": _OPT_STR, "progress": _NUMBER,
+    "total_steps": _OPT_INT, "steps_done": _INT, "error": _OPT_DICT, "created_at": _OPT_DT,
+    "started_at": _OPT_DT, "updated_at": _OPT_DT, "completed_at": _OPT_DT, "metadata": _DICT,
+    "restoration_count": _INT, "last_restored_at": _OPT_DT, "restoration_source": _OPT_STR,
+    "owner_node": _OPT_STR, "lease_token": _OPT_INT, "cost": _DICT, "max_retries": _INT,
+    "retries": _INT, "rollbacks": _INT, "next_seq": _INT,
 }
 _STEP_TYPES: _Types = {
-    "step_id": str, "status": str, "seq": int, "idempotent": bool, "output_key": _OPT_STR,
-    "error": _OPT_DICT, "attempts": int, "created_at": _OPT_DT, "started_at": _OPT_DT,
-    "updated_at": _OPT_DT, "completed_at": _OPT_DT, "fraction": _NUMBER, "cost": dict,
-    "interrupted_at": _OPT_DT,
+    "step_id": _STR, "status": _STR, "seq": _INT, "idempotent": frozenset({bool}),
+    "output_key": _OPT_STR, "error": _OPT_DICT, "attempts": _INT, "created_at": _OPT_DT,
+    "started_at": _OPT_DT, "updated_at": _OPT_DT, "completed_at": _OPT_DT,
+    "fraction": _NUMBER, "cost": _DICT, "interrupted_at": _OPT_DT,
 }
-_COST_TYPES: _Types = {"tokens_in": int, "tokens_out": int, "usd": _NUMBER, "counters": dict}
-_INDEX_TYPES: _Types = {"status": str, "workflow": str}
-_CHECKPOINT_TYPES: _Types = {"name": str, "description": str, "tags": list,
-                             "created_at": dt.datetime, "run": dict, "steps": dict}
+_COST_TYPES: _Types = {"tokens_in": _INT, "tokens_out": _INT, "usd": _NUMBER,
+                       "counters": _DICT}
+_INDEX_TYPES: _Types = {"status": _STR, "workflow": _STR}
+_CHECKPOINT_TYPES: _Types = {"name": _STR, "description": _STR, "tags": frozenset({list}),
+                             "created_at": frozenset({dt.datetime}), "run": _DICT,
+                             "steps": _DICT}
 
 _HINT = ("the value was not written by the workflow layer (a write around it, or another "
          "program): remove the run's keys, or bring the run back from an export "
@@ -237,9 +245,10 @@ def _problem(value: Any, types: _Types, required: tuple[str, ...]) -> str | None
     for name in required:
         if name not in value:
             return f"field {name!r} is missing"
+    expected = types.get
     for name, item in value.items():
-        expected = types.get(name)
-        if expected is not None and not isinstance(item, expected):
+        allowed = expected(name)
+        if allowed is not None and type(item) not in allowed:
             return f"field {name!r} is {type(item).__name__} ({item!r:.60})"
     cost = value.get("cost")
     if cost and "cost" in types:
@@ -247,7 +256,7 @@ def _problem(value: Any, types: _Types, required: tuple[str, ...]) -> str | None
         if found is not None:
             return f"its cost: {found}"
         counters = cost.get("counters") or {}
-        if any(not isinstance(v, _NUMBER) for v in counters.values()):
+        if any(type(v) not in _NUMBER for v in counters.values()):
             return "its cost counters are not all numbers"
     return None
 
@@ -279,7 +288,7 @@ def checked_step(key: str, value: Any, step_id: str) -> StepRecord:
 def checked_state(key: str, value: Any, *, what: str = "the run record") -> dict[str, Any]:
     """A stored record as a map whose schema version can be read (migrations see the
     raw state before the records are checked), or CorruptionError."""
-    problem = _problem(value, {"schema_version": int}, ())
+    problem = _problem(value, {"schema_version": _INT}, ())
     if problem is not None:
         raise _corrupt(what, key, problem)
     stored: dict[str, Any] = value
@@ -298,9 +307,9 @@ def checked_index_entry(key: str, value: Any) -> dict[str, Any]:
 def checked_checkpoint(key: str, value: Any) -> dict[str, Any]:
     """A named checkpoint (its run and step records as maps), or CorruptionError."""
     problem = _problem(value, _CHECKPOINT_TYPES, tuple(_CHECKPOINT_TYPES))
-    if problem is None and not isinstance(value["run"].get("status"), str):
+    if problem is None and type(value["run"].get("status")) is not str:
         problem = "its run record has no status"
-    if problem is None and not all(isinstance(s, str) for s in value["tags"]):
+    if problem is None and not all(type(s) is str for s in value["tags"]):
         problem = "its tags are not all strings"
     if problem is not None:
         raise _corrupt("the checkpoint", key, problem)
