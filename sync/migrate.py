@@ -14,11 +14,12 @@ Every function is defined once, in the default files: each always filters
 on the caller's tenant ('' while tenant mode is off). Tenant mode
 (``migrate(dsn, tenant_mode=True)``, ``walsync migrate --tenant-mode``)
 applies the files under ``migrations/tenant/`` after the default ones; they
-hold no function, only what tenant mode adds (its setting, Row Level Security
-policies, grants, the functions' owner). A plain run never turns it on; once
-on (a tenant file is recorded, or one of those it replaced), every run that
-applies or re-applies a default file applies the tenant files again, because
-a default file's closing REVOKE takes back their grants to ``authenticated``.
+hold no function, only what tenant mode adds (its setting, keys that lead with
+the tenant, Row Level Security policies, grants, the functions' owner). A
+plain run never turns it on; once on (a tenant file is recorded, or one of
+those it replaced), every run that applies or re-applies a default file
+applies the tenant files again, because a default file's closing REVOKE takes
+back their grants to ``authenticated``.
 """
 
 from __future__ import annotations

@@ -3,12 +3,13 @@
 -- Before this file, tenant mode re-created every API function as a tenant-scoped
 -- twin (migrations/tenant/), so each protocol change was written twice and a
 -- default file applied after tenant mode undid it. Now every table has a
--- tenant column, every key and unique index leads with it, and each function
+-- tenant column that every key and unique index includes, and each function
 -- below filters on the caller's tenant, always: walsync.request_tenant() is ''
 -- while tenant mode is off (a single-tenant database: every row has tenant ''),
 -- and the tenant a JWT claim names once the tenant file turned it on (its row
--- in walsync.tenant_settings). The tenant file adds only Row Level Security
--- policies, grants, the functions' owner and the claim's setting.
+-- in walsync.tenant_settings). The tenant file adds no function: the setting,
+-- keys that lead with the tenant, Row Level Security policies, grants and the
+-- functions' owner.
 --
 -- This file holds the live definition of every function and view of both
 -- schemas; the definitions in the files before it are superseded here (same
@@ -18,9 +19,9 @@
 --
 -- Brings a database at any earlier level here: the default files alone, or
 -- with the tenant files released before this one (whose tenant columns, keys,
--- settings and policies this file keeps). Rebuilding a primary key that does
--- not yet lead with tenant rewrites that index once (the tables are locked
--- meanwhile). Plain SQL. Safe to apply more than once.
+-- settings and policies this file keeps). A primary key that does not yet hold
+-- the tenant is rebuilt once (the table is locked meanwhile). Plain SQL. Safe
+-- to apply more than once.
 
 -- Tenant mode's setting: its row (inserted by the tenant file) turns tenant
 -- mode on and names the JWT claim (`walsync migrate --tenant-claim NAME`).
@@ -85,42 +86,69 @@ begin
 end
 $$;
 
--- The tenant column ('' for every row of a single-tenant database; the tenant
--- file makes a direct insert default to the caller's tenant), then keys that
--- lead with it: two tenants may use the same keys, node ids and run ids.
-do $$
+-- Where the tenant column stands in each table's key. In a single-tenant
+-- database it closes the key: it never differs, so an index insert or probe
+-- never compares it (leading, it would be compared at every step of every
+-- descent: a few percent of each push). Tenant mode (its file calls this with
+-- p_leading) leads each key with it, so that a tenant's rows are adjacent and
+-- its pulls, state pages and conflict listings read none of another's. Either
+-- way two tenants may use the same keys, node ids and run ids. A key already in
+-- the wanted form is left alone; another is rebuilt (the table is locked while
+-- its index is built).
+create or replace function walsync.tenant_keys(p_leading boolean) returns void
+language plpgsql
+set search_path = pg_catalog, walsync
+as $$
 declare
   t      record;
-  v_pkey text;
+  v_cols text;
+  v_name text;
   v_def  text;
 begin
   for t in select * from (values
-      ('nodes', 'tenant, node_id'),
-      ('head', 'tenant'),
-      ('entries', 'tenant, origin, lsn, key'),
-      ('siblings', 'tenant, key, origin, lsn'),
-      ('leases', 'tenant, run_id'),
-      ('fenced', 'tenant, origin, lsn, key')) as v(tbl, pkey)
+      ('nodes', 'node_id'), ('head', null), ('entries', 'origin, lsn, key'),
+      ('siblings', 'key, origin, lsn'), ('leases', 'run_id'), ('fenced', 'origin, lsn, key'))
+      as v(tbl, cols)
   loop
-    execute format('alter table walsync.%I add column if not exists tenant text not null '
-                   'default %L', t.tbl, '');
-    execute format('alter table walsync.%I alter column tenant set default %L', t.tbl, '');
-    v_pkey := null;
+    v_cols := case when t.cols is null then 'tenant'
+                   when p_leading then 'tenant, ' || t.cols
+                   else t.cols || ', tenant' end;
+    v_name := null;
     v_def := null;
-    select c.conname, pg_get_constraintdef(c.oid) into v_pkey, v_def from pg_constraint c
+    select c.conname, pg_get_constraintdef(c.oid) into v_name, v_def from pg_constraint c
      where c.conrelid = format('walsync.%I', t.tbl)::regclass and c.contype = 'p';
-    if v_def is distinct from format('PRIMARY KEY (%s)', t.pkey) then
-      if v_pkey is not null then
-        execute format('alter table walsync.%I drop constraint %I', t.tbl, v_pkey);
+    if v_def is distinct from format('PRIMARY KEY (%s)', v_cols) then
+      if v_name is not null then
+        execute format('alter table walsync.%I drop constraint %I', t.tbl, v_name);
       end if;
       execute format('alter table walsync.%I add constraint %I primary key (%s)',
-                     t.tbl, t.tbl || '_pkey', t.pkey);
+                     t.tbl, t.tbl || '_pkey', v_cols);
     end if;
   end loop;
+end
+$$;
+
+-- The tenant column ('' for every row of a single-tenant database; the tenant
+-- file makes a direct insert default to the caller's tenant) and the keys that
+-- hold it.
+do $$
+declare
+  t text;
+begin
+  foreach t in array array['nodes', 'head', 'entries', 'siblings', 'leases', 'fenced'] loop
+    execute format('alter table walsync.%I add column if not exists tenant text not null '
+                   'default %L', t, '');
+    execute format('alter table walsync.%I alter column tenant set default %L', t, '');
+  end loop;
+  -- a database already in tenant mode (from an earlier release) keeps its keys
+  perform walsync.tenant_keys(exists (select from walsync.tenant_settings));
   -- one head row per tenant: positions are counted per tenant
   alter table walsync.head drop constraint if exists head_id_check;
   alter table walsync.head alter column id set default 1;
-  -- the same name as the first file's index, so re-applying that file keeps this one
+  -- Positions are per tenant, so this index leads with it in either mode (a pull
+  -- reads one tenant's range; positions only grow, so an insert lands at the
+  -- end of the index). The same name as the first file's index, so re-applying
+  -- that file keeps this one.
   if to_regclass('walsync.entries_pos') is null
      or pg_get_indexdef('walsync.entries_pos'::regclass) not like '%(tenant, pos)' then
     drop index if exists walsync.entries_pos;

@@ -278,6 +278,17 @@ def schema_dump(dsn: str) -> str:
                      if not line.startswith(("\\restrict", "\\unrestrict")))
 
 
+def primary_keys(schema: dict[str, Any]) -> dict[str, str]:
+    return {table: definition for table, name, definition in schema["constraints"]
+            if definition.startswith("PRIMARY KEY") and table != "schema_migrations"}
+
+
+#: each table's key without the tenant: in a single-tenant database the tenant closes it
+#: (never compared), in tenant mode it leads it (a tenant's rows are adjacent)
+KEYS = {"nodes": "node_id", "entries": "origin, lsn, key", "siblings": "key, origin, lsn",
+        "leases": "run_id", "fenced": "origin, lsn, key"}
+
+
 def test_every_default_level_migrates_to_the_fresh_schema(
         databases: Callable[..., str]) -> None:
     fresh = databases()
@@ -285,6 +296,12 @@ def test_every_default_level_migrates_to_the_fresh_schema(
     assert report.applied == [p.name for p in default_files()]
     want, want_dump = catalog(fresh), schema_dump(fresh)
     assert (want["tenant_settings"], want["policies"]) == ([], [])
+    assert primary_keys(want) == {
+        "head": "PRIMARY KEY (tenant)", "server": "PRIMARY KEY (id)",
+        "tenant_settings": "PRIMARY KEY (id)",
+        **{t: f"PRIMARY KEY ({k}, tenant)" for t, k in KEYS.items()}}
+    assert ["entries_pos", "CREATE UNIQUE INDEX entries_pos ON walsync.entries "
+                           "USING btree (tenant, pos)"] in want["indexes"]
     for level in range(1, len(DEFAULT)):
         dsn = databases()
         apply_files(dsn, DEFAULT[:level])
@@ -310,6 +327,10 @@ def test_every_tenant_mode_path_migrates_to_the_fresh_tenant_schema(
     want = catalog(fresh)
     assert want["tenant_settings"] == [[1, "tenant_id"]]
     assert len(want["policies"]) == 7
+    assert primary_keys(want) == {
+        "head": "PRIMARY KEY (tenant)", "server": "PRIMARY KEY (id)",
+        "tenant_settings": "PRIMARY KEY (id)",
+        **{t: f"PRIMARY KEY (tenant, {k})" for t, k in KEYS.items()}}
     paths: dict[str, str] = {}
     for files in old_tenant_levels():
         dsn = databases()

@@ -7,9 +7,9 @@
 -- The functions are the default files' (one definition each): they always
 -- filter on walsync.request_tenant(), which is '' until this file inserts
 -- tenant mode's setting. This file adds only what tenant mode needs beyond
--- that: the setting, Row Level Security policies, grants, the functions' owner
--- and the tenant columns' default. Two layers keep tenants apart, so that a
--- single mistake cannot leak:
+-- that: the setting, keys that lead with the tenant, Row Level Security
+-- policies, grants, the functions' owner and the tenant columns' default. Two
+-- layers keep tenants apart, so that a single mistake cannot leak:
 --  1. every query of every function filters on the caller's tenant
 --     (walsync.require_tenant(), computed once per call);
 --  2. those functions are SECURITY DEFINER owned by walsync_tenant_api, a role
@@ -41,6 +41,10 @@ $$;
 -- Tenant mode on, with the default claim (`walsync migrate --tenant-claim NAME`
 -- sets another).
 insert into walsync.tenant_settings (id) values (1) on conflict do nothing;
+
+-- Every key leads with the tenant: a tenant's rows are adjacent, so what it
+-- reads (pulls, state pages, conflicts) touches no other tenant's.
+select walsync.tenant_keys(true);
 
 -- Row Level Security keyed on the caller's tenant, for the functions' owner and
 -- for authenticated (which holds no table privilege: the policy is what a
