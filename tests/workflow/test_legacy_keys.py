@@ -30,6 +30,9 @@ from walsync.engine.integrations.langgraph import LAYOUT, WalsyncSaver
 from walsync.engine.keyspace import RESERVED_PREFIX
 from walsync.engine.workflow import Workflows, keys
 from walsync.engine.workflow.legacy import MOVED
+from walsync.sync.memory import MemoryServer
+from walsync.sync.replicator import Replicator, ReplicatorOptions
+from walsync.sync.restore import restore
 
 OWN = ["crashed", "done", "rolled", *(f"s{i}" for i in range(6))]
 ALL = sorted([*OWN, "foreign", "leased"])
@@ -324,3 +327,28 @@ def test_a_sigkill_during_the_moves_leaves_each_run_whole_and_the_next_open_fini
             assert [c.checkpoint["id"] for c in saver.list(thread)] == expected["saver"]
         after += 1
     assert after > len(OWN) + 2  # killed after each run's move and within the saver's
+
+
+def test_a_lost_host_of_the_older_walsync_is_restored_and_its_runs_resume_here(
+        store_copy: Path, old_store: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """The lost host's runs reach the server in the legacy spelling (it never ran this
+    walsync's Workflows); restore finds them by either spelling, and the host that takes
+    one over reads it where it is and moves it with its first write."""
+    expected = old_store[1]
+    server = MemoryServer()
+    with Store.open(store_copy) as lost:
+        Replicator(lost, server.transport(), ReplicatorOptions(
+            pull_interval_seconds=0, batch_wait_seconds=0)).run_once()
+        lost_node = lost.node_id  # a copied directory ships under a fresh node id
+    report = restore(server.transport(), tmp_path / "new", lost_node=lost_node)
+    assert report.resumable_runs == ["crashed"]
+    with Store.open(tmp_path / "new") as store:
+        wf = Workflows(store)
+        assert wf.moved_runs == []  # another node's runs: moved by a write, not on open
+        assert sorted(r.run_id for r in wf.list_runs()) == sorted([*OWN, "leased"])
+        assert store.keys(keys.RUNS) == []
+        run = wf.run("billing", run_id="crashed")
+        with pytest.raises(StepNeedsAttentionError), run:
+            run.step("charge", lambda: pytest.fail("charged twice"))
+        assert legacy_keys_of(store, "crashed") == []
+        assert Workflows(store).get_run("crashed").snapshot() == expected["crashed"]["snapshot"]
