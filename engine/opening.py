@@ -19,7 +19,13 @@ from pathlib import Path
 
 from . import _fs
 from .assign import Assigner
-from .base import clear_open_marker, read_base_lsn, trust_snapshot, write_open_marker
+from .base import (
+    SnapshotRebuild,
+    clear_open_marker,
+    read_base_lsn,
+    trust_snapshot,
+    write_open_marker,
+)
 from .checkpointing import Checkpointer
 from .commit import CommitPipeline
 from .errors import StoreNotFoundError
@@ -34,7 +40,7 @@ from .replication import SyncLedger
 from .snapshot import SnapshotStore
 from .storefile import IDENTITIES, StoreFile, create_store_file
 from .versions import HybridClock
-from .wal import WALWriter
+from .wal import SegmentScan, WALWriter
 
 __all__ = ["OpenedStore", "open_store"]
 
@@ -95,16 +101,8 @@ def open_store(root: Path, options: StoreOptions, health: Health, metrics: Store
                                  readonly=readonly)
         next_lsn, active = 1, None
         if not readonly:
-            _fs.make_dir(layout.wal_dir)
-            recovery, active, next_lsn = recover(
-                layout, snapshot, gaps, store_file.min_next_lsn, closed_cleanly=closed_cleanly)
-            if recovery.wal_hole is not None and not gap_allowed(gaps, *recovery.wal_hole):
-                gaps.append(recovery.wal_hole)
-                store_file.set_lsn_gaps(gaps)
-            if recovery.torn_tail is not None:
-                log.warning("store %s: torn tail cut on open: %s", path, recovery.torn_tail)
-            if rebuild is not None:
-                recovery = replace(recovery, snapshot_rebuilt=rebuild)
+            recovery, active, next_lsn = _recover(layout, snapshot, store_file, gaps,
+                                                  closed_cleanly, rebuild)
         identities = store_file.resolve_identities(
             snapshot.get_record_meta(IDENTITIES), node_id, writer=not readonly)
         assigner = Assigner(snapshot, identities, next_lsn, HybridClock(snapshot.last_hlc()))
@@ -145,3 +143,21 @@ def open_store(root: Path, options: StoreOptions, health: Health, metrics: Store
         if lock is not None:
             lock.release()
         raise
+
+
+def _recover(layout: StoreLayout, snapshot: SnapshotStore, store_file: StoreFile,
+             gaps: list[tuple[int, int]], closed_cleanly: bool, rebuild: SnapshotRebuild | None,
+             ) -> tuple[RecoveryReport, SegmentScan | None, int]:
+    """Replay the WAL into the snapshot (engine/replay.py); a hole a repair left in the
+    log is recorded in the STORE file (``gaps`` too), a torn tail cut is logged."""
+    _fs.make_dir(layout.wal_dir)
+    recovery, active, next_lsn = recover(
+        layout, snapshot, gaps, store_file.min_next_lsn, closed_cleanly=closed_cleanly)
+    if recovery.wal_hole is not None and not gap_allowed(gaps, *recovery.wal_hole):
+        gaps.append(recovery.wal_hole)
+        store_file.set_lsn_gaps(gaps)
+    if recovery.torn_tail is not None:
+        log.warning("store %s: torn tail cut on open: %s", layout.root, recovery.torn_tail)
+    if rebuild is not None:
+        recovery = replace(recovery, snapshot_rebuilt=rebuild)
+    return recovery, active, next_lsn

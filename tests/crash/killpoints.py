@@ -17,7 +17,7 @@ Points are found by running the engine, not listed by hand: a child that
 normally, how often each was hit (``E <point> <phase> <count>``). A new file
 operation in the engine is thus swept without touching the tests.
 
-A :class:`KillPlan` names the point (a bare hook such as ``lmdb.apply``
+A :class:`KillPlan` names the point (a bare hook such as ``lmdb.apply_puts``
 matches every caller), ``before`` or ``after`` the call, and the ``nth`` hit
 counted from when the plan is armed: on the ``entry``-th entry into its
 phase, or for ``run`` after ``after_acks`` acknowledged commits. Workloads
@@ -133,7 +133,7 @@ class KillPoints:
             fn = getattr(_fs, name)
             if callable(fn):
                 setattr(_fs, name, self._wrap(f"fs.{name}", fn))
-        for name in ("sync", "apply", "apply_puts"):
+        for name in ("sync", "apply_puts"):
             setattr(SnapshotStore, name, self._wrap(f"lmdb.{name}", getattr(SnapshotStore, name)))
 
         def hit(name: str) -> None:

@@ -171,8 +171,8 @@ def test_crash_torture_kill_point_sweep_kills_at_every_engine_seam(
         assert sweep.unkilled(SWEEP_MIN_FREQUENCY) == []
         points = {c[0] for c in killed}
         for needed in ("failpoint.wal.before_write", "fs.writev@WALWriter.append",
-                       "fs.fdatasync@WALWriter.append", "fs.rename@SnapshotStore.compact",
-                       "fs.unlink@Store._remove_segments_through", "lmdb.sync@",
+                       "fs.fdatasync@WALWriter.append", "fs.rename@compact",
+                       "fs.unlink@Checkpointer._remove_segments_through", "lmdb.sync@",
                        "lmdb.apply", "fs.truncate@WALWriter._trim"):
             assert any(p.startswith(needed) for p in points), f"never killed at {needed}"
         assert {c[1] for c in killed} == {"open", "run", "close"}
@@ -250,7 +250,7 @@ def test_crash_torture_kills_while_creating_a_store(
         kill_summary.add("kills while creating a store", tally.kills, 40)
         print(f"\ncreation kills, seed {SEED}: {tally.summary()}; killed at {sorted(killed)}")
         creating = {p for p in (plan.point for plan in plans)
-                    if p.endswith(("@write_store_file", "@Store._open", "@Store._recover",
+                    if p.endswith(("@write_store_file", "@open_store", "@_recover",
                                    "@SnapshotStore.__init__"))}
         assert len(creating) >= 5, creating
         assert creating <= killed
@@ -271,11 +271,11 @@ def test_crash_torture_compaction_killed_between_its_renames_verifies(
         # segments: the WAL now starts above LSN 1
         lane.run_child(Kill("acks", acks=40))
         for nth in (1, 2):
-            plan = KillPlan("fs.rename@SnapshotStore.compact", "after", nth=nth)
+            plan = KillPlan("fs.rename@compact", "after", nth=nth)
             config = lane.config(Kill("point", plan=plan))
             config.compact_after = 3
             inc = lane.run_child(Kill("point", plan=plan), config)
-            assert inc.killed_at == ("fs.rename@SnapshotStore.compact", "after")
+            assert inc.killed_at == ("fs.rename@compact", "after")
         lane.final_check()
         kill_summary.add("compaction killed between renames", tally.kills, 3)
         assert tally.kills == 3

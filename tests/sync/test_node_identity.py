@@ -167,7 +167,7 @@ def test_store_whose_acknowledgement_was_lost_adopts_its_own_entries(
     with Store.open(tmp_path / "a", node_id="A") as a:
         write(a, "k", list(range(10)))
         sync_once(a, server)
-        a.set_sync_state("acked_lsn", (4).to_bytes(8, "little"))  # the lost acknowledgement
+        a.sync_ledger.set_acked_lsn(4)  # the lost acknowledgement
         a.put("k/10", 10)
         rep = sync_once(a, server)
         assert (a.node_id, rep.status().node_renewals) == ("A", 0)
@@ -281,17 +281,17 @@ def test_renewal_interrupted_before_the_store_file_is_rewritten_rolls_forward(
 
 _KILLED_RENEWAL = """
 import os, signal, sys
-import walsync.engine.store
+import walsync.engine.storefile
 from walsync.engine import Store
 
-write = walsync.engine.store.write_store_file
+write = walsync.engine.storefile.write_store_file
 
 def killed(path, meta):  # SIGKILL as the STORE file would name the new id
     if len(meta.get("identities", [])) > 1:
         os.kill(os.getpid(), signal.SIGKILL)
     write(path, meta)
 
-walsync.engine.store.write_store_file = killed
+walsync.engine.storefile.write_store_file = killed
 store = Store.open(sys.argv[1])
 store.renew_node_id(3, reason="killed")
 """
@@ -390,7 +390,7 @@ def test_store_synced_before_servers_had_ids_keeps_its_id_and_ships_nothing_agai
         oldest = store.wal_reader().oldest_lsn()
         assert oldest is not None
         assert oldest > 100
-        store.set_sync_state("server_id", b"")
+        store.sync_ledger.set_server_id(None)
     meta = json.loads((path / "STORE").read_text())
     meta.pop("incarnations", None)
     (path / "STORE").write_text(json.dumps(meta))

@@ -214,7 +214,7 @@ def test_replicator_acked_lsn_is_persisted_and_is_the_retain_floor(nodes: Nodes)
     assert rep.run_once() == (60, 0)
     assert rep.acked_lsn == 60
     assert a.retain_floor == 61
-    assert a.sync_state("acked_lsn") == (60).to_bytes(8, "little")
+    assert a.sync_ledger.acked_lsn == 60
     assert a.checkpoint().segments_removed > 0  # acknowledged segments may go now
     for i in range(60, 90):
         a.put(f"k{i}", "y" * 300)
@@ -226,7 +226,7 @@ def test_replicator_acked_lsn_is_persisted_and_is_the_retain_floor(nodes: Nodes)
     nodes.close(a)
 
     a = nodes.open("A", segment_bytes=4096)
-    assert a.sync_state("acked_lsn") == (60).to_bytes(8, "little")
+    assert a.sync_ledger.acked_lsn == 60
     assert a.retain_floor == 61
     rep = nodes.replicator(a, NO_PULL, start=False)
     assert rep.acked_lsn == 60
@@ -252,18 +252,18 @@ def test_replicator_restarted_after_a_crash_reships_nothing_and_duplicates_nothi
 
     # crash 1: the local record of the acknowledgement was lost (not yet synced)
     nodes.stop(rep)
-    a.set_sync_state("acked_lsn", (12).to_bytes(8, "little"))
+    a.sync_ledger.set_acked_lsn(12)
     nodes.close(a)
     a = nodes.open("A")
     rep = nodes.replicator(a, NO_PULL, start=False)
     assert rep.acked_lsn == 12
     assert rep.run_once() == (0, 0)  # the server's acknowledgement wins: nothing re-sent
     assert rep.acked_lsn == 40
-    assert a.sync_state("acked_lsn") == (40).to_bytes(8, "little")
+    assert a.sync_ledger.acked_lsn == 40
 
     # crash 2: the server committed pushes whose acknowledgement never arrived
     nodes.stop(rep)
-    a.set_sync_state("acked_lsn", (20).to_bytes(8, "little"))
+    a.sync_ledger.set_acked_lsn(20)
     nodes.close(a)
     with psycopg.connect(nodes.dsn, autocommit=True) as conn:
         conn.execute("update walsync.nodes set acked_lsn = 20 where node_id = 'A'")

@@ -22,15 +22,15 @@ import cbor2
 import pytest
 from click.testing import CliRunner
 
-import walsync.engine.store
+import walsync.engine.ops
 from tests.gateway import PostgrestGateway
 from tests.sync._helpers import query, supabase_transport
 from walsync.engine import Put, Store
 from walsync.sync.cli import main
 from walsync.sync.migrate import migrate
 from walsync.sync.postgres import PostgresTransport
-from walsync.sync.remote import Transport
-from walsync.sync.replicator import UNSHIPPED, Replicator, ReplicatorOptions
+from walsync.sync.replicator import Replicator, ReplicatorOptions
+from walsync.sync.transport import Transport
 
 pytestmark = pytest.mark.postgres
 
@@ -41,9 +41,9 @@ NO_PULL = ReplicatorOptions(pull=False, retry_initial_seconds=0.02, retry_max_se
 def older_walsync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Writes as an older walsync made them: no check of values, fences or NUL in keys."""
     with monkeypatch.context() as m:
-        m.setattr(walsync.engine.store, "value_problem", lambda *args, **kwargs: None)
-        m.setattr(walsync.engine.store, "_check_fence", lambda fence, where: None)
-        m.setattr(walsync.engine.store, "_check_key", lambda key, max_bytes: None)
+        m.setattr(walsync.engine.ops, "value_problem", lambda *args, **kwargs: None)
+        m.setattr(walsync.engine.ops, "check_fence", lambda fence, where: None)
+        m.setattr(walsync.engine.ops, "check_key", lambda key, max_bytes: None)
         yield
 
 
@@ -85,10 +85,10 @@ def test_replicator_sets_aside_what_the_server_cannot_hold_and_ships_the_rest(
             assert pushed == 3  # a/first, m/ok, z/last
             assert rep.acked_lsn == store.applied_lsn  # nothing blocks what follows
             assert server_keys(pg_db) == {"a/first": 1, "m/ok": "kept", "z/last": {"ok": True}}
-            unshipped = json.loads(store.sync_state(UNSHIPPED) or b"[]")
-            assert [(u["lsn"], u["key"]) for u in unshipped] == [
+            unshipped = store.sync_ledger.unshipped
+            assert [(u.lsn, u.key) for u in unshipped] == [
                 (bad_value, "b/tag"), (mixed, "m/bad"), (mixed, "m/fence"), (nul, "n\x00ul")]
-            reasons = [u["reason"] for u in unshipped]
+            reasons = [u.reason for u in unshipped]
             assert "does not decode" in reasons[0]
             assert "does not decode" in reasons[1]
             assert "fence 9223372036854775808 is outside" in reasons[2]
@@ -103,7 +103,7 @@ def test_replicator_sets_aside_what_the_server_cannot_hold_and_ships_the_rest(
             assert rep.error is None
             assert server_keys(pg_db) == {"a/first": 1, "m/ok": "kept", "z/last": {"ok": True},
                                           "b/tag": "fixed", "m/fence": 3}
-            assert json.loads(store.sync_state(UNSHIPPED) or b"[]") == unshipped  # once each
+            assert store.sync_ledger.unshipped == unshipped  # once each
         finally:
             rep.close()
     finally:
