@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Run", "RunState"]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 #: a state for migrations and validators: {"run": run dict, "steps": {id: step dict}}
 RunState = dict[str, Any]
@@ -289,12 +289,12 @@ class Run:
     def step(
         self,
         step_id: str,
-        fn: Callable[..., T],
+        fn: Callable[..., _T],
         *args: Any,
         idempotent: bool = True,
         inputs: Any = None,
         **kwargs: Any,
-    ) -> T:
+    ) -> _T:
         """Run ``fn(*args, **kwargs)`` as step ``step_id`` once; afterwards return its output."""
         with self.begin(step_id, idempotent=idempotent, inputs=inputs) as ctx:
             if not ctx.done:

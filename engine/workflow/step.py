@@ -22,9 +22,9 @@ from .records import Cost, StepRecord, StepStatus, describe_error, utcnow
 if TYPE_CHECKING:
     from .run import Run
 
-__all__ = ["StepContext", "current_run", "current_step", "step"]
+__all__ = ["StepContext", "current_run", "current_run_var", "current_step", "step"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 #: the run and the step the calling code is inside (set by ``with run:`` and by a step)
 current_run_var: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
@@ -52,17 +52,17 @@ def current_step() -> StepContext:
 
 
 @overload
-def step(fn: F, *, name: str | None = None, idempotent: bool = True) -> F: ...
+def step(fn: _F, *, name: str | None = None, idempotent: bool = True) -> _F: ...
 
 
 @overload
 def step(
     fn: None = None, *, name: str | None = None, idempotent: bool = True
-) -> Callable[[F], F]: ...
+) -> Callable[[_F], _F]: ...
 
 
 def step(
-    fn: F | None = None, *, name: str | None = None, idempotent: bool = True
+    fn: _F | None = None, *, name: str | None = None, idempotent: bool = True
 ) -> Any:
     """Decorate a function so each call inside a run is a recorded step.
 
@@ -71,7 +71,7 @@ def step(
     distinct steps as long as the orchestrator calls them in the same order.
     """
 
-    def decorate(f: F) -> F:
+    def decorate(f: _F) -> _F:
         base = name or f.__qualname__
 
         @functools.wraps(f)
