@@ -28,7 +28,7 @@ from walsync.engine import Store
 from walsync.engine.errors import LeaseLostError, StepNeedsAttentionError
 from walsync.engine.integrations.langgraph import LAYOUT, WalsyncSaver
 from walsync.engine.keyspace import RESERVED_PREFIX
-from walsync.engine.workflow import Workflows, keys
+from walsync.engine.workflow import RetentionPolicy, Workflows, keys
 from walsync.engine.workflow.legacy import MOVED
 from walsync.sync.memory import MemoryServer
 from walsync.sync.replicator import Replicator, ReplicatorOptions
@@ -352,3 +352,17 @@ def test_a_lost_host_of_the_older_walsync_is_restored_and_its_runs_resume_here(
             run.step("charge", lambda: pytest.fail("charged twice"))
         assert legacy_keys_of(store, "crashed") == []
         assert Workflows(store).get_run("crashed").snapshot() == expected["crashed"]["snapshot"]
+
+
+def test_retention_removes_a_run_in_either_spelling_and_leaves_the_users_keys(
+        store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        wf = Workflows(store)
+        report = wf.apply_retention(RetentionPolicy(max_age_seconds=0))
+        assert sorted(report.runs_removed) == sorted(
+            ["done", "rolled", "foreign", *(f"s{i}" for i in range(6))])
+        assert report.runs_leased_elsewhere == ["leased"]
+        for run_id in report.runs_removed:
+            assert legacy_keys_of(store, run_id) == namespace_keys_of(store, run_id) == []
+        assert [r.run_id for r in wf.list_runs()] == ["crashed", "leased"]
+        assert store.get("runs/done/notes") == "the user's"
