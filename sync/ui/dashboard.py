@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from walsync import engine
-from walsync.engine import Store
+from walsync.engine import Delete, Put, Store
 from walsync.engine.errors import (
     CheckpointNotFoundError,
     RunNotFoundError,
@@ -366,7 +366,10 @@ def _resolve_conflict(doc: Mapping[str, Any]) -> Callable[[Store], Any]:
         chosen = dots.get(keep)
         if chosen is None:
             raise _ApiError(HTTPStatus.BAD_REQUEST, f"{keep!r} is not a version of {key!r}")
-        result = store.delete(key) if chosen.version.deleted else store.put(key, chosen.value)
+        # keeping a value the key already holds: also for keys in walsync's reserved
+        # namespace (a run's record two hosts wrote), which only walsync may write
+        op = Delete(key) if chosen.version.deleted else Put(key, chosen.value)
+        result = store.commit([op], internal=True)
         return {"key": key, "kept": keep, "lsn": result.lsn}
 
     return act

@@ -9,11 +9,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 from click.testing import CliRunner, Result
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.ui.conftest import request
 from tests.workflow._internal import put_internal
 from walsync.engine import (
     CorruptionError,
@@ -23,11 +25,15 @@ from walsync.engine import (
     RunEvent,
     StepEvent,
     Store,
+    Version,
 )
 from walsync.engine.errors import RunNotFoundError, WalsyncError
 from walsync.engine.keyspace import RESERVED_PREFIX
+from walsync.engine.record import CODEC_NONE
+from walsync.engine.versions import Sibling
 from walsync.engine.workflow import StepRecord, Workflows, keys
 from walsync.sync.cli import main
+from walsync.sync.ui import serve
 
 #: keys inside the namespace: its own keys, and anything else that starts with it
 RESERVED = st.one_of(
@@ -232,3 +238,28 @@ def test_run_and_step_events_concern_their_keys_in_the_namespace(store: Store) -
     assert [(type(e).__name__, e.key) for e in got if isinstance(e, StepEvent)] == [
         ("StepEvent", keys.step("r1", "a"))] * 2
     assert all(e.key == keys.run("r1") for e in got if isinstance(e, RunEvent))
+
+
+def test_the_dashboard_keeps_one_version_of_a_run_record_two_hosts_wrote(
+        tmp_path: Path) -> None:
+    """A conflict on a key in the namespace is resolved by keeping one of its versions
+    (the dashboard's action); the user's own write there stays refused."""
+    path = tmp_path / "s"
+    with Store.open(path) as store:
+        _made(store, "r")
+        theirs = {**store.get(keys.run("r")), "metadata": {"by": "other"}}
+        store.apply_remote([(keys.run("r"), Sibling(
+            Version("other", 9, store.get_version(keys.run("r")).hlc + 1, {"other": 9}),
+            CODEC_NONE, cbor2.dumps(theirs)))])
+        dots = [f"{v.version.origin}:{v.version.lsn}" for v in store.get_versions(keys.run("r"))]
+        assert len(dots) == 2
+    server = serve(path, port=0, allow_actions=True, environ={}).start()
+    try:
+        status, doc = request(server, "POST", "/api/conflicts/resolve",
+                              {"key": keys.run("r"), "keep": "other:9", "seen": dots})
+    finally:
+        server.close()
+    assert status == 200, doc
+    with Store.open(path) as store:
+        assert [v.value for v in store.get_versions(keys.run("r"))] == [theirs]
+        assert Workflows(store).get_run("r").record.metadata == {"by": "other"}
