@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import cbor2
@@ -47,8 +47,8 @@ class Pending:
     """A record on its way through the pipeline, and the thread waiting for it."""
 
     __slots__ = (
-        "done", "error", "hlc", "kind", "lsn", "notes", "ops", "payload", "sync", "waiter",
-        "written",
+        "done", "error", "hlc", "kind", "lsn", "notes", "on_done", "ops", "payload", "sync",
+        "waiter", "written",
     )
 
     def __init__(self, lsn: int, hlc: int, ops: Sequence[Sequence[Any]],
@@ -68,6 +68,9 @@ class Pending:
         self.waiter: threading.Condition | None = None
         #: events this commit carries (store.events publishes them after its CommitEvent)
         self.notes: tuple[Event, ...] = ()
+        #: an awaited commit's completion (engine/aio.py): no thread waits for the
+        #: record, the pipeline's driver thread leads for it and calls this when done
+        self.on_done: Callable[[int, WalsyncError | None], None] | None = None
 
 
 class Assigner:

@@ -95,14 +95,30 @@ class CommitPipeline:
         self.replicator: Acknowledger | None = None
         #: why durability 'remote' is off again (the replicator was stopped)
         self.detached_because: str | None = None
+        #: awaited commits (engine/aio.py) have no thread waiting in ``_submit``: one
+        #: driver thread, started by the first, leads the stages for them, sleeping
+        #: on ``_driver`` (their records' ``waiter``); ``_awaited`` counts those not
+        #: done, ``_awaited_done`` those done whose listeners have not run yet
+        self._driver = threading.Condition(mutex)
+        self._driver_thread: threading.Thread | None = None
+        self._awaited = 0
+        self._awaited_done: list[Pending] = []
 
     # -- commits ---------------------------------------------------------------
 
     def commit(
         self, ops: Sequence[Put | Delete], durability: Durability | str | None,
         notes: Sequence[Event] = (), internal: bool = False,
+        on_done: Callable[[int, WalsyncError | None], None] | None = None,
     ) -> CommitResult:
-        """A local commit as one atomic record (Store.commit)."""
+        """A local commit as one atomic record (Store.commit).
+
+        With ``on_done`` (the awaitable commit, engine/aio.py) it returns once the
+        record is checked, has its LSN and is queued, without waiting: the
+        driver thread calls ``on_done(lsn, error)`` (holding the pipeline's lock, so it must
+        not block) once the record is durable and applied, or with the error that
+        refused it. Durability 'remote' is then the caller's to wait for.
+        """
         started = time.perf_counter_ns()
         try:
             level = self._options.durability if durability is None \
@@ -142,6 +158,9 @@ class CommitPipeline:
                         self._gather.notify()
                 if notes:
                     item.notes = tuple(notes)
+                if on_done is not None:
+                    self._enqueue(item, on_done)
+                    return CommitResult(item.lsn, item.hlc, level)
                 self._submit(item)
             self._finish(item)
             if level is Durability.REMOTE:
@@ -203,6 +222,7 @@ class CommitPipeline:
             while self._busy():
                 self.cv.wait()
             self._health.closed = True
+            self._driver.notify()
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -270,6 +290,51 @@ class CommitPipeline:
                 self._gather.notify()
             self._wake()
 
+    def _enqueue(self, item: Pending,
+                 on_done: Callable[[int, WalsyncError | None], None]) -> None:
+        """Queue an awaited commit's record for the driver thread. Holds ``cv``."""
+        item.on_done = on_done
+        item.waiter = self._driver
+        self._queue.append(item)
+        self._in_pipeline += 1
+        self._awaited += 1
+        if self._leading:
+            self._gather.notify()
+        if self._driver_thread is None:
+            self._driver_thread = threading.Thread(
+                target=self._drive, name=f"walsync-commit-driver {self._path}", daemon=True)
+            self._driver_thread.start()
+        else:
+            self._driver.notify()
+
+    def _drive(self) -> None:
+        """The driver thread: a committer on behalf of every awaited commit. It leads
+        or applies as ``_submit`` does while one of theirs is under way, and runs
+        their listeners (outside the lock, as a commit's own thread would)."""
+        with self.cv:
+            while True:
+                if self._awaited_done:
+                    items, self._awaited_done = self._awaited_done, []
+                    self.cv.release()
+                    try:
+                        for item in items:
+                            if item.error is None and not self._health.closed:
+                                self._finish(item)
+                    finally:
+                        self.cv.acquire()
+                elif self._awaited and not self._leading and self._queue:
+                    self._lead(_DRIVER)
+                    self._wake()
+                elif self._awaited and self._apply_queue and not self._applying:
+                    self._wake_wal_leader()
+                    self._apply_written()
+                    self._wake()
+                elif self._health.closed and not self._awaited:
+                    self._driver_thread = None
+                    return
+                else:
+                    self._driver.wait()
+
     def _hand_over_apply(self, item: Pending) -> bool:
         """May the thread of ``item`` (written, not yet applied) lead the WAL stage
         for others? Yes if the apply stage needs nobody, or another waiting
@@ -312,6 +377,11 @@ class CommitPipeline:
             item.done = True
             if item.waiter is not None:
                 item.waiter.notify()
+            if item.on_done is not None:
+                self._in_pipeline -= 1
+                self._awaited -= 1
+                self._awaited_done.append(item)
+                item.on_done(item.lsn, error)
 
     def _finish(self, item: Pending) -> None:
         if item.error is not None:
@@ -484,6 +554,10 @@ class CommitPipeline:
 
 def _nothing() -> None:
     return None
+
+
+#: the driver thread's stand-in for a record of its own (it has none) in ``_lead``
+_DRIVER = Pending(0, 0, (), b"", False)
 
 
 def _payload_bytes(payload: bytes | list[bytes]) -> int:
