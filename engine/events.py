@@ -63,14 +63,16 @@ subscription is consumed by one thread.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -310,6 +312,8 @@ class Subscription:
         #: dropped events not yet announced: [count, first LSN, last LSN]
         self._gap: list[int] | None = None
         self._thread: threading.Thread | None = None
+        #: loops awaiting the next event (``__anext__``), woken by what wakes ``get``
+        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     @property
     def closed(self) -> bool:
@@ -358,6 +362,39 @@ class Subscription:
             raise StopIteration
         return event
 
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        """The async iterator form (``async for event in sub``): the next event,
+        awaited without a thread; ends as iteration does.
+
+        The dispatcher wakes the waiting loop with ``call_soon_threadsafe``, so
+        it still never waits for the consumer.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._state != _CLOSED:
+                    if self._queue:
+                        self.delivered += 1
+                        return self._queue.popleft()
+                    if self._gap is not None:
+                        self.delivered += 1
+                        return self._take_gap()
+                if self._state != _OPEN:
+                    raise StopAsyncIteration
+                ready = asyncio.Event()
+                self._wakers.append((loop, ready))
+            await ready.wait()
+
+    def _wake_loops(self) -> None:
+        """Wake the loops awaiting this subscription. Holds ``_cond``."""
+        wakers, self._wakers = self._wakers, []
+        for loop, ready in wakers:
+            with contextlib.suppress(RuntimeError):  # that loop is closed
+                loop.call_soon_threadsafe(ready.set)
+
     def close(self) -> None:
         """Stop now: what was not delivered yet is discarded. Idempotent."""
         with self._cond:
@@ -367,6 +404,7 @@ class Subscription:
             self._queue.clear()
             self._gap = None
             self._cond.notify_all()
+            self._wake_loops()
         self._bus._remove(self)
 
     def __enter__(self) -> Subscription:
@@ -400,6 +438,8 @@ class Subscription:
                     self._queue.append(self._take_gap())
                 self._queue.append(event)
             self._cond.notify()
+            if self._wakers:
+                self._wake_loops()
 
     def _take_gap(self) -> OverflowEvent:
         assert self._gap is not None
@@ -413,6 +453,7 @@ class Subscription:
             if self._state == _OPEN:
                 self._state = _ENDING
             self._cond.notify_all()
+            self._wake_loops()
 
     # -- the callback's thread ---------------------------------------------------
 

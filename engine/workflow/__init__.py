@@ -10,6 +10,7 @@ The public face; the modules behind it:
 - ``workflows``: ``Workflows``: create, find, list, upgrade and retire runs;
 - ``run``: ``Run``, one run driven with ``with run:``;
 - ``step``: the ``@step`` decorator, ``StepContext``, ``current_step``;
+- ``aio``: the awaitable forms: ``AsyncRun`` (``Workflows.arun``), ``AsyncStepContext``;
 - ``rollback``: named checkpoints, rollback, what a rollback discarded;
 - ``recovery``: the supervisor's recovery protocol (``Workflows.recover``);
 - ``leases``: this host's own leases on runs;
@@ -21,6 +22,7 @@ the engine never imports it.
 """
 
 from . import keys
+from .aio import AsyncRun, AsyncStepContext, RunOpener, current_async_step
 from .leases import LeaseLike, drop_lease, held_lease, hold_lease
 from .records import (
     RUN_STATUSES,
@@ -42,6 +44,8 @@ from .workflows import Migration, RetentionPolicy, RetentionReport, Workflows
 __all__ = [
     "RUN_STATUSES",
     "STEP_STATUSES",
+    "AsyncRun",
+    "AsyncStepContext",
     "CheckpointInfo",
     "Cost",
     "LeaseLike",
@@ -51,6 +55,7 @@ __all__ = [
     "RetentionReport",
     "RollbackReport",
     "Run",
+    "RunOpener",
     "RunRecord",
     "RunState",
     "RunStatus",
@@ -59,6 +64,7 @@ __all__ = [
     "StepStatus",
     "Validator",
     "Workflows",
+    "current_async_step",
     "current_run",
     "current_step",
     "describe_error",

@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import copy
 import datetime as dt
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -51,9 +52,10 @@ from .rollback import CheckpointInfo, RollbackReport
 from .step import StepContext, current_run_var
 
 if TYPE_CHECKING:
+    from ..aio import DeferredCommits
     from .workflows import Workflows
 
-__all__ = ["Run", "RunState"]
+__all__ = ["Run", "RunState", "deferred_commits_var"]
 
 _T = TypeVar("_T")
 
@@ -61,6 +63,11 @@ _T = TypeVar("_T")
 RunState = dict[str, Any]
 
 _TERMINAL_RUN = frozenset({RunStatus.COMPLETED, RunStatus.CANCELLED})
+
+#: set (for one synchronous stretch, engine/workflow/aio.py) while an awaited form
+#: runs the sync code: the run's commits are then queued there, to be awaited
+deferred_commits_var: contextvars.ContextVar[DeferredCommits | None] = contextvars.ContextVar(
+    "walsync_deferred_commits", default=None)
 
 
 class Run:
@@ -170,8 +177,11 @@ class Run:
         if held is not None and (rec.lease_token or 0) < held:
             # taken since the record was written (sync.lease with the store): say so
             rec.owner_node, rec.lease_token = self.store.node_id, held
+        deferred = deferred_commits_var.get()
+        batch = self.store.batch(fence=held or 0, internal=True) if deferred is None \
+            else deferred.batch(fence=held or 0, internal=True)
         try:
-            with self.store.batch(fence=held or 0, internal=True) as b:
+            with batch as b:
                 yield b
         except ConflictError as exc:
             if exc.key != keys.run(self.run_id):
@@ -298,7 +308,15 @@ class Run:
         """Run ``fn(*args, **kwargs)`` as step ``step_id`` once; afterwards return its output."""
         with self.begin(step_id, idempotent=idempotent, inputs=inputs) as ctx:
             if not ctx.done:
-                ctx.complete(fn(*args, **kwargs))
+                output = fn(*args, **kwargs)
+                if inspect.isawaitable(output):
+                    if inspect.iscoroutine(output):
+                        output.close()
+                    raise WorkflowError(
+                        f"step {step_id!r} of run {self.run_id!r} returned an awaitable: an "
+                        "async step is awaited in an async run (`async with run:` and "
+                        "`await run.step(...)`, engine/workflow/aio.py)")
+                ctx.complete(output)
         return ctx.output  # type: ignore[no-any-return]
 
     def begin(self, step_id: str, *, idempotent: bool = True, inputs: Any = None) -> StepContext:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -69,10 +70,18 @@ def step(
     The step id is ``name`` (default: the function's qualified name), with
     ``#2``, ``#3``… for later calls in the same run, so a loop's iterations are
     distinct steps as long as the orchestrator calls them in the same order.
+    On an ``async def`` the wrapper is a coroutine function: awaited inside an
+    async run (``async with``), it records the awaited result, and the id is
+    taken when the coroutine starts.
     """
 
     def decorate(f: _F) -> _F:
         base = name or f.__qualname__
+        if inspect.iscoroutinefunction(f):
+            # awaited and recorded in an async run (engine/workflow/aio.py)
+            from .aio import async_step_wrapper
+
+            return async_step_wrapper(f, base, idempotent)  # type: ignore[return-value]
 
         @functools.wraps(f)
         def wrapper(*args: Any, **kwargs: Any) -> Any:

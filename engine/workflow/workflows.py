@@ -35,6 +35,7 @@ from typing import Any
 from ..errors import RunNotFoundError, SchemaVersionError, WorkflowError
 from ..store import Store
 from . import keys, legacy, recovery
+from .aio import RunOpener
 from .leases import LeaseLike, lease_refusal, local_lease
 from .records import (
     RUN_STATUSES,
@@ -146,6 +147,11 @@ class Workflows:
             run._write_run(b, expect=None)
         run._version_from(b)
         return run
+
+    def arun(self, workflow: str, run_id: str | None = None, **kwargs: Any) -> RunOpener:
+        """``run``'s awaitable form: ``async with wf.arun("etl", "r1") as run:`` drives
+        the run (engine/workflow/aio.py); ``await wf.arun(...)`` only creates or finds it."""
+        return RunOpener(self, (workflow, run_id), kwargs)
 
     def get_run(self, run_id: str) -> Run:
         run = self._load(run_id)
