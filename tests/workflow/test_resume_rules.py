@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.workflow._async_drive import drive_async
 from tests.workflow._internal import put_internal
 from walsync.engine import Store
 from walsync.engine.errors import (
@@ -36,6 +37,17 @@ from walsync.engine.workflow import (
 
 CHILD = Path(__file__).resolve().parent / "_child.py"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True, params=["sync", "async"])
+def api(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Every rule holds for the sync API and for the async one (tests/workflow/_async_drive.py:
+    the same statements, each the awaited form, with ``async def`` step bodies)."""
+    if request.param == "async":
+        for _drive in drive_async(monkeypatch, sys.modules[__name__]):
+            yield request.param
+    else:
+        yield request.param
 
 
 class Counter:
