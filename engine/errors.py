@@ -44,7 +44,11 @@ the same call again, unchanged, can succeed)::
         ├── SyncConfigError        missing or malformed sync settings
         ├── LeaseHeldError         another host holds the run's lease
         ├── LeaseLostError         a write to a leased run this host does not hold (fenced)
+        ├── NodeNotFoundError      no node of that id or label on the server
+        ├── AmbiguousNodeError     a label that names several nodes
+        ├── PullCompactedError     the pull cursor is behind what the server's log compacted
         └── RestoreError           restore refused or found damage
+            └── RestorePointError  a point in time outside the server's window, or unknown
 
 A torn tail after a crash is not an error (it is cut and reported), and a
 missing key is not an error (``get`` returns ``None``).
@@ -55,6 +59,7 @@ from __future__ import annotations
 import errno
 
 __all__ = [
+    "AmbiguousNodeError",
     "CapacityError",
     "CheckpointNotFoundError",
     "ConflictError",
@@ -70,7 +75,9 @@ __all__ = [
     "LeaseHeldError",
     "LeaseLostError",
     "NoReplicatorError",
+    "NodeNotFoundError",
     "NotReplicatedError",
+    "PullCompactedError",
     "ReadOnlyStoreError",
     "RemoteAuthError",
     "RemoteDurabilityTimeoutError",
@@ -79,6 +86,7 @@ __all__ = [
     "RemoteUnavailableError",
     "ReplicatorStoppedError",
     "RestoreError",
+    "RestorePointError",
     "RunNotFoundError",
     "SchemaVersionError",
     "StepNeedsAttentionError",
@@ -391,8 +399,41 @@ class LeaseLostError(SyncError):
         self.holder = holder
 
 
+class NodeNotFoundError(SyncError):
+    """No node the server knows has that id or label; the message lists those it knows."""
+
+    hint = "name a node the server knows, by id or label (`walsync nodes` lists them)"
+
+
+class AmbiguousNodeError(SyncError, ValueError):
+    """A label several nodes carry; the message lists them."""
+
+    hint = "name the node by its id (`walsync nodes` lists them)"
+
+
+class PullCompactedError(SyncError):
+    """A pull from a position behind a tombstone the server's log compaction collected:
+    the entries after it are no longer all in the log, so the store must fill its scope
+    in again from the merged state (re-bootstrap) before it pulls on. The replicator
+    does that itself; ``gc_through`` is the position the cursor must reach."""
+
+    hint = ("the replicator re-bootstraps the store's scope from the server's state; "
+            "pull at least once per retention window (`walsync retention`) to avoid it")
+
+    def __init__(self, message: str, *, gc_through: int = 0) -> None:
+        super().__init__(message)
+        self.gc_through = gc_through
+
+
 class RestoreError(SyncError):
     hint = "restore into an empty directory (or pass --force), and check the server"
+
+
+class RestorePointError(RestoreError):
+    """A point in time the server's entry log cannot restore exactly: before its
+    window, an LSN of which it holds no entry, or a time it cannot read."""
+
+    hint = "pick a point inside the window the message names (`walsync restore --help`)"
 
 
 class SyncProtocolError(SyncError):

@@ -49,6 +49,7 @@ from walsync.engine.errors import (
 )
 from walsync.engine.workflow.keys import record_keys
 
+from .memory_scope import ScopeAndRetention
 from .memory_tables import (
     Backup,
     Entry,
@@ -84,7 +85,7 @@ def _b64(data: bytes | None) -> str | None:
 # -- the server -------------------------------------------------------------------------
 
 
-class MemoryServer:
+class MemoryServer(ScopeAndRetention):
     """A sync server in memory, answering the ``walsync_api`` functions (see the module
     docstring). ``key``: the key a transport must present (None: any)."""
 
@@ -136,7 +137,7 @@ class MemoryServer:
     def entries(self) -> list[dict[str, Any]]:
         """``walsync.entries`` in position order (``data`` as bytes)."""
         with self._lock:
-            return [self._row(e) for e in self._t.log]
+            return [self._row(e) for e in self.live_log()]
 
     def siblings(self) -> dict[str, list[dict[str, Any]]]:
         """``walsync.siblings`` by key, each key's rows by (origin, LSN)."""
@@ -309,23 +310,8 @@ class MemoryServer:
                     "fenced": [], "server_id": t.server_id}
         return {**self._apply(now, plan, p_through_lsn), "server_id": t.server_id}
 
-    def _fn_pull(self, now: int, p_node: str, p_after: int, p_limit: int) -> dict[str, Any]:
-        t = self._t
-        upper = min(t.head, p_after + max(p_limit, 1))
-        if 1 <= upper <= t.head:  # finish the record the page ends in
-            last = t.log[upper - 1]
-            upper = max(upper, t.record_end[(last.origin, last.lsn)])
-        out = [{"pos": e.pos, "origin": e.origin, "lsn": e.lsn, "idx": e.idx, "key": e.key,
-                "deleted": e.deleted, "data": _b64(e.data), "codec": e.codec,
-                "vv": dict(e.vv), "hlc": e.hlc, "fence": e.fence, "value_hash": e.value_hash}
-               for e in t.log[max(p_after, 0):max(upper, 0)] if e.origin != p_node]
-        node = t.nodes.get(p_node)
-        if node is None:
-            t.nodes[p_node] = Node(pull_cursor=p_after, last_pull_at=now)
-        else:
-            node.pull_cursor = max(node.pull_cursor, p_after)
-            node.last_pull_at = now
-        return {"entries": out, "next": max(upper, p_after), "head": t.head}
+    # pull, pull_scoped, scope_group, scope_backfill, log_retention, compact_log:
+    # memory_scope.py
 
     def _fn_hello(self, now: int, p_node: str | None, p_tokens: Any, p_new_token: str | None,
                   p_acked_lsn: int | None, p_base_lsn: int | None) -> dict[str, Any]:
@@ -443,6 +429,63 @@ class MemoryServer:
         if lease is not None and released:
             lease.expires_at = now
         return {"released": released}
+
+    # nodes, and the entry log as of a point in time
+
+    def _fn_nodes(self, now: int) -> dict[str, Any]:
+        t = self._t
+
+        def stamp(micros: int | None) -> str | None:
+            return None if micros is None else _timestamp(micros)
+
+        return {"now": _timestamp(now), "head": t.head, "nodes": [
+            {"node_id": node_id, "label": n.label, "acked_lsn": n.acked_lsn,
+             "acked_hlc": n.acked_hlc, "pull_cursor": n.pull_cursor,
+             "first_push_at": stamp(n.first_push_at), "last_push_at": stamp(n.last_push_at),
+             "last_pull_at": stamp(n.last_pull_at), "claimed_at": stamp(n.claimed_at),
+             "leases": sorted((run for run, lease in t.leases.items()
+                               if lease.holder == node_id and lease.expires_at > now),
+                              key=str.encode)}
+            for node_id, n in sorted(t.nodes.items(), key=lambda item: item[0].encode())]}
+
+    def _fn_node_label(self, now: int, p_node: str, p_label: str | None,
+                       p_replace: bool | None) -> dict[str, Any]:
+        if p_label is not None and not 1 <= len(p_label) <= 200:
+            raise RemoteRejectedError(f"a node label has 1 to 200 characters, not {len(p_label)}"
+                                      " (SQLSTATE 22023)")
+        node = self._t.nodes.get(p_node)
+        if node is not None and (p_replace is None or p_replace or node.label is None):
+            node.label = p_label
+        return {"node_id": p_node, "known": node is not None,
+                "label": None if node is None else node.label}
+
+    def _fn_log_window(self, now: int) -> dict[str, Any]:
+        hlcs = [e.hlc for e in self.live_log()]
+        # after a compaction, the oldest cut held exactly is its boundary
+        return {"from_hlc": max(min(hlcs), self._t.window_start_hlc) if hlcs else None,
+                "to_hlc": max(hlcs, default=None),
+                "entries": len(hlcs), "head": self._t.head}
+
+    def _fn_log_page(self, now: int, p_prefix: str | None, p_upto_hlc: int, p_after: int,
+                     p_limit: int) -> dict[str, Any]:
+        t = self._t
+        upper = min(t.head, max(p_after, 0) + max(p_limit, 1))
+        out = [{"pos": e.pos, "origin": e.origin, "lsn": e.lsn, "idx": e.idx, "key": e.key,
+                "deleted": e.deleted, "data": _b64(e.data), "codec": e.codec,
+                "vv": dict(e.vv), "hlc": e.hlc, "fence": e.fence, "value_hash": e.value_hash}
+               for e in t.log[max(p_after, 0):max(upper, 0)]
+               if e.pos not in t.compacted and e.hlc <= p_upto_hlc
+               and e.key.startswith(p_prefix or "")]
+        return {"entries": out, "next": max(upper, p_after), "head": t.head}
+
+    def _fn_entry_point(self, now: int, p_node: str, p_lsn: int) -> dict[str, Any]:
+        lsns: dict[int, int] = {}
+        for (origin, lsn, _key), e in self._t.entries.items():
+            if origin == p_node:
+                lsns[lsn] = max(lsns.get(lsn, 0), e.hlc)
+        return {"node_id": p_node, "lsn": p_lsn, "hlc": lsns.get(p_lsn),
+                "before": max((n for n in lsns if n < p_lsn), default=None),
+                "after": min((n for n in lsns if n > p_lsn), default=None)}
 
     def _fn_leases(self, now: int, p_holder: str | None) -> list[dict[str, Any]]:
         return [{"run_id": run, "holder": lease.holder, "token": lease.token,

@@ -39,6 +39,15 @@ class Node:
     last_pull_at: int | None = None
     incarnation: str | None = None
     claimed_at: int | None = None
+    label: str | None = None
+    first_push_at: int | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # the twin of the trigger nodes_first_push: the first push's time, kept
+        if (name == "last_push_at" and value is not None
+                and getattr(self, "first_push_at", None) is None):
+            object.__setattr__(self, "first_push_at", value)
+        object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,17 @@ class Tables:
     siblings: dict[str, list[Entry]] = field(default_factory=dict)
     leases: dict[str, Lease] = field(default_factory=dict)
     fenced: dict[tuple[str, int, str], Refused] = field(default_factory=dict)
+    #: positions the log's compaction removed (sync/memory_scope.py): their slots in
+    #: ``log`` stay, so ``log[pos - 1]`` still finds a position, and readers skip them
+    compacted: set[int] = field(default_factory=set)
+    #: walsync.scope_groups: name -> prefixes
+    scope_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: walsync.log_settings (``retention_seconds`` None: no row yet)
+    retention_seconds: float | None = None
+    gc_through: int = 0
+    window_start_hlc: int = 0
+    compacted_at: int | None = None
+    compacted_entries: int = 0
 
     @property
     def head(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import json.encoder
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import orjson
 
 from walsync.engine.errors import (
+    PullCompactedError,
     RemoteAuthError,
     RemoteRejectedError,
     RemoteSchemaError,
@@ -34,16 +36,26 @@ from walsync.engine.versions import Sibling, Version
 # the door's names, importable from here as before
 from .transport import (
     Claim,
+    Compaction,
     Conflict,
+    EntryPoint,
     FencedRun,
     Hello,
     LeaseGrant,
     LeaseInfo,
     LeaseRenewal,
+    LogPage,
+    LogRetention,
+    LogRow,
+    LogWindow,
     NodeEntry,
+    NodeInfo,
+    NodeLabel,
+    NodeList,
     NodeStatus,
     PullPage,
     PushAck,
+    ScopeGroup,
     StateCount,
     StatePage,
     StateRow,
@@ -53,10 +65,11 @@ from .transport import (
 )
 
 __all__ = ["PUSH_ARRAYS", "Claim", "NodeStatus", "PullPage", "PushAck", "RpcTransport",
-           "Transport", "WireBatch", "conflicts_of", "error_for_sqlstate", "head_of",
-           "hello_of", "json_text", "lease_grant", "lease_list", "lease_released",
-           "lease_renewal", "node_entries_of", "node_status", "pull_page", "push_ack",
-           "push_arrays", "state_count_of", "state_page", "wire_sibling"]
+           "Transport", "WireBatch", "conflicts_of", "entry_point_of", "error_for_sqlstate",
+           "head_of", "hello_of", "json_text", "lease_grant", "lease_list", "lease_released",
+           "lease_renewal", "log_page_of", "log_window_of", "node_entries_of", "node_label_of",
+           "node_list_of", "node_status", "pull_page", "push_ack", "push_arrays",
+           "state_count_of", "state_page", "wire_sibling"]
 
 #: SQLSTATEs worth retrying: connection trouble, shutdown, overload,
 #: serialization failures and deadlocks, statement timeouts, lock timeouts, a
@@ -98,9 +111,14 @@ class RpcTransport(ABC):
         """Nothing to encode ahead of ``push`` (a transport that has, overrides it)."""
         return None
 
-    def pull(self, node_id: str, after: int, limit: int) -> PullPage:
-        return pull_page(self.call("pull", {"p_node": node_id, "p_after": after,
-                                            "p_limit": limit}))
+    def pull(self, node_id: str, after: int, limit: int, *,
+             prefixes: Sequence[str] | None = None, group: str | None = None) -> PullPage:
+        if prefixes is None and group is None:  # every key: the plain pull
+            return pull_page(self.call("pull", {"p_node": node_id, "p_after": after,
+                                                "p_limit": limit}))
+        return pull_page(self.call("pull_scoped", {
+            "p_node": node_id, "p_after": after, "p_limit": limit,
+            "p_prefixes": None if prefixes is None else list(prefixes), "p_group": group}))
 
     def node_status(self, node_id: str) -> NodeStatus:
         return node_status(self.call("node_status", {"p_node": node_id}))
@@ -147,6 +165,44 @@ class RpcTransport(ABC):
 
     def leases(self, holder: str | None = None) -> list[LeaseInfo]:
         return lease_list(self.call("leases", {"p_holder": holder}))
+
+    def nodes(self) -> NodeList:
+        return node_list_of(self.call("nodes", {}))
+
+    def node_label(self, node_id: str, label: str | None, *, replace: bool = True) -> NodeLabel:
+        return node_label_of(self.call("node_label", {"p_node": node_id, "p_label": label,
+                                                      "p_replace": replace}))
+
+    def log_window(self) -> LogWindow:
+        return log_window_of(self.call("log_window", {}))
+
+    def log_page(self, prefix: str, upto_hlc: int, after: int, limit: int) -> LogPage:
+        return log_page_of(self.call("log_page", {"p_prefix": prefix, "p_upto_hlc": upto_hlc,
+                                                  "p_after": after, "p_limit": limit}))
+
+    def entry_point(self, node_id: str, lsn: int) -> EntryPoint:
+        return entry_point_of(self.call("entry_point", {"p_node": node_id, "p_lsn": lsn}))
+
+    def scope_backfill(self, node_id: str, prefix: str, upto: int, after_key: str | None,
+                       limit: int) -> StatePage:
+        return state_page(self.call("scope_backfill", {
+            "p_node": node_id, "p_prefix": prefix, "p_upto": upto, "p_after_key": after_key,
+            "p_limit": limit}), "scope_backfill")
+
+    def scope_group(self, name: str | None,
+                    prefixes: Sequence[str] | None = None) -> list[ScopeGroup]:
+        return scope_groups_of(self.call("scope_group", {
+            "p_name": name, "p_prefixes": None if prefixes is None else list(prefixes)}))
+
+    def log_retention(self, retention_seconds: float | None = None) -> LogRetention:
+        if retention_seconds is not None and not math.isfinite(retention_seconds):
+            raise ValueError(f"the retention window must be a finite number of seconds, "
+                             f"not {retention_seconds}")
+        return log_retention_of(self.call("log_retention",
+                                          {"p_retention_seconds": retention_seconds}))
+
+    def compact_log(self) -> Compaction:
+        return compaction_of(self.call("compact_log", {}))
 
 
 # -- the server's answers --------------------------------------------------------------
@@ -272,11 +328,22 @@ def push_ack(doc: Any) -> PushAck:
 
 def pull_page(doc: Any) -> PullPage:
     d = _object(doc, "pull")
+    if d.get("refused") == "compacted":
+        gc_through = _int(d, "gc_through", "pull")
+        raise PullCompactedError(
+            f"pull from position {_int(d, 'next', 'pull')}: the server's log compaction "
+            f"collected tombstones up to position {gc_through} this store never pulled, "
+            "so it must fill its scope in again from the server's state", gc_through=gc_through)
     entries = d.get("entries")
     if type(entries) is not list:
         raise SyncProtocolError(f"pull: 'entries' is {_kind(entries)}, not a list")
     siblings = [wire_sibling(e) for e in entries]
-    return PullPage(entries, _int(d, "next", "pull"), _int(d, "head", "pull"), siblings)
+    scope = d.get("scope")
+    if scope is not None and (type(scope) is not list
+                              or any(type(p) is not str for p in scope)):
+        raise SyncProtocolError(f"pull: 'scope' is {_kind(scope)}, not a list of text")
+    return PullPage(entries, _int(d, "next", "pull"), _int(d, "head", "pull"), siblings,
+                    None if scope is None else tuple(scope))
 
 
 def node_status(doc: Any) -> NodeStatus:
@@ -315,20 +382,21 @@ def node_entries_of(doc: Any) -> list[NodeEntry]:
     return out
 
 
-def state_page(doc: Any) -> StatePage:
-    """A ``state_page`` answer, checked: every row a wire entry (with ``value_hash``
-    text or null), ``last_key`` text or null, ``done`` a boolean."""
-    d = _object(doc, "state_page")
+def state_page(doc: Any, what: str = "state_page") -> StatePage:
+    """A ``state_page`` answer (or ``scope_backfill``'s, of the same shape), checked:
+    every row a wire entry (with ``value_hash`` text or null), ``last_key`` text or
+    null, ``done`` a boolean."""
+    d = _object(doc, what)
     rows = d.get("rows")
     if type(rows) is not list:
-        raise SyncProtocolError(f"state_page: 'rows' is {_kind(rows)}, not a list")
+        raise SyncProtocolError(f"{what}: 'rows' is {_kind(rows)}, not a list")
     out = []
     for row in rows:
-        key, sib = wire_sibling(row, "state_page")
-        out.append(StateRow(key, sib, _text_or_null(row, "value_hash", "state_page: a row")))
-    last_key = _text_or_null(d, "last_key", "state_page")
+        key, sib = wire_sibling(row, what)
+        out.append(StateRow(key, sib, _text_or_null(row, "value_hash", f"{what}: a row")))
+    last_key = _text_or_null(d, "last_key", what)
     if type(d.get("done")) is not bool:
-        raise SyncProtocolError(f"state_page: 'done' is {_kind(d.get('done'))}, not a boolean")
+        raise SyncProtocolError(f"{what}: 'done' is {_kind(d.get('done'))}, not a boolean")
     return StatePage(out, last_key, d["done"])
 
 
@@ -375,6 +443,90 @@ def lease_list(doc: Any) -> list[LeaseInfo]:
                              _int(d, "token", what), _text(d, "expires_at", what),
                              _bool(d, "live", what)))
     return out
+
+
+def node_list_of(doc: Any) -> NodeList:
+    d = _object(doc, "nodes")
+    what = "nodes: a node"
+    out = []
+    for item in _list(d.get("nodes"), "nodes: 'nodes'"):
+        n = _object(item, what)
+        leases = [_string({"run_id": r}, "run_id", f"{what}: a lease")
+                  for r in _list(n.get("leases"), f"{what}: 'leases'")]
+        out.append(NodeInfo(_text(n, "node_id", what), _text_or_null(n, "label", what),
+                            _int(n, "acked_lsn", what), _int(n, "acked_hlc", what),
+                            _int(n, "pull_cursor", what), _text_or_null(n, "first_push_at", what),
+                            _text_or_null(n, "last_push_at", what),
+                            _text_or_null(n, "last_pull_at", what),
+                            _text_or_null(n, "claimed_at", what), leases))
+    return NodeList(out, _int(d, "head", "nodes"), _text(d, "now", "nodes"))
+
+
+def node_label_of(doc: Any) -> NodeLabel:
+    d = _object(doc, "node_label")
+    return NodeLabel(_text(d, "node_id", "node_label"), _bool(d, "known", "node_label"),
+                     _text_or_null(d, "label", "node_label"))
+
+
+def log_window_of(doc: Any) -> LogWindow:
+    d = _object(doc, "log_window")
+    return LogWindow(_int_or_null(d, "from_hlc", "log_window"),
+                     _int_or_null(d, "to_hlc", "log_window"), _int(d, "entries", "log_window"),
+                     _int(d, "head", "log_window"))
+
+
+def log_page_of(doc: Any) -> LogPage:
+    d = _object(doc, "log_page")
+    rows = []
+    for item in _list(d.get("entries"), "log_page: 'entries'"):
+        key, sib = wire_sibling(item, "log_page")
+        rows.append(LogRow(_int(item, "pos", "log_page: an entry"), key, sib,
+                           _text_or_null(item, "value_hash", "log_page: an entry")))
+    return LogPage(rows, _int(d, "next", "log_page"), _int(d, "head", "log_page"))
+
+
+def scope_groups_of(doc: Any) -> list[ScopeGroup]:
+    groups = _object(doc, "scope_group").get("groups")
+    if type(groups) is not list:
+        raise SyncProtocolError(f"scope_group: 'groups' is {_kind(groups)}, not a list")
+    out = []
+    for item in groups:
+        g = _object(item, "scope_group: a group")
+        prefixes = g.get("prefixes")
+        if type(prefixes) is not list or any(type(p) is not str for p in prefixes):
+            raise SyncProtocolError(f"scope_group: 'prefixes' is {_kind(prefixes)}, "
+                                    "not a list of text")
+        out.append(ScopeGroup(_text(g, "name", "scope_group: a group"), tuple(prefixes)))
+    return out
+
+
+def log_retention_of(doc: Any) -> LogRetention:
+    d = _object(doc, "log_retention")
+    what = "log_retention"
+    seconds = d.get("retention_seconds")
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not seconds > 0:
+        raise SyncProtocolError(f"{what}: 'retention_seconds' is {_kind(seconds)}, "
+                                "not a positive number")
+    return LogRetention(float(seconds), _int(d, "gc_through", what),
+                        _int(d, "window_start_hlc", what),
+                        _text_or_null(d, "compacted_at", what),
+                        _int(d, "compacted_entries", what))
+
+
+def compaction_of(doc: Any) -> Compaction:
+    d = _object(doc, "compact_log")
+    what = "compact_log"
+    return Compaction(_bool(d, "ran", what), _int(d, "removed_entries", what),
+                      _int(d, "collected_tombstones", what), _int(d, "gc_through", what),
+                      _int(d, "window_start_hlc", what))
+
+
+def entry_point_of(doc: Any) -> EntryPoint:
+    d = _object(doc, "entry_point")
+    what = "entry_point"
+    return EntryPoint(_text(d, "node_id", what), _int(d, "lsn", what),
+                      _int_or_null(d, "hlc", what), _int_or_null(d, "before", what),
+                      _int_or_null(d, "after", what))
 
 
 # -- push's arguments ------------------------------------------------------------------

@@ -30,9 +30,11 @@ from typing import Any, Protocol
 
 from walsync.engine.versions import Sibling
 
-__all__ = ["Claim", "Conflict", "FencedRun", "Hello", "LeaseGrant", "LeaseInfo", "LeaseRenewal",
-           "NodeEntry", "NodeStatus", "PullPage", "PushAck", "StateCount", "StatePage",
-           "StateRow", "Transport", "TransportProxy", "WireBatch", "WireEntry"]
+__all__ = ["Claim", "Compaction", "Conflict", "EntryPoint", "FencedRun", "Hello", "LeaseGrant",
+           "LeaseInfo", "LeaseRenewal", "LogPage", "LogRetention", "LogRow", "LogWindow",
+           "NodeEntry", "NodeInfo", "NodeLabel", "NodeList", "NodeStatus", "PullPage", "PushAck",
+           "ScopeGroup", "StateCount", "StatePage", "StateRow", "Transport", "TransportProxy",
+           "WireBatch", "WireEntry"]
 
 #: one entry of a record as it travels (sync/PROTOCOL.md "Wire entry")
 WireEntry = dict[str, Any]
@@ -123,6 +125,43 @@ class PullPage:
     next: int
     head: int
     siblings: list[tuple[str, Sibling]] = field(default_factory=list)
+    #: the prefixes a scoped pull was read with, as the server resolved them (its
+    #: group's included); None: every key
+    scope: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ScopeGroup:
+    """A named group of key prefixes, kept on the server: stores pulling the group pull
+    what it lists now."""
+
+    name: str
+    prefixes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LogRetention:
+    """The entry log's retention window and what compaction did so far: ``gc_through``
+    is the newest position of a tombstone it collected (a pull cursor below it must
+    re-bootstrap), ``window_start_hlc`` the oldest HLC whose cut the log holds exactly
+    since the last compaction (0: never compacted)."""
+
+    retention_seconds: float
+    gc_through: int
+    window_start_hlc: int
+    compacted_at: str | None
+    compacted_entries: int
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """One ``compact_log`` call: ``ran`` False when another caller held the lock."""
+
+    ran: bool
+    removed_entries: int
+    collected_tombstones: int
+    gc_through: int
+    window_start_hlc: int
 
 
 @dataclass(frozen=True)
@@ -230,6 +269,86 @@ class LeaseInfo:
     live: bool
 
 
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node as the server knows it (``walsync nodes``). Times are the server's clock,
+    as its text (None: never)."""
+
+    node_id: str
+    #: a name a person gave it, or its host's name (None: none given)
+    label: str | None
+    acked_lsn: int
+    acked_hlc: int
+    pull_cursor: int
+    first_push_at: str | None
+    last_push_at: str | None
+    last_pull_at: str | None
+    claimed_at: str | None
+    #: the runs it holds a live lease on, by run id
+    leases: list[str]
+
+
+@dataclass(frozen=True)
+class NodeList:
+    """Every node the server knows, by node id, with the server's clock and head."""
+
+    nodes: list[NodeInfo]
+    head: int
+    now: str
+
+
+@dataclass(frozen=True)
+class NodeLabel:
+    """The answer to naming a node: its label now; ``known`` False for a node the
+    server has no row of (nothing was stored)."""
+
+    node_id: str
+    known: bool
+    label: str | None
+
+
+@dataclass(frozen=True)
+class LogWindow:
+    """The point-in-time window: a cut at or after ``from_hlc`` is restored exactly;
+    ``to_hlc`` is the newest entry's HLC (both None while the log is empty)."""
+
+    from_hlc: int | None
+    to_hlc: int | None
+    entries: int
+    head: int
+
+
+@dataclass(frozen=True)
+class LogRow:
+    """One entry of the log at its position, decoded and with the hash it was pushed with."""
+
+    pos: int
+    key: str
+    sibling: Sibling
+    value_hash: str | None
+
+
+@dataclass(frozen=True)
+class LogPage:
+    """The entries of positions up to ``next`` at or below a cut (``log_page``)."""
+
+    rows: list[LogRow]
+    next: int
+    head: int
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """A node's record on the server: its HLC (None: no entry of that LSN) and the
+    node's nearest LSNs the server holds below and above it (None: none)."""
+
+    node_id: str
+    lsn: int
+    hlc: int | None
+    before: int | None
+    after: int | None
+
+
 # -- the door ---------------------------------------------------------------------------
 
 
@@ -246,8 +365,11 @@ class Transport(Protocol):
         """Ship entries (under ``entries.claim`` when a WireBatch carries one); the
         server acknowledges every LSN up to ``through_lsn``."""
 
-    def pull(self, node_id: str, after: int, limit: int) -> PullPage:
-        """Other origins' entries after position ``after`` (whole records)."""
+    def pull(self, node_id: str, after: int, limit: int, *,
+             prefixes: Sequence[str] | None = None, group: str | None = None) -> PullPage:
+        """Other origins' entries after position ``after`` (whole records); with
+        ``prefixes`` or ``group``, only keys under them (``pull_scoped``). Raises
+        PullCompactedError when the log no longer holds everything after ``after``."""
 
     def node_status(self, node_id: str) -> NodeStatus: ...
 
@@ -277,6 +399,38 @@ class Transport(Protocol):
     def leases(self, holder: str | None = None) -> list[LeaseInfo]:
         """The leases of ``holder`` (None: of everyone), live or expired, by run id."""
 
+    def nodes(self) -> NodeList:
+        """Every node the server knows (sync/PROTOCOL.md "Nodes")."""
+
+    def node_label(self, node_id: str, label: str | None, *, replace: bool = True) -> NodeLabel:
+        """Name a node (None: no name); ``replace`` False keeps a label already set."""
+
+    def log_window(self) -> LogWindow:
+        """The cuts the entry log restores exactly (sync/PROTOCOL.md "Point-in-time restore")."""
+
+    def log_page(self, prefix: str, upto_hlc: int, after: int, limit: int) -> LogPage:
+        """Entries under ``prefix`` with an HLC at most ``upto_hlc`` at positions
+        (``after``, ``next``], reading at most ``limit`` positions."""
+
+    def entry_point(self, node_id: str, lsn: int) -> EntryPoint:
+        """The HLC of ``node_id``'s record ``lsn`` on the server, and its nearest LSNs."""
+
+    def scope_backfill(self, node_id: str, prefix: str, upto: int, after_key: str | None,
+                       limit: int) -> StatePage:
+        """The stored siblings under ``prefix`` other origins wrote at positions up to
+        ``upto``, a page of keys after ``after_key`` (a widened scope's fill)."""
+
+    def scope_group(self, name: str | None,
+                    prefixes: Sequence[str] | None = None) -> list[ScopeGroup]:
+        """Set group ``name`` to ``prefixes`` (empty: remove it), then list it (``name``
+        None: every group)."""
+
+    def log_retention(self, retention_seconds: float | None = None) -> LogRetention:
+        """Set the entry log's retention window (None: leave it), then read it."""
+
+    def compact_log(self) -> Compaction:
+        """Compact the entry log beyond its retention window (one caller at a time)."""
+
     def close(self) -> None: ...
 
 
@@ -294,8 +448,9 @@ class TransportProxy:
     def push(self, node_id: str, through_lsn: int, entries: list[WireEntry]) -> PushAck:
         return self.inner.push(node_id, through_lsn, entries)
 
-    def pull(self, node_id: str, after: int, limit: int) -> PullPage:
-        return self.inner.pull(node_id, after, limit)
+    def pull(self, node_id: str, after: int, limit: int, *,
+             prefixes: Sequence[str] | None = None, group: str | None = None) -> PullPage:
+        return self.inner.pull(node_id, after, limit, prefixes=prefixes, group=group)
 
     def node_status(self, node_id: str) -> NodeStatus:
         return self.inner.node_status(node_id)
@@ -332,6 +487,35 @@ class TransportProxy:
 
     def leases(self, holder: str | None = None) -> list[LeaseInfo]:
         return self.inner.leases(holder)
+
+    def nodes(self) -> NodeList:
+        return self.inner.nodes()
+
+    def node_label(self, node_id: str, label: str | None, *, replace: bool = True) -> NodeLabel:
+        return self.inner.node_label(node_id, label, replace=replace)
+
+    def log_window(self) -> LogWindow:
+        return self.inner.log_window()
+
+    def log_page(self, prefix: str, upto_hlc: int, after: int, limit: int) -> LogPage:
+        return self.inner.log_page(prefix, upto_hlc, after, limit)
+
+    def entry_point(self, node_id: str, lsn: int) -> EntryPoint:
+        return self.inner.entry_point(node_id, lsn)
+
+    def scope_backfill(self, node_id: str, prefix: str, upto: int, after_key: str | None,
+                       limit: int) -> StatePage:
+        return self.inner.scope_backfill(node_id, prefix, upto, after_key, limit)
+
+    def scope_group(self, name: str | None,
+                    prefixes: Sequence[str] | None = None) -> list[ScopeGroup]:
+        return self.inner.scope_group(name, prefixes)
+
+    def log_retention(self, retention_seconds: float | None = None) -> LogRetention:
+        return self.inner.log_retention(retention_seconds)
+
+    def compact_log(self) -> Compaction:
+        return self.inner.compact_log()
 
     def close(self) -> None:
         self.inner.close()

@@ -1,0 +1,422 @@
+-- walsync: scoped pull, and a retention window for the entry log
+-- (sync/PROTOCOL.md, "Scoped pull" and "Retention of the entry log").
+--
+-- Scoped pull: a store pulls only the keys under the prefixes it declares (and
+-- those a named group of prefixes, kept here, lists). The entry log is read by
+-- an index on each key's first segment (the text before its first '/'), in
+-- position order, so a scoped pull reads the rows of its own segments and none
+-- of another's; a prefix therefore names at least a first segment (it holds a
+-- '/'), or is '' (everything). A store that widens its scope fills the new
+-- prefixes in from the merged state (scope_backfill), up to the position it had
+-- pulled to, and pulls the rest from the log.
+--
+-- Retention: the log keeps every entry of the window (per database, 7 days by
+-- default) and, older than it, what the state at the window's start needs: the
+-- entries no other entry as old dominates (every key's current siblings among
+-- them). A tombstone that is all a key holds is collected, with every entry it
+-- dominates, once it is older than the window and every live node (one that
+-- pulled within the window) pulled past it; a node whose cursor is behind a
+-- collected tombstone is told by pull to re-bootstrap. compact_log() does it,
+-- one caller at a time (a transaction-scoped advisory lock, safe behind a
+-- pooler): `walsync sync` calls it, or pg_cron.
+--
+-- Plain SQL, safe to apply more than once.
+
+-- The first segment of a key: the text before its first '/' (the whole key when
+-- it has none). Immutable: the entry log is indexed by it.
+create or replace function walsync.key_lane(p_key text) returns text
+language sql immutable parallel safe
+as $$
+  select pg_catalog.split_part(p_key, '/', 1)
+$$;
+
+-- A scoped pull reads each of its segments in position order through this index.
+create index if not exists entries_lane on walsync.entries (walsync.key_lane(key), tenant, pos);
+
+-- Named groups of prefixes: stores that pull a group pull what it lists now.
+create table if not exists walsync.scope_groups (
+  tenant     text not null default '',
+  name       text not null check (name <> ''),
+  prefixes   text[] not null,
+  updated_at timestamptz not null default now(),
+  primary key (name, tenant)
+);
+alter table walsync.scope_groups enable row level security;
+
+-- The entry log's retention, per tenant (a row only once set or compacted):
+-- the window, the newest position of a tombstone compaction collected (a pull
+-- after a position below it must re-bootstrap), and the oldest HLC whose cut the
+-- log still holds exactly (the last compaction's boundary).
+create table if not exists walsync.log_settings (
+  tenant            text primary key default '',
+  retention_seconds double precision not null default 604800 check (retention_seconds > 0),
+  gc_through        bigint not null default 0,
+  window_start_hlc  bigint not null default 0,
+  compacted_at      timestamptz,
+  compacted_entries bigint not null default 0
+);
+alter table walsync.log_settings enable row level security;
+
+revoke all on walsync.scope_groups, walsync.log_settings from public, anon, authenticated;
+
+-- A scope's prefixes, checked: '' (everything) or holding a '/'.
+create or replace function walsync.scope_checked(p_prefixes text[]) returns text[]
+language plpgsql immutable
+set search_path = pg_catalog, walsync
+as $$
+declare
+  p text;
+begin
+  foreach p in array coalesce(p_prefixes, '{}'::text[]) loop
+    if p is null or (p <> '' and strpos(p, '/') = 0) then
+      raise exception 'scope prefix %: a prefix must hold a ''/'' (it names at least a '
+                      'first segment, such as ''app/''), or be '''' for every key',
+                      coalesce(quote_literal(p), 'null')
+        using errcode = '22023',
+              hint = 'write the prefix up to and including its first ''/''';
+    end if;
+  end loop;
+  return coalesce(p_prefixes, '{}'::text[]);
+end
+$$;
+
+-- A scope's prefixes as a client sends them (a JSON array of text; null: none),
+-- checked as above.
+create or replace function walsync.scope_prefixes(p_prefixes jsonb) returns text[]
+language plpgsql immutable
+set search_path = pg_catalog, walsync
+as $$
+begin
+  if p_prefixes is null or jsonb_typeof(p_prefixes) = 'null' then
+    return null;
+  end if;
+  if jsonb_typeof(p_prefixes) <> 'array'
+     or exists (select 1 from jsonb_array_elements(p_prefixes) x
+                where jsonb_typeof(x) <> 'string') then
+    raise exception 'scope prefixes must be a JSON array of text, not %', p_prefixes
+      using errcode = '22023';
+  end if;
+  return walsync.scope_checked(array(select jsonb_array_elements_text(p_prefixes)));
+end
+$$;
+
+-- Set (p_prefixes not null; an empty array removes the group) and list the
+-- scope groups: p_name null lists them all.
+create or replace function walsync_api.scope_group(p_name text, p_prefixes jsonb)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, walsync
+as $$
+declare
+  v_tenant   text := walsync.require_tenant();
+  v_prefixes text[] := walsync.scope_prefixes(p_prefixes);
+begin
+  if v_prefixes is not null then
+    if p_name is null or p_name = '' then
+      raise exception 'a scope group needs a name' using errcode = '22023';
+    end if;
+    if cardinality(v_prefixes) = 0 then
+      delete from scope_groups where tenant = v_tenant and name = p_name;
+    else
+      insert into scope_groups (tenant, name, prefixes)
+      values (v_tenant, p_name,
+              array(select distinct p collate "C" from unnest(v_prefixes) p order by 1))
+      on conflict (name, tenant) do update
+        set prefixes = excluded.prefixes, updated_at = now();
+    end if;
+  end if;
+  return jsonb_build_object('groups', coalesce((
+    select jsonb_agg(jsonb_build_object('name', g.name, 'prefixes', to_jsonb(g.prefixes))
+                     order by g.name collate "C")
+    from scope_groups g
+    where g.tenant = v_tenant and (p_name is null or g.name = p_name)), '[]'::jsonb));
+end
+$$;
+
+-- A widened scope's fill: every stored sibling of up to p_limit keys under
+-- p_prefix after p_after_key (byte order) that another origin than p_node wrote
+-- and that the log held at or below position p_upto (what the store's cursor
+-- passed while the prefix was outside its scope; later ones it pulls).
+create or replace function walsync_api.scope_backfill(p_node text, p_prefix text, p_upto bigint,
+                                                      p_after_key text, p_limit integer)
+returns jsonb
+language plpgsql security definer stable
+set search_path = pg_catalog, walsync
+as $$
+declare
+  v_tenant text := walsync.require_tenant();
+begin
+  perform walsync.scope_checked(array[coalesce(p_prefix, '')]);
+  return (
+    with page as (
+      select distinct key collate "C" as key
+      from siblings
+      where tenant = v_tenant
+        and key collate "C" >= coalesce(p_prefix, '')
+        and starts_with(key, coalesce(p_prefix, ''))
+        and (p_after_key is null or key collate "C" > p_after_key collate "C")
+        and pos <= p_upto and origin <> p_node
+      order by 1
+      limit greatest(p_limit, 1)
+    )
+    select jsonb_build_object(
+      'rows', coalesce((
+        select jsonb_agg(jsonb_build_object(
+                 'key', s.key, 'origin', s.origin, 'lsn', s.lsn, 'pos', s.pos,
+                 'deleted', s.deleted,
+                 'data', translate(encode(s.data, 'base64'), E'\n', ''), 'codec', s.codec,
+                 'vv', s.vv, 'hlc', s.hlc, 'fence', s.fence, 'value_hash', s.value_hash)
+               order by s.key collate "C", s.origin collate "C", s.lsn)
+        from siblings s join page p on s.key = p.key
+        where s.tenant = v_tenant and s.pos <= p_upto and s.origin <> p_node), '[]'::jsonb),
+      'last_key', (select max(key collate "C") from page),
+      'done', (select count(*) from page) < greatest(p_limit, 1)));
+end
+$$;
+
+-- pull with a scope: other origins' entries after a position whose key starts
+-- with one of p_prefixes or of the prefixes group p_group lists (both null, or a
+-- prefix '': every key), as one document, in position order, whole records
+-- only (a record's entries in scope): at most about p_limit rows. "next" is the
+-- position to pass next time; "scope" the prefixes the page was read with
+-- (null: every key), so a store learns when its group was widened. A cursor
+-- behind a tombstone compaction collected (0 < p_after < gc_through) is refused
+-- with "refused": "compacted": the store must re-bootstrap (fill its scope in
+-- from the merged state) before it pulls again.
+create or replace function walsync_api.pull_scoped(p_node text, p_after bigint, p_limit integer,
+                                                    p_prefixes jsonb, p_group text)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, walsync
+as $$
+declare
+  v_tenant text := walsync.require_tenant();
+  v_limit  integer := greatest(p_limit, 1);
+  v_upper  bigint;
+  v_head   bigint;
+  v_gc     bigint;
+  v_last   record;
+  v_out    jsonb;
+  v_scope  text[];
+  v_lanes  text[];
+  v_group  text[];
+  v_pos    bigint[];
+begin
+  -- a tenant that never pushed has no head row: its head is 0 (never "no limit")
+  v_head := coalesce((select pos from head where tenant = v_tenant), 0);
+  v_gc := coalesce((select gc_through from log_settings where tenant = v_tenant), 0);
+  if p_after > 0 and p_after < v_gc then
+    return jsonb_build_object('entries', '[]'::jsonb, 'next', p_after, 'head', v_head,
+                              'refused', 'compacted', 'gc_through', v_gc);
+  end if;
+  v_scope := walsync.scope_prefixes(p_prefixes);
+  if v_scope is not null or p_group is not null then
+    v_scope := coalesce(v_scope, '{}'::text[]);
+    if p_group is not null then
+      select g.prefixes into v_group from scope_groups g
+       where g.tenant = v_tenant and g.name = p_group;
+      if not found then
+        raise exception 'scope group "%" does not exist', p_group
+          using errcode = '22023',
+                hint = 'create it (walsync scope group NAME PREFIX...) or pull without it';
+      end if;
+      v_scope := v_scope || v_group;
+    end if;
+    -- each prefix once, none that a shorter one covers
+    v_scope := array(select distinct p collate "C" from unnest(v_scope) p
+                      where not exists (select 1 from unnest(v_scope) q
+                                        where q <> p and starts_with(p, q))
+                      order by 1);
+    if '' = any (v_scope) then
+      v_scope := null;  -- every key
+    end if;
+  end if;
+
+  if v_scope is null then
+    v_upper := least(v_head, p_after + v_limit);
+  else
+    -- The first p_limit positions in scope, each first segment read in position
+    -- order through entries_lane: no row of another segment is read.
+    v_lanes := array(select distinct walsync.key_lane(p) from unnest(v_scope) p);
+    select array_agg(y.pos order by y.pos) into v_pos from (
+      select x.pos from unnest(v_lanes) l(lane)
+      cross join lateral (
+        select e.pos from entries e
+         where walsync.key_lane(e.key) = l.lane and e.tenant = v_tenant
+           and e.pos > p_after and e.pos <= v_head and e.origin <> p_node
+           and exists (select 1 from unnest(v_scope) p where starts_with(e.key, p))
+         order by e.pos limit v_limit) x
+      order by x.pos limit v_limit) y;
+    v_upper := case when coalesce(cardinality(v_pos), 0) >= v_limit
+                    then v_pos[cardinality(v_pos)] else v_head end;
+  end if;
+  select origin, lsn into v_last from entries where tenant = v_tenant and pos = v_upper;
+  if found then  -- finish the record the page ends in
+    select greatest(v_upper, max(pos)) into v_upper
+    from entries where tenant = v_tenant and origin = v_last.origin and lsn = v_last.lsn;
+  end if;
+  if v_scope is null then
+    select coalesce(jsonb_agg(jsonb_build_object(
+             'pos', e.pos, 'origin', e.origin, 'lsn', e.lsn, 'idx', e.idx, 'key', e.key,
+             'deleted', e.deleted, 'data', translate(encode(e.data, 'base64'), E'\n', ''),
+             'codec', e.codec, 'vv', e.vv, 'hlc', e.hlc, 'fence', e.fence,
+             'value_hash', e.value_hash) order by e.pos), '[]'::jsonb)
+      into v_out
+    from entries e
+    where e.tenant = v_tenant and e.pos > p_after and e.pos <= v_upper and e.origin <> p_node;
+  else
+    select coalesce(jsonb_agg(jsonb_build_object(
+             'pos', e.pos, 'origin', e.origin, 'lsn', e.lsn, 'idx', e.idx, 'key', e.key,
+             'deleted', e.deleted, 'data', translate(encode(e.data, 'base64'), E'\n', ''),
+             'codec', e.codec, 'vv', e.vv, 'hlc', e.hlc, 'fence', e.fence,
+             'value_hash', e.value_hash) order by e.pos), '[]'::jsonb)
+      into v_out
+    from unnest(v_lanes) l(lane)
+    cross join lateral (
+      select * from entries e
+       where walsync.key_lane(e.key) = l.lane and e.tenant = v_tenant
+         and e.pos > p_after and e.pos <= v_upper and e.origin <> p_node
+         and exists (select 1 from unnest(v_scope) p where starts_with(e.key, p))) e;
+  end if;
+  insert into nodes (tenant, node_id, pull_cursor, last_pull_at)
+  values (v_tenant, p_node, p_after, now())
+  on conflict (tenant, node_id) do update
+    set pull_cursor = greatest(nodes.pull_cursor, excluded.pull_cursor), last_pull_at = now();
+  return jsonb_build_object('entries', v_out, 'next', greatest(v_upper, p_after),
+                            'head', v_head, 'scope', to_jsonb(v_scope));
+end
+$$;
+
+-- pull: every key (pull_scoped without a scope), refusing a cursor behind a
+-- collected tombstone like it. Same arguments and results as before, plus
+-- "scope": null.
+create or replace function walsync_api.pull(p_node text, p_after bigint, p_limit integer)
+returns jsonb
+language sql security definer
+set search_path = pg_catalog, walsync
+as $$
+  select walsync_api.pull_scoped(p_node, p_after, p_limit, null, null)
+$$;
+
+-- Read (p_retention_seconds null) or set the entry log's retention window.
+create or replace function walsync_api.log_retention(p_retention_seconds double precision)
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, walsync
+as $$
+declare
+  v_tenant text := walsync.require_tenant();
+  s        log_settings%rowtype;
+begin
+  if p_retention_seconds is not null then
+    if not (p_retention_seconds > 0 and p_retention_seconds < 'infinity') then
+      raise exception 'the retention window must be a positive number of seconds, not %',
+                      p_retention_seconds using errcode = '22023';
+    end if;
+    insert into log_settings (tenant, retention_seconds) values (v_tenant, p_retention_seconds)
+    on conflict (tenant) do update set retention_seconds = excluded.retention_seconds;
+  end if;
+  select * into s from log_settings where tenant = v_tenant;
+  return jsonb_build_object(
+    'retention_seconds', coalesce(s.retention_seconds, 604800),
+    'gc_through', coalesce(s.gc_through, 0),
+    'window_start_hlc', coalesce(s.window_start_hlc, 0),
+    'compacted_at', s.compacted_at,
+    'compacted_entries', coalesce(s.compacted_entries, 0));
+end
+$$;
+
+-- Compact the entry log beyond the retention window (see the top of this file).
+-- One caller at a time: another finds the lock taken and returns ran = false at
+-- once. For pg_cron: select walsync_api.compact_log();
+create or replace function walsync_api.compact_log()
+returns jsonb
+language plpgsql security definer
+set search_path = pg_catalog, walsync
+as $$
+declare
+  v_tenant    text := walsync.require_tenant();
+  v_window    double precision;
+  v_boundary  bigint;
+  v_floor     bigint;
+  v_head      bigint;
+  v_tombs     bigint := 0;
+  v_gc        bigint;
+  v_removed   bigint := 0;
+  v_dominated bigint := 0;
+  v_dropped   bigint := 0;
+begin
+  if not pg_try_advisory_xact_lock(hashtext('walsync.compact_log'), hashtext(v_tenant)) then
+    return jsonb_build_object('ran', false, 'removed_entries', 0, 'collected_tombstones', 0,
+                              'gc_through', coalesce((select gc_through from log_settings
+                                                      where tenant = v_tenant), 0),
+                              'window_start_hlc', coalesce((select window_start_hlc
+                                                            from log_settings
+                                                            where tenant = v_tenant), 0));
+  end if;
+  insert into log_settings (tenant) values (v_tenant) on conflict do nothing;
+  select retention_seconds, gc_through into v_window, v_gc
+    from log_settings where tenant = v_tenant for update;
+  -- the boundary as an HLC: Unix ms << 16
+  v_boundary := ((extract(epoch from now()) * 1000)::bigint
+                 - (v_window * 1000)::bigint) << 16;
+  v_head := coalesce((select pos from head where tenant = v_tenant), 0);
+  -- how far every live node (one that pulled within the window) has pulled
+  select coalesce(min(n.pull_cursor), v_head) into v_floor from nodes n
+   where n.tenant = v_tenant and n.last_pull_at > now() - make_interval(secs => v_window);
+
+  -- Tombstones that are all their key holds, older than the window, pulled past by
+  -- every live node: collected with every entry they dominate.
+  with collected as materialized (
+    select s.key, s.pos, s.vv from siblings s
+     where s.tenant = v_tenant and s.deleted and s.hlc < v_boundary and s.pos <= v_floor
+       and not exists (select 1 from siblings o
+                       where o.tenant = v_tenant and o.key = s.key
+                         and (o.origin, o.lsn) <> (s.origin, s.lsn))
+  ),
+  gone_siblings as (
+    delete from siblings s using collected c
+     where s.tenant = v_tenant and s.key = c.key
+    returning 1
+  ),
+  gone_entries as (
+    delete from entries e using collected c
+     where e.tenant = v_tenant and e.key = c.key and walsync.vv_leq(e.vv, c.vv)
+    returning 1
+  )
+  select (select count(*) from collected), (select count(*) from gone_entries),
+         greatest(v_gc, (select max(pos) from collected)),
+         (select count(*) from gone_siblings)
+    into v_tombs, v_removed, v_gc, v_dropped;
+
+  -- Entries older than the window that another entry as old dominates: no cut the
+  -- window holds needs them (that entry is in every such cut). A current sibling
+  -- is never among them. Equal vectors: the larger (origin, lsn) stays.
+  delete from entries e
+   where e.tenant = v_tenant and e.hlc < v_boundary
+     and exists (select 1 from entries f
+                 where f.tenant = v_tenant and f.key = e.key and f.hlc < v_boundary
+                   and (f.origin, f.lsn) <> (e.origin, e.lsn)
+                   and walsync.vv_leq(e.vv, f.vv)
+                   and (not walsync.vv_leq(f.vv, e.vv)
+                        or (f.origin collate "C", f.lsn) > (e.origin collate "C", e.lsn)))
+     and not exists (select 1 from siblings s
+                     where s.tenant = v_tenant and s.key = e.key and s.origin = e.origin
+                       and s.lsn = e.lsn);
+  get diagnostics v_dominated = row_count;
+
+  update log_settings
+     set gc_through = v_gc, window_start_hlc = greatest(window_start_hlc, v_boundary),
+         compacted_at = now(), compacted_entries = compacted_entries + v_removed + v_dominated
+   where tenant = v_tenant;
+  return jsonb_build_object('ran', true, 'removed_entries', v_removed + v_dominated,
+                            'collected_tombstones', v_tombs, 'gc_through', v_gc,
+                            'window_start_hlc', greatest(
+                              (select window_start_hlc from log_settings
+                               where tenant = v_tenant), v_boundary));
+end
+$$;
+
+revoke all on all functions in schema walsync_api from public, anon, authenticated;
+revoke all on all functions in schema walsync from public, anon, authenticated;
+grant execute on all functions in schema walsync_api to service_role;
