@@ -215,10 +215,11 @@ class AsyncStepContext:
         """Durably record partial progress (0..1) and a resume cursor, awaited."""
         await _deferred(self.ctx.run.store, self.ctx.progress, fraction, cursor)
 
-    def add_cost(self, tokens_in: int = 0, tokens_out: int = 0, usd: float = 0.0,
-                 **counters: float) -> None:
-        """Count usage; written with the next progress, completion or failure."""
-        self.ctx.add_cost(tokens_in, tokens_out, usd, **counters)
+    async def add_cost(self, tokens_in: int = 0, tokens_out: int = 0, usd: float = 0.0,
+                       **counters: float) -> None:
+        """Count usage, as ``StepContext.add_cost`` does (its commit, if any, awaited)."""
+        await _deferred(self.ctx.run.store, self.ctx.add_cost, tokens_in, tokens_out, usd,
+                        **counters)
 
     async def complete(self, output: Any) -> None:
         """Record the output and mark the step ``success`` with the run's summary, awaited."""
