@@ -25,6 +25,7 @@ from walsync.engine.errors import (
     RemoteAuthError,
     RemoteRejectedError,
     RemoteUnavailableError,
+    SyncConfigError,
     SyncError,
     SyncProtocolError,
 )
@@ -168,6 +169,17 @@ def _login_refused(exc: BaseException) -> str | None:
     return (fatal.group(1) if fatal else match.group(0)).strip()
 
 
+_NO_DATABASE = re.compile(r'database "([^"]*)" does not exist')
+
+
+def _unreachable_reason(exc: BaseException) -> str:
+    """libpq's reason a connection failed ("Connection refused", "No such file or
+    directory"): its words after the address, which carry no credentials."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    found = re.search(r"failed: ([^:]+)$", first)
+    return found.group(1).strip() if found else type(exc).__name__
+
+
 def classify(exc: BaseException, where: str) -> SyncError:
     """Map a psycopg error to the sync error tree by SQLSTATE (credentials never included)."""
     state = getattr(exc, "sqlstate", None) or ""
@@ -177,7 +189,14 @@ def classify(exc: BaseException, where: str) -> SyncError:
         refused = _login_refused(exc)
         if refused is not None:
             return RemoteAuthError(f"{where}: the server refused the login ({refused})")
-        return RemoteUnavailableError(f"{where}: cannot reach the database ({type(exc).__name__})")
+        missing = _NO_DATABASE.search(str(exc))
+        if missing is not None:
+            return SyncConfigError(
+                f"{where}: the server has no database {missing.group(1)!r}",
+                hint="create it (`createdb NAME`, then `walsync migrate`), or name an existing "
+                     "database in the DSN (dbname=...)")
+        return RemoteUnavailableError(f"{where}: cannot reach the database "
+                                      f"({_unreachable_reason(exc)})")
     if not state and isinstance(exc, psycopg.InterfaceError):
         return RemoteUnavailableError(f"{where}: connection lost ({type(exc).__name__})")
     return error_for_sqlstate(state, message)
@@ -229,6 +248,16 @@ class PostgresTransport(RpcTransport):
                  connect_timeout_seconds: float = 10.0,
                  idle_in_transaction_seconds: float = 5.0,
                  answer_timeout_seconds: float | None = None) -> None:
+        try:
+            psycopg.conninfo.conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError:
+            # psycopg's own words may quote the DSN, password and all: not repeated
+            raise SyncConfigError(
+                "the PostgreSQL DSN cannot be read: it is neither key=value pairs nor a "
+                "postgresql:// URI with known parameters",
+                hint="set WALSYNC_PG_DSN like 'host=db.example.com port=5432 dbname=postgres "
+                     "user=walsync' or 'postgresql://walsync@db.example.com:5432/postgres'"
+            ) from None
         self._dsn = dsn
         self._timeout_ms = int(timeout_seconds * 1000)
         # The server ends a statement after timeout_seconds and says so; a call with

@@ -10,6 +10,13 @@ back from a backup may hold less than it once acknowledged. An unreachable or
 unconfigured server is part of the status (``server_error``), never a reason not
 to show the local facts.
 
+As a health check (``health``) the status is one verdict, worst first: the
+server cannot be reached (or is not configured), it is behind (holds less of
+the store than it acknowledged, or is not the server that acknowledged it), or
+the oldest write it lacks is older than a limit the caller gives. The sync
+ledger drops the worker's last error once a later acknowledgement succeeds, so
+an error the worker got past is not reported as current.
+
 Detach ends the store's hold on its WAL for a server that will not be synced
 with again; it refuses while the server lacks entries, since once detached a
 checkpoint removes them for good.
@@ -20,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 from walsync.engine import Store
@@ -31,13 +39,25 @@ from .config import describe_target, transport_from_env
 from .incarnation import confirmed_position, count_unreplicated, position
 from .restore import recovery_point_iso
 
-__all__ = ["DetachReport", "ServerView", "SyncStatus", "detach", "oldest_unreplicated_age",
-           "sync_status", "unix_ms_of"]
+__all__ = ["DetachReport", "Health", "ServerView", "SyncStatus", "detach",
+           "oldest_unreplicated_age", "sync_status", "unix_ms_of"]
 
 
 def unix_ms_of(hlc: int) -> int:
     """The wall-clock milliseconds of a hybrid-clock value (its logical counter dropped)."""
     return hlc >> HLC_LOGICAL_BITS
+
+
+class Health(Enum):
+    """The status as one verdict, worst first (`walsync status` exits with it)."""
+
+    OK = "ok"
+    #: the server could not be asked: not configured, unreachable, login refused
+    UNREACHABLE = "unreachable"
+    #: the server holds less than it acknowledged, or is not the server that did
+    BEHIND = "behind"
+    #: the oldest write the server lacks is older than the caller's limit
+    LAGGING = "lagging"
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,23 @@ class SyncStatus:
     #: why the server could not be asked (None: it answered, see ``server_view``)
     server_error: str | None
     server_view: ServerView | None
+    #: the way out of ``server_error``
+    server_error_hint: str | None = None
+
+    def health(self, max_lag_seconds: float | None = None) -> Health:
+        """The worst of: unreachable, behind, lagging beyond ``max_lag_seconds`` (None:
+        any lag is healthy). Writes the server lacks whose age the WAL no longer tells
+        count as beyond any limit: they cannot be shown to be within it."""
+        view = self.server_view
+        if view is None:
+            return Health.UNREACHABLE
+        if view.server_behind or view.server_changed:
+            return Health.BEHIND
+        if max_lag_seconds is not None and self.unreplicated_entries:
+            age = self.oldest_unreplicated_age_seconds
+            if age is None or age > max_lag_seconds:
+                return Health.LAGGING
+        return Health.OK
 
     def fields(self) -> dict[str, Any]:
         """The status as `walsync status` prints it, in its order (the JSON contract:
@@ -97,7 +134,7 @@ class SyncStatus:
                        server_behind=view.server_behind, server_changed=view.server_changed,
                        recovery_point_unix_ms=view.recovery_point_unix_ms,
                        recovery_point=view.recovery_point, leases_held=view.leases_held)
-        out.update(server_error=self.server_error,
+        out.update(server_error=self.server_error, server_error_hint=self.server_error_hint,
                    unreplicated_entries=self.unreplicated_entries,
                    oldest_unreplicated_age_seconds=self.oldest_unreplicated_age_seconds)
         return out
@@ -113,6 +150,7 @@ def sync_status(store: Store, environ: Mapping[str, str] | None = None) -> SyncS
     confirmed = acked = rec.acked_lsn
     view: ServerView | None = None
     error: str | None = None
+    hint: str | None = None
     try:
         transport = transport_from_env(environ)
         try:
@@ -124,7 +162,7 @@ def sync_status(store: Store, environ: Mapping[str, str] | None = None) -> SyncS
         finally:
             transport.close()
     except WalsyncError as exc:
-        error = str(exc)
+        error, hint = str(exc), exc.hint or None
     else:
         acked = held.acked_lsn
         unix_ms = unix_ms_of(held.acked_hlc) or None
@@ -141,7 +179,7 @@ def sync_status(store: Store, environ: Mapping[str, str] | None = None) -> SyncS
         unreplicated_entries=count_unreplicated(store, confirmed, info.applied_lsn),
         oldest_unreplicated_age_seconds=oldest_unreplicated_age(store, confirmed,
                                                                 info.applied_lsn),
-        server_error=error, server_view=view)
+        server_error=error, server_view=view, server_error_hint=hint)
 
 
 def oldest_unreplicated_age(store: Store, acked: int, applied: int) -> float | None:

@@ -3,7 +3,8 @@
 Most tests drive the click group in-process with CliRunner; a few run the
 installed console script or hold the store's lock from another process.
 Exit codes are the table in sync/cli/exits.py: 0 ok, 1 error, 2 usage,
-3 damage, 4 locked, 5 not found. Errors print ``error:`` and ``hint:`` lines
+3 damage, 4 locked, 5 not found, 6 server unreachable, 7 server behind, 8 lagging,
+130 interrupted. Errors print ``error:`` and ``hint:`` lines
 on stderr.
 """
 
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WALSYNC = Path(sys.executable).with_name("walsync")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DAMAGE, EXIT_LOCKED, EXIT_NOT_FOUND = 0, 1, 2, 3, 4, 5
+EXIT_SERVER, EXIT_BEHIND, EXIT_LAGGING, EXIT_INTERRUPTED = 6, 7, 8, 130
 
 
 def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> Result:
@@ -105,7 +107,10 @@ def test_init_creates_a_store(tmp_path: Path) -> None:
 def test_init_json(tmp_path: Path) -> None:
     path = str(tmp_path / "s")
     assert json_lines(ok("init", path, "--node-id", "n-7", "--json")) == [
-        {"path": path, "node_id": "n-7"}
+        {"path": path, "node_id": "n-7", "created": True}
+    ]
+    assert json_lines(ok("init", path, "--json")) == [
+        {"path": path, "node_id": "n-7", "created": False}
     ]
 
 
@@ -494,7 +499,8 @@ def test_readme_exit_codes_are_the_cli_table() -> None:
     """README's exit-code table is the one the commands follow, code for code."""
     assert markdown_table() in (ROOT / "README.md").read_text()
     assert [int(code) for code in Exit] == [EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DAMAGE,
-                                            EXIT_LOCKED, EXIT_NOT_FOUND]
+                                            EXIT_LOCKED, EXIT_NOT_FOUND, EXIT_SERVER,
+                                            EXIT_BEHIND, EXIT_LAGGING, EXIT_INTERRUPTED]
     assert set(MEANING) == set(Exit)
 
 

@@ -50,7 +50,9 @@ def test_runs_list_for_people_and_scripts(runs_store: str) -> None:
         ("r1", "invoices", 2), ("r2", "other", 0)]
     only = json_lines(ok("runs", "list", "-s", runs_store, "--workflow", "other", "--json"))
     assert [r["run_id"] for r in only] == ["r2"]
-    assert ok("runs", "list", "-s", runs_store, "--status", "completed").stdout == ""
+    empty = ok("runs", "list", "-s", runs_store, "--status", "completed")
+    assert empty.stdout == f"no runs in {runs_store} matching --status completed\n"
+    assert ok("runs", "list", "-s", runs_store, "--status", "completed", "--json").stdout == ""
     resumable = json_lines(ok("runs", "resumable", "-s", runs_store, "--json"))
     assert sorted(r["run_id"] for r in resumable) == ["r1", "r2"]
 
@@ -64,7 +66,7 @@ def test_runs_show_lists_steps_in_order(runs_store: str) -> None:
     assert doc["run"]["run_id"] == "r1"
     assert [s["step_id"] for s in doc["steps"]] == ["one", "two"]
     missing = cli("runs", "show", "-s", runs_store, "nope")
-    assert missing.exit_code == 1
+    assert missing.exit_code == EXIT_NOT_FOUND
     assert missing.stderr.startswith("error: ")
 
 
@@ -81,7 +83,8 @@ def test_checkpoints_list_then_rollback(runs_store: str) -> None:
     assert (again["checkpoint"], again["rollback"], again["discarded_steps"]) == ("cp1", 2, [])
     shown = json.loads(ok("runs", "show", "-s", runs_store, "r1", "--json").stdout)
     assert [s["step_id"] for s in shown["steps"]] == ["one"]
-    assert cli("checkpoints", "rollback", "-s", runs_store, "r1", "nope").exit_code == 1
+    assert cli("checkpoints", "rollback", "-s", runs_store, "r1", "nope").exit_code == \
+        EXIT_NOT_FOUND
 
 
 def test_checkpoints_restore_is_not_a_command(runs_store: str) -> None:

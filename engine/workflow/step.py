@@ -197,8 +197,32 @@ class StepContext:
 
     def add_cost(self, tokens_in: int = 0, tokens_out: int = 0, usd: float = 0.0,
                  **counters: float) -> None:
-        """Count usage; written with the next progress, completion or failure."""
-        self._unflushed.add(Cost(tokens_in, tokens_out, usd, dict(counters)))
+        """Count usage, durable when this returns: the step's progress record carries
+        the cost spent so far and the run's summed cost moves in the same commit.
+
+        Why a commit of its own: the money is spent once the model API answered,
+        whether or not the step lives to report progress; a crash before the next
+        progress would otherwise drop it from the totals (the resumed attempt does
+        not spend it again, so the run's cost would read low for good).
+        """
+        cost = Cost(tokens_in, tokens_out, usd, dict(counters))
+        if not cost:
+            return
+        if self.done or self._token is None:
+            # not inside the running body (already succeeded, or not entered yet):
+            # counted with the step's next commit
+            self._unflushed.add(cost)
+            return
+        rec, run = self.record, self.run
+        with run._undo_on_error(rec):
+            rec.updated_at = utcnow()
+            run._add_cost(rec, self._unflushed)
+            run._add_cost(rec, cost)
+            with run._batch() as b:
+                b.put(keys.step(run.run_id, self.step_id), rec.to_dict())
+                run._write_run(b)
+        self._unflushed = Cost()
+        run._version_from(b)
 
     def complete(self, output: Any) -> None:
         """Record the output and mark the step ``success`` with the run's summary, atomically."""

@@ -14,6 +14,8 @@ runs and checkpoints), ``sync_cmds`` (the server and replication), ``ui_cmd``
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import click
@@ -21,20 +23,28 @@ import click
 from walsync.engine import WalsyncError
 
 from . import demo, runs_cmds, store_cmds, sync_cmds, ui_cmd
-from .exits import report
+from .exits import Exit, interrupted, report
 
 __all__ = ["main"]
 
 
 class _Walsync(click.Group):
     """The command group: a walsync error from any command becomes a message, a hint
-    and its exit code (never a traceback)."""
+    and its exit code; Ctrl-C exits 130; a reader that went away (``| head``) ends the
+    output quietly. Never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except WalsyncError as exc:
             report(exc)
+        except KeyboardInterrupt:
+            interrupted()
+        except BrokenPipeError:
+            # nothing more can be printed; flushing at exit would fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(int(Exit.ERROR))
 
 
 @click.group(cls=_Walsync, context_settings={"help_option_names": ["-h", "--help"]})

@@ -15,16 +15,23 @@ from typing import NoReturn
 import click
 
 from walsync.engine.errors import (
+    AmbiguousNodeError,
+    CheckpointNotFoundError,
     CorruptionError,
     InvalidKeyError,
     InvalidValueError,
+    NodeNotFoundError,
+    RemoteAuthError,
+    RemoteUnavailableError,
+    RunNotFoundError,
     StoreLockedError,
     StoreNotFoundError,
+    SyncConfigError,
     ValueTooLargeError,
     WalsyncError,
 )
 
-__all__ = ["MEANING", "Exit", "code_of", "fail", "markdown_table", "report"]
+__all__ = ["MEANING", "Exit", "code_of", "fail", "interrupted", "markdown_table", "report"]
 
 
 class Exit(IntEnum):
@@ -34,6 +41,11 @@ class Exit(IntEnum):
     DAMAGE = 3
     LOCKED = 4
     NOT_FOUND = 5
+    SERVER = 6
+    BEHIND = 7
+    LAGGING = 8
+    #: 128 + SIGINT, what a shell reports for a command Ctrl-C ended
+    INTERRUPTED = 130
 
 
 #: what each code tells a script (README's table, word for word)
@@ -44,7 +56,15 @@ MEANING: dict[Exit, str] = {
                 "a key or value outside what the store takes)",
     Exit.DAMAGE: "damage found (`verify`), open refused for damage, or a damaged export file",
     Exit.LOCKED: "the store is locked by another process",
-    Exit.NOT_FOUND: "not found: no store at the path, no such key, run or export file",
+    Exit.NOT_FOUND: "not found: no store at the path, no such key, run, checkpoint, node or "
+                    "export file",
+    Exit.SERVER: "the sync server is not configured, cannot be reached, refuses the login, or "
+                 "its database does not exist",
+    Exit.BEHIND: "`status`: the server holds less of the store than it acknowledged, or is "
+                 "another server than the one that acknowledged it",
+    Exit.LAGGING: "`status --max-lag`: the oldest write the server lacks is older than the "
+                  "limit",
+    Exit.INTERRUPTED: "interrupted (Ctrl-C, SIGINT); what was committed stays committed",
 }
 
 
@@ -54,9 +74,13 @@ def code_of(exc: WalsyncError) -> Exit:
         return Exit.DAMAGE
     if isinstance(exc, StoreLockedError):
         return Exit.LOCKED
-    if isinstance(exc, StoreNotFoundError):
+    if isinstance(exc, StoreNotFoundError | RunNotFoundError | CheckpointNotFoundError
+                  | NodeNotFoundError):
         return Exit.NOT_FOUND
-    if isinstance(exc, InvalidKeyError | InvalidValueError | ValueTooLargeError):
+    if isinstance(exc, RemoteUnavailableError | RemoteAuthError | SyncConfigError):
+        return Exit.SERVER
+    if isinstance(exc, InvalidKeyError | InvalidValueError | ValueTooLargeError
+                  | AmbiguousNodeError):
         return Exit.USAGE  # the input, not the store
     return Exit.ERROR
 
@@ -69,11 +93,27 @@ def fail(message: str, hint: str, code: Exit) -> NoReturn:
 
 
 def report(exc: WalsyncError) -> NoReturn:
-    """End the command on a library error: its message, its hint, its code."""
+    """End the command on a library error: its message, its hint (in the command
+    line's terms where the library's names a setting), its code."""
     click.echo(f"error: {exc}", err=True)
-    if exc.hint:
-        click.echo(f"hint: {exc.hint}", err=True)
+    hint = _CLI_HINTS.get(type(exc), exc.hint)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
     sys.exit(int(code_of(exc)))
+
+
+#: hints that name the command line's options rather than the library's settings
+_CLI_HINTS: dict[type[WalsyncError], str] = {
+    StoreLockedError: "one writer process per store: stop the other writer, or pass "
+                      "--lock-timeout SECONDS to wait for it (reads never wait: get, scan, "
+                      "verify open the store read-only beside a writer)",
+}
+
+
+def interrupted() -> NoReturn:
+    """End the command on Ctrl-C (SIGINT): one line, no traceback, exit 130."""
+    click.echo("interrupted", err=True)
+    sys.exit(int(Exit.INTERRUPTED))
 
 
 def markdown_table() -> str:

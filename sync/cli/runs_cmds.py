@@ -6,10 +6,9 @@ from collections.abc import Iterator
 
 import click
 
-from walsync.engine import Store
 from walsync.engine.workflow import CheckpointInfo, Cost, RunRecord, Workflows
 
-from .options import open_read, store_option
+from .options import KEY, open_read, open_write, store_option
 from .output import Output, json_option
 
 __all__ = ["COMMANDS"]
@@ -36,7 +35,10 @@ def runs_list(store_path: str, status: tuple[str, ...], workflow: str | None,
     """List runs (one JSON object per line with --json)."""
     with open_read(store_path) as store:
         records = Workflows(store).list_runs(status=status or None, workflow=workflow)
-    out.rows(records, _run_line)
+    wanted = " ".join([*(f"--status {s}" for s in status)]
+                      + ([f"--workflow {workflow}"] if workflow else []))
+    out.rows(records, _run_line, empty=f"no runs in {store_path}"
+             + (f" matching {wanted}" if wanted else ""))
 
 
 @runs.command("resumable")
@@ -46,12 +48,12 @@ def runs_resumable(store_path: str, out: Output) -> None:
     """Runs worth resuming: running, paused, or failed with retries left."""
     with open_read(store_path) as store:
         records = Workflows(store).resumable()
-    out.rows(records, _run_line)
+    out.rows(records, _run_line, empty=f"no resumable runs in {store_path}")
 
 
 @runs.command("show")
 @store_option
-@click.argument("run_id")
+@click.argument("run_id", type=KEY)
 @json_option
 def runs_show(store_path: str, run_id: str, out: Output) -> None:
     """Show a run and its steps in execution order."""
@@ -80,7 +82,7 @@ def checkpoints() -> None:
 
 @checkpoints.command("list")
 @store_option
-@click.argument("run_id")
+@click.argument("run_id", type=KEY)
 @json_option
 def checkpoints_list(store_path: str, run_id: str, out: Output) -> None:
     """List RUN_ID's checkpoints, oldest first."""
@@ -91,17 +93,17 @@ def checkpoints_list(store_path: str, run_id: str, out: Output) -> None:
         return (f"{info.name:<24} {info.created_at:%Y-%m-%d %H:%M:%S}  {info.steps} steps  "
                 f"{info.status:<10} {','.join(info.tags)}  {info.description}")
 
-    out.rows(infos, line)
+    out.rows(infos, line, empty=f"run {run_id} has no checkpoints")
 
 
 @checkpoints.command("rollback")
 @store_option
-@click.argument("run_id")
+@click.argument("run_id", type=KEY)
 @click.argument("name")
 @json_option
 def checkpoints_rollback(store_path: str, run_id: str, name: str, out: Output) -> None:
     """Roll RUN_ID back to checkpoint NAME (what it replaces stays retrievable)."""
-    with Store.open(store_path, create=False) as store:
+    with open_write(store_path) as store:
         report = Workflows(store).get_run(run_id).rollback(name)
     out.result(report, lambda: f"run {run_id} rolled back to {name!r} (rollback "
                                f"#{report.rollback}); replaced steps kept: "

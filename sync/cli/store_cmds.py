@@ -1,22 +1,22 @@
-"""The local store's commands: init, get, scan, put, inspect, verify, repair, checkpoint,
-compact, export, import. None of them needs a server."""
+"""The local store's commands: init, get, scan, put, delete, inspect, verify, repair,
+checkpoint, compact, export, import. None of them needs a server."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
 
 from walsync import engine
-from walsync.engine import Store
 from walsync.engine.errors import RunNotFoundError
 from walsync.engine.replay import describe_torn_tail
 
 from .exits import Exit, fail
-from .options import open_read, store_option
-from .output import Output, json_option, progress
+from .options import KEY, lock_timeout_seconds, open_read, open_write, store_option
+from .output import Output, json_option, progress, size
 from .values import parse_value, text_of
 
 __all__ = ["COMMANDS"]
@@ -27,10 +27,18 @@ __all__ = ["COMMANDS"]
 @click.option("--node-id", help="Name this store's node (default: random).")
 @json_option
 def init(path: str, node_id: str | None, out: Output) -> None:
-    """Create a store at PATH."""
-    with Store.open(path, create=True, node_id=node_id) as store:
-        result = {"path": store.path, "node_id": store.node_id}
-    out.result(result, lambda: f"created store {result['path']} (node {result['node_id']})")
+    """Create a store at PATH (an existing store is left as it is)."""
+    existed = (Path(path) / "STORE").is_file()
+    try:
+        with open_write(path, create=True, node_id=node_id) as store:
+            result = {"path": store.path, "node_id": store.node_id, "created": not existed}
+    except ValueError as exc:  # a node id the store refuses, or not the one it has
+        fail(str(exc), "a store's node id is set when it is created: choose another PATH, or "
+             "leave --node-id out" if existed else "choose another --node-id", Exit.USAGE)
+    out.result(result, lambda: (f"created store {result['path']} (node {result['node_id']})"
+                                if not existed else
+                                f"store {result['path']} already exists (node "
+                                f"{result['node_id']}); left as it is"))
 
 
 @click.command()
@@ -102,11 +110,21 @@ def verify(store_path: str, out: Output) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @json_option
 def repair(store_path: str, yes: bool, out: Output) -> None:
-    """Keep what precedes the first damage; move the rest to quarantine/."""
+    """Keep what precedes the first damage; move the rest to quarantine/.
+
+    Checks first: a store without damage is left alone, without a question.
+    """
     if not yes and not out.json:
+        with progress("checking", show_pos=False) as advance:
+            found = engine.verify(store_path, progress=advance)
+        if found.ok:
+            click.echo(f"no damage found in {store_path}: nothing to repair")
+            return
+        for dmg in found.damage:
+            click.echo(f"damage: {dmg.message}")
         click.confirm(f"repair {store_path}? Damaged data is moved aside, never deleted",
                       abort=True)
-    report = engine.repair(store_path)
+    report = engine.repair(store_path, lock_timeout_seconds=lock_timeout_seconds())
 
     def human() -> Iterator[str]:
         if not report.damaged:
@@ -144,7 +162,7 @@ def repair(store_path: str, yes: bool, out: Output) -> None:
 @json_option
 def checkpoint(store_path: str, out: Output) -> None:
     """Sync the snapshot and remove WAL segments no longer needed."""
-    with Store.open(store_path, create=False) as store:
+    with open_write(store_path) as store:
         result = store.checkpoint()
     out.result(result, lambda: f"checkpointed at LSN {result.lsn}; removed "
                                f"{result.segments_removed} segment(s), "
@@ -161,7 +179,7 @@ def compact(store_path: str, purge_tombstones: bool, out: Output) -> None:
 
     Frees the space retention and deletes left; blocks writes while it copies.
     """
-    with Store.open(store_path, create=False) as store:
+    with open_write(store_path) as store:
         result = store.compact(purge_tombstones=purge_tombstones)
     out.result(result, lambda: f"snapshot {result.snapshot_bytes_before} -> "
                                f"{result.snapshot_bytes_after} bytes (checkpointed at LSN "
@@ -170,7 +188,7 @@ def compact(store_path: str, purge_tombstones: bool, out: Output) -> None:
 
 @click.command()
 @store_option
-@click.argument("key")
+@click.argument("key", type=KEY)
 @json_option
 def get(store_path: str, key: str, out: Output) -> None:
     """Print KEY's value (JSON); exit 5 if it is absent."""
@@ -186,27 +204,69 @@ def get(store_path: str, key: str, out: Output) -> None:
 
 @click.command()
 @store_option
-@click.argument("key")
-@click.argument("value")
+@click.argument("key", type=KEY)
+@click.argument("value", required=False)
+@click.option("--file", "-f", "value_file", type=click.File("rb"),
+              help="Read the value from this file ('-': standard input).")
 @click.option("--string", "as_string", is_flag=True, help="Store VALUE as a string, not JSON.")
 @json_option
-def put(store_path: str, key: str, value: str, as_string: bool, out: Output) -> None:
-    """Store VALUE (parsed as JSON unless --string) under KEY."""
+def put(store_path: str, key: str, value: str | None, value_file: Any, as_string: bool,
+        out: Output) -> None:
+    """Store VALUE (parsed as JSON unless --string) under KEY.
+
+    VALUE '-' (or --file PATH) reads the value from standard input (or PATH), for
+    values too large for a command line: `walsync put report - < report.json`.
+    """
+    if value is not None and value_file is not None:
+        raise click.UsageError("pass VALUE or --file, not both")
+    if value == "-":
+        value_file = click.get_binary_stream("stdin")
+    if value_file is not None:
+        value = _read_text(value_file)
+    elif value is None:
+        raise click.UsageError("pass VALUE, '-' for standard input, or --file PATH")
     parsed: Any = value
     if not as_string:
         parsed = parse_value(value, plain_hint="; pass --string for a plain string")
-    with Store.open(store_path, create=False) as store:
+    with open_write(store_path) as store:
         result = store.put(key, parsed)
     out.result(result, lambda: f"committed at LSN {result.lsn}")
 
 
+def _read_text(stream: Any) -> str:
+    """A value from a file or standard input, as UTF-8 text."""
+    name = getattr(stream, "name", "standard input")
+    if name == "<stdin>":
+        name = "standard input"
+    try:
+        return bytes(stream.read()).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise click.BadParameter(f"{name} is not UTF-8 text (byte {exc.start})",
+                                 param_hint="VALUE") from None
+
+
 @click.command()
 @store_option
-@click.argument("prefix", default="")
-@click.option("--start", help="First key (inclusive).")
-@click.option("--end", help="Last key (exclusive).")
+@click.argument("key", type=KEY)
+@json_option
+def delete(store_path: str, key: str, out: Output) -> None:
+    """Delete KEY (a tombstone, so the delete syncs); exit 5 if it is absent."""
+    with open_write(store_path) as store:
+        if store.get_version(key) is None:
+            fail(f"no key {key!r} in store {store_path}", "list the keys with `walsync scan`",
+                 Exit.NOT_FOUND)
+        result = store.delete(key)
+    out.result(result, lambda: f"deleted {key!r} at LSN {result.lsn}")
+
+
+@click.command()
+@store_option
+@click.argument("prefix", default="", type=KEY)
+@click.option("--start", type=KEY, help="First key (inclusive).")
+@click.option("--end", type=KEY, help="Last key (exclusive).")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many keys.")
-@click.option("--keys-only", is_flag=True)
+@click.option("--keys-only", is_flag=True,
+              help="Print only the keys, one a line (values are not read).")
 @json_option
 def scan(store_path: str, prefix: str, start: str | None, end: str | None, limit: int | None,
          keys_only: bool, out: Output) -> None:
@@ -223,8 +283,9 @@ def scan(store_path: str, prefix: str, start: str | None, end: str | None, limit
 @click.command("export")
 @store_option
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--run", "run_id", help="Only this run: its record, its keys, its index entry.")
-@click.option("--prefix", help="Only the keys under this prefix.")
+@click.option("--run", "run_id", type=KEY,
+              help="Only this run: its record, its keys, its index entry.")
+@click.option("--prefix", type=KEY, help="Only the keys under this prefix.")
 @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
 @json_option
 def export_command(store_path: str, file: str, run_id: str | None, prefix: str | None,
@@ -250,9 +311,14 @@ def export_command(store_path: str, file: str, run_id: str | None, prefix: str |
         fail(f"cannot write {file}: {exc.strerror or exc}",
              "check the directory and its permissions", Exit.ERROR)
     out.result(report, lambda: f"exported {report.keys} keys ({report.records} versions, "
-                               f"{report.value_bytes} value bytes) of {report.header.scope} "
-                               f"{report.header.scope_value!r} to {report.path} "
-                               f"({report.file_bytes} bytes)")
+                               f"{size(report.value_bytes)} of values) of "
+                               f"{_scope(report.header.scope, report.header.scope_value)} "
+                               f"to {report.path} ({size(report.file_bytes)})")
+
+
+def _scope(scope: str, value: str) -> str:
+    """What an export holds, in words: "run 'r-1'", "prefix 'a/'", "the whole store"."""
+    return "the whole store" if scope == "store" else f"{scope} {value!r}"
 
 
 @click.command("import")
@@ -271,7 +337,11 @@ def import_command(store_path: str, file: str, create: bool, out: Output) -> Non
         fail(f"no export file {file}", "check the path (`walsync export` writes one)",
              Exit.NOT_FOUND)
     try:
-        with Store.open(store_path, create=create) as store, \
+        if create and not (Path(store_path) / "STORE").is_file():
+            # a damaged file must not leave an empty store behind: check it first
+            with progress("verifying", show_pos=False) as advance:
+                engine.verify_export_file(file, progress=advance)
+        with open_write(store_path, create=create) as store, \
                 progress("verifying, then importing", show_pos=False) as advance:
             report = engine.import_file(store, file, progress=advance)
     except OSError as exc:
@@ -280,9 +350,9 @@ def import_command(store_path: str, file: str, create: bool, out: Output) -> Non
     done = (f"written as one record, LSN {report.lsn}" if report.lsn is not None
             else "nothing new: the store already held every version")
     out.result(report, lambda: f"imported {report.keys} keys ({report.records} versions) of "
-                               f"{report.scope} {report.scope_value!r} from node "
+                               f"{_scope(report.scope, report.scope_value)} from node "
                                f"{report.source_node}: {done}")
 
 
-COMMANDS = [init, get, scan, put, inspect, verify, repair, checkpoint, compact, export_command,
-            import_command]
+COMMANDS = [init, get, scan, put, delete, inspect, verify, repair, checkpoint, compact,
+            export_command, import_command]
