@@ -95,6 +95,8 @@ class CommitPipeline:
         self.replicator: Acknowledger | None = None
         #: why durability 'remote' is off again (the replicator was stopped)
         self.detached_because: str | None = None
+        #: without an attached replicator: the sync worker's acknowledgement, if one runs
+        self.worker_acknowledger: Callable[[], Acknowledger | None] = _no_acknowledger
         #: awaited commits (engine/aio.py) have no thread waiting in ``_submit``: one
         #: driver thread, started by the first, leads the stages for them, sleeping
         #: on ``_driver`` (their records' ``waiter``); ``_awaited`` counts those not
@@ -127,6 +129,9 @@ class CommitPipeline:
             self._health.check_writable()
             # read once: a replicator stopped meanwhile is told apart by its own answer
             replicator = self.replicator
+            if level is Durability.REMOTE and replicator is None:
+                # a sync worker in another process (engine/handoff.py) acknowledges
+                replicator = self.worker_acknowledger()
             if level is Durability.REMOTE and replicator is None:
                 why = f" ({self.detached_because})" if self.detached_because else ""
                 raise NoReplicatorError(
@@ -553,6 +558,10 @@ class CommitPipeline:
 
 
 def _nothing() -> None:
+    return None
+
+
+def _no_acknowledger() -> Acknowledger | None:
     return None
 
 

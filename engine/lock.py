@@ -3,6 +3,12 @@
 An ``flock`` on ``LOCK``: the kernel drops it when the holding process dies,
 however it dies, so a stale lock never blocks anyone. The holder writes its
 pid into the file so that the next writer's error can name it.
+
+A sync worker running beside the store (engine/handoff.py) takes this lock only
+for the moment it merges what it pulled while no writer is open, and lets go: a
+writer that finds the lock held by the process that holds ``SYNC.lock`` waits
+for it, up to ``HANDOFF_WAIT_SECONDS`` (or its own timeout, if longer), instead
+of failing.
 """
 
 from __future__ import annotations
@@ -15,8 +21,13 @@ from pathlib import Path
 
 from . import _fs
 from .errors import StoreLockedError
+from .handoff import sync_holder_pid
 
-__all__ = ["WriterLock", "read_holder_pid", "writer_is_alive"]
+__all__ = ["HANDOFF_WAIT_SECONDS", "WriterLock", "read_holder_pid", "writer_is_alive"]
+
+#: how long a writer's open waits for a sync worker's hand-off (one merge of the pages
+#: it pulled, an open and a close of the store: well under a second on a sound disk)
+HANDOFF_WAIT_SECONDS = 10.0
 
 
 def read_holder_pid(path: Path) -> int | None:
@@ -52,13 +63,16 @@ class WriterLock:
 
     def acquire(self, timeout_seconds: float = 0.0) -> None:
         fd = _fs.open_lock(self._path)
-        deadline = time.monotonic() + timeout_seconds
+        started = time.monotonic()
+        deadline = started + timeout_seconds
         delay = 0.005
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if time.monotonic() >= deadline and self._sync_handoff():
+                    deadline = max(deadline, started + HANDOFF_WAIT_SECONDS)
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     raise StoreLockedError(self._store_path, read_holder_pid(self._path)) from None
@@ -71,6 +85,11 @@ class WriterLock:
             os.close(fd)  # drops the flock: a failed open must not keep the store locked
             raise
         self._fd = fd
+
+    def _sync_handoff(self) -> bool:
+        """Whether the holder is the store's sync worker, merging what it pulled."""
+        pid = read_holder_pid(self._path)
+        return pid is not None and pid == sync_holder_pid(self._path.parent)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -13,6 +13,7 @@ found it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,8 +29,9 @@ from .base import (
 )
 from .checkpointing import Checkpointer
 from .commit import CommitPipeline
-from .errors import StoreNotFoundError
+from .errors import StoreNotFoundError, WalsyncError
 from .events import EventBus
+from .handoff import InboxApplier, SyncFile, worker_acknowledger
 from .health import Health
 from .layout import StoreLayout
 from .lock import WriterLock
@@ -61,6 +63,8 @@ class OpenedStore:
     ledger: SyncLedger
     #: what a writer's open replayed (None for a reader)
     recovery: RecoveryReport | None
+    #: merges the pages a sync worker pulled (None for a reader)
+    inbox: InboxApplier | None = None
 
 
 def open_store(root: Path, options: StoreOptions, health: Health, metrics: StoreMetrics,
@@ -108,7 +112,7 @@ def open_store(root: Path, options: StoreOptions, health: Health, metrics: Store
         assigner = Assigner(snapshot, identities, next_lsn, HybridClock(snapshot.last_hlc()))
         pipeline = CommitPipeline(path, health, assigner, snapshot, options, metrics, events,
                                   snapshot.applied_lsn())
-        ledger = SyncLedger(snapshot, store_file, health)
+        ledger = SyncLedger(snapshot, store_file, health, root)
         checkpointer = Checkpointer(path, layout, snapshot, pipeline, health, metrics, events,
                                     ledger, read_base_lsn(layout))
         pipeline.on_checkpoint_due = checkpointer.request
@@ -119,9 +123,21 @@ def open_store(root: Path, options: StoreOptions, health: Health, metrics: Store
             if store_file.sync_retain is None and ledger.retain_floor is not None:
                 store_file.set_sync_retain(True)  # a floor set before STORE recorded floors
             checkpointer.base_at_open(gaps)
+            pipeline.worker_acknowledger = functools.partial(worker_acknowledger, root,
+                                                             SyncFile(root))
         health.closed = False
+        inbox = None
+        if not readonly:
+            # what a sync worker pulled while no writer was open, or before a crash
+            inbox = InboxApplier(root, pipeline, snapshot, health)
+            try:
+                inbox.drain()
+            except (WalsyncError, OSError) as exc:
+                log.error("store %s: merging the pages the sync worker pulled failed: %s",
+                          root, exc)
+            inbox.start()
         return OpenedStore(layout, lock, store_file, snapshot, assigner, pipeline,
-                           checkpointer, ledger, recovery)
+                           checkpointer, ledger, recovery, inbox)
     except BaseException:
         # Close what was opened: a leaked LMDB handle would make every later
         # open (or repair) of this store in this process fail.

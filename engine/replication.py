@@ -19,8 +19,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from .errors import error_from_os
+from .handoff import INBOX_SEQ, SyncFile, SyncLock, inbox_pages, read_inbox_page
 from .health import Health, fresh
 from .identity import NodeIdentity
 from .ops import CommitResult, VersionedValue
@@ -156,10 +159,83 @@ class SyncLedger:
     """Sync's fields in a store, each by name and type. A failed write poisons the
     store, as a commit's would: nothing written after it could be trusted."""
 
-    def __init__(self, snapshot: SnapshotStore, store_file: StoreFile, health: Health) -> None:
+    def __init__(self, snapshot: SnapshotStore, store_file: StoreFile, health: Health,
+                 root: Path | None = None) -> None:
         self._snapshot = snapshot
         self._store_file = store_file
         self._health = health
+        #: ``SYNC`` and ``SYNC.lock`` (engine/handoff.py): once a sync worker synced the
+        #: store, its fields live in that file, for every process
+        self._root = root
+        self._file = SyncFile(root) if root is not None else None
+        self.sync_lock = SyncLock(root) if root is not None else None
+        self._page_cursors: dict[Path, int] = {}
+
+    # -- where the fields live ---------------------------------------------------
+
+    @property
+    def in_file(self) -> bool:
+        """Whether the fields live in ``SYNC`` (a sync worker synced the store)."""
+        return self._file is not None and self._file.exists()
+
+    def move_to_file(self) -> None:
+        """Make ``SYNC`` the fields' home, with their values as they are now (the sync
+        worker does, holding ``SYNC.lock``, before it ships or pulls anything)."""
+        assert self._file is not None
+        assert self.sync_lock is not None
+        self.sync_lock.acquire("the sync worker")
+        if self._file.exists():
+            return
+        doc: dict[str, Any] = {_FILE_NAMES[name]: _from_meta(name, self._snapshot.get_meta(name))
+                               for name in _FILE_NAMES}
+        doc["retain_floor"] = self.retain_floor
+        doc["sync_retain"] = self.retain_floor is not None
+        doc["incarnations"] = self._store_file.incarnation_tokens()
+        self._file.update(**doc)
+
+    def _meta_get(self, name: bytes) -> bytes | None:
+        """A field's raw value, in the meta table's encoding, wherever it lives."""
+        if self.in_file and name in _FILE_NAMES:
+            assert self._file is not None
+            return _to_meta(name, self._file.get(_FILE_NAMES[name]))
+        return self._snapshot.get_meta(name)
+
+    def _file_value(self, name: str) -> Any:
+        assert self._file is not None
+        return self._file.get(name)
+
+    def _file_put(self, what: str, **fields: Any) -> None:
+        assert self._file is not None
+        assert self.sync_lock is not None
+        self._health.check_open()
+        self.sync_lock.acquire(f"writing sync state {what!r}")
+        try:
+            self._file.update(**fields)
+        except OSError as exc:
+            raise error_from_os(exc, f"writing sync state {what!r} to {self._file.path}"
+                                ) from exc
+
+    # -- the claim tokens of the node id (sync/incarnation.py) -----------------------
+
+    def incarnation_tokens(self) -> list[str]:
+        if self.in_file:
+            assert self._file is not None
+            tokens = self._file.get("incarnations")
+            return [t for t in tokens if type(t) is str] if isinstance(tokens, list) else []
+        return self._store_file.incarnation_tokens()
+
+    def add_incarnation_token(self, token: str) -> None:
+        if self.in_file:
+            tokens = [token, *(t for t in self.incarnation_tokens() if t != token)]
+            self._file_put("incarnations", incarnations=tokens[:_INCARNATIONS_KEPT])
+        else:
+            self._health.check_writable()
+            self._store_file.add_incarnation_token(token)
+
+    def forget_incarnation_tokens(self) -> None:
+        """A renewal: the tokens claimed the old id (the STORE file drops its own)."""
+        if self.in_file:
+            self._file_put("incarnations", incarnations=[])
 
     def state(self) -> SyncState:
         return SyncState(
@@ -174,20 +250,44 @@ class SyncLedger:
     @property
     def acked_lsn(self) -> int:
         """The last LSN the server acknowledged (0: none)."""
-        return _int(self._snapshot.get_meta(_ACKED)) or 0
+        return _int(self._meta_get(_ACKED)) or 0
 
     def set_acked_lsn(self, lsn: int) -> None:
+        """Record the server's acknowledgement; the worker got past any error it
+        recorded before (`walsync status` shows no stale error), so that goes."""
+        if self.in_file:
+            # one durable write: the acknowledgement, the floor it lets the writer's
+            # checkpoints go up to, no stale error (a writer's 'remote' commit reads it)
+            held = self._file_value("sync_retain") is not False
+            self._file_put("acked_lsn", acked_lsn=lsn, last_error=None,
+                           **({"retain_floor": lsn + 1} if held else {}))
+            return
         self._put(_ACKED, lsn.to_bytes(8, "little"), "acked_lsn")
+        if self._meta_get(_LAST_ERROR):
+            self._put(_LAST_ERROR, b"", "last_error")
 
     @property
     def pull_cursor(self) -> int:
-        """The server position pulls go on from, as the last merged record set it."""
+        """The server position pulls go on from, as the last merged record set it, or
+        the last page a sync worker left in the inbox for the writer to merge."""
+        pages = inbox_pages(self._root) if self._root is not None else []
+        if pages:
+            seq, path = pages[-1]
+            if seq > int(self._snapshot.get_record_meta(INBOX_SEQ) or 0):
+                cursor = self._page_cursors.get(path)
+                if cursor is None:
+                    try:
+                        cursor = read_inbox_page(path).pull_cursor
+                    except FileNotFoundError:  # merged meanwhile: the record has it
+                        return self.pull_cursor
+                    self._page_cursors = {path: cursor}
+                return cursor
         return int(self._snapshot.get_record_meta(PULL_CURSOR) or 0)
 
     @property
     def skipped_pull_cursor(self) -> int | None:
         """The position pulls moved to over this node's own entries alone (None: never)."""
-        return _int(self._snapshot.get_meta(_SKIPPED_CURSOR))
+        return _int(self._meta_get(_SKIPPED_CURSOR))
 
     def set_skipped_pull_cursor(self, position: int) -> None:
         self._put(_SKIPPED_CURSOR, position.to_bytes(8, "little"), "pull_cursor")
@@ -195,7 +295,7 @@ class SyncLedger:
     @property
     def synced_before(self) -> bool:
         """Whether the store recorded an acknowledgement or a pull."""
-        return (self._snapshot.get_meta(_ACKED) is not None
+        return (self._meta_get(_ACKED) is not None
                 or self._snapshot.get_record_meta(PULL_CURSOR) is not None)
 
     # -- the server ------------------------------------------------------------
@@ -203,7 +303,7 @@ class SyncLedger:
     @property
     def server_id(self) -> str | None:
         """The server the acknowledged LSN was confirmed by (None: not known)."""
-        raw = self._snapshot.get_meta(_SERVER_ID)
+        raw = self._meta_get(_SERVER_ID)
         return raw.decode() if raw else None
 
     def set_server_id(self, server_id: str | None) -> None:
@@ -213,7 +313,7 @@ class SyncLedger:
     def server_positions(self) -> dict[str, int]:
         """The acknowledged LSN of each server the store synced with before its current
         one (going back to one ships only what it lacks)."""
-        doc = _json(self._snapshot.get_meta(_POSITIONS))
+        doc = _json(self._meta_get(_POSITIONS))
         if type(doc) is not dict:
             return {}
         return {k: v for k, v in doc.items() if type(k) is str and type(v) is int}
@@ -225,7 +325,7 @@ class SyncLedger:
 
     @property
     def last_error(self) -> LastError | None:
-        raw = self._snapshot.get_meta(_LAST_ERROR)
+        raw = self._meta_get(_LAST_ERROR)
         if not raw:
             return None
         doc = _json(raw)
@@ -242,7 +342,7 @@ class SyncLedger:
 
     @property
     def unshipped(self) -> list[UnshippedEntry]:
-        doc = _json(self._snapshot.get_meta(_UNSHIPPED))
+        doc = _json(self._meta_get(_UNSHIPPED))
         if type(doc) is not list:
             return []
         return [UnshippedEntry(int(d["lsn"]), str(d["key"]), str(d["reason"]))
@@ -263,9 +363,9 @@ class SyncLedger:
         lost the value (rebuilt from a base older than the floor) keeps every
         record (1) until sync sets it again: never a floor too high.
         """
-        raw = self._snapshot.get_meta(_RETAIN_FLOOR)
+        raw = self._meta_get(_RETAIN_FLOOR)
         floor = int.from_bytes(raw, "little") if raw else None
-        held = self._store_file.sync_retain
+        held = self._file_value("sync_retain") if self.in_file else self._store_file.sync_retain
         if held is False:
             return None
         if held and floor is None:
@@ -274,9 +374,14 @@ class SyncLedger:
 
     def set_retain_floor(self, lsn: int | None) -> None:
         """Keep WAL records from ``lsn`` on (None: drop the floor); see Store.set_retain_floor."""
-        self._health.check_writable()
         if lsn is not None and (not isinstance(lsn, int) or isinstance(lsn, bool) or lsn < 1):
             raise ValueError(f"a retain floor is an LSN >= 1 or None, not {lsn!r}")
+        if self.in_file:
+            if (self._file_value("retain_floor") != lsn
+                    or self._file_value("sync_retain") is not (lsn is not None)):
+                self._file_put("retain_floor", retain_floor=lsn, sync_retain=lsn is not None)
+            return
+        self._health.check_writable()
         try:
             if lsn is not None:
                 self._store_file.set_sync_retain(True)
@@ -290,11 +395,47 @@ class SyncLedger:
                         ) from exc
 
     def _put(self, name: bytes, value: bytes, field: str) -> None:
+        if self.in_file and name in _FILE_NAMES:
+            self._file_put(field, **{_FILE_NAMES[name]: _from_meta(name, value)})
+            return
         self._health.check_writable()
         try:
             self._snapshot.put_meta(name, value)
         except OSError as exc:
             raise fresh(self._health.poison(exc, f"writing sync state {field!r}")) from exc
+
+
+#: the fields ``SYNC`` holds, by their meta-table names (and the retain floor)
+_FILE_NAMES = {
+    _ACKED: "acked_lsn", _SKIPPED_CURSOR: "pull_cursor_skipped", _SERVER_ID: "server_id",
+    _POSITIONS: "server_positions", _LAST_ERROR: "last_error", _UNSHIPPED: "unshipped",
+    _RETAIN_FLOOR: "retain_floor",
+}
+_INT_FIELDS = (_ACKED, _SKIPPED_CURSOR, _RETAIN_FLOOR)
+#: claim tokens kept (as the STORE file keeps them)
+_INCARNATIONS_KEPT = 64
+
+
+def _from_meta(name: bytes, raw: bytes | None) -> Any:
+    """A field's value in ``SYNC`` from its meta-table encoding (empty: none)."""
+    if not raw:
+        return None
+    if name in _INT_FIELDS:
+        return int.from_bytes(raw, "little")
+    if name == _SERVER_ID:
+        return raw.decode()
+    return _json(raw)
+
+
+def _to_meta(name: bytes, value: Any) -> bytes | None:
+    """A field's meta-table encoding from its value in ``SYNC``."""
+    if value is None:
+        return None
+    if name in _INT_FIELDS:
+        return int(value).to_bytes(8, "little") if type(value) is int and value >= 0 else None
+    if name == _SERVER_ID:
+        return str(value).encode()
+    return json.dumps(value).encode()
 
 
 def _int(raw: bytes | None) -> int | None:

@@ -39,6 +39,7 @@ from .commit import CommitPipeline
 from .errors import NoReplicatorError, WalsyncError, error_from_os
 from .events import Event, EventBus
 from .feed import WALReader
+from .handoff import InboxApplier
 from .health import Health, fresh
 from .identity import NodeIdentity
 from .layout import StoreLayout
@@ -123,6 +124,7 @@ class Store:
         self._checkpointer: Checkpointer
         self._ledger: SyncLedger
         self._lock: WriterLock | None = None
+        self._inbox: InboxApplier | None = None
         self._health = Health("", False)
         self._metrics = StoreMetrics()
         #: subscriptions to what happens here (engine/events.py)
@@ -171,6 +173,7 @@ class Store:
                            readonly=self.readonly, create=create, node_id=node_id)
         self._layout = parts.layout
         self._lock = parts.lock
+        self._inbox = parts.inbox
         self._store_file = parts.store_file
         self._snapshot = parts.snapshot
         self._assigner = parts.assigner
@@ -184,6 +187,8 @@ class Store:
         if self._health.closed:
             return
         pipeline = self._pipeline
+        if self._inbox is not None:
+            self._inbox.stop()
         pipeline.close()
         self._checkpointer.stop()
         wal = pipeline.wal
@@ -207,6 +212,8 @@ class Store:
             if wal is not None:
                 wal.close()
             self._snapshot.close()
+            if self._ledger.sync_lock is not None:
+                self._ledger.sync_lock.release()
             if self._lock is not None:
                 self._lock.release()
 
@@ -338,6 +345,7 @@ class Store:
                              f"LSN node id {current.node_id} owns ({current.start_lsn})")
         ident = self._pipeline.renew(fork_lsn, reason)
         self._store_file.record_identities(self.identities, here=True)
+        self._ledger.forget_incarnation_tokens()
         log.warning("store %s: took node id %s (was %s) for LSNs after %d: %s", self.path,
                     ident.node_id, current.node_id, fork_lsn, reason)
         return ident
@@ -346,13 +354,14 @@ class Store:
         """The tokens sync claimed the current node id with on its servers, newest
         first (sync/incarnation.py): a server gives the id to the store that shows
         the token it holds, and to no copy made before the claim."""
-        return self._store_file.incarnation_tokens()
+        return self._ledger.incarnation_tokens()
 
     def add_incarnation_token(self, token: str) -> None:
-        """Remember a token before a server is told it: in the STORE file, fsynced
-        (a claim the store forgot would make it renew its id for nothing)."""
+        """Remember a token before a server is told it: in the STORE file (or ``SYNC``,
+        once a sync worker synced the store), fsynced (a claim the store forgot would
+        make it renew its id for nothing)."""
         self._health.check_writable()
-        self._store_file.add_incarnation_token(token)
+        self._ledger.add_incarnation_token(token)
 
     # -- what sync needs (engine/replication.py) ---------------------------------
 
@@ -368,7 +377,12 @@ class Store:
         self._pipeline.listeners.remove(listener)
 
     def attach_replicator(self, replicator: Acknowledger) -> None:
-        """Enable durability 'remote': ``replicator.wait_acknowledged(lsn, timeout)``."""
+        """Enable durability 'remote': ``replicator.wait_acknowledged(lsn, timeout)``.
+
+        Takes ``SYNC.lock`` (engine/handoff.py): one replicator per store, in this
+        process or a sync worker's; a SyncError names the process that has it."""
+        if self._ledger.sync_lock is not None:
+            self._ledger.sync_lock.acquire("a replicator")
         self._pipeline.replicator = replicator
 
     def detach_replicator(self, replicator: Acknowledger, because: str | None = None) -> None:
@@ -377,6 +391,8 @@ class Store:
         if pipeline.replicator is replicator:
             pipeline.replicator = None
             pipeline.detached_because = because
+            if self._ledger.sync_lock is not None:
+                self._ledger.sync_lock.release()
 
     @property
     def shippable_lsn(self) -> int:
