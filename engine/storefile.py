@@ -53,6 +53,8 @@ _INCARNATIONS_KEPT = 64
 _DIRECTORY = "directory_inode"
 #: true once sync holds the WAL, false once it was detached
 _SYNC_RETAIN = "sync_retain"
+#: what sync pulls (sync/scope.py): its prefixes, group, and the fills a widening left
+_SYNC_SCOPE = "sync_scope"
 
 
 def directory_identity(root: Path) -> int | None:
@@ -218,4 +220,20 @@ class StoreFile:
             if self._meta.get(_SYNC_RETAIN, False) is held:
                 return
             self._meta[_SYNC_RETAIN] = held
+            self._write()
+
+    # -- what sync pulls ----------------------------------------------------------------
+
+    @property
+    def sync_scope(self) -> dict[str, Any] | None:
+        """Sync's scope document (sync/scope.py reads and checks it; None: every key)."""
+        doc = self._meta.get(_SYNC_SCOPE)
+        return dict(doc) if isinstance(doc, dict) else None
+
+    def set_sync_scope(self, doc: dict[str, Any] | None) -> None:
+        with self._lock:
+            if doc is None:
+                self._meta.pop(_SYNC_SCOPE, None)
+            else:
+                self._meta[_SYNC_SCOPE] = doc
             self._write()

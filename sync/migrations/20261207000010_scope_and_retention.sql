@@ -201,6 +201,7 @@ declare
   v_lanes  text[];
   v_group  text[];
   v_pos    bigint[];
+  v_found  bigint;
 begin
   -- a tenant that never pushed has no head row: its head is 0 (never "no limit")
   v_head := coalesce((select pos from head where tenant = v_tenant), 0);
@@ -250,6 +251,7 @@ begin
     v_upper := case when coalesce(cardinality(v_pos), 0) >= v_limit
                     then v_pos[cardinality(v_pos)] else v_head end;
   end if;
+  v_found := v_upper;
   select origin, lsn into v_last from entries where tenant = v_tenant and pos = v_upper;
   if found then  -- finish the record the page ends in
     select greatest(v_upper, max(pos)) into v_upper
@@ -273,10 +275,13 @@ begin
       into v_out
     from unnest(v_lanes) l(lane)
     cross join lateral (
+      -- in position order with a bound (the page's rows and the rest of its last
+      -- record): read through entries_lane like the first pass, never a scan
       select * from entries e
        where walsync.key_lane(e.key) = l.lane and e.tenant = v_tenant
          and e.pos > p_after and e.pos <= v_upper and e.origin <> p_node
-         and exists (select 1 from unnest(v_scope) p where starts_with(e.key, p))) e;
+         and exists (select 1 from unnest(v_scope) p where starts_with(e.key, p))
+       order by e.pos limit v_limit + (v_upper - v_found)) e;
   end if;
   insert into nodes (tenant, node_id, pull_cursor, last_pull_at)
   values (v_tenant, p_node, p_after, now())
