@@ -5,7 +5,9 @@
 a tenant-scoped key instead: ``WALSYNC_SUPABASE_KEY`` (a JWT carrying the
 tenant claim, sent as the bearer token) with ``SUPABASE_ANON_KEY`` as the
 ``apikey`` Supabase's gateway checks (the tenant key itself when unset); setting
-both kinds of key is refused rather than guessed. ``WALSYNC_CONFIG`` may name
+both kinds of key is refused rather than guessed. ``WALSYNC_NODE_LABEL`` names this
+host's node for `walsync nodes` (default: the host name; sync/nodes.py).
+``WALSYNC_CONFIG`` may name
 a file of ``NAME=value`` lines with the same names (mode 0600 recommended);
 the environment wins over the file. Secrets stay out of shell history, logs,
 errors and status output.
@@ -24,7 +26,7 @@ from .transport import Transport
 __all__ = ["describe_target", "load_settings", "transport_from_env"]
 
 _NAMES = ("WALSYNC_PG_DSN", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WALSYNC_TRANSPORT",
-          "WALSYNC_SUPABASE_KEY", "SUPABASE_ANON_KEY")
+          "WALSYNC_SUPABASE_KEY", "SUPABASE_ANON_KEY", "WALSYNC_NODE_LABEL")
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:

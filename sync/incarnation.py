@@ -44,6 +44,7 @@ from walsync.engine.identity import NodeIdentity, end_of
 from walsync.engine.replication import ReplicationSource
 
 from .merge import record_to_wire
+from .nodes import announce
 from .transport import Hello, Transport
 
 __all__ = ["Connection", "Hello", "ServerPosition", "connect", "position",
@@ -286,6 +287,8 @@ def connect(store: ReplicationSource, transport: Transport, reader: WALReader, a
                                 f"up to {h.acked_lsn}, this store had {acked} acknowledged "
                                 "(a database restored from a backup?)")
             acked, behind = h.acked_lsn, True
+        # a name for people (`walsync nodes`): this host's, unless a person gave one
+        announce(transport, cur.node_id)
         return Connection(h.server_id, token, acked, h.head, changed, behind, renewed)
     raise RemoteUnavailableError(
         f"claiming node id {store.node_id} of {store.path}: the server's answer kept changing "

@@ -8,7 +8,8 @@ message and hint on stderr and the exit code ``exits.py`` gives it, the one
 table of exit codes.
 
 Commands by topic: ``store_cmds`` (the local store), ``runs_cmds`` (workflow
-runs and checkpoints), ``sync_cmds`` (the server and replication), ``ui_cmd``
+runs and checkpoints), ``sync_cmds`` (the server and replication), ``nodes_cmds``
+(the nodes the server knows), ``ui_cmd``
 (the dashboard) and ``demo`` (the README's main job).
 """
 
@@ -22,7 +23,7 @@ import click
 
 from walsync.engine import WalsyncError
 
-from . import demo, runs_cmds, store_cmds, sync_cmds, ui_cmd
+from . import demo, nodes_cmds, runs_cmds, store_cmds, sync_cmds, ui_cmd
 from .exits import Exit, interrupted, report
 
 __all__ = ["main"]
@@ -53,6 +54,6 @@ def main() -> None:
     """walsync: a durable state store for long-running workflows."""
 
 
-for _topic in (store_cmds, runs_cmds, sync_cmds, ui_cmd, demo):
+for _topic in (store_cmds, runs_cmds, sync_cmds, nodes_cmds, ui_cmd, demo):
     for _command in _topic.COMMANDS:
         main.add_command(_command)

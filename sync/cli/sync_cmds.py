@@ -318,18 +318,39 @@ def detach(store_path: str, force: bool, out: Output) -> None:
 @click.option("--to", "dest", required=True, type=click.Path(file_okay=False),
               help="Directory of the new store (must be empty).")
 @click.option("--prefix", default="", type=KEY, help="Only keys under this prefix.")
-@click.option("--lost-node", help="Only the runs last written by this (lost) node.")
+@click.option("--lost-node", metavar="NODE",
+              help="Only the runs whose index entry this (lost) node wrote last: its id or "
+                   "label (`walsync nodes`).")
+@click.option("--all-keys", is_flag=True,
+              help="With --lost-node: the node's other keys too (those outside the runs "
+                   "whose current version it wrote).")
+@click.option("--at", "at_time", metavar="TIME",
+              help="As of this commit time: ISO-8601 with an offset or Z "
+                   "(2026-12-07T10:00:00Z), or unix milliseconds; inclusive.")
+@click.option("--lsn", "at_lsn", metavar="NODE:LSN",
+              help="As of that record of that node (id or label): every entry with an HLC "
+                   "at most its own.")
 @click.option("--force", is_flag=True, help="Restore into a non-empty directory.")
 @json_option
-def restore_command(dest: str, prefix: str, lost_node: str | None, force: bool,
-                    out: Output) -> None:
-    """Build a new store from the server's merged state (after host loss)."""
+def restore_command(dest: str, prefix: str, lost_node: str | None, all_keys: bool,
+                    at_time: str | None, at_lsn: str | None, force: bool, out: Output) -> None:
+    """Build a new store from the server (after host loss): its merged state, or with
+    --at / --lsn the state as it was then, rebuilt from its entry log within the window
+    it keeps (a point before it is refused, naming the window)."""
     from ..restore import restore
 
+    if at_time is not None and at_lsn is not None:
+        raise click.UsageError("--at and --lsn name one point: give one")
+    if lost_node is not None and prefix:
+        raise click.UsageError("--prefix and --lost-node choose what to restore: give one")
+    if all_keys and lost_node is None:
+        raise click.UsageError("--all-keys takes a lost node's other keys: give --lost-node")
     transport = transport_from_env()
     try:
-        with progress("restoring keys", show_pos=True) as advance:
-            report = restore(transport, dest, prefix=prefix, lost_node=lost_node, force=force,
+        label = "restoring keys" if at_time is None and at_lsn is None else "reading the log"
+        with progress(label, show_pos=True) as advance:
+            report = restore(transport, dest, prefix=prefix, lost_node=lost_node,
+                             all_keys=all_keys, at=at_time, lsn=at_lsn, force=force,
                              progress=advance)
     finally:
         transport.close()
@@ -337,6 +358,18 @@ def restore_command(dest: str, prefix: str, lost_node: str | None, force: bool,
     def human() -> Iterator[str]:
         yield (f"restored {report.keys} keys ({report.bytes} bytes, every checksum verified) "
                f"into {report.path}, new node {report.node_id}, in {report.seconds:.1f} s")
+        yield f"covers {report.covers}"
+        if report.lost_node and not all_keys:
+            yield "add --all-keys to take the node's other keys too"
+        point = report.point
+        if point is not None:
+            last = ("no entry" if point.last_node is None else
+                    f"the last entry included is {point.last_node}:{point.last_lsn} "
+                    f"committed at {point.last_time}")
+            yield (f"as of {point.cut_time} ({point.asked}): {point.entries} entries of the "
+                   f"log, {last}")
+            if point.after_newest:
+                yield "the point is after the newest entry: this is the current state"
         if report.lost_node:
             yield (f"recovery point of {report.lost_node}: LSN {report.lost_node_acked_lsn} "
                    f"committed at {report.recovery_point}")

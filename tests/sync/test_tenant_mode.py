@@ -47,7 +47,8 @@ TABLES = ("nodes", "head", "entries", "siblings", "leases", "fenced")
 #: every walsync_api function a tenant-scoped key may call
 TENANT_FUNCTIONS = {"push", "pull", "node_status", "head", "conflicts", "lease_acquire",
                     "lease_renew", "lease_release", "leases", "state_page", "state_count",
-                    "hello", "push_claimed", "node_entries"}
+                    "hello", "push_claimed", "node_entries", "nodes", "node_label",
+                    "log_window", "log_page", "entry_point"}
 FAST = ReplicatorOptions(pull_interval_seconds=0.05, batch_wait_seconds=0.001,
                          retry_initial_seconds=0.02, retry_max_seconds=0.3)
 
