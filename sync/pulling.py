@@ -1,0 +1,104 @@
+"""Pulling: other hosts' entries from the server, merged through the local WAL.
+
+Other origins' entries after the pull cursor (a server position drawn in commit
+order), merged through the local WAL as merge records, which are durable and
+replayed like local writes but never shipped back. The cursor moves in the same
+record as the merged data; a page holding only this node's own entries moves a
+"skipped" cursor instead, which need not be durable (re-reading those pages after
+a crash returns nothing). See PROTOCOL.md on the cursor.
+
+Threads: the shipping thread (the replicator's, or the caller's in ``run_once``);
+``cursor`` from any thread.
+"""
+
+from __future__ import annotations
+
+import time
+
+from walsync.engine.errors import RemoteUnavailableError
+
+from .link import Link
+from .shipping import MAX_RECLAIMS
+
+__all__ = ["Puller"]
+
+
+class Puller:
+    """Merges a server's pages of other hosts' entries into the link's store."""
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+        self.store = link.store
+        self.transport = link.transport
+        self.options = link.options
+        self._skipped_cursor: int | None = None
+        #: pull rounds completed; read by the replicator's stats()
+        self.pulls = 0
+        link.on_server_changed = self.reset_cursor
+
+    def pull(self) -> int:
+        """Merge other origins' entries after the cursor; returns how many were received."""
+        store = self.store
+        link = self._link
+        status = link.status
+        link.ensure_connected()
+        total = 0
+        reclaims = 0
+        while True:
+            cursor = self.cursor()
+            page = self.transport.pull(store.node_id, cursor, self.options.pull_limit)
+            status.server_head = page.head
+            status.last_pull_at = time.time()
+            if page.next <= cursor:
+                break
+            if not page.entries:
+                # Only this node's own entries were passed over: re-reading them
+                # after a crash returns nothing, so the cursor need not be durable.
+                self._skipped_cursor = page.next
+                store.sync_ledger.set_skipped_pull_cursor(page.next)
+                if page.next >= page.head:
+                    break
+                continue
+            items = page.siblings  # checked by the transport: no malformed entry here
+            mine = store.node_id
+            if (any(s.version.vv.get(mine, 0) > link.acked for _, s in items)
+                    and not link.still_claimed()):
+                # Versions that saw writes of this node id this store never pushed:
+                # another store holds the id now (a copy). Merged, they would wrongly
+                # dominate this store's own unshipped writes: claim again (a fresh id)
+                # first, then read the page again.
+                reclaims += 1
+                if reclaims > MAX_RECLAIMS:
+                    raise RemoteUnavailableError(
+                        f"pulling into {store.path}: node id {mine} keeps being claimed "
+                        "by another store")
+                link.server_checked = False
+                link.ensure_connected()
+                continue
+            store.apply_remote(items, pull_cursor=page.next)
+            total += len(items)
+            status.pulled_entries += len(items)
+            status.conflicts += sum(
+                1 for key in {k for k, _ in items} if len(store.get_versions(key)) > 1
+            )
+            if page.next >= page.head:
+                break
+        status.pull_cursor = self.cursor()
+        self.pulls += 1
+        return total
+
+    def cursor(self) -> int:
+        """The merged cursor (moved with merged data), or further if only own entries followed."""
+        ledger = self.store.sync_ledger
+        durable = ledger.pull_cursor
+        if self._skipped_cursor is None:
+            self._skipped_cursor = ledger.skipped_pull_cursor or 0
+        return max(durable, self._skipped_cursor)
+
+    def reset_cursor(self) -> None:
+        """Pull everything again: the server's positions are not the ones counted."""
+        if self.cursor() == 0:
+            return
+        self._skipped_cursor = 0
+        self.store.sync_ledger.set_skipped_pull_cursor(0)
+        self.store.apply_remote([], pull_cursor=0)
