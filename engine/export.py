@@ -1,7 +1,8 @@
 """Export files: a run, a key prefix or a whole store in one portable, self-checking file.
 
 (Over 500 lines: the writer and the reader of one file format, EXPORT.md, and the two
-calls over them; the reader's checks of a damaged file are the bulk.)
+calls over them; the reader's checks of a damaged file are the bulk.) A run's scope is
+the workflow layer's (engine/workflow/export.py): the store never reads run keys.
 
 An export carries every key's stored siblings, tombstones included, with
 their versions (vector, HLC, origin, LSN, fence). The importing store merges
@@ -46,14 +47,12 @@ from .errors import (
     ExportFormatError,
     InvalidKeyError,
     ReadOnlyStoreError,
-    RunNotFoundError,
     StoreClosedError,
     WalsyncError,
 )
 from .record import CODEC_NONE, CODEC_ZSTD, MAX_PAYLOAD_BYTES, decode_value
 from .store import Store
 from .versions import Sibling
-from .workflow import keys as run_keys
 
 __all__ = [
     "EXPORT_MAGIC",
@@ -69,13 +68,16 @@ __all__ = [
     "TRAILER_PAYLOAD_BYTES",
     "ExportHeader",
     "ExportReader",
+    "ExportScope",
     "ExportSummary",
     "ExportWriter",
     "ImportReport",
     "Progress",
+    "count_scope_keys",
     "export_file",
     "import_file",
     "verify_export_file",
+    "write_export",
 ]
 
 EXPORT_MAGIC = b"walsyncX"
@@ -240,44 +242,77 @@ class ExportWriter:
             self._buf.clear()
 
 
+@dataclass(frozen=True)
+class ExportScope:
+    """What an export covers: the scope its header names and the keys it reads.
+
+    The store knows two scopes of its own (the whole store, a key prefix); a layer
+    above it names its own keys through ``sources`` (the workflow layer's run export,
+    ``walsync.engine.workflow.export_run``), so the store never reads their grammar.
+    """
+
+    #: one of SCOPES
+    kind: str
+    #: the prefix or the run id; "" for a whole store
+    value: str
+    #: (key, exact): that one key, or every key under it as a prefix; given in key
+    #: order and never overlapping, so the keys come out in key order
+    sources: tuple[tuple[str, bool], ...]
+
+    @classmethod
+    def of(cls, prefix: str | None = None) -> ExportScope:
+        """The whole store, or every key under ``prefix``."""
+        if prefix:
+            return cls("prefix", prefix, ((prefix, False),))
+        return cls("store", "", (("", False),))
+
+
 def export_file(
     store: Store,
     path: str | os.PathLike[str],
     *,
     prefix: str | None = None,
-    run_id: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> ExportSummary:
-    """Write the whole store, the keys under ``prefix``, or one run to ``path``.
+    """Write the whole store, or the keys under ``prefix``, to ``path``.
 
-    A run is its record, everything under it and its index entry
-    (``walsync.engine.workflow.keys``: ``.walsync/runs/<id>``...). Keys are
-    read in chunks of 1000, each chunk from one snapshot; export a run nobody
-    is driving for an exact picture of it. The file is written beside ``path``
-    as a dot-prefixed ``.tmp``, fsynced and renamed into place, so ``path``
-    never holds a partial export.
+    One run: ``walsync.engine.workflow.export_run``. See ``write_export``.
+    """
+    return write_export(store, path, ExportScope.of(prefix), overwrite=overwrite,
+                        progress=progress)
+
+
+def count_scope_keys(store: Store, scope: ExportScope) -> int:
+    """How many keys an export of ``scope`` would hold now."""
+    return sum(_count_keys(store, key, exact) for key, exact in scope.sources)
+
+
+def write_export(
+    store: Store,
+    path: str | os.PathLike[str],
+    scope: ExportScope,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ExportSummary:
+    """Write the keys of ``scope`` with every stored sibling to ``path``.
+
+    Keys are read in chunks of 1000, each chunk from one snapshot; export keys
+    nobody writes meanwhile for an exact picture of them. The file is written
+    beside ``path`` as a dot-prefixed ``.tmp``, fsynced and renamed into place, so
+    ``path`` never holds a partial export.
     ``progress(keys_done, keys_total)`` is called as keys are written.
     """
-    if prefix is not None and run_id is not None:
-        raise ValueError("export takes a prefix or a run id, not both")
-    if run_id is not None:
-        if not isinstance(run_id, str) or not run_id or "/" in run_id:
-            raise ValueError(f"run id must be a non-empty string without '/', got {run_id!r}")
-        scope, value = "run", run_id
-        sources = [(run_keys.index(run_id), True), (run_keys.run(run_id), True),
-                   (run_keys.all_of_run(run_id), False)]
-    elif prefix:
-        scope, value, sources = "prefix", prefix, [(prefix, False)]
-    else:
-        scope, value, sources = "store", "", [("", False)]
+    if scope.kind not in SCOPES:
+        raise ValueError(f"export scope must be one of {SCOPES}, not {scope.kind!r}")
+    sources = list(scope.sources)
     target = Path(path)
     if target.exists() and not overwrite:
         raise FileExistsError(errno.EEXIST, "export file exists (pass overwrite=True)", str(target))
-    total = sum(_count_keys(store, key, exact) for key, exact in sources)
-    if scope == "run" and total == 0:
-        raise RunNotFoundError(f"no run {run_id!r} in store {store.path}: nothing to export")
-    header = ExportHeader(store.node_id, scope, value, int(time.time() * 1000), store.applied_lsn)
+    total = count_scope_keys(store, scope)
+    header = ExportHeader(store.node_id, scope.kind, scope.value, int(time.time() * 1000),
+                          store.applied_lsn)
     tmp = target.with_name(f".{target.name}.tmp")
     if tmp.exists():
         _fs.unlink(tmp)

@@ -15,6 +15,7 @@ The public face; the modules behind it:
 - ``recovery``: the supervisor's recovery protocol (``Workflows.recover``);
 - ``leases``: this host's own leases on runs;
 - ``legacy``: runs an older walsync wrote outside the reserved namespace.
+- ``export``: one run in an export file (``export_run``; the format is engine/export.py).
 
 The workflow layer is built on the engine's public Store API and writes its
 keys through the store's internal door (they live in the reserved namespace);
@@ -23,6 +24,7 @@ the engine never imports it.
 
 from . import keys
 from .aio import AsyncRun, AsyncStepContext, RunOpener, current_async_step
+from .export import export_run, run_scope
 from .leases import LeaseLike, drop_lease, held_lease, hold_lease
 from .records import (
     RUN_STATUSES,
@@ -69,9 +71,11 @@ __all__ = [
     "current_step",
     "describe_error",
     "drop_lease",
+    "export_run",
     "held_lease",
     "hold_lease",
     "keys",
+    "run_scope",
     "step",
     "utcnow",
 ]

@@ -13,6 +13,7 @@ import click
 from walsync import engine
 from walsync.engine.errors import RunNotFoundError
 from walsync.engine.replay import describe_torn_tail
+from walsync.engine.workflow import export_run
 
 from .exits import Exit, fail
 from .options import KEY, lock_timeout_seconds, open_read, open_write, store_option
@@ -301,8 +302,10 @@ def export_command(store_path: str, file: str, run_id: str | None, prefix: str |
     try:
         with open_read(store_path) as store, \
                 progress("exporting keys", show_pos=True) as advance:
-            report = engine.export_file(store, file, prefix=prefix, run_id=run_id,
-                                        overwrite=force, progress=advance)
+            report = (export_run(store, file, run_id, overwrite=force, progress=advance)
+                      if run_id is not None else
+                      engine.export_file(store, file, prefix=prefix, overwrite=force,
+                                         progress=advance))
     except RunNotFoundError as exc:
         fail(str(exc), "list runs with `walsync runs list`", Exit.NOT_FOUND)
     except FileExistsError:

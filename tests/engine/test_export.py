@@ -67,7 +67,7 @@ from walsync.engine.record import (
 )
 from walsync.engine.versions import Sibling, Version
 from walsync.engine.wal import scan_segment
-from walsync.engine.workflow import Workflows, keys
+from walsync.engine.workflow import Workflows, export_run, keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPORT_MD = Path(export_module.__file__).with_name("EXPORT.md")
@@ -224,7 +224,7 @@ def test_export_run_holds_exactly_that_run_and_imports_it(
     _make_run(source, "r1", 3)
     _make_run(source, "r10", 2)  # its keys begin with keys.run("r1")
     path = tmp_path / "r1.wsx"
-    summary = export_file(source, path, run_id="r1")
+    summary = export_run(source, path, "r1")
     assert summary.header.scope == "run"
     assert summary.header.scope_value == "r1"
     stream = path.open("rb")
@@ -275,7 +275,7 @@ def test_large_values_round_trip(target: Store, tmp_path: Path) -> None:
 def test_export_of_a_missing_run_writes_nothing(source: Store, tmp_path: Path) -> None:
     path = tmp_path / "none.wsx"
     with pytest.raises(RunNotFoundError, match="'nope'"):
-        export_file(source, path, run_id="nope")
+        export_run(source, path, "nope")
     assert list(tmp_path.glob("*.wsx*")) == []
     assert list(tmp_path.glob(".*")) == []
 

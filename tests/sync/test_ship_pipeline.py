@@ -1,4 +1,4 @@
-"""Shipping with the next batch read while the current one is pushed (sync/replicator.py).
+"""Shipping with the next batch read while the current one is pushed (sync/shipping.py).
 
 Pushes fail mid-pipeline, with the next batch being built on the other thread: before
 the server got the batch, and after it committed it (the acknowledgement lost). Every
