@@ -9,10 +9,10 @@ Switching a LangGraph app from ``SqliteSaver`` is one import and one line::
         graph.invoke(inputs, {"configurable": {"thread_id": "order-42"}})
 
 This is the only module of walsync that imports ``langgraph``. It is one
-module of about 950 lines, above the project's usual 500, because it is one
+module of about 1,100 lines, above the project's usual 500, because it is one
 class: LangGraph's ``BaseCheckpointSaver``, whose reads, writes and maintenance
-calls share one key layout and one lock, and whose async methods are the sync
-ones in a worker thread; the pure key and id escapes sit at its end.
+calls share one key layout and one lock, and whose async methods build the same
+operations and await the store's commit; the pure key and id escapes sit at its end.
 
 What is durable when a call returns: ``put`` commits the checkpoint record,
 the channel values that changed (``new_versions``) and its index entries in
@@ -96,22 +96,27 @@ top-level metadata keys by equality, ``before`` on checkpoint id, and without
 ``checkpoint_ns`` in the config lists every namespace of the thread.
 
 Threads: a saver (and its store) may be shared by any number of threads and
-asyncio tasks. Concurrent puts share the store's group commit. The async
-methods run the sync ones in a worker thread (``asyncio.to_thread``): one
-implementation. Maintenance calls wait for running puts and block new ones
-while they run, so that collecting unreferenced channel values never races a
-put that references them. Reads take no lock; a read concurrent with a
-maintenance call may see a checkpoint whose writes are already gone.
+asyncio tasks. Concurrent puts share the store's group commit, the awaited
+ones too. The async methods build the operations the sync ones do and await
+the commit (engine/aio.py: the loop never waits on the disk, and no worker
+thread is involved); their reads are the sync reads, which never wait on a
+disk either (README, "asyncio"). A cancelled ``aput`` still commits, as any
+awaited commit does. Maintenance calls wait for running puts and block new
+ones while they run, so that collecting unreferenced channel values never
+races a put that references them; an awaited call waits for the lock without
+blocking the loop and holds it until its commit is done, even if cancelled.
+Reads take no lock; a read concurrent with a maintenance call may see a
+checkpoint whose writes are already gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import functools
 import hashlib
 import heapq
-import itertools
 import random
 import re
 import threading
@@ -135,6 +140,7 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
+from ..aio import submit
 from ..errors import ConflictError, FormatVersionError
 from ..keyspace import RESERVED_PREFIX
 from ..options import Durability
@@ -513,6 +519,19 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         """Store a checkpoint and the channel values in ``new_versions``, atomically."""
+        ops, stored = self._put_ops(config, checkpoint, metadata, new_versions)
+        with self._lock.shared():
+            self.store.commit(ops, durability=self.durability, internal=True)
+        self._layout_unwritten = False
+        return stored
+
+    def _put_ops(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> tuple[builtins.list[Put | Delete], RunnableConfig]:
         conf = config["configurable"]
         thread_id = str(conf["thread_id"])
         ns = conf.get("checkpoint_ns", "")
@@ -544,10 +563,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                            [thread_id, ns, checkpoint_id]))
         if self._layout_unwritten:
             ops.append(Put(self._layout_key, LAYOUT))
-        with self._lock.shared():
-            self.store.commit(ops, durability=self.durability, internal=True)
-        self._layout_unwritten = False
-        return _config(thread_id, ns, checkpoint_id)
+        return ops, _config(thread_id, ns, checkpoint_id)
 
     def put_writes(
         self,
@@ -561,6 +577,30 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         A regular write already stored for (task_id, idx) is kept (a retried
         task must not change what was recorded); special writes overwrite.
         """
+        prefix, records = self._writes_records(config, writes, task_id, task_path)
+        if not records:
+            return
+        with self._lock.shared():
+            # A task's writes are usually new, so no read first: each regular
+            # write is put with expect=None, and one already stored (a retried
+            # task, or a concurrent writer) fails the commit with ConflictError
+            # instead of being overwritten; then what is stored is read once and
+            # the rest committed.
+            stored: set[str] = set()
+            while ops := self._writes_ops(records, stored):
+                try:
+                    self.store.commit(ops, durability=self.durability, internal=True)
+                    return
+                except ConflictError as exc:
+                    self._writes_conflict(exc, prefix, records, stored)
+
+    def _writes_records(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str,
+    ) -> tuple[str, dict[str, tuple[int, dict[str, Any]]]]:
         conf = config["configurable"]
         thread_id = str(conf["thread_id"])
         ns = conf.get("checkpoint_ns", "")
@@ -573,36 +613,27 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
                 "task_id": task_id, "task_path": task_path, "idx": idx, "channel": channel,
                 "value": list(self.serde.dumps_typed(value)),
             })
-        if not records:
-            return
-        with self._lock.shared():
-            # A task's writes are usually new, so no read first: each regular
-            # write is put with expect=None, and one already stored (a retried
-            # task, or a concurrent writer) fails the commit with ConflictError
-            # instead of being overwritten; then what is stored is read once and
-            # the rest committed.
-            stored: set[str] = set()
-            looked = False
-            while True:
-                ops: builtins.list[Put | Delete] = [
-                    Put(key, rec, expect=None) if idx >= 0 else Put(key, rec)
-                    for key, (idx, rec) in records.items()
-                    if idx < 0 or key not in stored
-                ]
-                if not ops:
-                    return
-                try:
-                    self.store.commit(ops, durability=self.durability, internal=True)
-                    return
-                except ConflictError as exc:
-                    # The other write may still be in its group commit, not yet
-                    # visible to reads: the conflict itself says the key is taken.
-                    if exc.key in stored or exc.key not in records:
-                        raise
-                    stored.add(exc.key)
-                    if not looked:
-                        stored.update(self.store.keys(prefix))
-                        looked = True
+        return prefix, records
+
+    @staticmethod
+    def _writes_ops(records: dict[str, tuple[int, dict[str, Any]]],
+                    stored: set[str]) -> builtins.list[Put | Delete]:
+        """The writes still to commit: the special ones, and the regular ones not stored."""
+        return [Put(key, rec, expect=None) if idx >= 0 else Put(key, rec)
+                for key, (idx, rec) in records.items() if idx < 0 or key not in stored]
+
+    def _writes_conflict(self, exc: ConflictError, prefix: str,
+                         records: dict[str, tuple[int, dict[str, Any]]],
+                         stored: set[str]) -> None:
+        """A regular write is taken: note it (and, the first time, all stored ones)."""
+        # The other write may still be in its group commit, not yet visible to
+        # reads: the conflict itself says the key is taken.
+        if exc.key in stored or exc.key not in records:
+            raise exc
+        first = not stored
+        stored.add(exc.key)
+        if first:
+            stored.update(self.store.keys(prefix))
 
     # -- maintenance ---------------------------------------------------------
 
@@ -610,6 +641,22 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         """Delete every checkpoint, write and channel value of a thread, atomically."""
         with self._lock.exclusive():
             self._commit_ops(self._thread_deletes(str(thread_id)))
+
+    def _for_runs_deletes(self, run_ids: Sequence[str]) -> builtins.list[Put | Delete]:
+        doomed: dict[tuple[str, str], set[str]] = {}
+        ops: builtins.list[Put | Delete] = []
+        for run_id in run_ids:
+            for key, (thread_id, ns, checkpoint_id) in self.store.scan(
+                    f"{self.root}r/{_segment(str(run_id))}/"):
+                ops.append(Delete(key))
+                doomed.setdefault((thread_id, ns), set()).add(checkpoint_id)
+        for (thread_id, ns), ids in doomed.items():
+            records = dict(self._records(thread_id, ns))
+            kept = {cid: rec for cid, rec in records.items() if cid not in ids}
+            for checkpoint_id in ids & records.keys():
+                ops.extend(self._checkpoint_deletes(records[checkpoint_id], run_index=False))
+            ops.extend(self._unreferenced_blobs(thread_id, ns, kept.values()))
+        return ops
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints (and their writes) of these runs, atomically.
@@ -619,20 +666,7 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         ``DeltaChannel`` is rebuilt from breaks that channel.
         """
         with self._lock.exclusive():
-            doomed: dict[tuple[str, str], set[str]] = {}
-            ops: builtins.list[Put | Delete] = []
-            for run_id in run_ids:
-                for key, (thread_id, ns, checkpoint_id) in self.store.scan(
-                        f"{self.root}r/{_segment(str(run_id))}/"):
-                    ops.append(Delete(key))
-                    doomed.setdefault((thread_id, ns), set()).add(checkpoint_id)
-            for (thread_id, ns), ids in doomed.items():
-                records = dict(self._records(thread_id, ns))
-                kept = {cid: rec for cid, rec in records.items() if cid not in ids}
-                for checkpoint_id in ids & records.keys():
-                    ops.extend(self._checkpoint_deletes(records[checkpoint_id], run_index=False))
-                ops.extend(self._unreferenced_blobs(thread_id, ns, kept.values()))
-            self._commit_ops(ops)
+            self._commit_ops(self._for_runs_deletes(run_ids))
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every checkpoint, write and channel value of a thread to another, atomically.
@@ -641,29 +675,31 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         delta channels) exactly like the source. Keys the target already has
         with the same ids are overwritten; its other checkpoints stay.
         """
-        source, target = str(source_thread_id), str(target_thread_id)
         with self._lock.exclusive():
-            ops: builtins.list[Put | Delete] = []
-            for kind in ("b", "w"):
-                src_prefix = self._thread_prefix(kind, source)
-                dst_prefix = self._thread_prefix(kind, target)
-                for key, value in self.store.scan(src_prefix):
-                    ops.append(Put(dst_prefix + key[len(src_prefix):], value))
-            src_prefix = self._thread_prefix("c", source)
-            dst_prefix = self._thread_prefix("c", target)
-            for key, record in self.store.scan(src_prefix):
-                _check_format(key, record)
-                copied = {**record, "thread_id": target}
-                ops.append(Put(dst_prefix + key[len(src_prefix):], copied))
-                if record["checkpoint_ns"]:
-                    ops.append(self._index_put(target, record["checkpoint_ns"],
-                                               record["checkpoint_id"]))
-                if record["run_id"] is not None:
-                    ops.append(Put(
-                        self._run_key(record["run_id"], target, record["checkpoint_ns"],
-                                      record["checkpoint_id"]),
-                        [target, record["checkpoint_ns"], record["checkpoint_id"]]))
-            self._commit_ops(ops)
+            self._commit_ops(self._copy_ops(str(source_thread_id), str(target_thread_id)))
+
+    def _copy_ops(self, source: str, target: str) -> builtins.list[Put | Delete]:
+        ops: builtins.list[Put | Delete] = []
+        for kind in ("b", "w"):
+            src_prefix = self._thread_prefix(kind, source)
+            dst_prefix = self._thread_prefix(kind, target)
+            for key, value in self.store.scan(src_prefix):
+                ops.append(Put(dst_prefix + key[len(src_prefix):], value))
+        src_prefix = self._thread_prefix("c", source)
+        dst_prefix = self._thread_prefix("c", target)
+        for key, record in self.store.scan(src_prefix):
+            _check_format(key, record)
+            copied = {**record, "thread_id": target}
+            ops.append(Put(dst_prefix + key[len(src_prefix):], copied))
+            if record["checkpoint_ns"]:
+                ops.append(self._index_put(target, record["checkpoint_ns"],
+                                           record["checkpoint_id"]))
+            if record["run_id"] is not None:
+                ops.append(Put(
+                    self._run_key(record["run_id"], target, record["checkpoint_ns"],
+                                  record["checkpoint_id"]),
+                    [target, record["checkpoint_ns"], record["checkpoint_id"]]))
+        return ops
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """Prune threads, atomically: ``"keep_latest"`` or ``"delete"`` (everything).
@@ -677,23 +713,26 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         if strategy not in _STRATEGIES:
             raise ValueError(f"unknown prune strategy {strategy!r}; use one of {_STRATEGIES}")
         with self._lock.exclusive():
-            ops: builtins.list[Put | Delete] = []
-            for thread_id in map(str, thread_ids):
-                if strategy == "delete":
-                    ops.extend(self._thread_deletes(thread_id))
-                    continue
-                by_ns: dict[str, dict[str, dict[str, Any]]] = {}
-                for key, record in self.store.scan(self._thread_prefix("c", thread_id)):
-                    _check_format(key, record)
-                    by_ns.setdefault(record["checkpoint_ns"], {})[record["checkpoint_id"]] = record
-                for ns, records in by_ns.items():
-                    kept = self._keep_latest(thread_id, ns, records)
-                    for checkpoint_id, record in records.items():
-                        if checkpoint_id not in kept:
-                            ops.extend(self._checkpoint_deletes(record, run_index=True))
-                    ops.extend(self._unreferenced_blobs(
-                        thread_id, ns, [records[cid] for cid in kept]))
-            self._commit_ops(ops)
+            self._commit_ops(self._prune_ops(thread_ids, strategy))
+
+    def _prune_ops(self, thread_ids: Sequence[str], strategy: str) -> builtins.list[Put | Delete]:
+        ops: builtins.list[Put | Delete] = []
+        for thread_id in map(str, thread_ids):
+            if strategy == "delete":
+                ops.extend(self._thread_deletes(thread_id))
+                continue
+            by_ns: dict[str, dict[str, dict[str, Any]]] = {}
+            for key, record in self.store.scan(self._thread_prefix("c", thread_id)):
+                _check_format(key, record)
+                by_ns.setdefault(record["checkpoint_ns"], {})[record["checkpoint_id"]] = record
+            for ns, records in by_ns.items():
+                kept = self._keep_latest(thread_id, ns, records)
+                for checkpoint_id, record in records.items():
+                    if checkpoint_id not in kept:
+                        ops.extend(self._checkpoint_deletes(record, run_index=True))
+                ops.extend(self._unreferenced_blobs(
+                    thread_id, ns, [records[cid] for cid in kept]))
+        return ops
 
     def _keep_latest(self, thread_id: str, ns: str, records: dict[str, dict[str, Any]]) -> set[
             str]:
@@ -769,10 +808,21 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
             counter = int(current.split(".")[0])
         return f"{counter + 1:032}.{random.random():016}"
 
-    # -- async twins: the sync methods, run in a worker thread -----------------
+    # -- async twins: the same operations, the commit awaited (engine/aio.py) --
+
+    async def _acommit(self, ops: Sequence[Put | Delete], release: Callable[[], None]) -> None:
+        """Commit ``ops`` awaited; ``release`` the lock taken for it once the commit is
+        done, not when the awaiting task is cancelled (the commit goes on)."""
+        try:
+            _, done = submit(self.store, ops, durability=self.durability, internal=True)
+        except BaseException:
+            release()
+            raise
+        done.add_done_callback(lambda _: release())
+        await asyncio.shield(done)
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return await asyncio.to_thread(self.get_tuple, config)
+        return self.get_tuple(config)
 
     async def alist(
         self,
@@ -782,19 +832,11 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> AsyncIterator[CheckpointTuple]:
-        # list() reads lazily; take from it in a worker thread in growing
-        # batches, so the first item costs one small read and the loop is
-        # never blocked by a long thread.
-        found = self.list(config, filter=filter, before=before, limit=limit)
-        batch = 1
-        while True:
-            items = await asyncio.to_thread(
-                builtins.list, itertools.islice(found, batch))
-            for item in items:
-                yield item
-            if len(items) < batch:
-                return
-            batch = min(2 * batch, _LIST_PAGE)
+        # list() reads lazily, a page at a time; the loop runs other tasks
+        # between items, so a long thread never holds it
+        for item in self.list(config, filter=filter, before=before, limit=limit):
+            yield item
+            await asyncio.sleep(0)
 
     async def aput(
         self,
@@ -803,7 +845,11 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        return await asyncio.to_thread(self.put, config, checkpoint, metadata, new_versions)
+        ops, stored = self._put_ops(config, checkpoint, metadata, new_versions)
+        await self._lock.acquire_shared_async()
+        await self._acommit(ops, self._lock.release_shared)
+        self._layout_unwritten = False
+        return stored
 
     async def aput_writes(
         self,
@@ -812,19 +858,55 @@ class WalsyncSaver(BaseCheckpointSaver[str]):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        await asyncio.to_thread(self.put_writes, config, writes, task_id, task_path)
+        prefix, records = self._writes_records(config, writes, task_id, task_path)
+        if not records:
+            return
+        await self._lock.acquire_shared_async()
+        stored: set[str] = set()
+        try:
+            while ops := self._writes_ops(records, stored):
+                try:
+                    _, done = submit(self.store, ops, durability=self.durability,
+                                     internal=True)
+                except ConflictError as exc:
+                    self._writes_conflict(exc, prefix, records, stored)
+                    continue
+                break
+            else:
+                self._lock.release_shared()
+                return
+        except BaseException:
+            self._lock.release_shared()
+            raise
+        done.add_done_callback(lambda _: self._lock.release_shared())
+        await asyncio.shield(done)
+
+    async def _amaintain(self, ops_of: Callable[[], builtins.list[Put | Delete]]) -> None:
+        await self._lock.acquire_exclusive_async()
+        try:
+            ops = ops_of()
+        except BaseException:
+            self._lock.release_exclusive()
+            raise
+        if not ops:
+            self._lock.release_exclusive()
+            return
+        await self._acommit(ops, self._lock.release_exclusive)
 
     async def adelete_thread(self, thread_id: str) -> None:
-        await asyncio.to_thread(self.delete_thread, thread_id)
+        await self._amaintain(lambda: self._thread_deletes(str(thread_id)))
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        await asyncio.to_thread(self.delete_for_runs, run_ids)
+        await self._amaintain(lambda: self._for_runs_deletes(run_ids))
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        await asyncio.to_thread(self.copy_thread, source_thread_id, target_thread_id)
+        await self._amaintain(lambda: self._copy_ops(str(source_thread_id),
+                                                     str(target_thread_id)))
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        await asyncio.to_thread(lambda: self.prune(thread_ids, strategy=strategy))
+        if strategy not in _STRATEGIES:
+            raise ValueError(f"unknown prune strategy {strategy!r}; use one of {_STRATEGIES}")
+        await self._amaintain(lambda: self._prune_ops(thread_ids, strategy))
 
 
 class _SharedLock:
@@ -834,7 +916,10 @@ class _SharedLock:
     hold it exclusively. A waiting exclusive holder keeps new shared holders
     out, so a stream of puts cannot starve it; when it is done, the shared
     holders that were waiting go before the next exclusive one, so a loop of
-    maintenance calls cannot starve the puts either.
+    maintenance calls cannot starve the puts either. Threads wait on the
+    condition; an awaiting task waits on a future of its loop, which every
+    change that may let it in resolves (``call_soon_threadsafe``), and counts
+    among the waiters as a thread does.
     """
 
     def __init__(self) -> None:
@@ -845,17 +930,33 @@ class _SharedLock:
         self._shared_waiting = 0
         #: shared waiters let in ahead of the next exclusive holder
         self._admitted = 0
+        #: tasks waiting: their loop and the future that wakes them
+        self._wakers: builtins.list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def _shared_blocked(self) -> bool:
+        return self._exclusive or bool(self._exclusive_waiting and not self._admitted)
+
+    def _exclusive_blocked(self) -> bool:
+        return self._exclusive or bool(self._shared or self._admitted)
+
+    def _notify(self) -> None:
+        """Wake every waiter, threads and tasks, to look again. Holds ``_cv``."""
+        self._cv.notify_all()
+        wakers, self._wakers = self._wakers, []
+        for loop, ready in wakers:
+            with contextlib.suppress(RuntimeError):  # that loop is closed
+                loop.call_soon_threadsafe(_resolve, ready)
 
     @contextmanager
     def shared(self) -> Iterator[None]:
         with self._cv:
             self._shared_waiting += 1
             try:
-                while self._exclusive or (self._exclusive_waiting and not self._admitted):
+                while self._shared_blocked():
                     self._cv.wait()
             except BaseException:
                 self._admitted = min(self._admitted, self._shared_waiting - 1)
-                self._cv.notify_all()
+                self._notify()
                 raise
             finally:
                 self._shared_waiting -= 1
@@ -865,17 +966,44 @@ class _SharedLock:
         try:
             yield
         finally:
+            self.release_shared()
+
+    def release_shared(self) -> None:
+        with self._cv:
+            self._shared -= 1
+            if not self._shared:
+                self._notify()
+
+    async def acquire_shared_async(self) -> None:
+        """``shared``'s acquisition, awaited; ``release_shared`` ends it."""
+        loop = asyncio.get_running_loop()
+        with self._cv:
+            self._shared_waiting += 1
+        try:
+            while True:
+                with self._cv:
+                    if not self._shared_blocked():
+                        self._shared_waiting -= 1
+                        if self._admitted:
+                            self._admitted -= 1
+                        self._shared += 1
+                        return
+                    ready: asyncio.Future[None] = loop.create_future()
+                    self._wakers.append((loop, ready))
+                await ready
+        except BaseException:
             with self._cv:
-                self._shared -= 1
-                if not self._shared:
-                    self._cv.notify_all()
+                self._shared_waiting -= 1
+                self._admitted = min(self._admitted, self._shared_waiting)
+                self._notify()
+            raise
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         with self._cv:
             self._exclusive_waiting += 1
             try:
-                while self._exclusive or self._shared or self._admitted:
+                while self._exclusive_blocked():
                     self._cv.wait()
             finally:
                 self._exclusive_waiting -= 1
@@ -883,10 +1011,39 @@ class _SharedLock:
         try:
             yield
         finally:
+            self.release_exclusive()
+
+    def release_exclusive(self) -> None:
+        with self._cv:
+            self._exclusive = False
+            self._admitted = self._shared_waiting
+            self._notify()
+
+    async def acquire_exclusive_async(self) -> None:
+        """``exclusive``'s acquisition, awaited; ``release_exclusive`` ends it."""
+        loop = asyncio.get_running_loop()
+        with self._cv:
+            self._exclusive_waiting += 1
+        try:
+            while True:
+                with self._cv:
+                    if not self._exclusive_blocked():
+                        self._exclusive_waiting -= 1
+                        self._exclusive = True
+                        return
+                    ready: asyncio.Future[None] = loop.create_future()
+                    self._wakers.append((loop, ready))
+                await ready
+        except BaseException:
             with self._cv:
-                self._exclusive = False
-                self._admitted = self._shared_waiting
-                self._cv.notify_all()
+                self._exclusive_waiting -= 1
+                self._notify()
+            raise
+
+
+def _resolve(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 @functools.lru_cache(maxsize=4096)
