@@ -1,6 +1,6 @@
 """A store's node identities: the node ids it wrote under, and the LSNs each one owns.
 
-A node id names one *incarnation* of a store (SPEC 4.5): its dots (node id, LSN)
+A node id names one *incarnation* of a store (PROTOCOL.md, Node identity): its dots (node id, LSN)
 must never mean two different writes. A copied store (``cp -r``, a restored disk
 image, a restore over an old directory) holds the same node id as its original;
 once both write, the same dot names different writes and version vectors lie

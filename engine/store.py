@@ -328,9 +328,9 @@ class Store:
 
         For a store that finds it shares its node id with another (a copy, a restore
         over an old directory): from now on nothing of it is written under the old id
-        (SPEC 4.5). Its own versions written under the old id above ``fork_lsn`` (those
-        no server confirmed as the original's) are relabelled to the new id with the
-        same LSNs, in one durable merge record (never shipped) that also carries the
+        (PROTOCOL.md, Node identity). Its own versions written under the old id above
+        ``fork_lsn`` (those no server confirmed as the original's) are relabelled to the
+        new id with the same LSNs, in one durable merge record (never shipped) that also carries the
         new identity chain; the STORE file follows. Records still in the WAL below
         that record are shipped the same way (``engine.identity.translate_vv``).
         ``fork_lsn`` is the last LSN the server holds as this store wrote it.
@@ -580,7 +580,12 @@ class Store:
 
     @property
     def applied_lsn(self) -> int:
-        return self._pipeline.applied_lsn if not self.readonly else self._snapshot.applied_lsn()
+        """The last LSN in the snapshot; records acknowledged and on their way to it
+        (engine/commit.py) are waited for."""
+        if self.readonly:
+            return self._snapshot.applied_lsn()
+        self._pipeline.catch_up()
+        return self._pipeline.applied_lsn
 
     @property
     def poisoned(self) -> WalsyncError | None:

@@ -1,7 +1,7 @@
 """Node incarnations on a server: which store may push under a node id, and how much
 of a store the server holds.
 
-A store's node id must name one incarnation (SPEC 4.5, engine/identity.py). A
+A store's node id must name one incarnation (PROTOCOL.md, Node identity; engine/identity.py). A
 ``cp -r`` of a store, a disk image put back, a restore over an old directory all
 hold the same id and the same history up to a point, then write different
 records under the same LSNs. The server would keep the first and skip the other

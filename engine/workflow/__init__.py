@@ -1,5 +1,5 @@
 """The workflow layer: runs and steps on a store, checkpointed after every step and
-resumed without running completed steps again (SPEC 3).
+resumed without running completed steps again.
 
 The public face; the modules behind it:
 

@@ -1,4 +1,4 @@
-"""The supervisor's recovery protocol (SPEC 3.3): take a run up again after a restart.
+"""The supervisor's recovery protocol: take a run up again after a restart.
 
 Why a protocol rather than ``Workflows.run``: a supervisor restarting does not
 know whether the state it finds is sound. No state: start fresh, and say so. A

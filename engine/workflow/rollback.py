@@ -1,4 +1,4 @@
-"""Named checkpoints of a run, rollback to one, and what a rollback discarded (SPEC 3.3).
+"""Named checkpoints of a run, rollback to one, and what a rollback discarded.
 
 Why rollback keeps what it replaces: a rollback is the orchestrator's
 decision, and the steps it undoes may have had effects outside (an email

@@ -2,7 +2,7 @@
 reports while it runs (progress, cursor, cost).
 
 Why a step is recorded before its body runs: a step found ``running`` after a
-crash was interrupted, and the resume rules (SPEC 3.2) decide from that record
+crash was interrupted, and the resume rules (README's resume table) decide from that record
 whether it runs again from its cursor (idempotent) or waits for the
 orchestrator (``needs_attention``). Its completion, the run's summary and the
 run index move in one commit.

@@ -8,7 +8,7 @@ An orchestrator adopts it in a few lines::
         clean = run.step("transform", transform, rows)
         run.step("charge", charge_card, clean, idempotent=False)
 
-Resume rules (SPEC 3.2): a ``success`` step never runs again and returns its
+Resume rules (README's resume table): a ``success`` step never runs again and returns its
 recorded output; ``failure``, ``cancelled``, ``skipped`` and ``pending`` steps
 run (again); a step found ``running`` when a run is started was interrupted
 by a crash: it runs again from its last cursor if it is idempotent, and
@@ -330,7 +330,7 @@ class Workflows:
         inputs: Any = None,
         lease: tuple[str, int] | LeaseLike | None = None,
     ) -> Recovery:
-        """The supervisor's recovery protocol (SPEC 3.3; engine/workflow/recovery.py).
+        """The supervisor's recovery protocol (engine/workflow/recovery.py).
 
         No state: start fresh, and say so (``outcome`` "fresh"). A state that
         fails validation: roll back to the newest checkpoint that passes

@@ -1,6 +1,6 @@
 """An async run killed with SIGKILL resumes under the sync API, and a sync run under the
 async one: no completed step runs again, the interrupted ones run from their cursor, a
-non-idempotent step caught running waits for a decision (SPEC 3.2, both ways)."""
+non-idempotent step caught running waits for a decision (README's resume table, both ways)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Behaviour of the public Store API (SPEC sections 1-2)."""
+"""Behaviour of the public Store API (README: quickstart, guarantees)."""
 
 from __future__ import annotations
 

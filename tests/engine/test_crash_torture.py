@@ -306,7 +306,7 @@ def _build_replay_store(path: Path, records: int) -> dict[str, Any]:
 def test_crash_torture_kill_during_replay_gives_the_same_state(
     zygote: Zygote, tmp_path: Path, request: pytest.FixtureRequest, kill_summary: KillSummary,
 ) -> None:
-    """SPEC 2.4: a crash during replay and a second open give the same state. Children
+    """A crash during replay and a second open give the same state. Children
     open a store that must replay ~75 segments and are killed in the replay, twice per
     round: at a random LMDB transaction of the replay, then at a random moment of what
     is left of it (this child may finish); then the parent opens the store and finds

@@ -1,4 +1,4 @@
-"""The single-writer lock and read-only opens across processes (SPEC 1, 2.2, 2.4)."""
+"""The single-writer lock and read-only opens across processes (README: guarantees)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A reusable network-fault round for sync (SPEC 7: network faults lose nothing and
+"""A reusable network-fault round for sync (README: guarantees; network faults lose nothing and
 duplicate nothing), run by the sweep (test_faults_network_sweep.py) and by the soak.
 
 One round: two stores (the round's nodes A and B) commit a small seeded workload (puts,

@@ -1,5 +1,6 @@
 """Convergence: any set of entries delivered to any replica in any order, with duplicates,
-leaves every replica and the server with the same stored siblings per key (SPEC 4.5).
+leaves every replica and the server with the same stored siblings per key (PROTOCOL.md,
+Merge rules).
 
 Histories are random: three nodes write the same few keys (puts and deletes), some writes
 after partial syncs, so writes are sometimes causally ordered and sometimes concurrent. Then
@@ -80,7 +81,7 @@ def chunks(items: list[Any], rnd: random.Random, largest: int = 3) -> Iterator[l
 
 class Node:
     """A replica that also writes: a local write's vv is the join of what it holds for the
-    key with its own counter set to the write's LSN (SPEC 4.5)."""
+    key with its own counter set to the write's LSN (PROTOCOL.md, Merge rules)."""
 
     def __init__(self, name: str) -> None:
         self.name = name

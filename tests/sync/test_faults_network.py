@@ -1,4 +1,4 @@
-"""Network faults between the replicator's transports and the server (SPEC 7: dropped
+"""Network faults between the replicator's transports and the server (README: guarantees; dropped
 connections, delays, torn messages, half-open connections and a server restart lose
 nothing and duplicate nothing), and answers that are not the server's (something in its
 place answers garbage: a clear SyncProtocolError, never a KeyError or a hang). The faults

@@ -1,5 +1,5 @@
 """The network-fault sweep: over a hundred seeded rounds of tests/sync/netfaults.py, each
-fault kind against both transports, zero violations (SPEC 7: dropped connections, torn
+fault kind against both transports, zero violations (README: guarantees; dropped connections, torn
 messages, delays, refusals, latency spikes past the client's timeout, half-open
 connections and database restarts lose nothing and duplicate nothing, and the replicas
 converge).

@@ -1,4 +1,4 @@
-"""Durability 'remote' (SPEC 4.8): a commit returns once the server has it, or raises a
+"""Durability 'remote' (README: replication): a commit returns once the server has it, or raises a
 timeout saying it is durable locally but not yet replicated, and the replicator
 delivers it once the server is back. Real PostgreSQL, stopped and started."""
 

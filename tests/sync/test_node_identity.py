@@ -1,5 +1,6 @@
-"""A node id names one store incarnation (SPEC 4.5): copies of a store never ship under
-one id (Riak's kv679), forced restores take a fresh id, and nothing acknowledged is lost.
+"""A node id names one store incarnation (PROTOCOL.md, Node identity): copies of a store
+never ship under one id (Riak's kv679), forced restores take a fresh id, and nothing
+acknowledged is lost.
 
 Real stores copied with their files, two ways: ``cp -r`` (``shutil.copytree``: a new
 directory, which the copy's replicator sees before it ships anything) and a clone its

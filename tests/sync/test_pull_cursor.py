@@ -1,4 +1,4 @@
-"""The pull cursor under concurrent pushers (SPEC 4.4, PROTOCOL "Positions and the pull
+"""The pull cursor under concurrent pushers (PROTOCOL "Positions and the pull
 cursor"): a puller tailing ``pull(after=cursor)`` while many nodes push at once sees every
 entry exactly once. Positions are drawn under a transaction-scoped advisory lock, so a row
 can never commit with a position below one a puller has already passed (the bigserial gap

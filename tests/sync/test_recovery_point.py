@@ -1,4 +1,5 @@
-"""The recovery point never counts entries the server lacks (SPEC 4.6, 4.7).
+"""The recovery point never counts entries the server lacks (PROTOCOL.md,
+Idempotency and acknowledgement).
 
 A store synced with one database and pointed at another (empty, migrated), or at its own
 database restored from an older backup (a real pg_dump / pg_restore), finds out, says so

@@ -1,4 +1,4 @@
-"""Checkpoints, rollback, restoration, migrations and retention (SPEC 3.3)."""
+"""Checkpoints, rollback, restoration, migrations and retention (README: adopting)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The workflow layer's resume rules and records (SPEC 3.1, 3.2)."""
+"""The workflow layer's resume rules and records (README's resume table)."""
 
 from __future__ import annotations
 
