@@ -352,6 +352,16 @@ class SyncLedger:
         doc = [{"lsn": e.lsn, "key": e.key, "reason": e.reason} for e in entries]
         self._put(_UNSHIPPED, json.dumps(doc).encode(), "unshipped")
 
+    # -- what sync pulls (sync/scope.py) ----------------------------------------------
+
+    @property
+    def scope(self) -> dict[str, Any] | None:
+        """The store's scope document (the STORE file's ``sync_scope``; None: every key)."""
+        return self._store_file.sync_scope
+
+    def set_scope(self, doc: dict[str, Any] | None) -> None:
+        self._store_file.set_sync_scope(doc)
+
     # -- the WAL sync holds ----------------------------------------------------------
 
     @property

@@ -21,12 +21,15 @@ from pathlib import Path
 
 from walsync.engine.errors import SyncConfigError
 
+from .scope import Scope
 from .transport import Transport
 
-__all__ = ["describe_target", "load_settings", "transport_from_env"]
+__all__ = ["compact_every_seconds", "describe_target", "load_settings", "scope_from_settings",
+           "transport_from_env"]
 
 _NAMES = ("WALSYNC_PG_DSN", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WALSYNC_TRANSPORT",
-          "WALSYNC_SUPABASE_KEY", "SUPABASE_ANON_KEY", "WALSYNC_NODE_LABEL")
+          "WALSYNC_SUPABASE_KEY", "SUPABASE_ANON_KEY", "WALSYNC_NODE_LABEL",
+          "WALSYNC_SCOPE_PREFIXES", "WALSYNC_SCOPE_GROUP", "WALSYNC_COMPACT_EVERY")
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -93,3 +96,35 @@ def describe_target(environ: Mapping[str, str] | None = None) -> str:
 
         return redact_dsn(s["WALSYNC_PG_DSN"])
     return s.get("SUPABASE_URL", "<not configured>")
+
+
+def scope_from_settings(environ: Mapping[str, str] | None = None) -> Scope | None:
+    """The scope the settings name (sync/scope.py), or None when they name none:
+    ``WALSYNC_SCOPE_PREFIXES`` (comma-separated; empty: no prefix) and/or
+    ``WALSYNC_SCOPE_GROUP``. ``walsync sync`` declares it on the store it syncs."""
+    s = load_settings(environ)
+    raw = s.get("WALSYNC_SCOPE_PREFIXES")
+    group = s.get("WALSYNC_SCOPE_GROUP") or None
+    if raw is None and group is None:
+        return None
+    prefixes = None if raw is None else tuple(p.strip() for p in raw.split(",") if p.strip())
+    try:
+        return Scope(prefixes=prefixes, group=group)
+    except (TypeError, ValueError) as exc:
+        raise SyncConfigError(f"WALSYNC_SCOPE_PREFIXES / WALSYNC_SCOPE_GROUP: {exc}") from None
+
+
+def compact_every_seconds(environ: Mapping[str, str] | None = None) -> float | None:
+    """``WALSYNC_COMPACT_EVERY``: seconds between the sync worker's log compactions
+    (unset: none)."""
+    raw = load_settings(environ).get("WALSYNC_COMPACT_EVERY")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise SyncConfigError(f"WALSYNC_COMPACT_EVERY must be a positive number of seconds, "
+                              f"not {raw!r}")
+    return seconds

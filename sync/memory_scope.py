@@ -145,17 +145,21 @@ class ScopeAndRetention:
                            for n, p in sorted(t.scope_groups.items())
                            if p_name is None or n == p_name]}
 
-    def _fn_scope_backfill(self, now: int, p_node: str, p_prefix: str | None, p_upto: int,
+    def _fn_scope_backfill(self, now: int, p_node: str, p_prefix: str | None,
+                           p_after_pos: int | None, p_upto: int, p_except: Any,
                            p_after_key: str | None, p_limit: int) -> dict[str, Any]:
         prefix = p_prefix or ""
         _checked([prefix])
+        excluded = _checked(p_except) or []
         limit = max(p_limit, 1)
+        low = p_after_pos or 0
 
         def held(s: Entry) -> bool:
-            return s.pos <= p_upto and s.origin != p_node
+            return low < s.pos <= p_upto and s.origin != p_node
 
         keys = sorted(k for k, v in self._t.siblings.items()
                       if k.startswith(prefix) and (p_after_key is None or k > p_after_key)
+                      and not any(k.startswith(x) for x in excluded)
                       and any(held(s) for s in v))
         page = keys[:limit]
         rows = [{"key": k, "origin": s.origin, "lsn": s.lsn, "pos": s.pos,

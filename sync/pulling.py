@@ -7,6 +7,12 @@ record as the merged data; a page holding only this node's own entries moves a
 "skipped" cursor instead, which need not be durable (re-reading those pages after
 a crash returns nothing). See PROTOCOL.md on the cursor.
 
+Scope (sync/scope.py): each page is read by the store's scope, and the fills a
+widening or a re-bootstrap leaves are run before and after the pages. Between pages
+(and fill pages) the store's own commits waiting for the server are shipped first
+(``between_pages``): a backlog pull never delays a ``remote`` commit's
+acknowledgement by more than one page.
+
 Threads: the shipping thread (the replicator's, or the caller's in ``run_once``);
 ``cursor`` from any thread.
 """
@@ -14,10 +20,12 @@ Threads: the shipping thread (the replicator's, or the caller's in ``run_once``)
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
-from walsync.engine.errors import RemoteUnavailableError
+from walsync.engine.errors import PullCompactedError, RemoteUnavailableError
 
 from .link import Link
+from .scope import ScopeKeeper
 from .shipping import MAX_RECLAIMS
 
 __all__ = ["Puller"]
@@ -35,6 +43,22 @@ class Puller:
         #: pull rounds completed; read by the replicator's stats()
         self.pulls = 0
         link.on_server_changed = self.reset_cursor
+        self.scope = ScopeKeeper(link.store, link.transport)
+        #: re-bootstraps after the server compacted its log past the cursor
+        self.rebootstraps = 0
+        #: called between pages while a commit of the store waits for the server (the
+        #: replicator ships then)
+        self.between_pages: Callable[[], object] | None = None
+
+    def _yield_to_commits(self) -> None:
+        """Between two pages: ship first what the store's commits wait for."""
+        if self._link.unacked and self.between_pages is not None:
+            self.between_pages()
+
+    def _fill(self) -> int:
+        filled = self.scope.fill(self._yield_to_commits)
+        self._link.status.pulled_entries += filled
+        return filled
 
     def pull(self) -> int:
         """Merge other origins' entries after the cursor; returns how many were received."""
@@ -42,13 +66,25 @@ class Puller:
         link = self._link
         status = link.status
         link.ensure_connected()
-        total = 0
+        total = self._fill()
         reclaims = 0
         while True:
             cursor = self.cursor()
-            page = self.transport.pull(store.node_id, cursor, self.options.pull_limit)
+            try:
+                page = self.scope.pull(cursor, self.options.pull_limit)
+            except PullCompactedError:
+                # The log no longer holds everything after the cursor: fill the scope in
+                # from the server's state up to its head, and pull on from there.
+                head = self.transport.head()
+                self.scope.rebootstrap(cursor, head)
+                store.apply_remote([], pull_cursor=head)
+                self.rebootstraps += 1
+                status.extra["rebootstraps"] = self.rebootstraps
+                total += self._fill()
+                continue
             status.server_head = page.head
             status.last_pull_at = time.time()
+            self.scope.note_page(page, cursor)  # a widening: its fills, before the merge
             if page.next <= cursor:
                 break
             if not page.entries:
@@ -83,6 +119,8 @@ class Puller:
             )
             if page.next >= page.head:
                 break
+            self._yield_to_commits()
+        total += self._fill()
         status.pull_cursor = self.cursor()
         self.pulls += 1
         return total

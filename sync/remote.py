@@ -183,10 +183,12 @@ class RpcTransport(ABC):
     def entry_point(self, node_id: str, lsn: int) -> EntryPoint:
         return entry_point_of(self.call("entry_point", {"p_node": node_id, "p_lsn": lsn}))
 
-    def scope_backfill(self, node_id: str, prefix: str, upto: int, after_key: str | None,
+    def scope_backfill(self, node_id: str, prefix: str, after_pos: int, upto: int,
+                       except_prefixes: Sequence[str], after_key: str | None,
                        limit: int) -> StatePage:
         return state_page(self.call("scope_backfill", {
-            "p_node": node_id, "p_prefix": prefix, "p_upto": upto, "p_after_key": after_key,
+            "p_node": node_id, "p_prefix": prefix, "p_after_pos": after_pos, "p_upto": upto,
+            "p_except": list(except_prefixes), "p_after_key": after_key,
             "p_limit": limit}), "scope_backfill")
 
     def scope_group(self, name: str | None,

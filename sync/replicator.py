@@ -51,6 +51,7 @@ from walsync.engine.replication import ReplicationSource
 
 from .link import Link, ReplicatorStatus
 from .pulling import Puller
+from .scope import Scope, load_scope, set_scope
 from .shipping import Shipper
 from .transport import Transport
 
@@ -109,14 +110,20 @@ class ReplicatorStats:
 class Replicator:
     def __init__(
         self, store: ReplicationSource, transport: Transport,
-        options: ReplicatorOptions | None = None,
+        options: ReplicatorOptions | None = None, *, scope: Scope | None = None,
     ) -> None:
+        """``scope``: what the store pulls (sync/scope.py), declared on the store
+        (durably) when given; None keeps the scope the store declares (every key when
+        it declares none)."""
         self.store = store
         self.transport = transport
         self.options = options or ReplicatorOptions()
+        if scope is not None:
+            set_scope(store, scope)
         self._link = Link(store, transport, self.options)
         self._shipper = Shipper(self._link)
         self._puller = Puller(self._link)
+        self._puller.between_pages = self._shipper.ship
         self._stop = self._link.stop
         self._status = self._link.status
         self._wake = threading.Event()
@@ -326,6 +333,17 @@ class Replicator:
     def pull(self) -> int:
         """Merge other origins' entries after the cursor; returns how many were received."""
         return self._puller.pull()
+
+    @property
+    def scope(self) -> Scope:
+        """What the store pulls (sync/scope.py)."""
+        return load_scope(self.store)
+
+    def set_scope(self, scope: Scope) -> None:
+        """Declare what the store pulls, durably; the next pull reads by it (a widened
+        scope's new prefixes are filled in from the server's state). Any thread."""
+        set_scope(self.store, scope)
+        self._wake.set()
 
     def on_lease_lost(self, callback: Callable[[LeaseLostError], None]) -> None:
         """Call ``callback(error)`` (from the replicator's thread) when a run is fenced."""

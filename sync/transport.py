@@ -415,10 +415,12 @@ class Transport(Protocol):
     def entry_point(self, node_id: str, lsn: int) -> EntryPoint:
         """The HLC of ``node_id``'s record ``lsn`` on the server, and its nearest LSNs."""
 
-    def scope_backfill(self, node_id: str, prefix: str, upto: int, after_key: str | None,
+    def scope_backfill(self, node_id: str, prefix: str, after_pos: int, upto: int,
+                       except_prefixes: Sequence[str], after_key: str | None,
                        limit: int) -> StatePage:
-        """The stored siblings under ``prefix`` other origins wrote at positions up to
-        ``upto``, a page of keys after ``after_key`` (a widened scope's fill)."""
+        """The stored siblings under ``prefix`` (under none of ``except_prefixes``)
+        other origins wrote at positions in ``(after_pos, upto]``, a page of keys after
+        ``after_key`` (a widened scope's fill)."""
 
     def scope_group(self, name: str | None,
                     prefixes: Sequence[str] | None = None) -> list[ScopeGroup]:
@@ -503,9 +505,11 @@ class TransportProxy:
     def entry_point(self, node_id: str, lsn: int) -> EntryPoint:
         return self.inner.entry_point(node_id, lsn)
 
-    def scope_backfill(self, node_id: str, prefix: str, upto: int, after_key: str | None,
+    def scope_backfill(self, node_id: str, prefix: str, after_pos: int, upto: int,
+                       except_prefixes: Sequence[str], after_key: str | None,
                        limit: int) -> StatePage:
-        return self.inner.scope_backfill(node_id, prefix, upto, after_key, limit)
+        return self.inner.scope_backfill(node_id, prefix, after_pos, upto, except_prefixes,
+                                         after_key, limit)
 
     def scope_group(self, name: str | None,
                     prefixes: Sequence[str] | None = None) -> list[ScopeGroup]:

@@ -23,7 +23,7 @@ import click
 
 from walsync.engine import WalsyncError
 
-from . import demo, nodes_cmds, runs_cmds, store_cmds, sync_cmds, ui_cmd
+from . import demo, nodes_cmds, runs_cmds, scope_cmds, store_cmds, sync_cmds, ui_cmd
 from .exits import Exit, interrupted, report
 
 __all__ = ["main"]
@@ -54,6 +54,6 @@ def main() -> None:
     """walsync: a durable state store for long-running workflows."""
 
 
-for _topic in (store_cmds, runs_cmds, sync_cmds, nodes_cmds, ui_cmd, demo):
+for _topic in (store_cmds, runs_cmds, sync_cmds, nodes_cmds, scope_cmds, ui_cmd, demo):
     for _command in _topic.COMMANDS:
         main.add_command(_command)

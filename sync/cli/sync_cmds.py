@@ -24,9 +24,18 @@ from walsync.engine.errors import (
     RemoteUnavailableError,
     SyncConfigError,
 )
+from walsync.engine.worker import open_sync_worker
 
-from ..config import describe_target, load_settings, transport_from_env
+from ..config import (
+    compact_every_seconds,
+    describe_target,
+    load_settings,
+    scope_from_settings,
+    transport_from_env,
+)
+from ..logretention import DEFAULT_COMPACT_EVERY_SECONDS, Compactor
 from ..replicator import Replicator, ReplicatorOptions, ReplicatorStatus
+from ..scope import Scope
 from ..status import Health, SyncStatus, sync_status
 from ..status import detach as detach_store
 from ..transport import LeaseInfo
@@ -108,10 +117,20 @@ def migrate(dsn_env: str, tenant_mode: bool, tenant_claim: str | None, out: Outp
               help="Serve Prometheus metrics on this port at /metrics (0: any free port).")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
               help="Address the metrics endpoint listens on.")
+@click.option("--scope-prefix", "scope_prefixes", multiple=True, type=KEY,
+              help="Pull only keys under this prefix (repeatable; holds a '/'); declared on "
+                   "the store (`walsync scope`). Config: WALSYNC_SCOPE_PREFIXES.")
+@click.option("--scope-group", default=None,
+              help="Pull the prefixes this server-side group lists (`walsync scope group`). "
+                   "Config: WALSYNC_SCOPE_GROUP.")
+@click.option("--compact-every", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Compact the server's entry log this often, one worker at a time (0: "
+                   "never; default 3600, or WALSYNC_COMPACT_EVERY).")
 @json_option
 def sync_command(store_path: str, once: bool, no_pull: bool, status_every: float,
                  timeout_seconds: float, metrics_port: int | None, metrics_host: str,
-                 out: Output) -> None:
+                 scope_prefixes: tuple[str, ...], scope_group: str | None,
+                 compact_every: float | None, out: Output) -> None:
     """Replicate the store to the server continuously (the sync worker).
 
     Server from WALSYNC_PG_DSN, or SUPABASE_URL + SUPABASE_SERVICE_ROLE_KEY. With
@@ -121,12 +140,25 @@ def sync_command(store_path: str, once: bool, no_pull: bool, status_every: float
     """
     if once and metrics_port is not None:
         raise click.UsageError("--metrics-port serves the continuous worker, not --once")
-    with Store.open(store_path, create=False) as store:
-        rep = Replicator(store, transport_from_env(), ReplicatorOptions(pull=not no_pull))
+    try:
+        scope = (Scope(prefixes=scope_prefixes or None, group=scope_group)
+                 if scope_prefixes or scope_group else scope_from_settings())
+    except (TypeError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    every = compact_every if compact_every is not None else (
+        compact_every_seconds() or DEFAULT_COMPACT_EVERY_SECONDS)
+    with open_sync_worker(store_path) as store:  # beside the writer: engine/worker.py
+        rep = Replicator(store, transport_from_env(), ReplicatorOptions(pull=not no_pull),
+                         scope=scope)
         if once:
             _once(store, rep, timeout_seconds, out)
             return
-        _work(store, rep, status_every, metrics_host, metrics_port, out)
+        compactor = Compactor(transport_from_env, every).start() if every else None
+        try:
+            _work(store, rep, status_every, metrics_host, metrics_port, out)
+        finally:
+            if compactor is not None:
+                compactor.stop()
 
 
 def _once(store: Store, rep: Replicator, timeout_seconds: float, out: Output) -> None:

@@ -134,17 +134,22 @@ end
 $$;
 
 -- A widened scope's fill: every stored sibling of up to p_limit keys under
--- p_prefix after p_after_key (byte order) that another origin than p_node wrote
--- and that the log held at or below position p_upto (what the store's cursor
--- passed while the prefix was outside its scope; later ones it pulls).
-create or replace function walsync_api.scope_backfill(p_node text, p_prefix text, p_upto bigint,
-                                                      p_after_key text, p_limit integer)
+-- p_prefix (but under none of p_except, a JSON array of prefixes) after
+-- p_after_key (byte order) that another origin than p_node wrote at a position in
+-- (p_after_pos, p_upto]: what the store's cursor passed while the prefix was
+-- outside its scope (up to p_after_pos it pulled them while inside; after
+-- p_upto it pulls them).
+create or replace function walsync_api.scope_backfill(p_node text, p_prefix text,
+                                                      p_after_pos bigint, p_upto bigint,
+                                                      p_except jsonb, p_after_key text,
+                                                      p_limit integer)
 returns jsonb
 language plpgsql security definer stable
 set search_path = pg_catalog, walsync
 as $$
 declare
   v_tenant text := walsync.require_tenant();
+  v_except text[] := coalesce(walsync.scope_prefixes(p_except), '{}'::text[]);
 begin
   perform walsync.scope_checked(array[coalesce(p_prefix, '')]);
   return (
@@ -155,7 +160,8 @@ begin
         and key collate "C" >= coalesce(p_prefix, '')
         and starts_with(key, coalesce(p_prefix, ''))
         and (p_after_key is null or key collate "C" > p_after_key collate "C")
-        and pos <= p_upto and origin <> p_node
+        and pos > coalesce(p_after_pos, 0) and pos <= p_upto and origin <> p_node
+        and not exists (select 1 from unnest(v_except) x where starts_with(key, x))
       order by 1
       limit greatest(p_limit, 1)
     )
@@ -168,7 +174,8 @@ begin
                  'vv', s.vv, 'hlc', s.hlc, 'fence', s.fence, 'value_hash', s.value_hash)
                order by s.key collate "C", s.origin collate "C", s.lsn)
         from siblings s join page p on s.key = p.key
-        where s.tenant = v_tenant and s.pos <= p_upto and s.origin <> p_node), '[]'::jsonb),
+        where s.tenant = v_tenant and s.pos > coalesce(p_after_pos, 0) and s.pos <= p_upto
+          and s.origin <> p_node), '[]'::jsonb),
       'last_key', (select max(key collate "C") from page),
       'done', (select count(*) from page) < greatest(p_limit, 1)));
 end

@@ -121,14 +121,18 @@ def test_scope_backfill_pages_siblings_of_others_up_to_a_position(server: Server
     t.push("A", 8, [entry("A", 8, "app/x", 8, {"A": 8})])  # replaces app/x's sibling
     rows, after = [], None
     while True:
-        page = t.scope_backfill("B", "app/", upto, after, 2)
+        page = t.scope_backfill("B", "app/", 0, upto, [], after, 2)
         rows += [(r.key, r.sibling.version.origin, r.sibling.version.lsn) for r in page.rows]
         after = page.last_key
         if page.done:
             break
     # app/x's only sibling now is at a later position; B's own and later keys are left out
     assert rows == [("app/deep/q", "A", 6), ("app/y", "A", 4), ("app/z", "A", 4)]
-    full = t.scope_backfill("B", "", t.head(), None, 100)
+    # a lower bound (what the store pulled while the prefix was in its scope) and parts
+    # excluded (still in its scope, or with a history of their own)
+    part = t.scope_backfill("B", "app/", 5, upto, ["app/deep/"], None, 100)
+    assert [(r.key, r.sibling.version.lsn) for r in part.rows] == [("app/z", 4)]
+    full = t.scope_backfill("B", "", 0, t.head(), [], None, 100)
     assert {r.key for r in full.rows} == {"app/x", "other/x", "apple/y", "app", "app/y",
                                          "app/z", "other/y", "app/deep/q", "app/later"}
 
