@@ -136,6 +136,7 @@ def _reset_server(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("truncate walsync.entries, walsync.siblings, walsync.nodes, walsync.fenced")
         conn.execute("update walsync.head set pos = 0")
+        conn.execute("select setval('walsync.positions', 0)")  # positions from 1 again
 
 
 def _scratch_root() -> str | None:

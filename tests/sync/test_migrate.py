@@ -44,6 +44,8 @@ RELEASED_TENANT_DIR = Path(__file__).with_name("released_migrations") / "tenant"
 #: the tenant files as released before the consolidation (the migrator no longer has them)
 RELEASED_TENANT = sorted((p.name[:14], p) for p in RELEASED_TENANT_DIR.glob("*.sql"))
 CONSOLIDATED = "20261207000007"
+#: the file that made pushes of different nodes run in parallel (push's definition)
+PUSH_IN_PARALLEL = "20261207000008"
 #: the file that added the nodes listing and the point-in-time reads of the log
 NODES_AND_POINTS = "20261207000009"
 
@@ -159,7 +161,8 @@ def test_no_function_or_view_is_defined_twice_in_the_files_migrate_applies() -> 
             "entry_point")}
     # today every one of them lives in the consolidated file, but for those a later
     # file added (each defined once, there)
-    assert {d.file[:14] for d in plain.values()} == {CONSOLIDATED, NODES_AND_POINTS}
+    assert {d.file[:14] for d in plain.values()} == {CONSOLIDATED, PUSH_IN_PARALLEL,
+                                                     NODES_AND_POINTS}
 
 
 def test_the_released_tenant_files_were_copies_of_the_functions() -> None:
@@ -290,7 +293,7 @@ def primary_keys(schema: dict[str, Any]) -> dict[str, str]:
 #: each table's key without the tenant: in a single-tenant database the tenant closes it
 #: (never compared), in tenant mode it leads it (a tenant's rows are adjacent)
 KEYS = {"nodes": "node_id", "entries": "origin, lsn, key", "siblings": "key, origin, lsn",
-        "leases": "run_id", "fenced": "origin, lsn, key"}
+        "leases": "run_id", "fenced": "origin, lsn, key", "key_locks": "key"}
 
 
 def test_every_default_level_migrates_to_the_fresh_schema(
@@ -330,7 +333,7 @@ def test_every_tenant_mode_path_migrates_to_the_fresh_tenant_schema(
     migrate(fresh, tenant_mode=True)
     want = catalog(fresh)
     assert want["tenant_settings"] == [[1, "tenant_id"]]
-    assert len(want["policies"]) == 7
+    assert len(want["policies"]) == 8
     assert primary_keys(want) == {
         "head": "PRIMARY KEY (tenant)", "server": "PRIMARY KEY (id)",
         "tenant_settings": "PRIMARY KEY (id)",

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.postgres
 
 TENANT_FILES = [path.name for _, path in list_migrations(tenant=True)]
 DEFAULT_FILES = [path.name for _, path in list_migrations()]
-TABLES = ("nodes", "head", "entries", "siblings", "leases", "fenced")
+TABLES = ("nodes", "head", "entries", "siblings", "leases", "fenced", "key_locks")
 #: every walsync_api function a tenant-scoped key may call
 TENANT_FUNCTIONS = {"push", "pull", "node_status", "head", "conflicts", "lease_acquire",
                     "lease_renew", "lease_release", "leases", "state_page", "state_count",

@@ -60,6 +60,7 @@ def _empty(dsn: str) -> None:
         conn.execute("truncate walsync.entries, walsync.siblings, walsync.nodes, "
                      "walsync.fenced, walsync.leases")
         conn.execute("update walsync.head set pos = 0")
+        conn.execute("select setval('walsync.positions', 0)")  # positions from 1 again
 
 
 class Pair:
