@@ -53,7 +53,7 @@ from walsync.engine.workflow import keys as run_keys
 from .incarnation import verified_through
 from .nodes import find_node
 from .point import Point, PointReached, at_lsn, at_time, check_window, iter_log, parse_lsn
-from .transport import NodeList, Transport
+from .transport import LogRow, NodeList, Transport
 
 __all__ = ["RestoreReport", "recovery_point_iso", "restore"]
 
@@ -278,6 +278,20 @@ def _covers(report: RestoreReport, prefix: str, all_keys: bool) -> str:
     return text + ", not its other keys (all_keys / --all-keys takes them too)"
 
 
+def _newest(rows: list[LogRow]) -> list[tuple[str, Sibling]]:
+    """A page of the log as the versions its merge keeps: of each key, each origin's
+    newest entry alone, checked. A node's later write to a key dominates its earlier
+    ones (sync/PROTOCOL.md "Merge rules": the server's push merges so too), so the
+    rest would be dropped by the merge anyway; this spares the new store's WAL."""
+    newest: dict[tuple[str, str], LogRow] = {}
+    for row in rows:
+        ident = (row.key, row.sibling.version.origin)
+        held = newest.get(ident)
+        if held is None or row.sibling.version.lsn > held.sibling.version.lsn:
+            newest[ident] = row
+    return [(r.key, _checked(r.key, r.sibling, r.value_hash)) for r in newest.values()]
+
+
 def _write(store: Store, report: RestoreReport, items: list[tuple[str, Sibling]]) -> None:
     if items:
         store.apply_remote(items)
@@ -326,8 +340,7 @@ def _restore_at(transport: Transport, store: Store, report: RestoreReport, prefi
         for rows, pos in iter_log(transport, prefix, reached.cut_hlc, head, page_positions):
             for row in rows:
                 reached.include(row)
-            _write(store, report, [(r.key, _checked(r.key, r.sibling, r.value_hash))
-                                   for r in rows])
+            _write(store, report, _newest(rows))
             if progress is not None:
                 progress(pos, head)
         report.keys = sum(1 for _ in store.iter_siblings(prefix))
@@ -339,7 +352,7 @@ def _restore_at(transport: Transport, store: Store, report: RestoreReport, prefi
             for rows, pos in iter_log(transport, "", reached.cut_hlc, head, page_positions):
                 for row in rows:
                     reached.include(row)
-                items = [(r.key, _checked(r.key, r.sibling, r.value_hash)) for r in rows]
+                items = _newest(rows)
                 if items:
                     whole.apply_remote(items)
                 if progress is not None:
