@@ -61,8 +61,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INBOX_DIR",
+    "INBOX_FORMAT",
+    "INBOX_POLL_SECONDS",
     "INBOX_SEQ",
     "SYNC_FILE",
+    "SYNC_FILE_FORMAT",
     "SYNC_LOCK",
     "InboxApplier",
     "InboxPage",
@@ -70,8 +73,11 @@ __all__ = [
     "SyncLock",
     "WorkerAcknowledger",
     "inbox_pages",
+    "kill_point",
     "read_inbox_page",
+    "remove_stale_tmp",
     "sync_holder_pid",
+    "worker_acknowledger",
     "write_inbox_page",
 ]
 

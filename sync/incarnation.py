@@ -47,8 +47,8 @@ from .merge import record_to_wire
 from .nodes import announce
 from .transport import Hello, Transport
 
-__all__ = ["Connection", "Hello", "ServerPosition", "connect", "position",
-           "server_entries", "verified_through"]
+__all__ = ["Connection", "Hello", "ServerPosition", "confirmed_position", "connect",
+           "count_unreplicated", "position", "server_entries", "verified_through"]
 
 log = logging.getLogger("walsync.replicator")
 

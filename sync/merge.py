@@ -30,6 +30,7 @@ from walsync.engine.record import CODEC_NONE, decode_entry, decode_value
 from walsync.engine.versions import Sibling, Version, merge_sibling, visible_siblings, winner
 
 __all__ = [
+    "JSON_VIEW_MAX_BYTES",
     "Replica",
     "WireEntry",
     "json_view",

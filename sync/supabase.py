@@ -32,7 +32,7 @@ from walsync.engine.errors import (
 from .remote import RpcTransport, error_for_sqlstate, push_ack, push_arrays
 from .transport import PushAck, WireBatch, WireEntry
 
-__all__ = ["SupabaseTransport", "classify_api_error"]
+__all__ = ["API_SCHEMA", "SupabaseTransport", "classify_api_error"]
 
 API_SCHEMA = "walsync_api"
 

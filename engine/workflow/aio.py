@@ -50,7 +50,8 @@ if TYPE_CHECKING:
     from .leases import LeaseLike
     from .workflows import Workflows
 
-__all__ = ["AsyncRun", "AsyncStepContext", "RunOpener", "current_async_step"]
+__all__ = ["AsyncRun", "AsyncStepContext", "RunOpener", "async_step_wrapper",
+           "current_async_step", "run_async_step"]
 
 _T = TypeVar("_T")
 

@@ -37,7 +37,7 @@ from walsync.engine.workflow import Run, RunStatus, StepStatus, Workflows, curre
 
 from .output import Output, json_option
 
-__all__ = ["COMMANDS", "DEMO_STEPS", "run_demo"]
+__all__ = ["COMMANDS", "DEMO_STEPS", "PAGES", "WORKFLOW", "run_demo"]
 
 WORKFLOW = "invoices"
 DEMO_STEPS = ("fetch_orders", "compute_invoices", "summarise", "charge_cards", "email_receipts")

@@ -27,7 +27,10 @@ from walsync.engine.lock import read_holder_pid, writer_is_alive
 from walsync.engine.workflow import RUN_STATUSES, Cost, Run, StepRecord, Workflows, keys
 
 __all__ = [
+    "CONFLICTS_LIMIT",
+    "FULL_OUTPUT_CHARS",
     "PREVIEW_CHARS",
+    "RUNS_LIMIT",
     "conflicts",
     "health",
     "jsonable",
