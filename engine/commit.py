@@ -100,7 +100,7 @@ class CommitPipeline:
         #: awaited commits (engine/aio.py) have no thread waiting in ``_submit``: one
         #: driver thread, started by the first, leads the stages for them, sleeping
         #: on ``_driver`` (their records' ``waiter``); ``_awaited`` counts those not
-        #: done, ``_awaited_done`` those done whose listeners have not run yet
+        #: done, ``_awaited_done`` those done whose callbacks have not run yet
         self._driver = threading.Condition(mutex)
         self._driver_thread: threading.Thread | None = None
         self._awaited = 0
@@ -117,9 +117,10 @@ class CommitPipeline:
 
         With ``on_done`` (the awaitable commit, engine/aio.py) it returns once the
         record is checked, has its LSN and is queued, without waiting: the
-        driver thread calls ``on_done(lsn, error)`` (holding the pipeline's lock, so it must
-        not block) once the record is durable and applied, or with the error that
-        refused it. Durability 'remote' is then the caller's to wait for.
+        driver thread calls ``on_done(lsn, error)`` (outside the pipeline's lock; it
+        must not block: it holds up the next batch) once the record is durable as
+        asked, or with the error that refused it. Durability 'remote' is then the
+        caller's to wait for.
         """
         started = time.perf_counter_ns()
         try:
@@ -323,6 +324,9 @@ class CommitPipeline:
                     self.cv.release()
                     try:
                         for item in items:
+                            assert item.on_done is not None
+                            item.on_done(item.lsn, item.error)
+                        for item in items:
                             if item.error is None and not self._health.closed:
                                 self._finish(item)
                     finally:
@@ -383,10 +387,10 @@ class CommitPipeline:
             if item.waiter is not None:
                 item.waiter.notify()
             if item.on_done is not None:
+                # its callback runs on the driver thread, outside the lock
                 self._in_pipeline -= 1
                 self._awaited -= 1
                 self._awaited_done.append(item)
-                item.on_done(item.lsn, error)
 
     def _finish(self, item: Pending) -> None:
         if item.error is not None:
