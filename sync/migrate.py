@@ -33,7 +33,7 @@ import psycopg
 
 from walsync.engine.errors import SyncConfigError
 
-from .postgres import classify, redact_dsn
+from .postgres import check_dsn, classify, redact_dsn
 
 __all__ = ["MIGRATIONS_DIR", "RETIRED_TENANT_VERSIONS", "TENANT_MIGRATIONS_DIR",
            "MigrationReport", "list_migrations", "migrate"]
@@ -155,6 +155,7 @@ def migrate(dsn: str, *, tenant_mode: bool = False,
     if tenant_claim is not None and not _CLAIM.match(tenant_claim):
         raise SyncConfigError(f"tenant claim {tenant_claim!r} is not a JWT claim name "
                               "(letters, digits and _ . : / -)")
+    check_dsn(dsn)
     applied: list[str] = []
     already: list[str] = []
     claim: str | None = None

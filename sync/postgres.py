@@ -33,7 +33,7 @@ from walsync.engine.errors import (
 from .remote import PUSH_ARRAYS, RpcTransport, error_for_sqlstate, push_ack, push_arrays
 from .transport import PushAck, WireBatch, WireEntry
 
-__all__ = ["PostgresTransport", "classify", "redact_dsn"]
+__all__ = ["PostgresTransport", "check_dsn", "classify", "redact_dsn"]
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
@@ -138,6 +138,20 @@ def _push_params(entries: list[dict[str, Any]]) -> list[_BinaryArray]:
     except (struct.error, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise RemoteRejectedError(f"push: a wire entry is malformed ({type(exc).__name__}: "
                                   f"{exc})") from None
+
+
+def check_dsn(dsn: str) -> None:
+    """Refuse a DSN libpq cannot parse with a SyncConfigError saying so (psycopg's own
+    error may quote the DSN, password and all, so its words are not repeated)."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        raise SyncConfigError(
+            "the PostgreSQL DSN cannot be read: it is neither key=value pairs nor a "
+            "postgresql:// URI with known parameters",
+            hint="set WALSYNC_PG_DSN like 'host=db.example.com port=5432 dbname=postgres "
+                 "user=walsync' or 'postgresql://walsync@db.example.com:5432/postgres'"
+        ) from None
 
 
 def redact_dsn(dsn: str) -> str:
@@ -248,16 +262,7 @@ class PostgresTransport(RpcTransport):
                  connect_timeout_seconds: float = 10.0,
                  idle_in_transaction_seconds: float = 5.0,
                  answer_timeout_seconds: float | None = None) -> None:
-        try:
-            psycopg.conninfo.conninfo_to_dict(dsn)
-        except psycopg.ProgrammingError:
-            # psycopg's own words may quote the DSN, password and all: not repeated
-            raise SyncConfigError(
-                "the PostgreSQL DSN cannot be read: it is neither key=value pairs nor a "
-                "postgresql:// URI with known parameters",
-                hint="set WALSYNC_PG_DSN like 'host=db.example.com port=5432 dbname=postgres "
-                     "user=walsync' or 'postgresql://walsync@db.example.com:5432/postgres'"
-            ) from None
+        check_dsn(dsn)
         self._dsn = dsn
         self._timeout_ms = int(timeout_seconds * 1000)
         # The server ends a statement after timeout_seconds and says so; a call with

@@ -227,9 +227,9 @@ def duration(seconds: float) -> str:
 
 
 def ago(seconds: float) -> str:
-    """How long ago: "3 s ago"; a moment ahead of this host's clock says so."""
+    """How long ago: "3 s ago"; a moment still to come: "in 25 s"."""
     if seconds < 0:
-        return f"{duration(-seconds)} ahead of this host's clock"
+        return f"in {duration(-seconds)}"
     return f"{duration(seconds)} ago"
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
+from .exits import Exit
 from .options import store_option
 from .signals import stop_on_signals
 
@@ -33,12 +36,16 @@ def ui_command(store_path: str, host: str, port: int, allow_actions: bool) -> No
     mode = "actions enabled" if allow_actions else "read-only"
     click.echo(f"walsync ui on {server.url} ({mode}, store {store_path}); Ctrl-C stops it")
     stop_on_signals()
+    stopped_by = None
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        click.echo("stopping")
+    except KeyboardInterrupt as stop:
+        stopped_by = str(stop) or "SIGINT"
+        click.echo(f"stopping ({stopped_by})")
     finally:
         server.close()
+    if stopped_by == "SIGINT":  # Ctrl-C: 130 as for every command; SIGTERM: a clean 0
+        sys.exit(int(Exit.INTERRUPTED))
 
 
 COMMANDS = [ui_command]

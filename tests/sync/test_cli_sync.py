@@ -29,6 +29,7 @@ from tests.sync._helpers import (
     with_port,
 )
 from walsync.engine import Store
+from walsync.engine.handoff import sync_holder_pid
 from walsync.sync.cli import main
 from walsync.sync.migrate import list_migrations
 
@@ -41,6 +42,8 @@ UNSET = ("WALSYNC_PG_DSN", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WALSYNC
 
 
 WALSYNC = Path(sys.executable).with_name("walsync")
+#: the exit code of a command whose server is not configured, unreachable or refuses it
+EXIT_SERVER = 6
 
 
 def environment(dsn: str | None) -> dict[str, str | None]:
@@ -66,8 +69,8 @@ class Cli:
         assert result.exit_code == code, (args, result.exit_code, result.output, result.stderr)
         return result
 
-    def json(self, *args: str) -> Any:
-        return json.loads(self(*args, "--json").stdout)
+    def json(self, *args: str, code: int = 0) -> Any:
+        return json.loads(self(*args, "--json", code=code).stdout)
 
     def lines(self, *args: str) -> list[Any]:
         return [json.loads(line) for line in self(*args, "--json").stdout.splitlines()
@@ -168,7 +171,7 @@ def test_cli_conflicts_list_and_resolve(cli: Cli, tmp_path: Path, pg_db: str) ->
     assert query(pg_db, "select key, versions from walsync.conflicts") == [("doc", 2)]
 
     resolved = cli("conflicts", "resolve", "--store", b, "doc", '{"by": "both"}')
-    assert "resolved 'doc' at LSN" in resolved.output
+    assert "resolved 'doc' (2 versions) at LSN" in resolved.output
     assert cli.lines("conflicts", "list", "--store", b) == []
     for store in (b, a):
         cli("sync", "--once", "--store", store)
@@ -185,24 +188,24 @@ def test_cli_missing_config_is_a_clear_error(tmp_path: Path) -> None:
     cli = Cli(None)
     store = init_store(cli, tmp_path / "s", "S")
     for args in (("sync", "--once", "--store", store), ("migrate",)):
-        result = cli(*args, code=1)
+        result = cli(*args, code=EXIT_SERVER)
         assert result.stderr.startswith("error: "), result.stderr
         assert "WALSYNC_PG_DSN" in result.stderr
         if args[0] == "sync":
             assert "SUPABASE_URL" in result.stderr
             assert "SUPABASE_SERVICE_ROLE_KEY" in result.stderr
-    status = cli.json("status", "--store", store)  # local facts still shown ...
+    status = cli.json("status", "--store", store, code=EXIT_SERVER)  # local facts shown ...
     assert status["applied_lsn"] == 0
     assert "WALSYNC_PG_DSN" in status["server_error"]  # ... with what to set
     assert "SUPABASE_URL" in status["server_error"]
     half = Cli(None)
     half.env["SUPABASE_URL"] = "http://127.0.0.1:9"
-    result = half("sync", "--once", "--store", store, code=1)
+    result = half("sync", "--once", "--store", store, code=EXIT_SERVER)
     assert "SUPABASE_SERVICE_ROLE_KEY" in result.stderr
     key = "eyJhbGciOiJIUzI1NiJ9.e30.c2VjcmV0LXNpZ25hdHVyZQ"
     malformed = Cli(None, secret=key)
     malformed.env.update(SUPABASE_URL="myproject.supabase.co", SUPABASE_SERVICE_ROLE_KEY=key)
-    result = malformed("sync", "--once", "--store", store, code=1)  # no traceback
+    result = malformed("sync", "--once", "--store", store, code=EXIT_SERVER)  # no traceback
     assert result.stderr.startswith("error: ")
     assert "SUPABASE_URL" in result.stderr
     assert "https://" in result.stderr
@@ -216,15 +219,17 @@ def test_cli_wrong_password_fails_fast_without_showing_it(
     store = init_store(cli, tmp_path / "s", "S")
     cli("put", "--store", store, "k", "1")
     started = time.monotonic()
-    result = cli("sync", "--once", "--store", store, code=1)  # permanent: no retry loop
+    result = cli("sync", "--once", "--store", store, code=EXIT_SERVER)  # permanent: no retries
     assert time.monotonic() - started < 20
     assert "password authentication failed" in result.stderr
     assert PASSWORD_ROLE in result.stderr
     assert "hint:" in result.stderr
-    status = cli.json("status", "--store", store)
+    status = cli.json("status", "--store", store, code=EXIT_SERVER)
     assert "password authentication failed" in status["server_error"]
     assert status["unreplicated_entries"] == 1
-    assert cli("migrate", code=1).stderr.startswith("error: ")
+    migrate = cli("migrate", code=EXIT_SERVER)
+    assert migrate.stderr.startswith("error: ")
+    assert "hint: migrate needs a role that may create schemas" in migrate.stderr
 
 
 def test_cli_sync_once_gives_up_when_the_server_is_unreachable(tmp_path: Path,
@@ -233,7 +238,7 @@ def test_cli_sync_once_gives_up_when_the_server_is_unreachable(tmp_path: Path,
     store = init_store(cli, tmp_path / "s", "S")
     cli("put", "--store", store, "k", "1")
     started = time.monotonic()
-    result = cli("sync", "--once", "--timeout", "2", "--store", store, code=1)
+    result = cli("sync", "--once", "--timeout", "2", "--store", store, code=EXIT_SERVER)
     assert time.monotonic() - started < 15
     assert "cannot reach" in result.stderr
     assert query(pg_db, "select 1") == [(1,)]  # (the real server was never touched)
@@ -243,9 +248,9 @@ def test_cli_sync_once_gives_up_when_the_server_is_unreachable(tmp_path: Path,
 def test_cli_sync_worker_stops_cleanly_on_sigterm_and_sigint(
     cli: Cli, tmp_path: Path, pg_db: str, signum: signal.Signals
 ) -> None:
-    """What a service manager sends (SIGTERM) and Ctrl-C both stop the worker with exit
-    0 and a cleanly closed store, even when it was started with SIGINT ignored (as a
-    shell's background job is)."""
+    """What a service manager sends (SIGTERM) and Ctrl-C both stop the worker with a
+    cleanly closed store (exit 0 for SIGTERM, 130 for Ctrl-C as for every command),
+    even when it was started with SIGINT ignored (as a shell's background job is)."""
     cli("migrate")
     path = init_store(cli, tmp_path / "s", "W")
     with Store.open(path) as store:
@@ -264,12 +269,16 @@ def test_cli_sync_worker_stops_cleanly_on_sigterm_and_sigint(
                 assert proc.poll() is None, proc.communicate()
                 assert time.monotonic() < deadline, "the worker never shipped"
                 time.sleep(0.05)
-            assert (Path(path) / "OPEN").exists()
+            # the worker syncs beside the writer, never as one (engine/worker.py)
+            assert sync_holder_pid(Path(path)) == proc.pid
+            assert not (Path(path) / "OPEN").exists()
             proc.send_signal(signum)
             out, err = proc.communicate(timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert proc.returncode == 0, err
+    assert proc.returncode == (130 if signum == signal.SIGINT else 0), err
+    assert "Traceback" not in err
     assert f"stopping ({signum.name})" in out
     assert not (Path(path) / "OPEN").exists(), "the store was not closed cleanly"
+    assert sync_holder_pid(Path(path)) is None, "the worker kept SYNC.lock"

@@ -10,6 +10,7 @@ value and once as printed.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ FIELDS = ["node_id", "applied_lsn", "acked_lsn_local", "pull_cursor", "retain_fl
           "wal_bytes_held_for_sync", "server", "server_id_local", "last_error", "unshipped",
           "acked_lsn", "server_id", "server_head", "server_behind", "server_changed",
           "recovery_point_unix_ms", "recovery_point", "leases_held", "server_error",
-          "unreplicated_entries", "oldest_unreplicated_age_seconds"]
+          "server_error_hint", "unreplicated_entries", "oldest_unreplicated_age_seconds"]
 #: and when it could not be asked (the server's own fields left out)
 LOCAL_FIELDS = [f for f in FIELDS if f not in {
     "server_id", "server_head", "server_behind", "server_changed", "recovery_point_unix_ms",
@@ -112,16 +113,22 @@ def test_status_against_the_server_counts_what_it_holds_and_the_live_leases(
     assert view.server_id == after.recorded.server_id
     assert list(after.fields()) == FIELDS
 
-    # printed: one field a line, name padded to 24; JSON: the same fields
+    # printed: a table of facts in human units; JSON: the fields, the verdict with them
     out = CliRunner().invoke(main, ["status", "--store", str(path)], env=env)
     assert out.exit_code == 0, out.output
-    lines = out.stdout.splitlines()
-    assert [line.split(" ", 1)[0] for line in lines] == FIELDS
-    assert lines[FIELDS.index("leases_held")] == f"{'leases_held':<24} ['live-run']"
-    assert lines[FIELDS.index("acked_lsn")] == f"{'acked_lsn':<24} 3"
+    rows = {line[:19].strip(): line[19:] for line in out.stdout.splitlines()}
+    assert rows["health"] == "ok"
+    assert rows["leases held"] == "live-run"
+    assert rows["acknowledged"] == "up to LSN 3 (server head 3)"
+    assert re.fullmatch(r"1 entry, the oldest written [\d.]+ s ago", rows["not on the server"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \([\d.]+ s ago\)",
+                        rows["recovery point"]), rows
+    assert "None" not in out.stdout
+    assert "[]" not in out.stdout
     shown = json.loads(CliRunner().invoke(main, ["status", "--store", str(path), "--json"],
                                           env=env).stdout)
-    assert set(shown) == set(FIELDS)
+    assert set(shown) == {*FIELDS, "health", "max_lag_seconds"}
+    assert shown["health"] == "ok"
     assert shown["leases_held"] == ["live-run"]
 
 
@@ -139,10 +146,15 @@ def test_leases_command_lists_the_servers_leases(tmp_path: Path, pg_db: str) -> 
     out = CliRunner().invoke(main, ["leases"], env=env)
     assert out.exit_code == 0, out.output
     lines = out.stdout.splitlines()
-    assert [line.split()[:4] for line in lines] == [["r1", "n1", "token", "1"],
-                                                   ["r2", "n2", "token", "1"]]
-    assert lines[0].startswith(f"{'r1':<32} {'n1':<20} token 1    live until ")
-    assert " expired until " in lines[1]
+    assert lines[0].split() == ["run", "holder", "token", "state"]
+    assert [line.split()[:4] for line in lines[1:]] == [["r1", "n1", "1", "live,"],
+                                                       ["r2", "n2", "1", "expired"]]
+    assert re.search(r"live, expires \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in [^)]+\)$",
+                     lines[1]), lines[1]
+    assert re.search(r"expired \S+ \S+ UTC \([\d.]+ s ago\)$", lines[2]), lines[2]
+    assert "until" not in out.stdout
+    nobody = CliRunner().invoke(main, ["leases", "--holder", "n3"], env=env)
+    assert (nobody.exit_code, nobody.stdout) == (0, "no leases on the server held by n3\n")
     rows = [json.loads(line) for line in CliRunner().invoke(
         main, ["leases", "--json", "--holder", "n1"], env=env).stdout.splitlines()]
     assert [(r["run_id"], r["holder"], r["token"], r["live"]) for r in rows] == [
