@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import aio_cases as _aio_cases  # noqa: F401 - registers its cases
 from . import cases as _cases  # noqa: F401 - registers the cases
 from . import langgraph_cases as _langgraph_cases  # noqa: F401 - registers its cases
 from . import sync_cases as _sync_cases  # noqa: F401 - registers its cases
