@@ -28,11 +28,14 @@ token) is refused even from the holder, which the replicator counts under
 ``stale_refused``, not as a lost run.
 
 Threads: ``Leases`` owns its transport; ``keep_alive`` renews from a
-background thread. Use a transport of its own, not the replicator's.
+background thread. Use a transport of its own, not the replicator's. From an
+event loop, ``keep_alive_async`` renews the same way and hands the outcome to
+the loop as a future (the renewals' network calls never run on the loop).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +81,9 @@ class Leases:
         self.ttl_seconds = ttl_seconds
         self._lock = threading.Lock()
         self._keepers: dict[str, threading.Event] = {}
+        #: keep_alive_async's futures by run id, settled with None when it stops
+        self._async_keepers: dict[str, tuple[asyncio.AbstractEventLoop,
+                                             asyncio.Future[LeaseLostError | None]]] = {}
 
     @property
     def holder(self) -> str:
@@ -166,7 +172,40 @@ class Leases:
 
         threading.Thread(target=loop, name=f"walsync-lease-{lease.run_id}", daemon=True).start()
 
+    def keep_alive_async(self, lease: Lease) -> asyncio.Future[LeaseLostError | None]:
+        """``keep_alive`` for code on an event loop: a future of the running loop that
+        holds the LeaseLostError once the lease is lost (stop driving the run), or
+        None once ``release`` or ``stop_keep_alive`` ended the renewals. Await it,
+        or race it against the task driving the run."""
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[LeaseLostError | None] = loop.create_future()
+
+        def lost(exc: LeaseLostError) -> None:
+            _settle_threadsafe(loop, outcome, exc)
+
+        self._async_keepers[lease.run_id] = (loop, outcome)
+        self.keep_alive(lease, lost)
+        return outcome
+
     def stop_keep_alive(self, run_id: str) -> None:
         stop = self._keepers.pop(run_id, None)
         if stop is not None:
             stop.set()
+        waiting = self._async_keepers.pop(run_id, None)
+        if waiting is not None:
+            _settle_threadsafe(*waiting, None)
+
+
+def _settle_threadsafe(loop: asyncio.AbstractEventLoop,
+                       outcome: asyncio.Future[LeaseLostError | None],
+                       value: LeaseLostError | None) -> None:
+    def settle() -> None:
+        if not outcome.done():
+            outcome.set_result(value)
+
+    if loop.is_closed():
+        return
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        return  # closed meanwhile: nobody awaits the outcome
