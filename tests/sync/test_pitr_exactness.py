@@ -123,12 +123,16 @@ def make_history(server: Server, tmp: Path, rng: random.Random) -> tuple[list[Wr
     return history, stores
 
 
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.postgres)
-                                  if k != "memory" else k for k in ALL_KINDS])
+#: each database transport once, the memory server over several histories
+CASES = [pytest.param(k, 0, marks=pytest.mark.postgres) for k in ALL_KINDS if k != "memory"] + [
+    pytest.param("memory", seed) for seed in range(5)]
+
+
+@pytest.mark.parametrize(("kind", "seed"), CASES)
 def test_pitr_restore_equals_the_history_replayed_to_the_point(
-        servers: Callable[[str], Server], tmp_path: Path, kind: str) -> None:
+        servers: Callable[[str], Server], tmp_path: Path, kind: str, seed: int) -> None:
     server = servers(kind)
-    rng = random.Random(f"pitr-{kind}")
+    rng = random.Random(f"pitr-{kind}-{seed}")
     history, stores = make_history(server, tmp_path, rng)
     try:
         hlcs = sorted({w.hlc for w in history})
