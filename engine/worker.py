@@ -145,9 +145,11 @@ class SyncWorkerStore(Store):
 
     @property
     def shippable_lsn(self) -> int:
-        """Applied by the writer and durable (its fsync, or this process's)."""
-        with self._swap:
-            return min(self._durable, self._snapshot.applied_lsn())
+        """Applied by the writer and durable: what the writer applied since this was
+        last asked is made durable first (``flush``), so the answer is as current as
+        a writer's own (sync/incarnation.py compares the server with it)."""
+        self.flush()
+        return self._durable
 
     def flush(self) -> None:
         """Make every record the writer applied durable: an ``fdatasync`` of the
