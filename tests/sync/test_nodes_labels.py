@@ -86,7 +86,9 @@ def test_a_server_without_labels_still_replicates_with_a_warning(
         store.put("k", 1)
         with caplog.at_level(logging.WARNING, logger="walsync.nodes"):
             sync(store, _NoLabels(server.transport()))
-        assert server.node_row(store.node_id)["acked_lsn"] == store.sync_ledger.acked_lsn
+        row = server.node_row(store.node_id)
+        assert row is not None
+        assert row["acked_lsn"] == store.sync_ledger.acked_lsn
         assert label_of(server, store.node_id) is None
     assert "cannot label node" in caplog.text
 
