@@ -30,6 +30,9 @@ __all__ = ["Point", "PointReached", "at_lsn", "at_time", "check_window", "hlc_is
            "iter_log", "parse_lsn", "parse_time"]
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+#: the way out of a time that does not read
+_TIME_HINT = ("give ISO-8601 with Z or an offset (2026-12-07T10:00:00Z, "
+              "2026-12-07T12:00:00+02:00) or unix milliseconds")
 _MS = dt.timedelta(milliseconds=1)
 #: a cut's HLC fits the server's bigint: physical milliseconds below 2**47
 _MAX_MS = (1 << 47) - 1
@@ -89,7 +92,7 @@ def parse_time(value: str | int | dt.datetime) -> int:
     elif isinstance(value, dt.datetime):
         if value.tzinfo is None:
             raise RestorePointError(f"time {value.isoformat()} has no offset: give it one "
-                                    "(Z or +HH:MM), or unix milliseconds")
+                                    "(Z or +HH:MM), or unix milliseconds", hint=_TIME_HINT)
         ms = (value - _EPOCH) // _MS
     else:
         text = value.strip()
@@ -101,14 +104,14 @@ def parse_time(value: str | int | dt.datetime) -> int:
             except ValueError:
                 raise RestorePointError(
                     f"time {text!r} is neither ISO-8601 (2026-12-07T10:00:00Z) nor unix "
-                    "milliseconds") from None
+                    "milliseconds", hint=_TIME_HINT) from None
             if when.tzinfo is None:
                 raise RestorePointError(f"time {text!r} has no offset: add Z or +HH:MM "
-                                        "(or give unix milliseconds)")
+                                        "(or give unix milliseconds)", hint=_TIME_HINT)
             ms = (when - _EPOCH) // _MS
     if not 0 <= ms <= _MAX_MS:
         raise RestorePointError(f"time {value!r} is outside what an HLC holds (unix ms 0 to "
-                                f"{_MAX_MS})")
+                                f"{_MAX_MS})", hint=_TIME_HINT)
     return ms
 
 
@@ -124,7 +127,8 @@ def parse_lsn(text: str) -> tuple[str, int]:
     node, sep, lsn = text.rpartition(":")
     if not sep or not node or not lsn.isdigit():
         raise RestorePointError(f"{text!r} is not NODE:LSN (a node id or label, a colon, an "
-                                "LSN)")
+                                "LSN)", hint="for example --lsn host-a:42 (`walsync nodes` "
+                                             "lists the nodes)")
     return node, int(lsn)
 
 
@@ -140,7 +144,8 @@ def at_lsn(transport: Transport, listing: NodeList, node: str, lsn: int) -> Poin
         nearest = ", ".join(n for n in near if n) or "none: the server holds no entry of it"
         raise RestorePointError(
             f"the server holds no entry of {node_id}:{lsn} (a merge record, or one not "
-            f"shipped yet); the node's nearest LSNs there: {nearest}")
+            f"shipped yet); the node's nearest LSNs there: {nearest}",
+            hint="name an LSN the server holds (the nearest are above), or a time with --at")
     return Point(found.hlc, f"--lsn {node_id}:{lsn}")
 
 
@@ -148,7 +153,8 @@ def check_window(window: LogWindow, point: Point) -> PointReached:
     """The point, checked against the window the server restores exactly."""
     if window.from_hlc is None or window.to_hlc is None:
         raise RestorePointError(f"the server's entry log is empty: no point to restore "
-                                f"({point.asked})")
+                                f"({point.asked})",
+                                hint="restore the current state (no --at / --lsn)")
     reached = PointReached(point.asked, point.cut_hlc, hlc_iso(point.cut_hlc),
                            point.cut_hlc >> 16, window_from=hlc_iso(window.from_hlc),
                            window_to=hlc_iso(window.to_hlc))

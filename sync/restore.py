@@ -275,7 +275,7 @@ def _covers(report: RestoreReport, prefix: str, all_keys: bool) -> str:
     text = f"the runs whose index entry {who} wrote last ({len(report.runs)})"
     if all_keys:
         return text + f" and its other keys ({report.other_keys})"
-    return text + ", not its other keys (all_keys / --all-keys takes them too)"
+    return text + "; not its other keys"
 
 
 def _newest(rows: list[LogRow]) -> list[tuple[str, Sibling]]:
