@@ -1,8 +1,13 @@
-"""Guards on what the project says about itself: its own documents, not outside ones.
+"""Guards on what the project says about itself, so that it stays true.
 
-Code, tests and docs cite the project's own documents (FORMAT.md, PROTOCOL.md,
-EXPORT.md, README): a reader of the repository has those, and they change with
-the code. A citation of a document outside it is a reference nobody can follow.
+* Code, tests and docs cite the project's own documents (FORMAT.md, PROTOCOL.md,
+  EXPORT.md, README): a reader of the repository has those, and they change with
+  the code. A citation of a document outside it is a reference nobody can follow.
+* Every public module's ``__all__`` is its whole public face: what a reader (and
+  ``from m import *``, and the docs) takes for API is what is tested as API.
+* Each FORMAT.md invariant and each README guarantee names the tests that prove
+  it, and those tests exist: a renamed or deleted test cannot leave a promise
+  unproved without this failing.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import ast
 import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -163,3 +170,76 @@ def test_the_public_face_check_reads_a_module_as_written() -> None:
         "walsync.engine", "walsync.sync", "walsync.engine.workflow", "walsync.engine.store",
         "walsync.sync.replicator", "walsync.sync.cli.store_cmds"}
     assert not any(n.rsplit(".", 1)[-1].startswith("_") for n, _ in _public_modules())
+
+
+# -- every invariant and guarantee names the tests that prove it, and they exist -------
+
+_NODE = re.compile(r"`(tests/[\w/]+\.py::\w+)`")
+
+
+def _format_invariants() -> list[str]:
+    """engine/FORMAT.md's numbered invariants, each as its text."""
+    text = (ROOT / "engine" / "FORMAT.md").read_text()
+    section = text.split("\n## Invariants\n", 1)[1].split("\n## ", 1)[0]
+    return [item for item in re.split(r"\n(?=\d+\. )", section.strip()) if item[:1].isdigit()]
+
+
+def _readme_guarantees() -> list[tuple[str, list[str]]]:
+    """README's table "Which tests prove each guarantee": (guarantee, node ids)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n### Which tests prove each guarantee\n", 1)[1].split("\n#", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][2:]
+    return [(row.split(" | ")[0][2:], _NODE.findall(row)) for row in rows]
+
+
+def _collected(node_ids: set[str]) -> set[str]:
+    """The node ids pytest collects from the files ``node_ids`` name."""
+    files = sorted({n.split("::")[0] for n in node_ids})
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         *files], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {line.strip() for line in done.stdout.splitlines() if "::" in line}
+
+
+def _missing(named: set[str], collected: set[str]) -> list[str]:
+    """Named tests pytest does not collect (a parametrized test, or a test class,
+    counts when any of its cases is collected)."""
+    return sorted(n for n in named
+                  if not any(c == n or c.startswith((n + "[", n + "::")) for c in collected))
+
+
+def test_every_format_invariant_names_the_tests_that_prove_it() -> None:
+    invariants = _format_invariants()
+    assert len(invariants) >= 8
+    unproved = [item.split("\n", 1)[0] for item in invariants
+                if "Proved by:" not in item or not _NODE.search(item.split("Proved by:")[1])]
+    assert not unproved, f"FORMAT.md invariants without a 'Proved by:' test: {unproved}"
+
+
+def test_every_readme_guarantee_names_the_tests_that_prove_it() -> None:
+    rows = _readme_guarantees()
+    assert len(rows) >= 10
+    assert not [g for g, nodes in rows if not nodes], "a guarantee without a test"
+    # each bullet of "Guarantees and non-goals" but the non-goals has its row
+    text = (ROOT / "README.md").read_text()
+    bullets = text.split("\n## Guarantees and non-goals\n", 1)[1].split("\n#", 1)[0]
+    promises = [b for b in re.split(r"\n- ", "\n" + bullets.strip())
+                if b.strip() and not b.startswith("Not in scope")]
+    assert len(rows) >= len(promises) + 2  # and the durability promise's two levels
+
+
+def test_every_test_an_invariant_or_a_guarantee_names_exists() -> None:
+    named = {n for item in _format_invariants() for n in _NODE.findall(item)}
+    named |= {n for _, nodes in _readme_guarantees() for n in nodes}
+    missing = _missing(named, _collected(named))
+    assert not missing, f"FORMAT.md or README names tests pytest does not collect: {missing}"
+
+
+def test_a_renamed_test_is_caught() -> None:
+    collected = {"tests/a.py::test_x[1]", "tests/a.py::test_x[2]", "tests/b.py::test_y",
+                 "tests/c.py::test_model::runTest"}
+    assert _missing({"tests/a.py::test_x", "tests/b.py::test_y", "tests/c.py::test_model"},
+                    collected) == []
+    assert _missing({"tests/a.py::test_x_old", "tests/b.py::test"}, collected) == [
+        "tests/a.py::test_x_old", "tests/b.py::test"]

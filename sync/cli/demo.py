@@ -271,12 +271,12 @@ def run_demo(
         elif finished:
             # nothing to resume: a new run would find every customer charged already
             run = wf.get_run(finished[-1].run_id)
-            charges = _logged(ledger, "charge")
+            charged = _logged(ledger, "charge")
             if emit is not None:
                 emit({"event": "completed_before", "run_id": run.run_id, "path": store.path,
-                      "cost_usd": run.cost.usd, "customers_charged": len(charges)})
+                      "cost_usd": run.cost.usd, "customers_charged": len(charged)})
             out(f"walsync demo: run {run.run_id} in {store.path} already completed "
-                f"(total cost ${run.cost.usd:.4f}, {len(charges)} customers charged); "
+                f"(total cost ${run.cost.usd:.4f}, {len(charged)} customers charged); "
                 "`walsync demo --fresh` starts a new one")
             return run
         else:

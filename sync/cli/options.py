@@ -75,7 +75,7 @@ def open_read(store_path: str) -> Store:
         return Store.open(store_path, readonly=True)
 
 
-class _Key(click.ParamType):
+class _Key(click.ParamType[str]):
     """A key (or a key prefix, or a run id): text. The shell hands bytes that are not
     UTF-8 over as lone surrogates, which no store takes; they are a usage error that
     shows the bytes as they were typed."""

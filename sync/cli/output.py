@@ -179,7 +179,7 @@ def watch(label: str, poll: Callable[[], tuple[int, int]], *,
 # -- tables and units ------------------------------------------------------------------
 
 
-def table(rows: Sequence[tuple[str, str | Text]], *, header: Sequence[str] = ()) -> list[str]:
+def table(rows: Sequence[Sequence[str | Text]], *, header: Sequence[str] = ()) -> list[str]:
     """Rows aligned in columns (rich), as lines; colour only when stdout is a terminal
     (``click.echo`` drops it elsewhere)."""
     grid = Table(box=None, show_header=bool(header), pad_edge=False, header_style="bold")

@@ -4,6 +4,7 @@ checkpoint, compact, export, import. None of them needs a server."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,7 @@ def put(store_path: str, key: str, value: str | None, value_file: Any, as_string
     if value is not None and value_file is not None:
         raise click.UsageError("pass VALUE or --file, not both")
     if value == "-":
-        value_file = click.get_binary_stream("stdin")
+        value_file = sys.stdin.buffer
     if value_file is not None:
         value = _read_text(value_file)
     elif value is None:

@@ -166,7 +166,7 @@ def _once(store: Store, rep: Replicator, timeout_seconds: float, out: Output) ->
     first = rep.acked_lsn
     target = store.applied_lsn
     try:
-        with watch("shipping", lambda: (rep.acked_lsn - first, max(target - first, 1))):
+        with watch("shipping records", lambda: (rep.acked_lsn - first, max(target - first, 1))):
             pushed, pulled = rep.sync_once(timeout_seconds)
     finally:
         rep.close()
