@@ -45,7 +45,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from .errors import WalsyncError
+from .errors import NoReplicatorError, WalsyncError
 from .events import Event, Subscription
 from .health import fresh
 from .ops import ANY, Batch, CommitResult, Delete, Put, check_fence, durability_of
@@ -81,7 +81,15 @@ def submit(
     done: asyncio.Future[None] = loop.create_future()
     pipeline: CommitPipeline = store._pipeline
     level = store.options.durability if durability is None else durability_of(durability)
-    replicator = pipeline.replicator if level is Durability.REMOTE else None
+    replicator: Acknowledger | None = None
+    if level is Durability.REMOTE:
+        # as the pipeline's commit looks it up: the attached replicator, or a sync
+        # worker's acknowledgement (engine/handoff.py)
+        replicator = pipeline.replicator or pipeline.worker_acknowledger()
+        if replicator is None:
+            raise NoReplicatorError(
+                f"durability 'remote' needs a running replicator on store {store.path}; "
+                "nothing was written")
 
     def on_done(lsn: int, error: WalsyncError | None) -> None:
         # the pipeline's lock is held here: hand over, never block

@@ -6,6 +6,8 @@ import asyncio
 import errno
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -405,3 +407,57 @@ def test_aio_store_and_sync_store_are_one(store_path: Path) -> None:
         s.put("k", 2)
         assert a.get("k") == 2
         assert a.path == s.path
+
+
+_WORKER = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "from walsync.engine.handoff import SyncLock, SyncFile\n"
+    "root = Path(sys.argv[1])\n"
+    "SyncLock(root).acquire('test')\n"
+    "f = SyncFile(root)\n"
+    "f.update(acked_lsn=0, retain_floor=1, sync_retain=True)\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.readline()\n"
+    "time.sleep(0.3)\n"
+    "f.update(acked_lsn=int(sys.argv[2]), retain_floor=int(sys.argv[2]) + 1)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_aio_remote_durability_acknowledged_by_a_sync_worker_process(store_path: Path) -> None:
+    """With the replicator in another process (engine/handoff.py), an awaited 'remote'
+    commit returns once the worker acknowledges its LSN, as a blocking one does."""
+    with Store.open(store_path) as s:
+        s.put("local", 1)
+        first = s.next_lsn
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(store_path), str(first)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        assert proc.stdout.readline().strip() == "ready"
+        astore = AsyncStore.open(store_path, create=False)
+
+        async def main() -> float:
+            pending = asyncio.create_task(astore.put("k", 1, durability="remote"))
+            await asyncio.sleep(0.05)
+            assert not pending.done()
+            started = time.monotonic()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            result = await asyncio.wait_for(pending, 10)
+            assert result.lsn == first
+            return time.monotonic() - started
+
+        try:
+            assert 0.2 < asyncio.run(main()) < 5.0
+        finally:
+            astore.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
