@@ -23,7 +23,13 @@ from . import _fs
 from .errors import StoreLockedError
 from .handoff import sync_holder_pid
 
-__all__ = ["HANDOFF_WAIT_SECONDS", "WriterLock", "read_holder_pid", "writer_is_alive"]
+__all__ = [
+    "HANDOFF_WAIT_SECONDS",
+    "WriterLock",
+    "read_holder_pid",
+    "writable_directory",
+    "writer_is_alive",
+]
 
 #: how long a writer's open waits for a sync worker's hand-off (one merge of the pages
 #: it pulled, an open and a close of the store: well under a second on a sound disk)
@@ -36,6 +42,13 @@ def read_holder_pid(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def writable_directory(root: Path) -> bool:
+    """Whether this process may write in the store directory ``root``: not on a
+    read-only file system or mount, nor denied by its permissions. Such a store opens
+    read-only only (engine/FORMAT.md, "Readers")."""
+    return os.access(root, os.W_OK)
 
 
 def writer_is_alive(path: Path) -> bool:

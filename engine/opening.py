@@ -29,12 +29,12 @@ from .base import (
 )
 from .checkpointing import Checkpointer
 from .commit import CommitPipeline
-from .errors import StoreNotFoundError, WalsyncError
+from .errors import ReadOnlyStoreError, StoreNotFoundError, WalsyncError
 from .events import EventBus
 from .handoff import InboxApplier, SyncFile, worker_acknowledger
 from .health import Health
 from .layout import StoreLayout
-from .lock import WriterLock
+from .lock import WriterLock, writable_directory
 from .metrics import StoreMetrics
 from .options import StoreOptions
 from .replay import RecoveryReport, gap_allowed, recover, tail_may_be_torn
@@ -83,6 +83,12 @@ def open_store(root: Path, options: StoreOptions, health: Health, metrics: Store
     if not readonly:
         if not root.exists():
             _fs.make_dir(root, parents=True)
+        elif not writable_directory(root):
+            raise ReadOnlyStoreError(
+                f"store {root} cannot be written here (a read-only file system or mount, "
+                "or no write permission): it opens read-only only",
+                hint="open it with readonly=True (the CLI's read commands do that by "
+                "themselves), or from where it can be written")
         lock = WriterLock(layout.lock_file, path)
         lock.acquire(options.lock_timeout_seconds)
     try:

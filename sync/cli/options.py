@@ -4,11 +4,13 @@ store to read or to write, and the type of a key argument."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from walsync.engine import Store, StoreLockedError
+from walsync.engine.lock import writable_directory
 
 __all__ = ["KEY", "lock_timeout_seconds", "open_read", "open_write", "store_option"]
 
@@ -68,7 +70,11 @@ def open_write(store_path: str, *, create: bool = False, **overrides: Any) -> St
 
 
 def open_read(store_path: str) -> Store:
-    """Read-only when a writer holds the store, so debugging never blocks it."""
+    """Read-only when a writer holds the store, so debugging never blocks it, and when
+    the store cannot be written (a read-only file system or mount); else as its writer,
+    whose open first replays what a crash left in the WAL."""
+    if not writable_directory(Path(store_path)):
+        return Store.open(store_path, readonly=True)
     try:
         return Store.open(store_path, create=False)
     except StoreLockedError:
