@@ -22,9 +22,11 @@ merged by the usual rules through the store's own merge, so siblings that were
 concurrent at that point come back as siblings. A lost node's runs at a point
 are those whose index entry it had written last *at that point*: the whole log
 up to the cut is merged into a scratch store beside the new one first, and the
-selection is read from there. A store restored at a point is a fork of the
-present: its pull cursor is the server's head, so newer versions are not pulled
-back in, and what it writes later meets them as siblings on other replicas.
+selection is read from there (a restore killed midway leaves that directory,
+``.walsync-restore-*``, beside the new store: delete both and restore again). A
+store restored at a point is a fork of the present: its pull cursor is the
+server's head, so newer versions are not pulled back in, and what it writes later
+meets them as siblings on other replicas.
 """
 
 from __future__ import annotations
@@ -241,8 +243,10 @@ def restore(
         assert listing is not None
         name, number = parse_lsn(lsn) if isinstance(lsn, str) else lsn
         point = at_lsn(transport, listing, name, number)
-    reached = check_window(transport.log_window(), point) if point is not None else None
+    # the head first: a window read after it covers every entry up to it, so "after the
+    # newest entry" is never said of a point a newer entry of this restore passes
     head = transport.head()
+    reached = check_window(transport.log_window(), point) if point is not None else None
     existing = (target / "STORE").exists()
     with Store.open(target, create=True) as store:
         renewed_from = _renew_existing(store, transport) if existing else None
