@@ -24,6 +24,8 @@ from typing import Any
 from . import aio_cases as _aio_cases  # noqa: F401 - registers its cases
 from . import cases as _cases  # noqa: F401 - registers the cases
 from . import langgraph_cases as _langgraph_cases  # noqa: F401 - registers its cases
+from . import pull_cases as _pull_cases  # noqa: F401 - registers its cases
+from . import push_concurrency_cases as _push_concurrency_cases  # noqa: F401 - registers its cases
 from . import sync_cases as _sync_cases  # noqa: F401 - registers its cases
 from . import workflow_cases as _workflow_cases  # noqa: F401 - registers its cases
 from .common import fs_info, machine_info

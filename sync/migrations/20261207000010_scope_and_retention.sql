@@ -170,7 +170,7 @@ begin
         select jsonb_agg(jsonb_build_object(
                  'key', s.key, 'origin', s.origin, 'lsn', s.lsn, 'pos', s.pos,
                  'deleted', s.deleted,
-                 'data', translate(encode(s.data, 'base64'), E'\n', ''), 'codec', s.codec,
+                 'data', replace(encode(s.data, 'base64'), E'\n', ''), 'codec', s.codec,
                  'vv', s.vv, 'hlc', s.hlc, 'fence', s.fence, 'value_hash', s.value_hash)
                order by s.key collate "C", s.origin collate "C", s.lsn)
         from siblings s join page p on s.key = p.key
@@ -195,6 +195,11 @@ create or replace function walsync_api.pull_scoped(p_node text, p_after bigint, 
 returns jsonb
 language plpgsql security definer
 set search_path = pg_catalog, walsync
+-- Every read below has an index in position order; a plan cached for some other
+-- cursor must not trade it for a scan of the log and a sort (a page then reads the
+-- whole log instead of its own rows). base64 without line breaks by replace():
+-- translate() cost a page more than the rest of its document.
+set enable_seqscan = off
 as $$
 declare
   v_tenant text := walsync.require_tenant();
@@ -207,7 +212,7 @@ declare
   v_scope  text[];
   v_lanes  text[];
   v_group  text[];
-  v_pos    bigint[];
+  v_count  bigint;
   v_found  bigint;
 begin
   -- a tenant that never pushed has no head row: its head is 0 (never "no limit")
@@ -242,53 +247,63 @@ begin
 
   if v_scope is null then
     v_upper := least(v_head, p_after + v_limit);
-  else
-    -- The first p_limit positions in scope, each first segment read in position
-    -- order through entries_lane: no row of another segment is read.
-    v_lanes := array(select distinct walsync.key_lane(p) from unnest(v_scope) p);
-    select array_agg(y.pos order by y.pos) into v_pos from (
-      select x.pos from unnest(v_lanes) l(lane)
-      cross join lateral (
-        select e.pos from entries e
-         where walsync.key_lane(e.key) = l.lane and e.tenant = v_tenant
-           and e.pos > p_after and e.pos <= v_head and e.origin <> p_node
-           and exists (select 1 from unnest(v_scope) p where starts_with(e.key, p))
-         order by e.pos limit v_limit) x
-      order by x.pos limit v_limit) y;
-    v_upper := case when coalesce(cardinality(v_pos), 0) >= v_limit
-                    then v_pos[cardinality(v_pos)] else v_head end;
-  end if;
-  v_found := v_upper;
-  select origin, lsn into v_last from entries where tenant = v_tenant and pos = v_upper;
-  if found then  -- finish the record the page ends in
-    select greatest(v_upper, max(pos)) into v_upper
-    from entries where tenant = v_tenant and origin = v_last.origin and lsn = v_last.lsn;
-  end if;
-  if v_scope is null then
+    select origin, lsn into v_last from entries where tenant = v_tenant and pos = v_upper;
+    if found then  -- finish the record the page ends in
+      select greatest(v_upper, max(pos)) into v_upper
+      from entries where tenant = v_tenant and origin = v_last.origin and lsn = v_last.lsn;
+    end if;
     select coalesce(jsonb_agg(jsonb_build_object(
              'pos', e.pos, 'origin', e.origin, 'lsn', e.lsn, 'idx', e.idx, 'key', e.key,
-             'deleted', e.deleted, 'data', translate(encode(e.data, 'base64'), E'\n', ''),
+             'deleted', e.deleted, 'data', replace(encode(e.data, 'base64'), E'\n', ''),
              'codec', e.codec, 'vv', e.vv, 'hlc', e.hlc, 'fence', e.fence,
              'value_hash', e.value_hash) order by e.pos), '[]'::jsonb)
       into v_out
     from entries e
     where e.tenant = v_tenant and e.pos > p_after and e.pos <= v_upper and e.origin <> p_node;
   else
+    -- The first p_limit rows in scope, in one pass: each first segment read in
+    -- position order through entries_lane, so no row of another segment is read.
+    v_lanes := array(select distinct walsync.key_lane(p) from unnest(v_scope) p);
     select coalesce(jsonb_agg(jsonb_build_object(
              'pos', e.pos, 'origin', e.origin, 'lsn', e.lsn, 'idx', e.idx, 'key', e.key,
-             'deleted', e.deleted, 'data', translate(encode(e.data, 'base64'), E'\n', ''),
+             'deleted', e.deleted, 'data', replace(encode(e.data, 'base64'), E'\n', ''),
              'codec', e.codec, 'vv', e.vv, 'hlc', e.hlc, 'fence', e.fence,
-             'value_hash', e.value_hash) order by e.pos), '[]'::jsonb)
-      into v_out
-    from unnest(v_lanes) l(lane)
-    cross join lateral (
-      -- in position order with a bound (the page's rows and the rest of its last
-      -- record): read through entries_lane like the first pass, never a scan
-      select * from entries e
-       where walsync.key_lane(e.key) = l.lane and e.tenant = v_tenant
-         and e.pos > p_after and e.pos <= v_upper and e.origin <> p_node
-         and exists (select 1 from unnest(v_scope) p where starts_with(e.key, p))
-       order by e.pos limit v_limit + (v_upper - v_found)) e;
+             'value_hash', e.value_hash) order by e.pos), '[]'::jsonb),
+           count(*), max(e.pos)
+      into v_out, v_count, v_found
+    from (select x.* from unnest(v_lanes) l(lane)
+          cross join lateral (
+            select * from entries e
+             where walsync.key_lane(e.key) = l.lane and e.tenant = v_tenant
+               and e.pos > p_after and e.pos <= v_head and e.origin <> p_node
+               and exists (select 1 from unnest(v_scope) p where starts_with(e.key, p))
+             order by e.pos limit v_limit) x
+          order by x.pos limit v_limit) e;
+    if v_count < v_limit then
+      v_upper := v_head;  -- nothing more in scope up to the head
+    else
+      v_upper := v_found;
+      select origin, lsn into v_last from entries where tenant = v_tenant and pos = v_found;
+      -- finish the record the page ends in: the rows in scope up to its last one
+      select greatest(v_found, max(pos)) into v_upper
+      from entries where tenant = v_tenant and origin = v_last.origin and lsn = v_last.lsn;
+      if v_upper > v_found then
+        v_out := v_out || coalesce((
+          select jsonb_agg(jsonb_build_object(
+                   'pos', e.pos, 'origin', e.origin, 'lsn', e.lsn, 'idx', e.idx, 'key', e.key,
+                   'deleted', e.deleted,
+                   'data', replace(encode(e.data, 'base64'), E'\n', ''), 'codec', e.codec,
+                   'vv', e.vv, 'hlc', e.hlc, 'fence', e.fence,
+                   'value_hash', e.value_hash) order by e.pos)
+          from unnest(v_lanes) l(lane)
+          cross join lateral (
+            select * from entries e
+             where walsync.key_lane(e.key) = l.lane and e.tenant = v_tenant
+               and e.pos > v_found and e.pos <= v_upper and e.origin <> p_node
+               and exists (select 1 from unnest(v_scope) p where starts_with(e.key, p))
+             order by e.pos limit v_upper - v_found) e), '[]'::jsonb);
+      end if;
+    end if;
   end if;
   insert into nodes (tenant, node_id, pull_cursor, last_pull_at)
   values (v_tenant, p_node, p_after, now())
