@@ -87,7 +87,9 @@ class ScopeAndRetention:
                    default=0)
 
     def _fn_pull(self, now: int, p_node: str, p_after: int, p_limit: int) -> dict[str, Any]:
-        return self._fn_pull_scoped(now, p_node, p_after, p_limit, None, None)
+        doc = self._fn_pull_scoped(now, p_node, p_after, p_limit, None, None)
+        doc.pop("scope", None)
+        return doc
 
     def _fn_pull_scoped(self, now: int, p_node: str, p_after: int, p_limit: int,
                         p_prefixes: Any, p_group: str | None) -> dict[str, Any]:

@@ -59,6 +59,45 @@ alter table walsync.log_settings enable row level security;
 
 revoke all on walsync.scope_groups, walsync.log_settings from public, anon, authenticated;
 
+-- Where the tenant column stands in each table's key: as in
+-- 20261207000008_push_in_parallel.sql, with walsync.scope_groups and
+-- walsync.log_settings.
+create or replace function walsync.tenant_keys(p_leading boolean) returns void
+language plpgsql
+set search_path = pg_catalog, walsync
+as $$
+declare
+  t      record;
+  v_cols text;
+  v_name text;
+  v_def  text;
+begin
+  for t in select * from (values
+      ('nodes', 'node_id'), ('head', null), ('entries', 'origin, lsn, key'),
+      ('siblings', 'key, origin, lsn'), ('leases', 'run_id'), ('fenced', 'origin, lsn, key'),
+      ('key_locks', 'key'), ('scope_groups', 'name'), ('log_settings', null))
+      as v(tbl, cols)
+  loop
+    v_cols := case when t.cols is null then 'tenant'
+                   when p_leading then 'tenant, ' || t.cols
+                   else t.cols || ', tenant' end;
+    v_name := null;
+    v_def := null;
+    select c.conname, pg_get_constraintdef(c.oid) into v_name, v_def from pg_constraint c
+     where c.conrelid = format('walsync.%I', t.tbl)::regclass and c.contype = 'p';
+    if v_def is distinct from format('PRIMARY KEY (%s)', v_cols) then
+      if v_name is not null then
+        execute format('alter table walsync.%I drop constraint %I', t.tbl, v_name);
+      end if;
+      execute format('alter table walsync.%I add constraint %I primary key (%s)',
+                     t.tbl, t.tbl || '_pkey', v_cols);
+    end if;
+  end loop;
+end
+$$;
+
+select walsync.tenant_keys(exists (select from walsync.tenant_settings));
+
 -- A scope's prefixes, checked: '' (everything) or holding a '/'.
 create or replace function walsync.scope_checked(p_prefixes text[]) returns text[]
 language plpgsql immutable
@@ -315,14 +354,38 @@ end
 $$;
 
 -- pull: every key (pull_scoped without a scope), refusing a cursor behind a
--- collected tombstone like it. Same arguments and results as before, plus
--- "scope": null.
+-- collected tombstone like it. Same arguments and results as before.
 create or replace function walsync_api.pull(p_node text, p_after bigint, p_limit integer)
 returns jsonb
 language sql security definer
 set search_path = pg_catalog, walsync
 as $$
-  select walsync_api.pull_scoped(p_node, p_after, p_limit, null, null)
+  select walsync_api.pull_scoped(p_node, p_after, p_limit, null, null) - 'scope'
+$$;
+
+-- The point-in-time window (as 20261207000009_nodes_and_points.sql defined it),
+-- moved by compaction: a cut older than the last compaction's boundary may miss
+-- entries it removed, so from_hlc is the later of the oldest entry's HLC and that
+-- boundary.
+create or replace function walsync_api.log_window()
+returns jsonb
+language plpgsql security definer stable
+set search_path = pg_catalog, walsync
+as $$
+declare
+  v_tenant text := walsync.require_tenant();
+  v_start  bigint := nullif(coalesce((select window_start_hlc from log_settings
+                                      where tenant = v_tenant), 0), 0);
+begin
+  return (
+    select jsonb_build_object('from_hlc', case when count(*) > 0
+                                               then greatest(min(e.hlc), v_start) end,
+                              'to_hlc', max(e.hlc),
+                              'entries', count(*),
+                              'head', coalesce((select pos from head where tenant = v_tenant),
+                                               0))
+    from entries e where e.tenant = v_tenant);
+end
 $$;
 
 -- Read (p_retention_seconds null) or set the entry log's retention window.

@@ -48,6 +48,8 @@ CONSOLIDATED = "20261207000007"
 PUSH_IN_PARALLEL = "20261207000008"
 #: the file that added the nodes listing and the point-in-time reads of the log
 NODES_AND_POINTS = "20261207000009"
+#: the file of scoped pull and the entry log's retention (pull and log_window re-created)
+SCOPE_AND_RETENTION = "20261207000010"
 
 # -- the files: one live definition per function -------------------------------------------
 
@@ -158,11 +160,12 @@ def test_no_function_or_view_is_defined_twice_in_the_files_migrate_applies() -> 
             "push", "pull", "node_status", "head", "conflicts", "lease_acquire", "lease_renew",
             "lease_release", "leases", "state_page", "state_count", "hello", "push_claimed",
             "node_entries", "tenants", "nodes", "node_label", "log_window", "log_page",
-            "entry_point")}
+            "entry_point", "pull_scoped", "scope_group", "scope_backfill", "log_retention",
+            "compact_log")}
     # today every one of them lives in the consolidated file, but for those a later
-    # file added (each defined once, there)
+    # file added or re-created (each defined once, there)
     assert {d.file[:14] for d in plain.values()} == {CONSOLIDATED, PUSH_IN_PARALLEL,
-                                                     NODES_AND_POINTS}
+                                                     NODES_AND_POINTS, SCOPE_AND_RETENTION}
 
 
 def test_the_released_tenant_files_were_copies_of_the_functions() -> None:
@@ -293,7 +296,8 @@ def primary_keys(schema: dict[str, Any]) -> dict[str, str]:
 #: each table's key without the tenant: in a single-tenant database the tenant closes it
 #: (never compared), in tenant mode it leads it (a tenant's rows are adjacent)
 KEYS = {"nodes": "node_id", "entries": "origin, lsn, key", "siblings": "key, origin, lsn",
-        "leases": "run_id", "fenced": "origin, lsn, key", "key_locks": "key"}
+        "leases": "run_id", "fenced": "origin, lsn, key", "key_locks": "key",
+        "scope_groups": "name"}
 
 
 def test_every_default_level_migrates_to_the_fresh_schema(
@@ -304,7 +308,8 @@ def test_every_default_level_migrates_to_the_fresh_schema(
     want, want_dump = catalog(fresh), schema_dump(fresh)
     assert (want["tenant_settings"], want["policies"]) == ([], [])
     assert primary_keys(want) == {
-        "head": "PRIMARY KEY (tenant)", "server": "PRIMARY KEY (id)",
+        "head": "PRIMARY KEY (tenant)", "log_settings": "PRIMARY KEY (tenant)",
+        "server": "PRIMARY KEY (id)",
         "tenant_settings": "PRIMARY KEY (id)",
         **{t: f"PRIMARY KEY ({k}, tenant)" for t, k in KEYS.items()}}
     assert ["entries_pos", "CREATE UNIQUE INDEX entries_pos ON walsync.entries "
@@ -333,9 +338,10 @@ def test_every_tenant_mode_path_migrates_to_the_fresh_tenant_schema(
     migrate(fresh, tenant_mode=True)
     want = catalog(fresh)
     assert want["tenant_settings"] == [[1, "tenant_id"]]
-    assert len(want["policies"]) == 8
+    assert len(want["policies"]) == 10
     assert primary_keys(want) == {
-        "head": "PRIMARY KEY (tenant)", "server": "PRIMARY KEY (id)",
+        "head": "PRIMARY KEY (tenant)", "log_settings": "PRIMARY KEY (tenant)",
+        "server": "PRIMARY KEY (id)",
         "tenant_settings": "PRIMARY KEY (id)",
         **{t: f"PRIMARY KEY (tenant, {k})" for t, k in KEYS.items()}}
     paths: dict[str, str] = {}
