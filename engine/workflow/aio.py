@@ -20,7 +20,10 @@ What a cancellation does. Cancelling a task that awaits a commit does not
 cancel the commit (engine/aio.py): the state in memory and on disk agree. A
 step body cancelled (``CancelledError``) is recorded ``cancelled``, as a
 BaseException leaving a sync step is, and runs again on resume; the run is
-left ``running`` (resumable), as after a KeyboardInterrupt.
+left ``running`` (resumable), as after a KeyboardInterrupt. A step cancelled
+while its completion is awaited is a success (the completion is queued: it
+lands), and one cancelled while its start is awaited is left ``running``, as
+a crash leaves it; either way the task is no longer inside the step.
 
 What a failure to write does. Checks (a conflict, an output that cannot be
 stored, a lost lease) raise before anything is queued, and the sync code puts
@@ -44,7 +47,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..aio import DeferredCommits
 from .records import Cost, RunRecord, StepRecord
 from .run import Run, deferred_commits_var
-from .step import StepContext, current_run, current_step
+from .step import StepContext, _current_step, current_run, current_run_var, current_step
 
 if TYPE_CHECKING:
     from .leases import LeaseLike
@@ -117,7 +120,15 @@ class AsyncRun:
     # -- lifecycle -----------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncRun:
-        await _deferred(self.run.store, self.run.__enter__)
+        try:
+            await _deferred(self.run.store, self.run.__enter__)
+        except BaseException:
+            # the start stays queued (the run is running, as after a crash), but this
+            # task, cancelled or refused, is not inside the run
+            if self.run._token is not None:
+                current_run_var.reset(self.run._token)
+                self.run._token = None
+            raise
         return self
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
@@ -206,7 +217,14 @@ class AsyncStepContext:
         return self.ctx.record
 
     async def __aenter__(self) -> AsyncStepContext:
-        await _deferred(self.ctx.run.store, self.ctx.__enter__)
+        try:
+            await _deferred(self.ctx.run.store, self.ctx.__enter__)
+        except BaseException:
+            # the step stays 'running', as interrupted: the resume rules apply to it
+            if self.ctx._token is not None:
+                _current_step.reset(self.ctx._token)
+                self.ctx._token = None
+            raise
         return self
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:

@@ -158,11 +158,12 @@ class StepContext:
         if self._token is not None:
             _current_step.reset(self._token)
             self._token = None
-        if self.done and not self._completed:
+        if self.done:
+            # already a success (found so, or completed in this block): an exception
+            # later in the block is the caller's, and the step stays what it is
             return
         if exc is None:
-            if not self._completed:
-                self.complete(None)
+            self.complete(None)
             return
         if isinstance(exc, LeaseLostError):
             return  # the run is another host's now: this host records nothing more

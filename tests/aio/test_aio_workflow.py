@@ -187,3 +187,97 @@ def test_aio_awaited_run_opener_creates_without_starting(store_path: Path) -> No
             return run.status
 
     assert asyncio.run(main()) == RunStatus.COMPLETED
+
+
+def test_aio_step_cancelled_while_its_completion_is_awaited_stays_a_success(
+        store_path: Path) -> None:
+    """The completion is queued when the cancellation lands: it commits, and the step
+    is (and stays) a success that never runs again, counted once in the summary."""
+    ran: list[int] = []
+
+    async def body(task: list[asyncio.Task[Any]]) -> str:
+        ran.append(1)
+        # lands while the step's completion commit is awaited
+        asyncio.get_running_loop().call_soon(task[0].cancel)
+        return "charged"
+
+    async def drive() -> None:
+        holder: list[asyncio.Task[Any]] = []
+        async with Workflows(store).arun("w", "r") as run:
+            stepping = asyncio.create_task(run.step("charge", body, holder, idempotent=False))
+            holder.append(stepping)
+            with pytest.raises(asyncio.CancelledError):
+                await stepping
+            assert run.steps["charge"].status == StepStatus.SUCCESS
+            assert run.record.steps_done == 1
+            assert await run.step("charge", body, holder, idempotent=False) == "charged"
+
+    with Store.open(store_path) as store:
+        asyncio.run(drive())
+    with Store.open(store_path) as store:
+        run = Workflows(store).get_run("r")
+        assert run.steps["charge"].status == StepStatus.SUCCESS
+        assert run.record.steps_done == 1
+        assert run.output("charge") == "charged"
+    assert ran == [1]
+
+
+def test_aio_step_that_raises_after_complete_stays_a_success(store_path: Path) -> None:
+    """The same rule in the sync form: once ``complete`` returned, the step succeeded;
+    an exception later in the block is the caller's, and the summary stays true."""
+    with Store.open(store_path) as store:
+        run = Workflows(store).run("w", "r")
+
+        def drive() -> None:
+            with run, run.begin("pay") as s:
+                s.complete("paid")
+                raise RuntimeError("after the step")
+
+        with pytest.raises(RuntimeError, match="after"):
+            drive()
+        assert run.steps["pay"].status == StepStatus.SUCCESS
+        assert run.record.steps_done == 1
+    with Store.open(store_path) as store:
+        again = Workflows(store).get_run("r")
+        assert again.steps["pay"].status == StepStatus.SUCCESS
+        assert again.record.steps_done == 1
+        calls: list[int] = []
+        with again:
+            assert again.step("pay", lambda: calls.append(1)) == "paid"
+        assert calls == []
+
+
+def test_aio_run_entry_cancelled_leaves_no_run_active(store_path: Path) -> None:
+    """A task cancelled while its run's start (or a step's) is awaited, and going on, is
+    not left inside that run (or step)."""
+    from walsync.engine.workflow import current_run
+
+    async def enter_run(opened: Any) -> str:
+        asyncio.get_running_loop().call_soon(asyncio.current_task().cancel)  # type: ignore[union-attr]
+        try:
+            await opened.__aenter__()
+        except asyncio.CancelledError:
+            with pytest.raises(WorkflowError, match="no run is active"):
+                current_run()
+            return "left"
+        return "entered"
+
+    async def enter_step(run: Any) -> str:
+        asyncio.get_running_loop().call_soon(asyncio.current_task().cancel)  # type: ignore[union-attr]
+        try:
+            await run.begin("s").__aenter__()
+        except asyncio.CancelledError:
+            with pytest.raises(WorkflowError, match="no step is active"):
+                current_async_step()
+            return "left"
+        return "entered"
+
+    async def main() -> None:
+        with Store.open(store_path) as store:
+            opened = await Workflows(store).arun("w", "r")
+            assert await asyncio.create_task(enter_run(opened)) == "left"
+            async with opened as run:
+                assert await asyncio.create_task(enter_step(run)) == "left"
+                assert await run.step("s", lambda: 5) == 5
+
+    asyncio.run(main())
