@@ -203,7 +203,7 @@ def restore(
     lsn: str | tuple[str, int] | None = None,
     force: bool = False,
     page_keys: int = 1000,
-    page_positions: int = 5000,
+    page_positions: int = 1000,
     progress: Callable[[int, int], None] | None = None,
 ) -> RestoreReport:
     """Rebuild a store at ``dest``: all keys, those under ``prefix``, or a lost node's

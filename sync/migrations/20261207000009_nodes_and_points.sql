@@ -140,7 +140,7 @@ begin
     'entries', coalesce((
       select jsonb_agg(jsonb_build_object(
                'pos', e.pos, 'origin', e.origin, 'lsn', e.lsn, 'idx', e.idx, 'key', e.key,
-               'deleted', e.deleted, 'data', translate(encode(e.data, 'base64'), E'\n', ''),
+               'deleted', e.deleted, 'data', replace(encode(e.data, 'base64'), E'\n', ''),
                'codec', e.codec, 'vv', e.vv, 'hlc', e.hlc, 'fence', e.fence,
                'value_hash', e.value_hash) order by e.pos)
       from entries e
