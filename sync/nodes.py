@@ -27,7 +27,7 @@ from .config import load_settings
 from .transport import NodeInfo, NodeLabel, NodeList, Transport
 
 __all__ = ["NodeRow", "announce", "default_label", "describe_known", "find_node", "label_node",
-           "list_nodes", "parse_server_time", "table"]
+           "list_nodes", "node_id_of", "parse_server_time", "table"]
 
 log = logging.getLogger("walsync.nodes")
 
@@ -151,6 +151,16 @@ def find_node(listing: NodeList, name: str) -> NodeInfo:
             + ", ".join(_name(n) for n in matches))
     raise NodeNotFoundError(f"no node {name!r} on the server (by id or label); "
                             + describe_known(listing))
+
+
+def node_id_of(listing: NodeList, name: str) -> str:
+    """``name`` as a node id where a node id is expected but need not be known to the
+    server (a lease's holder may never have pushed): a known id as it is, else the node
+    a label names (AmbiguousNodeError when several carry it), else ``name`` itself."""
+    if any(n.node_id == name for n in listing.nodes) or not any(
+            n.label == name for n in listing.nodes):
+        return name
+    return find_node(listing, name).node_id
 
 
 def _ago(seconds: float | None) -> str:

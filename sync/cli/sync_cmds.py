@@ -412,12 +412,16 @@ def restore_command(dest: str, prefix: str, lost_node: str | None, all_keys: boo
 
 
 @click.command("leases")
-@click.option("--holder", help="Only leases of this holder (a node id).")
+@click.option("--holder", help="Only leases of this holder (a node id, or its label).")
 @json_option
 def leases_command(holder: str | None, out: Output) -> None:
     """Leases on runs held on the server."""
+    from ..nodes import node_id_of
+
     transport = transport_from_env()
     try:
+        if holder is not None:
+            holder = node_id_of(transport.nodes(), holder)
         rows = transport.leases(holder)
     finally:
         transport.close()

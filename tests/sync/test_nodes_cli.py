@@ -197,3 +197,27 @@ def test_restore_lost_node_covers_its_runs_in_both_spellings_and_only_its_own(
     assert not any("r22" in k for k in keys), keys
     assert run_keys.LEGACY.run("old") in keys
     assert run_keys.CURRENT.run("r2") in keys
+
+
+def test_leases_take_a_holder_by_label_too(tmp_path: Path, pg_db: str) -> None:
+    from walsync.sync.migrate import migrate
+
+    migrate(pg_db)
+    with Store.open(tmp_path / "a", create=True) as a:
+        a.put("k", 1)
+        ship(a, pg_db)
+        node = a.node_id
+    transport = PostgresTransport(pg_db)
+    try:
+        assert transport.lease_acquire("run-1", node, 600).acquired
+        assert transport.lease_acquire("run-2", "never-synced", 600).acquired
+    finally:
+        transport.close()
+    cli(pg_db, "nodes", "label", node, "billing")
+    by_label = [json.loads(line) for line in
+                cli(pg_db, "leases", "--holder", "billing", "--json").stdout.splitlines()]
+    assert [(r["run_id"], r["holder"]) for r in by_label] == [("run-1", node)]
+    # a holder the server has no node row of (it never synced) is still a holder
+    other = [json.loads(line) for line in
+             cli(pg_db, "leases", "--holder", "never-synced", "--json").stdout.splitlines()]
+    assert [r["run_id"] for r in other] == ["run-2"]
