@@ -61,6 +61,8 @@ class SyncWorkerStore(Store):
         self._swap = threading.RLock()
         #: the LSN through which this process made the WAL durable itself
         self._durable = 0
+        #: the last inbox page this process wrote
+        self._last_seq = 0
         self._listeners: list[Callable[[int], None]] = []
         self._watch: threading.Thread | None = None
         self._watch_stop = threading.Event()
@@ -181,8 +183,11 @@ class SyncWorkerStore(Store):
         with self._swap:
             after = self.sync_ledger.pull_cursor
             pages = inbox_pages(self._root)
-            seq = max(pages[-1][0] if pages else 0,
+            # never a number this process gave before: a page the writer merged and
+            # removed may not be in the snapshot yet (it is applied after the WAL)
+            seq = max(pages[-1][0] if pages else 0, self._last_seq,
                       int(self._snapshot.get_record_meta(INBOX_SEQ) or 0)) + 1
+            self._last_seq = seq
             cursor = after if pull_cursor is None else pull_cursor
             write_inbox_page(self._root, seq, after, cursor, items)
         self.merge_inbox()

@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from tests.engine._handoff_child import PAGE_KEYS, page_cursor
@@ -34,6 +35,7 @@ from walsync.engine.errors import (
 )
 from walsync.engine.handoff import (
     INBOX_DIR,
+    INBOX_SEQ,
     SYNC_FILE,
     inbox_pages,
     read_inbox_page,
@@ -71,8 +73,11 @@ def new_store(path: Path) -> Path:
 
 
 def resume_page(path: Path) -> int:
-    """The first page the worker pulls next: the one after its pull cursor."""
-    with Store.open(path, readonly=True) as store:
+    """The first page the worker pulls next: the one after its pull cursor, as a
+    worker starting now reads it (after a writer's open replayed the WAL, which the
+    worker's open does when no writer is open: a merge record the kill left unapplied
+    holds the cursor)."""
+    with Store.open(path, create=False) as store:
         cursor = store.sync_ledger.pull_cursor
     return next((p for p in range(PAGES) if page_cursor(p) > cursor), PAGES)
 
@@ -90,10 +95,14 @@ def check_merged_once(path: Path) -> None:
         assert store.sync_ledger.pull_cursor == page_cursor(PAGES - 1)
         records: dict[str, int] = {}
         dots: dict[tuple[str, int], int] = {}
+        seqs: dict[int, int] = {}
         for rec in store.wal_reader().read(0, store.applied_lsn, 1 << 20):
             if rec.kind != KIND_MERGE:
                 continue
             for key, entry in rec.ops:
+                if not key:  # the meta op: the page this record merged
+                    seq = cbor2.loads(entry)[INBOX_SEQ]
+                    seqs[seq] = seqs.get(seq, 0) + 1
                 if key:
                     records[key] = records.get(key, 0) + 1
                     for sib in decode_entry(entry):
@@ -102,6 +111,7 @@ def check_merged_once(path: Path) -> None:
     assert all(records[f"r/{p}/{j}"] == 1 for p in range(PAGES) for j in range(PAGE_KEYS))
     assert records["shared"] == PAGES
     assert set(dots.values()) == {1}, "a version merged twice"
+    assert seqs == dict.fromkeys(range(1, PAGES + 1), 1), f"pages merged: {seqs}"
 
 
 @pytest.mark.parametrize("nth", [1, 2])
@@ -260,3 +270,49 @@ def test_damaged_inbox_page_is_refused_and_named(tmp_path: Path) -> None:
         read_inbox_page(page)
     assert str(page) in str(caught.value)
     assert "inbox directory aside" in caught.value.hint
+
+
+def test_the_workers_acknowledgement_is_the_writers_retention_floor(tmp_path: Path) -> None:
+    """The writer's checkpoints keep every WAL record the worker (another process) has
+    not had acknowledged: the floor it writes to ``SYNC``, across the two processes."""
+    path = new_store(tmp_path / "s")
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from walsync.engine.handoff import SyncLock, SyncFile\n"
+        "root = Path(sys.argv[1])\n"
+        "SyncLock(root).acquire('test')\n"
+        "f = SyncFile(root)\n"
+        "for line in sys.stdin:\n"
+        "    acked = int(line)\n"
+        "    f.update(acked_lsn=acked, retain_floor=acked + 1, sync_retain=True)\n"
+        "    print('acked', acked, flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+
+    def worker_acks(lsn: int) -> None:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdin.write(f"{lsn}\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == f"acked {lsn}"
+
+    try:
+        worker_acks(1)
+        with Store.open(path, create=False, segment_bytes=4096) as store:
+            for i in range(300):
+                store.put(f"k{i}", "x" * 200)
+            store.checkpoint()
+            oldest = store.wal_reader().oldest_lsn()
+            assert oldest is not None
+            assert oldest <= 2, "the writer removed WAL the worker had not shipped"
+            assert store.retain_floor == 2
+            worker_acks(250)
+            store.checkpoint()
+            oldest = store.wal_reader().oldest_lsn()
+            assert oldest is not None
+            assert 2 < oldest <= 251  # what the server has goes, what it lacks stays
+            assert store.wal_reader().read(250, 260, 10)[0].lsn == 251
+    finally:
+        stop(proc)
