@@ -100,7 +100,7 @@ def describe_target(environ: Mapping[str, str] | None = None) -> str:
 
 def scope_from_settings(environ: Mapping[str, str] | None = None) -> Scope | None:
     """The scope the settings name (sync/scope.py), or None when they name none:
-    ``WALSYNC_SCOPE_PREFIXES`` (comma-separated; empty: no prefix) and/or
+    ``WALSYNC_SCOPE_PREFIXES`` (comma-separated; ``,`` alone: none, push only) and/or
     ``WALSYNC_SCOPE_GROUP``. ``walsync sync`` declares it on the store it syncs."""
     s = load_settings(environ)
     raw = s.get("WALSYNC_SCOPE_PREFIXES")
