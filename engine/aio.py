@@ -23,9 +23,10 @@ waiter thread (one per store, ending when idle) then waits for the
 replicator's acknowledgements in LSN order and resolves the futures.
 
 Reads stay synchronous: ``get``, ``scan`` and the rest read the LMDB snapshot
-(memory-mapped, checked against its checksums) and the in-memory overlay;
-they never wait for a lock held across I/O nor for a sync, so they cost the
-loop what any short computation does. ``AsyncStore.open`` and ``close`` are
+(memory-mapped, checked against its checksums); they never wait for a WAL
+write or sync (at most for the snapshot to take records already acknowledged,
+an LMDB transaction without a sync), so they cost the loop what a short
+computation does. ``AsyncStore.open`` and ``close`` are
 synchronous too (the open replays the WAL; the close waits for the commits
 under way and checkpoints): call them before and after the loop's busy time,
 or in ``asyncio.to_thread``.
