@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,13 +42,13 @@ def many_keys(path: Path, keys: int) -> None:
 
 @pytest.mark.slow
 def test_progress_bar_on_a_terminal_for_long_work_and_none_on_a_pipe(tmp_path: Path) -> None:
-    many_keys(tmp_path / "s", 60_000)
+    many_keys(tmp_path / "s", 150_000)
     code, shown = in_terminal(["export", "-s", "s", "all.wsx"], cwd=tmp_path)
     assert code == 0, shown
     assert "exporting keys" in shown  # the bar's label ...
-    assert re.search(r"\d[\d,]*/60,000", shown), shown  # ... its count of keys
+    assert re.search(r"\d[\d,]*/150,000", shown), shown  # ... its count of keys
     assert "━" in shown  # ... and the bar itself
-    assert "exported 60000 keys" in plain(shown)
+    assert "exported 150000 keys" in plain(shown)
 
     result = piped("export", "-s", "s", "again.wsx", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -169,3 +170,24 @@ def test_demo_json_is_one_object_a_line(tmp_path: Path) -> None:
     again = piped("demo", "-s", "d", "--delay", "0", "--json", cwd=tmp_path)
     assert [json.loads(line)["event"] for line in again.stdout.splitlines()] == [
         "completed_before"]
+
+
+def test_waiting_for_the_writer_lock_shows_on_a_terminal(tmp_path: Path) -> None:
+    """Work that cannot count (here: waiting for another writer) still shows it is busy."""
+    Store.open(tmp_path / "s").close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom walsync.engine import Store\n"
+         "s = Store.open(sys.argv[1])\nprint('ready', flush=True)\ntime.sleep(3)\n"
+         "s.close()", str(tmp_path / "s")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ready"
+        code, shown = in_terminal(["put", "-s", "s", "k", "1", "--lock-timeout", "60"],
+                                  cwd=tmp_path)
+    finally:
+        holder.wait(timeout=60)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert code == 0, shown
+    assert "opening s (waiting for the writer lock)" in shown
+    assert plain(shown).endswith("committed at LSN 1\n")

@@ -12,6 +12,8 @@ import click
 from walsync.engine import Store, StoreLockedError
 from walsync.engine.lock import writable_directory
 
+from .output import busy
+
 __all__ = ["KEY", "lock_timeout_seconds", "open_read", "open_write", "store_option"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -64,21 +66,24 @@ def lock_timeout_seconds() -> float:
 
 
 def open_write(store_path: str, *, create: bool = False, **overrides: Any) -> Store:
-    """The store opened as its writer, waiting ``--lock-timeout`` seconds for the lock."""
-    return Store.open(store_path, create=create, lock_timeout_seconds=lock_timeout_seconds(),
-                      **overrides)
+    """The store opened as its writer, waiting ``--lock-timeout`` seconds for the lock
+    (a bar on a terminal while the open replays the WAL or waits for the lock)."""
+    wait = lock_timeout_seconds()
+    with busy(f"opening {store_path}" + (" (waiting for the writer lock)" if wait else "")):
+        return Store.open(store_path, create=create, lock_timeout_seconds=wait, **overrides)
 
 
 def open_read(store_path: str) -> Store:
     """Read-only when a writer holds the store, so debugging never blocks it, and when
     the store cannot be written (a read-only file system or mount); else as its writer,
     whose open first replays what a crash left in the WAL."""
-    if not writable_directory(Path(store_path)):
-        return Store.open(store_path, readonly=True)
-    try:
-        return Store.open(store_path, create=False)
-    except StoreLockedError:
-        return Store.open(store_path, readonly=True)
+    with busy(f"opening {store_path}"):
+        if not writable_directory(Path(store_path)):
+            return Store.open(store_path, readonly=True)
+        try:
+            return Store.open(store_path, create=False)
+        except StoreLockedError:
+            return Store.open(store_path, readonly=True)
 
 
 class _Key(click.ParamType[str]):

@@ -33,8 +33,8 @@ from rich.text import Text
 
 from .values import text_of
 
-__all__ = ["PROGRESS_AFTER_SECONDS", "Human", "Output", "ago", "duration", "json_option",
-           "moment", "progress", "size", "table", "watch"]
+__all__ = ["PROGRESS_AFTER_SECONDS", "Human", "Output", "ago", "busy", "duration",
+           "json_option", "moment", "progress", "size", "table", "watch"]
 
 #: an operation shows a progress bar once it has run this long (on a terminal)
 PROGRESS_AFTER_SECONDS = 1.0
@@ -99,9 +99,11 @@ class _Bar:
     """A progress bar on stderr that appears only on a terminal, and only once the
     work has gone on for ``PROGRESS_AFTER_SECONDS``."""
 
-    def __init__(self, label: str, show_pos: bool) -> None:
+    def __init__(self, label: str, show_pos: bool, *, indeterminate: bool = False) -> None:
         self.label = label
         self.show_pos = show_pos
+        #: no count to show: a pulsing bar and the time it has taken
+        self.indeterminate = indeterminate
         self.started = time.monotonic()
         self.enabled = sys.stderr.isatty()
         self._lock = threading.Lock()
@@ -116,7 +118,9 @@ class _Bar:
                 if time.monotonic() - self.started < PROGRESS_AFTER_SECONDS:
                     return
                 columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
-                if self.show_pos:
+                if self.indeterminate:
+                    pass
+                elif self.show_pos:
                     columns.append(TextColumn("{task.completed:,.0f}/{task.total:,.0f}"))
                 else:
                     columns.append(TextColumn("{task.percentage:>3.0f}%"))
@@ -124,10 +128,12 @@ class _Bar:
                 self._bar = Progress(*columns, console=Console(stderr=True), transient=True,
                                      redirect_stdout=False, redirect_stderr=False)
                 self._bar.start()
-                self._task = self._bar.add_task(self.label, total=max(total, 1))
+                self._task = self._bar.add_task(
+                    self.label, total=None if self.indeterminate else max(total, 1))
             assert self._task is not None
-            self._bar.update(self._task, completed=min(done, max(total, 1)),
-                             total=max(total, 1))
+            if not self.indeterminate:
+                self._bar.update(self._task, completed=min(done, max(total, 1)),
+                                 total=max(total, 1))
 
     def close(self) -> None:
         with self._lock:
@@ -148,11 +154,20 @@ def progress(label: str, *, show_pos: bool) -> Iterator[Callable[[int, int], Non
 
 
 @contextmanager
+def busy(label: str) -> Iterator[None]:
+    """For work that can tell nothing of how far it is (opening a store that replays its
+    WAL or waits for the writer lock, a checkpoint, a compaction): a pulsing bar and the
+    time taken, on the terms of ``progress``."""
+    with watch(label, lambda: (0, 0), indeterminate=True):
+        yield
+
+
+@contextmanager
 def watch(label: str, poll: Callable[[], tuple[int, int]], *,
-          every_seconds: float = 0.2) -> Iterator[None]:
+          every_seconds: float = 0.2, indeterminate: bool = False) -> Iterator[None]:
     """A progress bar for work that reports none itself: ``poll()`` gives (done, total)
     from another thread while the block runs (``progress``'s rules apply)."""
-    bar = _Bar(label, show_pos=True)
+    bar = _Bar(label, show_pos=True, indeterminate=indeterminate)
     if not bar.enabled:
         yield
         return

@@ -18,7 +18,7 @@ from walsync.engine.workflow import export_run
 
 from .exits import Exit, fail
 from .options import KEY, lock_timeout_seconds, open_read, open_write, store_option
-from .output import Output, json_option, progress, size
+from .output import Output, busy, json_option, progress, size
 from .values import parse_value, text_of
 
 __all__ = ["COMMANDS"]
@@ -126,7 +126,8 @@ def repair(store_path: str, yes: bool, out: Output) -> None:
             click.echo(f"damage: {dmg.message}")
         click.confirm(f"repair {store_path}? Damaged data is moved aside, never deleted",
                       abort=True)
-    report = engine.repair(store_path, lock_timeout_seconds=lock_timeout_seconds())
+    with busy(f"repairing {store_path}"):
+        report = engine.repair(store_path, lock_timeout_seconds=lock_timeout_seconds())
 
     def human() -> Iterator[str]:
         if not report.damaged:
@@ -164,7 +165,7 @@ def repair(store_path: str, yes: bool, out: Output) -> None:
 @json_option
 def checkpoint(store_path: str, out: Output) -> None:
     """Sync the snapshot and remove WAL segments no longer needed."""
-    with open_write(store_path) as store:
+    with open_write(store_path) as store, busy("checkpointing"):
         result = store.checkpoint()
     out.result(result, lambda: f"checkpointed at LSN {result.lsn}; removed "
                                f"{result.segments_removed} segment(s), "
@@ -181,7 +182,7 @@ def compact(store_path: str, purge_tombstones: bool, out: Output) -> None:
 
     Frees the space retention and deletes left; blocks writes while it copies.
     """
-    with open_write(store_path) as store:
+    with open_write(store_path) as store, busy("compacting"):
         result = store.compact(purge_tombstones=purge_tombstones)
     out.result(result, lambda: f"snapshot {result.snapshot_bytes_before} -> "
                                f"{result.snapshot_bytes_after} bytes (checkpointed at LSN "
