@@ -9,6 +9,7 @@ if __name__ != "walsync.engine":
                       "walsync.engine (install the project with pip install -e .)")
 
 
+from .aio import AsyncStore
 from .base import SnapshotRebuild
 from .check import Damage, SegmentReport, VerifyReport, verify
 from .errors import (
@@ -79,6 +80,7 @@ from .wal import TornTail
 __all__ = [
     "ANY",
     "Acknowledger",
+    "AsyncStore",
     "Batch",
     "CapacityError",
     "CheckpointEvent",
