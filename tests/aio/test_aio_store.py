@@ -461,3 +461,37 @@ def test_aio_remote_durability_acknowledged_by_a_sync_worker_process(store_path:
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:
                 pipe.close()
+
+
+def test_aio_events_async_iteration_reports_overflow_where_the_gap_is(
+        astore: AsyncStore) -> None:
+    """A slow async consumer gets what was queued, then one OverflowEvent, then the rest,
+    as the iterator form does; a close from another thread ends the waiting iteration."""
+    from walsync.engine.events import OverflowEvent
+
+    async def main() -> list[Any]:
+        sub = astore.events(kinds=("commit",), max_queued=5)
+        for i in range(20):
+            await astore.put(f"k{i}", i)
+        deadline = time.monotonic() + 10
+        while sub.dropped < 15 and time.monotonic() < deadline:  # the dispatcher's thread
+            await asyncio.sleep(0.001)
+        got: list[Any] = []
+        async for event in sub:
+            got.append(event)
+            if len(got) == 6:
+                await astore.put("after", 1)
+            if len(got) == 7 or time.monotonic() > deadline:
+                break
+        waiting = asyncio.create_task(_collect(sub))
+        await asyncio.sleep(0.01)
+        threading.Thread(target=sub.close).start()
+        assert await asyncio.wait_for(waiting, 5) == []
+        return got
+
+    got = asyncio.run(main())
+    assert [e.lsn for e in got[:5]] == [1, 2, 3, 4, 5]
+    assert isinstance(got[5], OverflowEvent)
+    assert (got[5].dropped, got[5].first_lsn, got[5].last_lsn) == (15, 6, 20)
+    assert isinstance(got[6], CommitEvent)
+    assert got[6].lsn == 21
