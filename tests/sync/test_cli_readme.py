@@ -1,17 +1,22 @@
-"""README's CLI section, run as written: every line of its command block, in order, in an
-empty directory, with the installed `walsync` against a real PostgreSQL server.
+"""README's CLI sections, run as written: every line of the CLI's command block, then of
+the replication and the lost-host blocks, in order, in an empty directory, with the
+installed `walsync` against a real PostgreSQL server.
 
-The block's placeholders are the only thing filled in: RUN_ID (the demo's run, read
-from the store once the demo has run) and DIR (a new directory). Each line must exit 0;
-its output is kept for the assertion message.
+The placeholders are the only thing filled in: RUN_ID (the demo's run, read from the
+store once the demo has run), DIR (a new directory), the lost host's node id and the
+example DSN (the test server's). Each line must exit 0; the sync worker runs until
+`walsync status` finds nothing unreplicated, then gets SIGTERM.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,16 +68,68 @@ def test_readme_cli_block_runs_as_written(tmp_path: Path, pg_db: str) -> None:
                 [run] = Workflows(store).list_runs(workflow="invoices")
             line = line.replace("RUN_ID", run.run_id)
         line = line.replace("DIR", str(tmp_path / "restored"))
-        result = subprocess.run(["bash", "-c", f"set -e -o pipefail\n{shell_state}\n{line}"],
-                                cwd=work, env=env, capture_output=True, text=True,
-                                timeout=300, check=False)
-        done.append(f"$ {line}\n{result.stdout}{result.stderr}")
-        assert result.returncode == 0, "\n".join(done)
-        assert "Traceback" not in result.stderr, "\n".join(done)
+        done.append(run_line(line, work, env, shell_state))
         if line.startswith("export "):
             shell_state += line + "\n"
     assert (tmp_path / "restored" / "STORE").is_file()
     assert (work / "copy" / "STORE").is_file()
+
+    # the replication section, its placeholder DSN for this server's
+    for line in readme_block("## Replication to Supabase / PostgreSQL"):
+        if line.startswith("export WALSYNC_PG_DSN="):
+            continue  # the environment holds this server's DSN
+        done.append(run_line(line, work, env, ""))
+    # host A (the store above) is lost; a new host restores its runs
+    with Store.open(work / "state", readonly=True) as store:
+        lost = store.node_id
+    new_host = tmp_path / "host-b"
+    new_host.mkdir()
+    for line in readme_block("## Recovering from a lost host"):
+        done.append(run_line(line.replace("<A's node id>", lost), new_host, env, ""))
+    with Store.open(new_host / "state", readonly=True) as store:
+        assert store.node_id != lost
+        assert Workflows(store).list_runs(workflow="invoices")
+
+
+def run_line(line: str, cwd: Path, env: dict[str, str], shell_state: str) -> str:
+    """One README line in bash (0 expected); the sync worker (`walsync sync` without
+    --once) is stopped with SIGTERM once `walsync status` finds nothing unreplicated."""
+    if re.fullmatch(r"walsync sync --store \S+", line):
+        return run_worker(line, cwd, env)
+    result = subprocess.run(["bash", "-c", f"set -e -o pipefail\n{shell_state}\n{line}"],
+                            cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    said = f"$ {line}\n{result.stdout}{result.stderr}"
+    assert result.returncode == 0, said
+    assert "Traceback" not in result.stderr, said
+    return said
+
+
+def run_worker(line: str, cwd: Path, env: dict[str, str]) -> str:
+    store = line.split()[-1]
+    with subprocess.Popen(["bash", "-c", f"exec {line} --status-every 0"], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, proc.communicate()
+                status = subprocess.run(["walsync", "status", "--store", store, "--json"],
+                                        cwd=cwd, env=env, capture_output=True, text=True,
+                                        timeout=60, check=False)
+                if status.returncode == 0 and \
+                        json.loads(status.stdout)["unreplicated_entries"] == 0:
+                    break
+                assert time.monotonic() < deadline, status.stdout + status.stderr
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    said = f"$ {line}\n{out}{err}"
+    assert proc.returncode == 0, said
+    assert "stopping (SIGTERM)" in out, said
+    return said
 
 
 def test_readme_moving_a_run_block_runs_with_a_copy_for_scp(tmp_path: Path) -> None:
