@@ -1,7 +1,8 @@
 """What the commands that reach the server say when it is not the one configured, not
 there, or slow: migrate reads WALSYNC_CONFIG and speaks of migrate, a database that does
 not exist is named, `sync --once` prints JSON and shows its backlog's progress on a
-terminal (none on a pipe). A real PostgreSQL server throughout.
+terminal (none on a pipe), the worker's --json one event a line. A real PostgreSQL
+server throughout.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from psycopg.conninfo import make_conninfo
 
 from tests.pg import free_port
 from tests.sync._helpers import with_port
-from tests.terminal import in_terminal, plain
+from tests.terminal import WALSYNC, in_terminal, plain
 from walsync.engine import Store
 from walsync.sync.cli import main
 from walsync.sync.migrate import migrate
@@ -112,3 +116,39 @@ def test_sync_once_shows_its_backlog_on_a_terminal_and_nothing_on_a_pipe(
     assert piped.exit_code == 0, piped.stderr
     assert piped.stderr == ""
     assert piped.stdout.startswith("pushed 30000 entries")
+
+
+def test_sync_worker_json_is_one_event_a_line(tmp_path: Path, pg_db: str) -> None:
+    migrate(pg_db)
+    path = tmp_path / "s"
+    with Store.open(path, node_id="W") as store:
+        store.put("a", 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WALSYNC_", "SUPABASE_"))}
+    env["WALSYNC_PG_DSN"] = pg_db
+    with subprocess.Popen([str(WALSYNC), "sync", "-s", str(path), "--json",
+                           "--status-every", "0.2"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        events = []
+        try:
+            deadline = time.monotonic() + 60
+            while not events or events[-1].get("acked_lsn") != 1:
+                assert time.monotonic() < deadline, events
+                line = proc.stdout.readline()
+                assert line, proc.communicate()
+                events.append(json.loads(line))
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err
+    events += [json.loads(line) for line in out.splitlines()]
+    assert events[0] == {"event": "started", "path": str(path), "node_id": "W",
+                         "server": events[0]["server"]}
+    assert "password" not in events[0]["server"]
+    statuses = [e for e in events if e["event"] == "status"]
+    assert statuses
+    assert set(statuses[-1]) == {"event", "acked_lsn", "lag_entries", "lag_seconds",
+                                 "pulled_entries", "retries"}
+    assert events[-1] == {"event": "stopping", "signal": "SIGTERM"}
