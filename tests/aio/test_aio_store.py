@@ -300,7 +300,7 @@ class _GatedAcknowledger:
 
 
 def test_aio_remote_durability_is_awaited_without_blocking_the_loop(store_path: Path) -> None:
-    astore = AsyncStore.open(store_path, remote_timeout_seconds=0.5)
+    astore = AsyncStore.open(store_path, remote_timeout_seconds=2.0)
     ack = _GatedAcknowledger()
     astore.store.attach_replicator(ack)
 
@@ -315,10 +315,12 @@ def test_aio_remote_durability_is_awaited_without_blocking_the_loop(store_path: 
 
         ticker = asyncio.create_task(tick())
         pending = asyncio.create_task(astore.put("r", 1, durability="remote"))
-        await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 1.0
+        while ticks <= 10 and time.monotonic() < deadline:  # the loop runs meanwhile
+            await asyncio.sleep(0.005)
+        assert ticks > 10
         assert not pending.done()
         assert astore.get("r") == 1  # durable here, not yet acknowledged
-        assert ticks > 10
         ack.allow(astore.store.next_lsn - 1)
         result = await asyncio.wait_for(pending, 5)
         assert result.durability.value == "remote"
