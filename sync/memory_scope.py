@@ -159,7 +159,11 @@ class ScopeAndRetention:
         def held(s: Entry) -> bool:
             return low < s.pos <= p_upto and s.origin != p_node
 
-        keys = sorted(k for k, v in self._t.siblings.items()
+        # the stored siblings, and the tombstones compaction collected
+        stored: dict[str, list[Entry]] = {k: list(v) for k, v in self._t.siblings.items()}
+        for (k, _o, _n), tomb in self._t.collected.items():
+            stored.setdefault(k, []).append(tomb)
+        keys = sorted(k for k, v in stored.items()
                       if k.startswith(prefix) and (p_after_key is None or k > p_after_key)
                       and not any(k.startswith(x) for x in excluded)
                       and any(held(s) for s in v))
@@ -168,7 +172,7 @@ class ScopeAndRetention:
                  "deleted": s.deleted, "data": _b64(s.data), "codec": s.codec,
                  "vv": dict(s.vv), "hlc": s.hlc, "fence": s.fence, "value_hash": s.value_hash}
                 for k in page
-                for s in sorted(self._t.siblings[k], key=lambda s: (s.origin, s.lsn))
+                for s in sorted(stored[k], key=lambda s: (s.origin, s.lsn))
                 if held(s)]
         return {"rows": rows, "last_key": page[-1] if page else None, "done": len(page) < limit}
 
@@ -209,6 +213,10 @@ class ScopeAndRetention:
         removed = 0
         for key, tomb in collected:
             del t.siblings[key]
+            t.collected.setdefault(
+                (key, tomb.origin, tomb.lsn),
+                Entry(tomb.pos, tomb.origin, tomb.lsn, 0, key, True, None, 0, dict(tomb.vv),
+                      tomb.hlc, tomb.fence, None))
             for e in [e for e in t.entries.values() if e.key == key and _leq(e.vv, tomb.vv)]:
                 remove(e)
                 removed += 1
@@ -228,6 +236,11 @@ class ScopeAndRetention:
                           for f in group)]
         for e in doomed:
             remove(e)
+        # collected tombstones every node that ever pulled has pulled past
+        pulled = [n.pull_cursor for n in t.nodes.values() if n.last_pull_at is not None]
+        passed = min(pulled) if pulled else 0
+        for ident in [i for i, tomb in t.collected.items() if tomb.pos <= passed]:
+            del t.collected[ident]
         t.window_start_hlc = max(t.window_start_hlc, boundary)
         t.compacted_at = now
         t.compacted_entries += removed + len(doomed)

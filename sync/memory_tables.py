@@ -106,6 +106,8 @@ class Tables:
     #: positions the log's compaction removed (sync/memory_scope.py): their slots in
     #: ``log`` stay, so ``log[pos - 1]`` still finds a position, and readers skip them
     compacted: set[int] = field(default_factory=set)
+    #: walsync.collected: the tombstones compaction collected, by (key, origin, lsn)
+    collected: dict[tuple[str, str, int], Entry] = field(default_factory=dict)
     #: walsync.scope_groups: name -> prefixes
     scope_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: walsync.log_settings (``retention_seconds`` None: no row yet)

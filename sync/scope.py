@@ -28,10 +28,10 @@ revealed them is merged. Narrowing stops pulling the prefixes; what was merged s
 
 Re-bootstrap: a pull the server refuses because its log compaction collected a
 tombstone after the cursor (PullCompactedError) fills the whole scope in the same way,
-up to the server's head, and goes on from there (``Scope.rebootstrap``). Keys deleted
-meanwhile on the server whose tombstones were collected keep their local versions
-(nothing on the server says they were deleted any more): a store that pulls at least
-once per retention window never meets this.
+up to the server's head, and goes on from there (``ScopeKeeper.rebootstrap``). The
+server keeps the tombstones it collected (without values) until every node that pulled
+has passed them and delivers them with the fills, so a key deleted meanwhile is
+deleted here too.
 """
 
 from __future__ import annotations

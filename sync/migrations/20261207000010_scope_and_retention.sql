@@ -57,7 +57,26 @@ create table if not exists walsync.log_settings (
 );
 alter table walsync.log_settings enable row level security;
 
-revoke all on walsync.scope_groups, walsync.log_settings from public, anon, authenticated;
+-- The tombstones compaction collected, without their log: a store that was away
+-- (re-bootstrapping) or had the key outside its scope learns from them that a key
+-- it holds was deleted (scope_backfill delivers them as deleted siblings). A row
+-- goes once every node that ever pulled has pulled past it.
+create table if not exists walsync.collected (
+  tenant text not null default '',
+  key    text not null,
+  origin text not null,
+  lsn    bigint not null,
+  pos    bigint not null,
+  vv     jsonb not null,
+  hlc    bigint not null,
+  fence  bigint not null default 0,
+  primary key (key, origin, lsn, tenant)
+);
+create index if not exists collected_pos on walsync.collected (tenant, pos);
+alter table walsync.collected enable row level security;
+
+revoke all on walsync.scope_groups, walsync.log_settings, walsync.collected
+  from public, anon, authenticated;
 
 -- Where the tenant column stands in each table's key: as in
 -- 20261207000008_push_in_parallel.sql, with walsync.scope_groups and
@@ -75,7 +94,8 @@ begin
   for t in select * from (values
       ('nodes', 'node_id'), ('head', null), ('entries', 'origin, lsn, key'),
       ('siblings', 'key, origin, lsn'), ('leases', 'run_id'), ('fenced', 'origin, lsn, key'),
-      ('key_locks', 'key'), ('scope_groups', 'name'), ('log_settings', null))
+      ('key_locks', 'key'), ('scope_groups', 'name'), ('log_settings', null),
+      ('collected', 'key, origin, lsn'))
       as v(tbl, cols)
   loop
     v_cols := case when t.cols is null then 'tenant'
@@ -192,11 +212,21 @@ declare
 begin
   perform walsync.scope_checked(array[coalesce(p_prefix, '')]);
   return (
-    with page as (
+    -- the stored siblings, and the tombstones compaction collected (deleted
+    -- siblings without a value)
+    with held as (
+      select s.key, s.origin, s.lsn, s.pos, s.deleted, s.data, s.codec, s.vv, s.hlc,
+             s.fence, s.value_hash
+      from siblings s where s.tenant = v_tenant
+      union all
+      select c.key, c.origin, c.lsn, c.pos, true, null, 0::smallint, c.vv, c.hlc, c.fence,
+             null
+      from collected c where c.tenant = v_tenant
+    ),
+    page as (
       select distinct key collate "C" as key
-      from siblings
-      where tenant = v_tenant
-        and key collate "C" >= coalesce(p_prefix, '')
+      from held
+      where key collate "C" >= coalesce(p_prefix, '')
         and starts_with(key, coalesce(p_prefix, ''))
         and (p_after_key is null or key collate "C" > p_after_key collate "C")
         and pos > coalesce(p_after_pos, 0) and pos <= p_upto and origin <> p_node
@@ -212,8 +242,8 @@ begin
                  'data', replace(encode(s.data, 'base64'), E'\n', ''), 'codec', s.codec,
                  'vv', s.vv, 'hlc', s.hlc, 'fence', s.fence, 'value_hash', s.value_hash)
                order by s.key collate "C", s.origin collate "C", s.lsn)
-        from siblings s join page p on s.key = p.key
-        where s.tenant = v_tenant and s.pos > coalesce(p_after_pos, 0) and s.pos <= p_upto
+        from held s join page p on s.key = p.key
+        where s.pos > coalesce(p_after_pos, 0) and s.pos <= p_upto
           and s.origin <> p_node), '[]'::jsonb),
       'last_key', (select max(key collate "C") from page),
       'done', (select count(*) from page) < greatest(p_limit, 1)));
@@ -457,27 +487,38 @@ begin
 
   -- Tombstones that are all their key holds, older than the window, pulled past by
   -- every live node: collected with every entry they dominate.
-  with collected as materialized (
-    select s.key, s.pos, s.vv from siblings s
+  with doomed as materialized (
+    select s.key, s.origin, s.lsn, s.pos, s.vv, s.hlc, s.fence from siblings s
      where s.tenant = v_tenant and s.deleted and s.hlc < v_boundary and s.pos <= v_floor
        and not exists (select 1 from siblings o
                        where o.tenant = v_tenant and o.key = s.key
                          and (o.origin, o.lsn) <> (s.origin, s.lsn))
   ),
+  kept as (
+    insert into collected (tenant, key, origin, lsn, pos, vv, hlc, fence)
+    select v_tenant, d.key, d.origin, d.lsn, d.pos, d.vv, d.hlc, d.fence from doomed d
+    on conflict do nothing
+    returning 1
+  ),
   gone_siblings as (
-    delete from siblings s using collected c
+    delete from siblings s using doomed c
      where s.tenant = v_tenant and s.key = c.key
     returning 1
   ),
   gone_entries as (
-    delete from entries e using collected c
+    delete from entries e using doomed c
      where e.tenant = v_tenant and e.key = c.key and walsync.vv_leq(e.vv, c.vv)
     returning 1
   )
-  select (select count(*) from collected), (select count(*) from gone_entries),
-         greatest(v_gc, (select max(pos) from collected)),
-         (select count(*) from gone_siblings)
+  select (select count(*) from doomed), (select count(*) from gone_entries),
+         greatest(v_gc, (select max(pos) from doomed)),
+         (select count(*) from gone_siblings) + (select count(*) from kept)
     into v_tombs, v_removed, v_gc, v_dropped;
+  -- collected tombstones every node that ever pulled has pulled past: no one needs them
+  delete from collected c
+   where c.tenant = v_tenant
+     and c.pos <= coalesce((select min(n.pull_cursor) from nodes n
+                            where n.tenant = v_tenant and n.last_pull_at is not null), 0);
 
   -- Entries older than the window that another entry as old dominates: no cut the
   -- window holds needs them (that entry is in every such cut). A current sibling

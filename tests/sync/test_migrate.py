@@ -297,7 +297,7 @@ def primary_keys(schema: dict[str, Any]) -> dict[str, str]:
 #: (never compared), in tenant mode it leads it (a tenant's rows are adjacent)
 KEYS = {"nodes": "node_id", "entries": "origin, lsn, key", "siblings": "key, origin, lsn",
         "leases": "run_id", "fenced": "origin, lsn, key", "key_locks": "key",
-        "scope_groups": "name"}
+        "scope_groups": "name", "collected": "key, origin, lsn"}
 
 
 def test_every_default_level_migrates_to_the_fresh_schema(
@@ -338,7 +338,7 @@ def test_every_tenant_mode_path_migrates_to_the_fresh_tenant_schema(
     migrate(fresh, tenant_mode=True)
     want = catalog(fresh)
     assert want["tenant_settings"] == [[1, "tenant_id"]]
-    assert len(want["policies"]) == 10
+    assert len(want["policies"]) == 11
     assert primary_keys(want) == {
         "head": "PRIMARY KEY (tenant)", "log_settings": "PRIMARY KEY (tenant)",
         "server": "PRIMARY KEY (id)",

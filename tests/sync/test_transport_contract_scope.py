@@ -187,3 +187,25 @@ def test_compaction_keeps_the_windows_state_and_collects_tombstones(server: Serv
     done = t.log_retention()
     assert (done.gc_through, done.compacted_entries) == (4, 3)
     assert done.compacted_at is not None
+
+
+def test_collected_tombstones_reach_fills_until_every_node_pulled_past(
+        server: Server) -> None:
+    t = server.migrate()
+    t.push("A", 2, [entry("A", 1, "k/x", "v"), entry("A", 2, "k/x", None, {"A": 2})])
+    t.pull("Y", 0, 10)  # Y pulled once, before the deletion
+    t.log_retention(0.001)  # no one pulled within the window: Y is not live
+    time.sleep(0.05)
+    assert t.compact_log().collected_tombstones == 1
+    assert server.winners() == []
+    # a store that held the key learns of the deletion from a fill: a deleted sibling
+    # without a value
+    rows = t.scope_backfill("Y", "k/", 0, t.head(), [], None, 100).rows
+    assert [(r.key, r.sibling.version.lsn, r.sibling.deleted, r.sibling.data)
+            for r in rows] == [("k/x", 2, True, None)]
+    assert t.scope_backfill("Y", "k/", 2, t.head(), [], None, 100).rows == []
+    with pytest.raises(PullCompactedError):
+        t.pull("Y", 1, 10)
+    t.pull("Y", 2, 10)  # every node that pulled is past it now: gone at the next run
+    t.compact_log()
+    assert t.scope_backfill("Y", "k/", 0, t.head(), [], None, 100).rows == []

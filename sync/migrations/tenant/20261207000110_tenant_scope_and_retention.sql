@@ -11,7 +11,7 @@ do $$
 declare
   t text;
 begin
-  foreach t in array array['scope_groups', 'log_settings'] loop
+  foreach t in array array['scope_groups', 'log_settings', 'collected'] loop
     execute format('alter table walsync.%I alter column tenant set default '
                    'walsync.request_tenant()', t);
     execute format('alter table walsync.%I enable row level security', t);
@@ -24,7 +24,8 @@ begin
 end
 $$;
 
-grant select, insert, update, delete on walsync.scope_groups, walsync.log_settings
+grant select, insert, update, delete
+  on walsync.scope_groups, walsync.log_settings, walsync.collected
   to walsync_tenant_api;
 grant execute on function walsync.key_lane(text), walsync.scope_checked(text[]),
                           walsync.scope_prefixes(jsonb)
