@@ -96,10 +96,20 @@ def sync(store: Store, server: Server) -> None:
         rep.stop()
 
 
-def make_history(server: Server, tmp: Path, rng: random.Random) -> tuple[list[Written],
-                                                                          dict[str, Store]]:
+#: what a writer's store held of every key right after one of its records: (origin,
+#: lsn) -> key -> the version vectors of its siblings
+Seen = dict[tuple[str, int], dict[str, list[dict[str, int]]]]
+
+
+def vectors(store: Store) -> dict[str, list[dict[str, int]]]:
+    return {k: [dict(v.version.vv) for v in store.get_versions(k)] for k in KEYS}
+
+
+def make_history(server: Server, tmp: Path,
+                 rng: random.Random) -> tuple[list[Written], Seen, dict[str, Store]]:
     stores = {name: Store.open(tmp / name, create=True) for name in ("a", "b", "c")}
     history: list[Written] = []
+    seen: Seen = {}
     for _ in range(45):
         store = stores[rng.choice("abc")]
         for _ in range(rng.randint(1, 2)):
@@ -114,13 +124,14 @@ def make_history(server: Server, tmp: Path, rng: random.Random) -> tuple[list[Wr
             assert len(mine) == 1, (key, result.lsn, store.get_versions(key))
             v = mine[0].version
             history.append(Written(key, v.origin, v.lsn, v.hlc, dict(v.vv), value))
+            seen[(v.origin, v.lsn)] = vectors(store)
         if rng.random() < 0.5:
             sync(store, server)
         if rng.random() < 0.3:
             time.sleep(0.002)  # commits in later milliseconds: --at cuts between them
     for store in stores.values():
         sync(store, server)
-    return history, stores
+    return history, seen, stores
 
 
 #: each database transport once, the memory server over several histories
@@ -133,7 +144,7 @@ def test_pitr_restore_equals_the_history_replayed_to_the_point(
         servers: Callable[[str], Server], tmp_path: Path, kind: str, seed: int) -> None:
     server = servers(kind)
     rng = random.Random(f"pitr-{kind}-{seed}")
-    history, stores = make_history(server, tmp_path, rng)
+    history, seen, stores = make_history(server, tmp_path, rng)
     try:
         hlcs = sorted({w.hlc for w in history})
         points: list[tuple[str, Any, int]] = []
@@ -163,6 +174,15 @@ def test_pitr_restore_equals_the_history_replayed_to_the_point(
             assert (point.last_node, point.last_lsn, point.last_hlc) == (
                 last.origin, last.lsn, last.hlc)
             assert point.after_newest == (cut >= hlcs[-1])
+            if how == "lsn":
+                # causality: everything the node held when it committed the record is
+                # in the cut (each version it held is at or below a restored sibling)
+                with Store.open(dest, readonly=True) as restored:
+                    held = vectors(restored)
+                origin, _, lsn = str(arg).rpartition(":")
+                for key, vvs in seen[(origin, int(lsn))].items():
+                    for vv in vvs:
+                        assert any(_leq(vv, r) for r in held[key]), (arg, key, vv, held[key])
         # the history held concurrent versions and deletes at the points restored
         assert siblings_seen, (siblings_seen, absent_seen)
         assert absent_seen, (siblings_seen, absent_seen)
