@@ -10,6 +10,7 @@ claims of node incarnations, restore's pages. ``MemoryTransport`` is an
 RpcTransport whose calls go to a MemoryServer in the same process, so its answers
 pass the same checks as PostgreSQL's, and the contract suite
 (tests/sync/test_transport_contract.py) holds it to the SQL's answers.
+(Over 500 lines: a twin of every server function; push's rules are in memory_tables.py.)
 
 What it is for: testing the replicator, restore, leases and node identity without
 a database, and a reference of the protocol a reader can follow (push's rules are in

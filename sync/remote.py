@@ -7,6 +7,9 @@ differ only in how a call travels (psycopg straight to the database, or RPC over
 PostgREST). ``RpcTransport.call`` is the raw call: the typed methods are built on
 it, and nothing outside the transport modules uses it (tests of SQL functions
 outside the protocol aside).
+
+(Over 500 lines: one typed call and one answer check per server function, kept in one
+place so every answer is checked the same way for both transports.)
 """
 
 from __future__ import annotations

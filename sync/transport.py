@@ -10,6 +10,8 @@ Three transports pass one contract suite (tests/sync/test_transport_contract.py)
 ``postgres`` and ``supabase`` call the SQL functions of schema ``walsync_api``
 (remote.py holds what they share), ``memory`` (memory.py) is those functions'
 reference twin in Python, so replicator logic can be tested without PostgreSQL.
+(Over 500 lines: the Protocol, each of its typed answers and the proxy that passes
+every call on belong together: one file is the whole door.)
 
 Errors a transport raises are the sync branch of the error tree:
 RemoteUnavailableError is transient (the replicator retries it);

@@ -243,3 +243,23 @@ def test_a_renamed_test_is_caught() -> None:
                     collected) == []
     assert _missing({"tests/a.py::test_x_old", "tests/b.py::test"}, collected) == [
         "tests/a.py::test_x_old", "tests/b.py::test"]
+
+
+# -- a module over ~500 lines says why at its top ---------------------------------------
+
+_LONG_LINES = 500
+
+
+def _long_modules() -> list[Path]:
+    return [path for _, path in _public_modules()
+            if path.read_text().count("\n") > _LONG_LINES]
+
+
+@pytest.mark.parametrize("path", _long_modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_module_over_500_lines_states_why_at_its_top(path: Path) -> None:
+    """A long module is where a second concern hides; the one that is long for a reason
+    says it where a reader starts (its docstring names the 500-line mark and why)."""
+    docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+    assert str(_LONG_LINES) in docstring, (
+        f"{path.relative_to(ROOT)} has {path.read_text().count(chr(10))} lines and its "
+        f"docstring does not say why it is over {_LONG_LINES} (split it, or say why not)")

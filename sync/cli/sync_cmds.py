@@ -4,6 +4,7 @@ restore, leases, conflicts, detach.
 The server comes from the environment (``WALSYNC_PG_DSN``, or ``SUPABASE_URL`` and
 ``SUPABASE_SERVICE_ROLE_KEY``) or a ``WALSYNC_CONFIG`` file, never from an argument,
 so no credential shows in a process listing or a shell history.
+(Over 500 lines: seven commands of one topic, each a library call with its help text.)
 """
 
 from __future__ import annotations
