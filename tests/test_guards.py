@@ -8,6 +8,7 @@
 * Each FORMAT.md invariant and each README guarantee names the tests that prove
   it, and those tests exist: a renamed or deleted test cannot leave a promise
   unproved without this failing.
+* A module over 500 lines says why at its top.
 """
 
 from __future__ import annotations
