@@ -315,12 +315,12 @@ def test_aio_remote_durability_is_awaited_without_blocking_the_loop(store_path: 
 
         ticker = asyncio.create_task(tick())
         pending = asyncio.create_task(astore.put("r", 1, durability="remote"))
-        deadline = time.monotonic() + 1.0
-        while ticks <= 10 and time.monotonic() < deadline:  # the loop runs meanwhile
-            await asyncio.sleep(0.005)
+        deadline = time.monotonic() + 1.5
+        while (ticks <= 10 or astore.get("r") is None) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)  # the loop runs meanwhile
         assert ticks > 10
-        assert not pending.done()
         assert astore.get("r") == 1  # durable here, not yet acknowledged
+        assert not pending.done()
         ack.allow(astore.store.next_lsn - 1)
         result = await asyncio.wait_for(pending, 5)
         assert result.durability.value == "remote"
