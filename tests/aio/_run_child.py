@@ -48,7 +48,7 @@ def drive_sync(store_path: str, log: str) -> None:
     def charge() -> str:
         note(log, "start charge")
         say("STEP charge")
-        time.sleep(0.2)  # a kill after its line lands in its body
+        time.sleep(1.0)  # a kill after its line lands in its body
         return "charged"
 
     with Store.open(store_path) as store:
@@ -71,7 +71,7 @@ async def drive_async(store_path: str, log: str) -> None:
     async def charge() -> str:
         note(log, "start charge")
         say("STEP charge")
-        await asyncio.sleep(0.2)  # a kill after its line lands in its body
+        await asyncio.sleep(1.0)  # a kill after its line lands in its body
         return "charged"
 
     with Store.open(store_path) as store:
