@@ -31,6 +31,12 @@ synchronous too (the open replays the WAL; the close waits for the commits
 under way and checkpoints): call them before and after the loop's busy time,
 or in ``asyncio.to_thread``.
 
+The one wait left on the loop's thread: a commit's checks read the snapshot,
+which a compaction (``Store.compact``) or an LMDB map resize closes for their
+duration. An awaited commit looks first and, while it is closed, waits on the
+loop (``gate_open``); one that starts in the instant a compaction closes it
+waits for it as a blocking commit would. Run ``compact`` off the loop.
+
 Threads and loops: an AsyncStore may be used from any number of tasks of one
 or several loops, and beside threads using its Store: it is the same store.
 """
@@ -61,10 +67,12 @@ if TYPE_CHECKING:
     from .replication import Acknowledger
     from .versions import Version
 
-__all__ = ["AsyncBatch", "AsyncStore", "DeferredCommits", "submit"]
+__all__ = ["AsyncBatch", "AsyncStore", "DeferredCommits", "gate_open", "submit"]
 
 #: an idle remote-acknowledgement waiter thread ends after this long
 _REMOTE_IDLE_SECONDS = 5.0
+#: how often an awaited commit looks again whether a compaction or resize is over
+_GATE_POLL_SECONDS = 0.002
 
 
 def submit(
@@ -103,6 +111,15 @@ def submit(
 
     result = pipeline.commit(ops, level, notes, internal, on_done=on_done)
     return result, done
+
+
+async def gate_open(store: Store) -> None:
+    """Wait, on the loop, while a compaction or an LMDB map resize holds the snapshot's
+    gate: a commit's checks read the snapshot, and would otherwise wait for it on the
+    loop's thread (seconds, for a compaction of a large store)."""
+    gate = store._snapshot.gate
+    while gate.closed:
+        await asyncio.sleep(_GATE_POLL_SECONDS)
 
 
 def _settle_from_thread(loop: asyncio.AbstractEventLoop, done: asyncio.Future[None],
@@ -240,6 +257,7 @@ class AsyncBatch:
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None and self._batch.ops:
+            await gate_open(self._store)
             result, done = submit(self._store, self._batch.ops, durability=self._durability,
                                   notes=self._batch.notes, internal=self._internal)
             await done
@@ -280,6 +298,7 @@ class AsyncStore:
         notes: Sequence[Event] = (), internal: bool = False,
     ) -> CommitResult:
         """Store.commit, awaited: durable per ``durability`` when the await returns."""
+        await gate_open(self.store)
         result, done = submit(self.store, ops, durability=durability, notes=notes,
                               internal=internal)
         await done

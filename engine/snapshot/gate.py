@@ -28,6 +28,12 @@ class Gate:
         self._resizing = False
         self._shared = _SharedHold(self)
 
+    @property
+    def closed(self) -> bool:
+        """Held (or waited for) by a resize or a compaction: a transaction would wait.
+        Read without the lock: a hint for callers that must not block (engine/aio.py)."""
+        return self._resizing
+
     def shared(self) -> _SharedHold:
         """``with gate.shared():`` holds the gate shared (a plain object, not a
         generator: every commit passes here twice)."""

@@ -44,7 +44,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..aio import DeferredCommits
+from ..aio import DeferredCommits, gate_open
 from .records import Cost, RunRecord, StepRecord
 from .run import Run, deferred_commits_var
 from .step import StepContext, _current_step, current_run, current_run_var, current_step
@@ -61,6 +61,7 @@ _T = TypeVar("_T")
 
 async def _deferred(run_store: Any, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     """Run the sync ``fn`` with the run's commits queued, then await them."""
+    await gate_open(run_store)
     commits = DeferredCommits(run_store)
     token = deferred_commits_var.set(commits)
     try:

@@ -497,3 +497,50 @@ def test_aio_events_async_iteration_reports_overflow_where_the_gap_is(
     assert (got[5].dropped, got[5].first_lsn, got[5].last_lsn) == (15, 6, 20)
     assert isinstance(got[6], CommitEvent)
     assert got[6].lsn == 21
+
+
+def test_aio_commits_during_a_compaction_wait_on_the_loop_not_in_it(
+        astore: AsyncStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction closes the snapshot for its duration (here held 0.5 s); awaited
+    commits made meanwhile wait for it without holding up the loop, then land."""
+    from walsync.engine.snapshot import bulk
+
+    inside = threading.Event()
+    real = bulk._sync_copied_file
+
+    def slow_sync(path: Path) -> None:
+        if astore.store._snapshot.gate.closed:  # the compaction's copy, not a base copy
+            inside.set()
+            time.sleep(0.5)
+        real(path)
+
+    monkeypatch.setattr(bulk, "_sync_copied_file", slow_sync)
+    asyncio.run(astore.put("before", 1))
+
+    async def main() -> tuple[float, float]:
+        compacting = threading.Thread(target=astore.store.compact)
+        compacting.start()
+        while not inside.is_set():
+            await asyncio.sleep(0.001)
+        started = time.monotonic()
+        worst = 0.0
+
+        async def tick() -> None:
+            nonlocal worst
+            while True:
+                t = time.monotonic()
+                await asyncio.sleep(0.001)
+                worst = max(worst, time.monotonic() - t)
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.gather(*(astore.put(f"k{i}", i) for i in range(20)))
+        took = time.monotonic() - started
+        ticker.cancel()
+        while compacting.is_alive():
+            await asyncio.sleep(0.005)
+        return took, worst
+
+    took, worst = asyncio.run(main())
+    assert took >= 0.3, f"the commits did not wait for the compaction ({took:.3f} s)"
+    assert worst < 0.25, f"the loop was held {worst:.3f} s by a compaction"
+    assert [astore.get(f"k{i}") for i in range(20)] == list(range(20))
