@@ -16,6 +16,7 @@ import re
 import socket
 import struct
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -24,18 +25,29 @@ from psycopg.abc import AdaptContext
 from walsync.engine.errors import (
     RemoteAuthError,
     RemoteRejectedError,
+    RemoteSchemaError,
     RemoteUnavailableError,
     SyncConfigError,
     SyncError,
     SyncProtocolError,
 )
 
-from .remote import PUSH_ARRAYS, RpcTransport, error_for_sqlstate, push_ack, push_arrays
-from .transport import PushAck, WireBatch, WireEntry
+from .remote import (
+    PUSH_ARRAYS,
+    RpcTransport,
+    error_for_sqlstate,
+    pull_page_of_rows,
+    push_ack,
+    push_arrays,
+)
+from .transport import PullPage, PushAck, WireBatch, WireEntry
 
 __all__ = ["PostgresTransport", "check_dsn", "classify", "redact_dsn"]
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+#: a pull page as rows (sync/PROTOCOL.md, "Scoped pull")
+_PULL_ROWS = (b"select * from walsync_api.pull_rows(p_node => %(n)s, p_after => %(a)s, "
+              b"p_limit => %(l)s, p_prefixes => %(p)s::jsonb, p_group => %(g)s)")
 
 #: push's array arguments: the element type each is sent as, in PostgreSQL's binary
 #: array format (version vectors go as JSON text, which the server casts to jsonb)
@@ -275,6 +287,8 @@ class PostgresTransport(RpcTransport):
         # server ends a transaction left idle this long (the call's COMMIT then
         # fails, the caller sees RemoteUnavailableError and retries).
         self._idle_ms = max(1, int(idle_in_transaction_seconds * 1000))
+        #: the server has no pull_rows (before migration 10): the plain pull it is
+        self._no_pull_rows = False
         self._connect_timeout = max(1, int(connect_timeout_seconds))
         self._conn: psycopg.Connection[Any] | None = None
         self.where = redact_dsn(dsn)
@@ -299,14 +313,18 @@ class PostgresTransport(RpcTransport):
         return self._execute(function, f"select walsync_api.{function}({named})".encode(),
                              params)
 
-    def _execute(self, function: str, sql: bytes, params: Any) -> Any:
+    def _execute(self, function: str, sql: bytes, params: Any, *, rows: bool = False) -> Any:
+        """The call's one value; with ``rows``, every row it returns (in binary)."""
         conn = self._connection()
         deadline = _Deadline(conn, self._answer_seconds)
         try:
             with conn.transaction():
                 conn.execute(f"set local statement_timeout = {self._timeout_ms}; "
                              f"set local idle_in_transaction_session_timeout = {self._idle_ms}")
-                row = conn.execute(sql, params).fetchone()
+                if rows:
+                    every = conn.execute(sql, params, binary=True).fetchall()
+                else:
+                    row = conn.execute(sql, params).fetchone()
         except psycopg.Error as exc:
             deadline.finish()
             if deadline.fired:
@@ -323,7 +341,27 @@ class PostgresTransport(RpcTransport):
                                     "deeply to decode") from None
         finally:
             deadline.finish()
+        if rows:
+            return every
         return None if row is None else row[0]
+
+    def pull(self, node_id: str, after: int, limit: int, *,
+             prefixes: Sequence[str] | None = None, group: str | None = None) -> PullPage:
+        """A page read as rows (``pull_rows``): the bytes as bytea, no JSON document to
+        build and parse; the answer is the one ``pull`` / ``pull_scoped`` gives. A server
+        without ``pull_rows`` (before migration 10) is asked the plain ``pull``."""
+        if self._no_pull_rows and prefixes is None and group is None:
+            return super().pull(node_id, after, limit)
+        params = {"n": node_id, "a": after, "l": limit, "g": group,
+                  "p": None if prefixes is None else json.dumps(list(prefixes))}
+        try:
+            got = self._execute("pull_rows", _PULL_ROWS, params, rows=True)
+        except RemoteSchemaError:
+            if prefixes is not None or group is not None:
+                raise
+            self._no_pull_rows = True
+            return super().pull(node_id, after, limit)
+        return pull_page_of_rows(got)
 
     def prepare_push(self, entries: WireBatch) -> None:
         """Encode a batch's arrays now, on any thread (no connection is touched), for

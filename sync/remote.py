@@ -490,6 +490,53 @@ def log_page_of(doc: Any) -> LogPage:
     return LogPage(rows, _int(d, "next", "log_page"), _int(d, "head", "log_page"))
 
 
+#: pull_rows' columns, in order (sync/migrations/20261207000010_scope_and_retention.sql)
+_PULL_ROW_FIELDS = ("pos", "origin", "lsn", "idx", "key", "deleted", "data", "codec", "vv",
+                    "hlc", "fence", "value_hash")
+
+
+def pull_page_of_rows(rows: Sequence[Sequence[Any]]) -> PullPage:
+    """``pull_rows``' answer as the PullPage ``pull`` answers: the entries (``data`` as
+    base64 text, as in a pull document) and their siblings, then a last row with
+    ``next``, ``head``, ``scope`` and a refusal. The columns arrive typed (binary
+    results), so each entry is checked by type here rather than decoded from JSON:
+    the page's cost stays that of reading its rows."""
+    width = len(_PULL_ROW_FIELDS)
+    if not rows or len(rows[-1]) != width + 5 or rows[-1][0] is not None:
+        raise SyncProtocolError("pull_rows: the answer lacks its closing row")
+    nxt, head, scope, refused, gc_through = rows[-1][width:]
+    doc: dict[str, Any] = {"next": nxt, "head": head, "scope": scope, "entries": []}
+    if refused is not None:
+        doc.update(refused=refused, gc_through=gc_through)
+        return pull_page(doc)
+    checked = pull_page(doc)  # next, head and scope, checked as pull's
+    entries: list[WireEntry] = []
+    siblings: list[tuple[str, Sibling]] = []
+    b64 = base64.b64encode
+    for row in rows[:-1]:
+        pos, origin, lsn, idx, key, deleted, data, codec, vv, hlc, fence, value_hash = (
+            row[:width])
+        if (type(key) is not str or type(origin) is not str or type(lsn) is not int
+                or type(hlc) is not int or type(pos) is not int or type(deleted) is not bool
+                or codec not in (CODEC_NONE, CODEC_ZSTD)
+                or not (data is None or type(data) is bytes)
+                or type(vv) is not dict
+                or not all(type(k) is str and type(n) is int and 0 <= n < _BIGINT
+                           for k, n in vv.items())):
+            raise SyncProtocolError(f"pull_rows: entry {origin!r}:{lsn!r} of key "
+                                    f"{str(key)[:80]!r} has a field of another type")
+        fence = fence or 0
+        entries.append({"pos": pos, "origin": origin, "lsn": lsn, "idx": idx, "key": key,
+                        "deleted": deleted,
+                        "data": None if data is None else b64(data).decode(),
+                        "codec": codec, "vv": vv, "hlc": hlc, "fence": fence,
+                        "value_hash": value_hash})
+        raw = None if deleted else data
+        siblings.append((key, Sibling(Version(origin, lsn, hlc, dict(vv), fence, raw is None),
+                                      codec, raw)))
+    return PullPage(entries, checked.next, checked.head, siblings, checked.scope)
+
+
 def scope_groups_of(doc: Any) -> list[ScopeGroup]:
     groups = _object(doc, "scope_group").get("groups")
     if type(groups) is not list:

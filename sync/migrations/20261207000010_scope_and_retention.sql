@@ -250,26 +250,30 @@ begin
 end
 $$;
 
--- pull with a scope: other origins' entries after a position whose key starts
--- with one of p_prefixes or of the prefixes group p_group lists (both null, or a
--- prefix '': every key), as one document, in position order, whole records
--- only (a record's entries in scope): at most about p_limit rows. "next" is the
--- position to pass next time; "scope" the prefixes the page was read with
--- (null: every key), so a store learns when its group was widened. A cursor
--- behind a tombstone compaction collected (0 < p_after < gc_through) is refused
--- with "refused": "compacted": the store must re-bootstrap (fill its scope in
--- from the merged state) before it pulls again.
-create or replace function walsync_api.pull_scoped(p_node text, p_after bigint, p_limit integer,
-                                                    p_prefixes jsonb, p_group text)
-returns jsonb
+-- One page of pull as rows (the postgres transport reads it so: no JSON document
+-- to build and parse, the bytes as bytea): other origins' entries after a
+-- position whose key starts with one of p_prefixes or of the prefixes group
+-- p_group lists (both null, or a prefix '': every key; '[]': none), in position
+-- order, whole records only (a record's entries in scope): at most about p_limit
+-- rows. A last row with a null pos carries the page's "next" (the position to
+-- pass next time), "head", "scope" (the prefixes the page was read with, each
+-- once, none another covers; null: every key) and, for a cursor behind a
+-- tombstone compaction collected (0 < p_after < gc_through), "refused"
+-- ('compacted') and "gc_through": the store must re-bootstrap.
+create or replace function walsync_api.pull_rows(p_node text, p_after bigint, p_limit integer,
+                                                 p_prefixes jsonb, p_group text)
+returns table (pos bigint, origin text, lsn bigint, idx integer, key text, deleted boolean,
+               data bytea, codec smallint, vv jsonb, hlc bigint, fence bigint,
+               value_hash text, next bigint, head bigint, scope jsonb, refused text,
+               gc_through bigint)
 language plpgsql security definer
 set search_path = pg_catalog, walsync
 -- Every read below has an index in position order; a plan cached for some other
--- cursor must not trade it for a scan of the log and a sort (a page then reads the
--- whole log instead of its own rows). base64 without line breaks by replace():
--- translate() cost a page more than the rest of its document.
+-- cursor must not trade it for a scan of the log and a sort (a page would then
+-- read the whole log instead of its own rows).
 set enable_seqscan = off
 as $$
+#variable_conflict use_column
 declare
   v_tenant text := walsync.require_tenant();
   v_limit  integer := greatest(p_limit, 1);
@@ -277,25 +281,29 @@ declare
   v_head   bigint;
   v_gc     bigint;
   v_last   record;
-  v_out    jsonb;
   v_scope  text[];
   v_lanes  text[];
   v_group  text[];
-  v_count  bigint;
+  v_count  bigint := 0;
   v_found  bigint;
+  r        record;
 begin
   -- a tenant that never pushed has no head row: its head is 0 (never "no limit")
-  v_head := coalesce((select pos from head where tenant = v_tenant), 0);
-  v_gc := coalesce((select gc_through from log_settings where tenant = v_tenant), 0);
+  v_head := coalesce((select h.pos from walsync.head h where h.tenant = v_tenant), 0);
+  v_gc := coalesce((select s.gc_through from walsync.log_settings s
+                    where s.tenant = v_tenant), 0);
   if p_after > 0 and p_after < v_gc then
-    return jsonb_build_object('entries', '[]'::jsonb, 'next', p_after, 'head', v_head,
-                              'refused', 'compacted', 'gc_through', v_gc);
+    return query select null::bigint, null::text, null::bigint, null::integer, null::text,
+                        null::boolean, null::bytea, null::smallint, null::jsonb,
+                        null::bigint, null::bigint, null::text, p_after, v_head,
+                        null::jsonb, 'compacted'::text, v_gc;
+    return;
   end if;
   v_scope := walsync.scope_prefixes(p_prefixes);
   if v_scope is not null or p_group is not null then
     v_scope := coalesce(v_scope, '{}'::text[]);
     if p_group is not null then
-      select g.prefixes into v_group from scope_groups g
+      select g.prefixes into v_group from walsync.scope_groups g
        where g.tenant = v_tenant and g.name = p_group;
       if not found then
         raise exception 'scope group "%" does not exist', p_group
@@ -305,9 +313,9 @@ begin
       v_scope := v_scope || v_group;
     end if;
     -- each prefix once, none that a shorter one covers
-    v_scope := array(select distinct p collate "C" from unnest(v_scope) p
-                      where not exists (select 1 from unnest(v_scope) q
-                                        where q <> p and starts_with(p, q))
+    v_scope := array(select distinct x.p collate "C" from unnest(v_scope) x(p)
+                      where not exists (select 1 from unnest(v_scope) y(q)
+                                        where y.q <> x.p and starts_with(x.p, y.q))
                       order by 1);
     if '' = any (v_scope) then
       v_scope := null;  -- every key
@@ -316,71 +324,99 @@ begin
 
   if v_scope is null then
     v_upper := least(v_head, p_after + v_limit);
-    select origin, lsn into v_last from entries where tenant = v_tenant and pos = v_upper;
+    select e.origin, e.lsn into v_last from walsync.entries e
+     where e.tenant = v_tenant and e.pos = v_upper;
     if found then  -- finish the record the page ends in
-      select greatest(v_upper, max(pos)) into v_upper
-      from entries where tenant = v_tenant and origin = v_last.origin and lsn = v_last.lsn;
+      select greatest(v_upper, max(e.pos)) into v_upper from walsync.entries e
+       where e.tenant = v_tenant and e.origin = v_last.origin and e.lsn = v_last.lsn;
     end if;
-    select coalesce(jsonb_agg(jsonb_build_object(
-             'pos', e.pos, 'origin', e.origin, 'lsn', e.lsn, 'idx', e.idx, 'key', e.key,
-             'deleted', e.deleted, 'data', replace(encode(e.data, 'base64'), E'\n', ''),
-             'codec', e.codec, 'vv', e.vv, 'hlc', e.hlc, 'fence', e.fence,
-             'value_hash', e.value_hash) order by e.pos), '[]'::jsonb)
-      into v_out
-    from entries e
-    where e.tenant = v_tenant and e.pos > p_after and e.pos <= v_upper and e.origin <> p_node;
+    return query
+      select e.pos, e.origin, e.lsn, e.idx, e.key, e.deleted, e.data, e.codec, e.vv, e.hlc,
+             e.fence, e.value_hash, null::bigint, null::bigint, null::jsonb, null::text,
+             null::bigint
+      from walsync.entries e
+      where e.tenant = v_tenant and e.pos > p_after and e.pos <= v_upper
+        and e.origin <> p_node
+      order by e.pos;
   else
-    -- The first p_limit rows in scope, in one pass: each first segment read in
-    -- position order through entries_lane, so no row of another segment is read.
-    v_lanes := array(select distinct walsync.key_lane(p) from unnest(v_scope) p);
-    select coalesce(jsonb_agg(jsonb_build_object(
-             'pos', e.pos, 'origin', e.origin, 'lsn', e.lsn, 'idx', e.idx, 'key', e.key,
-             'deleted', e.deleted, 'data', replace(encode(e.data, 'base64'), E'\n', ''),
-             'codec', e.codec, 'vv', e.vv, 'hlc', e.hlc, 'fence', e.fence,
-             'value_hash', e.value_hash) order by e.pos), '[]'::jsonb),
-           count(*), max(e.pos)
-      into v_out, v_count, v_found
-    from (select x.* from unnest(v_lanes) l(lane)
-          cross join lateral (
-            select * from entries e
-             where walsync.key_lane(e.key) = l.lane and e.tenant = v_tenant
-               and e.pos > p_after and e.pos <= v_head and e.origin <> p_node
-               and exists (select 1 from unnest(v_scope) p where starts_with(e.key, p))
-             order by e.pos limit v_limit) x
-          order by x.pos limit v_limit) e;
+    -- The first p_limit rows in scope: each first segment read in position order
+    -- through entries_lane, so no row of another segment is read.
+    v_lanes := array(select distinct walsync.key_lane(x.p) from unnest(v_scope) x(p));
+    for r in
+      select x.* from unnest(v_lanes) l(lane)
+      cross join lateral (
+        select e.* from walsync.entries e
+         where walsync.key_lane(e.key) = l.lane and e.tenant = v_tenant
+           and e.pos > p_after and e.pos <= v_head and e.origin <> p_node
+           and exists (select 1 from unnest(v_scope) y(p) where starts_with(e.key, y.p))
+         order by e.pos limit v_limit) x
+      order by x.pos limit v_limit
+    loop
+      v_count := v_count + 1;
+      v_found := r.pos;
+      pos := r.pos; origin := r.origin; lsn := r.lsn; idx := r.idx; key := r.key;
+      deleted := r.deleted; data := r.data; codec := r.codec; vv := r.vv; hlc := r.hlc;
+      fence := r.fence; value_hash := r.value_hash;
+      return next;
+    end loop;
     if v_count < v_limit then
       v_upper := v_head;  -- nothing more in scope up to the head
     else
-      v_upper := v_found;
-      select origin, lsn into v_last from entries where tenant = v_tenant and pos = v_found;
+      select e.origin, e.lsn into v_last from walsync.entries e
+       where e.tenant = v_tenant and e.pos = v_found;
       -- finish the record the page ends in: the rows in scope up to its last one
-      select greatest(v_found, max(pos)) into v_upper
-      from entries where tenant = v_tenant and origin = v_last.origin and lsn = v_last.lsn;
+      select greatest(v_found, max(e.pos)) into v_upper from walsync.entries e
+       where e.tenant = v_tenant and e.origin = v_last.origin and e.lsn = v_last.lsn;
       if v_upper > v_found then
-        v_out := v_out || coalesce((
-          select jsonb_agg(jsonb_build_object(
-                   'pos', e.pos, 'origin', e.origin, 'lsn', e.lsn, 'idx', e.idx, 'key', e.key,
-                   'deleted', e.deleted,
-                   'data', replace(encode(e.data, 'base64'), E'\n', ''), 'codec', e.codec,
-                   'vv', e.vv, 'hlc', e.hlc, 'fence', e.fence,
-                   'value_hash', e.value_hash) order by e.pos)
+        return query
+          select x.pos, x.origin, x.lsn, x.idx, x.key, x.deleted, x.data, x.codec, x.vv,
+                 x.hlc, x.fence, x.value_hash, null::bigint, null::bigint, null::jsonb,
+                 null::text, null::bigint
           from unnest(v_lanes) l(lane)
           cross join lateral (
-            select * from entries e
+            select e.* from walsync.entries e
              where walsync.key_lane(e.key) = l.lane and e.tenant = v_tenant
                and e.pos > v_found and e.pos <= v_upper and e.origin <> p_node
-               and exists (select 1 from unnest(v_scope) p where starts_with(e.key, p))
-             order by e.pos limit v_upper - v_found) e), '[]'::jsonb);
+               and exists (select 1 from unnest(v_scope) y(p) where starts_with(e.key, y.p))
+             order by e.pos limit v_upper - v_found) x
+          order by x.pos;
       end if;
     end if;
   end if;
-  insert into nodes (tenant, node_id, pull_cursor, last_pull_at)
+  insert into walsync.nodes as n (tenant, node_id, pull_cursor, last_pull_at)
   values (v_tenant, p_node, p_after, now())
   on conflict (tenant, node_id) do update
-    set pull_cursor = greatest(nodes.pull_cursor, excluded.pull_cursor), last_pull_at = now();
-  return jsonb_build_object('entries', v_out, 'next', greatest(v_upper, p_after),
-                            'head', v_head, 'scope', to_jsonb(v_scope));
+    set pull_cursor = greatest(n.pull_cursor, excluded.pull_cursor), last_pull_at = now();
+  return query select null::bigint, null::text, null::bigint, null::integer, null::text,
+                      null::boolean, null::bytea, null::smallint, null::jsonb, null::bigint,
+                      null::bigint, null::text, greatest(v_upper, p_after), v_head,
+                      to_jsonb(v_scope), null::text, null::bigint;
 end
+$$;
+
+-- pull with a scope, as one document (pull_rows' page): {entries, next, head,
+-- scope}, or {entries: [], next, head, refused: 'compacted', gc_through}.
+create or replace function walsync_api.pull_scoped(p_node text, p_after bigint, p_limit integer,
+                                                    p_prefixes jsonb, p_group text)
+returns jsonb
+language sql security definer
+set search_path = pg_catalog, walsync
+as $$
+  select case when max(r.refused) is not null
+    then jsonb_build_object('entries', '[]'::jsonb, 'next', max(r.next), 'head', max(r.head),
+                            'refused', max(r.refused), 'gc_through', max(r.gc_through))
+    else jsonb_build_object(
+      'entries', coalesce(jsonb_agg(jsonb_build_object(
+                   'pos', r.pos, 'origin', r.origin, 'lsn', r.lsn, 'idx', r.idx,
+                   'key', r.key, 'deleted', r.deleted,
+                   'data', replace(encode(r.data, 'base64'), E'\n', ''),
+                   'codec', r.codec, 'vv', r.vv, 'hlc', r.hlc, 'fence', r.fence,
+                   'value_hash', r.value_hash) order by r.pos)
+                 filter (where r.pos is not null), '[]'::jsonb),
+      'next', max(r.next), 'head', max(r.head),
+      'scope', (array_agg(r.scope) filter (where r.pos is null))[1])
+    end
+  from walsync_api.pull_rows(p_node, p_after, p_limit, p_prefixes, p_group) r
 $$;
 
 -- pull: every key (pull_scoped without a scope), refusing a cursor behind a

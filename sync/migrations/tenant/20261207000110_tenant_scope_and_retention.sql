@@ -37,6 +37,7 @@ declare
 begin
   foreach f in array array[
     'walsync_api.pull_scoped(text, bigint, integer, jsonb, text)',
+    'walsync_api.pull_rows(text, bigint, integer, jsonb, text)',
     'walsync_api.scope_group(text, jsonb)',
     'walsync_api.scope_backfill(text, text, bigint, bigint, jsonb, text, integer)',
     'walsync_api.log_retention(double precision)',
