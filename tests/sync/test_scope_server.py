@@ -75,3 +75,22 @@ def test_scope_pull_reads_no_row_of_another_segment(pg_db: str) -> None:
         assert idx1 - idx0 < 400, idx1 - idx0
     finally:
         t.close()
+
+
+def test_scope_postgres_transport_pulls_from_a_server_without_pull_rows(pg_db: str) -> None:
+    """A server before migration 10 has no pull_rows: the transport asks the plain pull,
+    and says so for a scoped one (the server cannot filter)."""
+    from tests.sync.test_migrate import DEFAULT, apply_files
+    from walsync.engine.errors import RemoteSchemaError
+
+    apply_files(pg_db, [f for f in DEFAULT if not f[0].startswith("20261207000010")])
+    t = PostgresTransport(pg_db, timeout_seconds=30)
+    try:
+        t.push("A", 2, [entry("A", 1, "app/1", 1), entry("A", 2, "other/2", 2)])
+        page = t.pull("B", 0, 10)
+        assert [e["key"] for e in page.entries] == ["app/1", "other/2"]
+        assert (page.next, page.head, page.scope) == (2, 2, None)
+        with pytest.raises(RemoteSchemaError):
+            t.pull("B", 0, 10, prefixes=["app/"])
+    finally:
+        t.close()
