@@ -43,12 +43,14 @@ pytestmark = pytest.mark.postgres
 
 TENANT_FILES = [path.name for _, path in list_migrations(tenant=True)]
 DEFAULT_FILES = [path.name for _, path in list_migrations()]
-TABLES = ("nodes", "head", "entries", "siblings", "leases", "fenced", "key_locks")
+TABLES = ("nodes", "head", "entries", "siblings", "leases", "fenced", "key_locks",
+          "scope_groups", "log_settings", "collected")
 #: every walsync_api function a tenant-scoped key may call
 TENANT_FUNCTIONS = {"push", "pull", "node_status", "head", "conflicts", "lease_acquire",
                     "lease_renew", "lease_release", "leases", "state_page", "state_count",
                     "hello", "push_claimed", "node_entries", "nodes", "node_label",
-                    "log_window", "log_page", "entry_point"}
+                    "log_window", "log_page", "entry_point", "pull_rows", "pull_scoped",
+                    "scope_group", "scope_backfill", "log_retention", "compact_log"}
 FAST = ReplicatorOptions(pull_interval_seconds=0.05, batch_wait_seconds=0.001,
                          retry_initial_seconds=0.02, retry_max_seconds=0.3)
 
@@ -619,3 +621,23 @@ def test_config_tenant_key_selects_a_scoped_transport_and_never_both_keys(
         transport_from_env({"SUPABASE_URL": gw.url, "WALSYNC_SUPABASE_KEY": key,
                             "SUPABASE_SERVICE_ROLE_KEY": gw.service_role_key})
     assert_secret_absent(caught.value, key, gw.service_role_key)
+
+
+def test_tenant_scope_groups_retention_and_compaction_are_each_tenants_own(
+        server: Server) -> None:
+    a, b = populate(server)
+    a.scope_group("g", ["k/"])
+    b.scope_group("g", ["b/"])
+    assert [(g.name, g.prefixes) for g in a.scope_group(None)] == [("g", ("k/",))]
+    assert [(g.name, g.prefixes) for g in b.scope_group(None)] == [("g", ("b/",))]
+    assert {e["key"] for e in a.pull("reader", 0, 100, group="g").entries} == {
+        "k/n1/1/0", "k/n1/1/1", "k/n1/2/0", "k/n1/2/1", "k/n1/3/0", "k/n1/3/1"}
+    assert [e["key"] for e in b.pull("reader", 0, 100, group="g").entries] == ["b/only"]
+    assert b.pull("reader", 0, 100, prefixes=["k/"]).entries == []
+    a.log_retention(3600)
+    assert b.log_retention().retention_seconds == 604800
+    assert a.compact_log().ran is True
+    assert b.log_retention().compacted_at is None
+    assert [r.key for r in b.scope_backfill("x", "", 0, 100, [], None, 100).rows] == ["b/only"]
+    assert query(server.dsn, "select tenant, name from walsync.scope_groups order by 1") == [
+        ("A", "g"), ("B", "g")]
