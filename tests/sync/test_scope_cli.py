@@ -63,3 +63,30 @@ def test_scope_from_the_config_file(tmp_path: Path) -> None:
         scope_from_settings({"WALSYNC_SCOPE_PREFIXES": "app"})
     with pytest.raises(SyncConfigError, match="positive number"):
         compact_every_seconds({"WALSYNC_COMPACT_EVERY": "soon"})
+
+
+@pytest.mark.postgres
+def test_scope_sync_worker_declares_the_scope_it_is_given(tmp_path: Path, pg_db: str) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("WALSYNC_", "SUPABASE_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["WALSYNC_PG_DSN"] = pg_db
+    walsync = str(BIN / "walsync")
+    subprocess.run([walsync, "migrate"], env=env, check=True, capture_output=True)
+    subprocess.run([walsync, "init", "s"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True)
+    done = subprocess.run([walsync, "sync", "--store", "s", "--once", "--scope-prefix", "app/",
+                           "--scope-prefix", "jobs/"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    with Store.open(tmp_path / "s", readonly=True) as store:
+        assert load_scope(store) == Scope(prefixes=("app/", "jobs/"))
+    bad = subprocess.run([walsync, "sync", "--store", "s", "--once", "--scope-prefix", "app"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+    assert bad.returncode == 2, bad.stderr
+    assert "must hold a '/'" in bad.stderr
+    env["WALSYNC_SCOPE_GROUP"] = "nobody"  # from the config: declared, and the server says
+    missing = subprocess.run([walsync, "sync", "--store", "s", "--once"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, check=False)
+    assert missing.returncode == 1, missing.stderr
+    assert 'scope group "nobody" does not exist' in missing.stderr
