@@ -127,3 +127,35 @@ def test_lost_node_restore_at_a_point_takes_its_runs_and_keys_as_they_were_then(
     with pytest.raises(NodeNotFoundError) as missing:
         restore(transport, tmp_path / "nobody", lsn="nobody:1")
     assert node_a in str(missing.value)
+
+
+def test_a_point_before_the_window_retention_moved_is_refused_and_one_inside_is_exact(
+        tmp_path: Path) -> None:
+    """Compaction moves the window's start (``log_window``'s ``from_hlc``): a point
+    before it is refused with the window named; one inside restores what it held (the
+    compaction keeps what the state at the window's start needs)."""
+    server = MemoryServer()
+    transport = server.transport()
+    with Store.open(tmp_path / "a", create=True) as a:
+        for i in range(5):
+            a.put("k", i)
+            a.put(f"old/{i}", i)
+        sync(a, server)
+        early_ms = int(time.time() * 1000)
+        time.sleep(0.3)
+        transport.log_retention(0.2)
+        transport.compact_log()
+        window = transport.log_window()
+        assert window.from_hlc is not None
+        assert window.from_hlc >> 16 > early_ms  # the window moved past the early writes
+        a.put("k", "inside")
+        sync(a, server)
+        inside_ms = int(time.time() * 1000)
+    with pytest.raises(RestorePointError) as info:
+        restore(transport, tmp_path / "early", at=early_ms)
+    assert "before the server's window" in str(info.value)
+    report = restore(transport, tmp_path / "inside", at=inside_ms)
+    assert report.point is not None
+    with Store.open(tmp_path / "inside", readonly=True) as store:
+        assert store.get("k") == "inside"
+        assert [store.get(f"old/{i}") for i in range(5)] == list(range(5))
