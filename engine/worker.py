@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,9 @@ log = logging.getLogger("walsync.sync")
 
 #: how often the worker looks at the writer's applied LSN (its wake-up on commit)
 WATCH_SECONDS = 0.005
+#: with no writer open, pages pulled are merged at most this often while a backlog
+#: comes in, and at the end of each round of pulls
+HANDOFF_EVERY_SECONDS = 0.5
 
 
 def open_sync_worker(path: str | os.PathLike[str]) -> SyncWorkerStore:
@@ -63,6 +67,9 @@ class SyncWorkerStore(Store):
         self._durable = 0
         #: the last inbox page this process wrote
         self._last_seq = 0
+        #: when the next page may be merged as the writer (a backlog's pages are
+        #: merged a batch at a time, not each with an open and a close of the store)
+        self._next_handoff = 0.0
         self._listeners: list[Callable[[int], None]] = []
         self._watch: threading.Thread | None = None
         self._watch_stop = threading.Event()
@@ -96,10 +103,16 @@ class SyncWorkerStore(Store):
     # -- the reader handle, and the writer's moments -------------------------------
 
     def close(self) -> None:
+        """Merge what waits in the inbox (as the writer, if none is open), then close."""
         self._watch_stop.set()
         watch = self._watch
         if watch is not None and watch is not threading.current_thread():
             watch.join()
+        if not self._health.closed:
+            try:
+                self.merge_inbox()
+            except Exception:  # the next writer's open merges them
+                log.exception("sync worker: merging the pages it pulled at close failed")
         with self._swap:
             try:
                 super().close()
@@ -132,6 +145,7 @@ class SyncWorkerStore(Store):
         """Merge the pages waiting as the writer, if none is open (True: done)."""
         if not inbox_pages(self._root):
             return True
+        self._next_handoff = time.monotonic() + HANDOFF_EVERY_SECONDS
         try:
             self._as_writer(lambda _writer: None, why="merge what it pulled")
         except SyncError:
@@ -157,6 +171,8 @@ class SyncWorkerStore(Store):
         """Make every record the writer applied durable: an ``fdatasync`` of the
         segments holding them, from this process (the kernel's pages are the
         writer's)."""
+        if time.monotonic() >= self._next_handoff:
+            self.merge_inbox()  # pages pulled since the last hand-off (no writer open)
         with self._swap:
             applied = self._snapshot.applied_lsn()
         if applied <= self._durable:
@@ -190,7 +206,8 @@ class SyncWorkerStore(Store):
             self._last_seq = seq
             cursor = after if pull_cursor is None else pull_cursor
             write_inbox_page(self._root, seq, after, cursor, items)
-        self.merge_inbox()
+        if time.monotonic() >= self._next_handoff:
+            self.merge_inbox()  # else at the round's end (flush), with the pages after it
         return None
 
     def set_retain_floor(self, lsn: int | None) -> None:

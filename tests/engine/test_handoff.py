@@ -316,3 +316,43 @@ def test_the_workers_acknowledgement_is_the_writers_retention_floor(tmp_path: Pa
             assert store.wal_reader().read(250, 260, 10)[0].lsn == 251
     finally:
         stop(proc)
+
+
+def test_one_replicator_per_store_across_processes(tmp_path: Path) -> None:
+    """A writer's own replicator and a sync worker exclude each other (SYNC.lock),
+    and the refusal names the process that syncs the store."""
+    from walsync.engine.errors import SyncError
+    from walsync.engine.worker import open_sync_worker
+
+    path = new_store(tmp_path / "s")
+    script = ("import sys, time\nfrom walsync.engine.worker import open_sync_worker\n"
+              "w = open_sync_worker(sys.argv[1])\nprint('worker', flush=True)\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
+
+    class Waits:
+        def wait_acknowledged(self, lsn: int, timeout_seconds: float) -> None:
+            raise AssertionError("never called")
+
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "worker"
+        with Store.open(path, create=False) as store:  # the worker is no writer
+            store.put("beside", 1)
+            with pytest.raises(SyncError, match=f"pid {proc.pid}"):
+                store.attach_replicator(Waits())
+        stop(proc)
+        with Store.open(path, create=False) as store:  # once it is gone, the writer may
+            waits = Waits()
+            store.attach_replicator(waits)
+            refused = subprocess.run([sys.executable, "-c", script, str(path)], cwd=REPO,
+                                     capture_output=True, text=True, timeout=60)
+            assert refused.returncode != 0  # and then no worker
+            assert f"pid {os.getpid()}" in refused.stderr
+            assert "SyncError" in refused.stderr
+            store.detach_replicator(waits)
+        worker = open_sync_worker(path)  # detached: a worker may start
+        worker.close()
+    finally:
+        stop(proc)
