@@ -37,6 +37,7 @@ deleted here too.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -129,12 +130,24 @@ def load_scope(store: ReplicationSource) -> Scope:
     return Scope.from_doc(store.sync_ledger.scope)
 
 
+#: serialises changes to a scope document: the caller's thread declares the scope while
+#: the replicator's records its fills, each writing only its own fields
+_DOC_LOCK = threading.Lock()
+#: the fields the pull side keeps in the document (the rest is the declaration)
+_KEPT = ("resolved", "left", "fills")
+
+
+def _update(store: ReplicationSource, fields: dict[str, Any]) -> None:
+    with _DOC_LOCK:
+        doc = dict(store.sync_ledger.scope or {})
+        doc.update(fields)
+        store.sync_ledger.set_scope(doc)
+
+
 def set_scope(store: ReplicationSource, scope: Scope) -> None:
     """Declare what ``store`` pulls, durably (the STORE file); its replicator pulls by it
-    from its next pull on, filling in what a widening added."""
-    doc = dict(store.sync_ledger.scope or {})
-    doc.update(scope.to_doc())
-    store.sync_ledger.set_scope(doc)
+    from its next pull on, filling in what a widening added. Any thread."""
+    _update(store, scope.to_doc())
 
 
 @dataclass(frozen=True)
@@ -218,7 +231,7 @@ class ScopeKeeper:
         return dict(self.store.sync_ledger.scope or {})
 
     def _save(self, doc: dict[str, Any]) -> None:
-        self.store.sync_ledger.set_scope(doc)
+        _update(self.store, {k: doc[k] for k in _KEPT if k in doc})
 
     @property
     def scope(self) -> Scope:
