@@ -4,11 +4,12 @@ Why awaiting a commit never blocks the event loop. ``submit`` does on the
 loop's thread only what a commit does before it waits: check the operations,
 take the pipeline's lock for a moment to give the record its LSN and versions,
 and queue it (engine/commit.py). No thread waits for the record: the
-pipeline's one driver thread (per store, not per commit) leads the WAL write,
-fdatasync and apply for every awaited record queued, sharing the group
-commit with any threads committing at the same time, and resolves each
-record's future through ``loop.call_soon_threadsafe``. So the loop's thread
-spends a few microseconds per commit and never sleeps on a disk.
+pipeline's one driver thread (per store, not per commit) leads the WAL write
+and fdatasync for every awaited record queued, sharing the group commit with
+any threads committing at the same time, and resolves each record's future
+through ``loop.call_soon_threadsafe``, outside the pipeline's lock. So the
+loop's thread spends some tens of microseconds per commit and never sleeps on
+a disk.
 
 Why cancelling the awaiting task neither cancels nor half-applies the
 commit. Once ``submit`` returned, the record is in the pipeline's queue with
@@ -101,7 +102,7 @@ def submit(
                 "nothing was written")
 
     def on_done(lsn: int, error: WalsyncError | None) -> None:
-        # the pipeline's lock is held here: hand over, never block
+        # on the driver thread, holding up its next batch: hand over, never block
         if error is None and replicator is not None:
             _remote_waiter(pipeline).wait(replicator, lsn,
                                           store.options.remote_timeout_seconds,
