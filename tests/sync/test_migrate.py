@@ -160,8 +160,8 @@ def test_no_function_or_view_is_defined_twice_in_the_files_migrate_applies() -> 
             "push", "pull", "node_status", "head", "conflicts", "lease_acquire", "lease_renew",
             "lease_release", "leases", "state_page", "state_count", "hello", "push_claimed",
             "node_entries", "tenants", "nodes", "node_label", "log_window", "log_page",
-            "entry_point", "pull_rows", "pull_scoped", "scope_group", "scope_backfill", "log_retention",
-            "compact_log")}
+            "entry_point", "pull_rows", "pull_scoped", "scope_group", "scope_backfill",
+            "log_retention", "compact_log")}
     # today every one of them lives in the consolidated file, but for those a later
     # file added or re-created (each defined once, there)
     assert {d.file[:14] for d in plain.values()} == {CONSOLIDATED, PUSH_IN_PARALLEL,
