@@ -102,7 +102,7 @@ class Assigner:
         # (given in parts) until the apply stage joins the entry for LMDB
         wire_ops: list[tuple[str, bytes | list[bytes]]] = []
         new: dict[str, list[Sibling]] = {}
-        with self._snapshot.read() as txn:
+        with self._snapshot.read_applied() as txn:
             for op, (codec, data) in zip(ops, prepared, strict=True):
                 key = op.key
                 current = new.get(key)
@@ -136,7 +136,7 @@ class Assigner:
         for _key, sib in items:
             self.clock.observe(sib.version.hlc)
         new: dict[str, list[Sibling]] = {}
-        with self._snapshot.read() as txn:
+        with self._snapshot.read_applied() as txn:
             for key, sib in items:
                 current = new.get(key)
                 if current is None:
@@ -176,7 +176,7 @@ class Assigner:
         chain = (*self.identities, ident)
         ops: list[list[Any]] = []
         snapshot = self._snapshot
-        with snapshot.read() as txn:
+        with snapshot.read_applied() as txn:
             keys = [k.decode() for k, _ in snapshot.iter_range(txn, b"", None, False)]
             for key in sorted(set(keys) | set(self.overlay)):
                 sibs = self.current_siblings(txn, key)

@@ -87,6 +87,7 @@ class Checkpointer:
     def _once(self, include_active: bool, new_base: bool) -> CheckpointResult:
         pipeline = self._pipeline
         with self._lock:
+            pipeline.catch_up()  # every record acknowledged so far goes into this one
             with pipeline.cv:
                 applied = pipeline.applied_lsn
                 wal = pipeline.wal

@@ -4,14 +4,18 @@
 lock, whose invariants are read together.)
 
 Commits take a short lock to check ``expect=``, get their LSN and versions
-(engine/assign.py), then join a group commit of two pipelined stages, each led
-by one of the waiting threads: the WAL stage writes every queued frame with one
-``writev`` and one ``fdatasync``; the apply stage applies written batches to
-LMDB, strictly in LSN order, in one transaction, and wakes their committers.
-The next batch's write and fdatasync overlap the previous batch's apply; a
-commit still returns only once its record is durable (as asked) and applied.
-A large batch is applied alongside its WAL write (apply-ahead). A failed write
-poisons the store (engine/health.py): records queued behind it are refused.
+(engine/assign.py), then join a group commit: one of the waiting threads leads
+the WAL stage, writing every queued frame with one ``writev`` and one
+``fdatasync``, and then acknowledges the whole batch: a commit returns once its
+record is durable (as asked), not once it is in LMDB. The applier thread
+applies written batches to LMDB, strictly in LSN order, in one transaction,
+while the next batch's fdatasync runs. Until then readers in the process see
+the records through the snapshot's ``pending`` (a key lookup) or wait for the
+applier (a read transaction: SnapshotStore.read); other processes see a
+record once it is applied. A large batch is applied alongside its WAL write
+(apply-ahead) and acknowledged after both. A failed write poisons the store
+(engine/health.py): records queued behind it are refused; a failed apply
+poisons it too, its records stay visible and are applied on reopen.
 
 This is the commit hot path: each commit passes here once, so work is added
 here only where it is needed by every commit.
@@ -50,6 +54,10 @@ log = logging.getLogger("walsync.store")
 #: a batch of at least this many payload bytes is applied alongside its WAL
 #: write (CommitPipeline._write_and_apply); smaller ones the usual way, after it
 _APPLY_AHEAD_BYTES = 1 << 20
+#: a commit waits while this many acknowledged records are not applied yet
+_MAX_UNAPPLIED = 4096
+#: the longest an acknowledged batch waits for the applier when nothing wakes it
+_APPLY_DELAY_SECONDS = 0.002
 
 
 class CommitPipeline:
@@ -105,6 +113,19 @@ class CommitPipeline:
         self._driver_thread: threading.Thread | None = None
         self._awaited = 0
         self._awaited_done: list[Pending] = []
+        #: the applier thread (started by the first written batch) applies written
+        #: batches to LMDB off the acknowledgement path, sleeping on ``_apply_wake``;
+        #: ``_unapplied`` counts the records acknowledged and not applied yet
+        self._apply_wake = threading.Condition(mutex)
+        self._applier_idle = False
+        #: set when the applier should apply now (see _apply_loop)
+        self._apply_go = threading.Event()
+        self._applier: threading.Thread | None = None
+        self._applier_ident = 0
+        self._unapplied = 0
+        #: the last LSN acknowledged (a reader's transaction holds at least it)
+        self._acked_lsn = applied_lsn
+        snapshot.catch_up = self.catch_up
 
     # -- commits ---------------------------------------------------------------
 
@@ -144,6 +165,8 @@ class CommitPipeline:
             # _preparing counts commits on their way to the queue, which a leader
             # gathering a batch waits for (up to group_wait_seconds)
             with self.cv:
+                if on_done is None:
+                    self._throttle()
                 self._preparing += 1
             try:
                 options = self._options
@@ -226,9 +249,12 @@ class CommitPipeline:
         """Wait for the commits under way to finish, then refuse any more."""
         with self.cv:
             while self._busy():
+                self._wake_applier()
                 self.cv.wait()
             self._health.closed = True
             self._driver.notify()
+            self._apply_wake.notify()
+            self._apply_go.set()
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -236,6 +262,7 @@ class CommitPipeline:
         committers that queue meanwhile wait, each on its own condition."""
         with self.cv:
             while self._busy():
+                self._wake_applier()
                 self.cv.wait()
             self._leading = True
         try:
@@ -259,20 +286,18 @@ class CommitPipeline:
     # -- the two stages --------------------------------------------------------
 
     def _submit(self, item: Pending) -> None:
-        """Queue a record and wait until it is durable and applied. Holds ``cv``.
+        """Queue a record and wait until it is written (and synced, as asked). Holds ``cv``.
 
-        Group commit in two pipelined stages, each led by one waiting thread
-        at a time: the WAL stage writes (and syncs) every queued record in one
-        batch; the apply stage applies written batches to LMDB in LSN order.
-        While one batch is being applied, the next one's write and fdatasync
-        can run. A thread whose record is written keeps leading the WAL stage
-        for the records queued meanwhile if another waiting thread can take
-        the apply stage (it is woken for it), so the WAL stage does not wait
-        for a thread to wake up.
+        Group commit: the WAL stage is led by one waiting thread at a time,
+        which writes (and syncs) every queued record in one batch and then
+        acknowledges them all; the applier thread applies written batches to
+        LMDB in LSN order, off the acknowledgement path (readers see them
+        meanwhile through the snapshot's ``pending``). While one batch is
+        applied, the next one's write and fdatasync run.
 
-        Every thread in here is running a stage, waiting on its record's
-        condition, or about to re-check; whenever a stage is free and has
-        work, a thread that will take it is either awake or notified.
+        Every thread in here is leading, waiting on its record's condition,
+        or about to re-check; whenever the WAL stage is free and has work, a
+        thread that will take it is either awake or notified.
         """
         self._queue.append(item)
         self._in_pipeline += 1
@@ -280,12 +305,8 @@ class CommitPipeline:
             self._gather.notify()
         try:
             while not item.done:
-                if (not self._leading and self._queue
-                        and (not item.written or self._hand_over_apply(item))):
+                if not self._leading and self._queue:
                     self._lead(item)
-                elif self._apply_queue and not self._applying:
-                    self._wake_wal_leader()
-                    self._apply_written()
                 else:
                     if item.waiter is None:
                         item.waiter = threading.Condition(self._mutex)
@@ -344,19 +365,6 @@ class CommitPipeline:
                 else:
                     self._driver.wait()
 
-    def _hand_over_apply(self, item: Pending) -> bool:
-        """May the thread of ``item`` (written, not yet applied) lead the WAL stage
-        for others? Yes if the apply stage needs nobody, or another waiting
-        thread with a written record can take it (it is woken). Holds ``cv``."""
-        if self._applying or not self._apply_queue:
-            return True
-        for batch in self._apply_queue:
-            for other in batch:
-                if other is not item and other.waiter is not None:
-                    other.waiter.notify()
-                    return True
-        return False
-
     def _wake_wal_leader(self) -> None:
         if not self._leading and self._queue:
             waiter = self._queue[0].waiter
@@ -368,10 +376,6 @@ class CommitPipeline:
         close/flush waiting for the pipeline. Holds ``cv``."""
         if not self._leading and self._queue:
             waiter = self._queue[0].waiter
-            if waiter is not None:
-                waiter.notify()
-        if not self._applying and self._apply_queue:
-            waiter = self._apply_queue[0][0].waiter
             if waiter is not None:
                 waiter.notify()
         self.cv.notify_all()
@@ -453,6 +457,7 @@ class CommitPipeline:
                     for item in batch:
                         item.written = True
                     if error is None:
+                        self._acked_lsn = batch[-1].lsn
                         self._applied(batch[-1].lsn)
                     elif apply_failed:
                         self._apply_error = error
@@ -461,12 +466,96 @@ class CommitPipeline:
             for item in batch:
                 item.written = True
             if error is None:
-                self._apply_queue.append(batch)
+                self._acknowledge(batch)
             else:
                 self._done(batch, error)
         finally:
             self._leading = False
             self.cv.notify_all()
+
+    def _acknowledge(self, batch: list[Pending]) -> None:
+        """A written batch becomes visible (the snapshot's ``pending``, which readers
+        look at before LMDB), goes to the applier and its commits return. Holds ``cv``."""
+        pending = self._snapshot.pending
+        for item in batch:
+            lsn = item.lsn
+            for key, entry in item.ops:
+                # a meta op (empty key) too: a read transaction then waits for it
+                pending[key.encode()] = (lsn, entry)
+        self._unapplied += len(batch)
+        self._acked_lsn = batch[-1].lsn
+        self._apply_queue.append(batch)
+        if self._applier is None:
+            self._applier = threading.Thread(
+                target=self._apply_loop, name=f"walsync-snapshot {self._path}", daemon=True)
+            self._applier.start()
+        elif self._applier_idle:
+            self._apply_wake.notify()
+        self._done(batch, None)
+
+    def _apply_loop(self) -> None:
+        """The applier thread: applies written batches until the store closes.
+
+        A queued batch is applied once the next WAL write is about to fdatasync
+        (``_apply_go``; or a reader, close or a throttled commit waits for it),
+        so that its work runs while the leader sleeps in fdatasync instead of
+        taking the GIL from the committer that just returned, or after at most
+        ``_APPLY_DELAY_SECONDS`` (the last batch before a pause).
+        """
+        self._applier_ident = threading.get_ident()
+        go = self._apply_go
+        with self.cv:
+            while True:
+                if self._apply_queue and not self._applying:
+                    if not self._health.closed and not go.is_set():
+                        self.cv.release()
+                        try:
+                            go.wait(_APPLY_DELAY_SECONDS)
+                        finally:
+                            self.cv.acquire()
+                    go.clear()
+                    if self._apply_queue and not self._applying:
+                        self._apply_written()
+                elif self._health.closed:
+                    self._applier = None
+                    return
+                else:
+                    self._applier_idle = True
+                    self._apply_wake.wait()
+                    self._applier_idle = False
+
+    def _start_applying(self) -> None:
+        """The WAL leader, its batch written, is about to fdatasync (not holding
+        ``cv``: a stale look at the queue only moves the apply a little)."""
+        if self._apply_queue and not self._applying:
+            self._apply_go.set()
+
+    def _wake_applier(self) -> None:
+        """Let the applier apply what is queued now. Holds ``cv``."""
+        if self._apply_queue and not self._applying:
+            self._apply_go.set()
+            if self._applier_idle:
+                self._apply_wake.notify()
+
+    def catch_up(self) -> None:
+        """Wait until every record acknowledged so far is in LMDB: a read transaction
+        (SnapshotStore.read) then holds them all. After a failed apply the store is
+        poisoned and nothing more is applied: it returns at once."""
+        if threading.get_ident() == self._applier_ident:
+            return
+        with self.cv:
+            target = self._acked_lsn
+            while (self.applied_lsn < target and self._apply_error is None
+                   and (self._apply_queue or self._applying)):
+                self._wake_applier()
+                self.cv.wait()
+
+    def _throttle(self) -> None:
+        """Hold a new commit while the applier is far behind (a burst of commits
+        without fsync), so that ``pending`` stays small. Holds ``cv``."""
+        while self._unapplied >= _MAX_UNAPPLIED and self._apply_error is None:
+            self._wake_applier()
+            self.cv.wait()
 
     def _others_committing(self, mine: Pending) -> bool:
         """Whether commits other than the queued ones and the leader's own are under way."""
@@ -475,8 +564,10 @@ class CommitPipeline:
         return self._in_pipeline - len(self._queue) - mine.written > 0
 
     def _apply_written(self) -> None:
-        """The apply stage: apply every written batch, in LSN order, in one LMDB
-        transaction, and finish their commits. Entered and left holding ``cv``."""
+        """The apply stage: apply every written (and acknowledged) batch, in LSN
+        order, in one LMDB transaction. Entered and left holding ``cv``. A failure
+        poisons the store; the records stay visible in ``pending`` and are applied
+        when the store is reopened."""
         self._applying = True
         try:
             batches = self._apply_queue
@@ -492,8 +583,7 @@ class CommitPipeline:
                     self._applied(batches[-1][-1].lsn)
                 else:
                     self._apply_error = error
-            for batch in batches:
-                self._done(batch, error)
+            self._unapplied -= sum(len(batch) for batch in batches)
         finally:
             self._applying = False
             self.cv.notify_all()
@@ -504,6 +594,9 @@ class CommitPipeline:
         overlay = self._assigner.overlay
         for key in [k for k, (lsn, _) in overlay.items() if lsn <= last]:
             del overlay[key]
+        pending = self._snapshot.pending
+        for raw in [k for k, (lsn, _) in pending.items() if lsn <= last]:
+            del pending[raw]
 
     def _write_and_apply(self, batch: list[Pending]) -> tuple[WalsyncError | None, bool]:
         """Write a large batch to the WAL while a helper thread fills its LMDB
@@ -539,6 +632,8 @@ class CommitPipeline:
         assert wal is not None
         before = wal.bytes_written
         sync = any(p.sync for p in batch)
+        if wal.before_sync is None:
+            wal.before_sync = self._start_applying
         try:
             wal.append([(p.lsn, p.payload) for p in batch], sync)
         except BaseException as exc:  # noqa: BLE001 - every failure poisons the store

@@ -402,6 +402,9 @@ class WALWriter:
         #: the active segment's bytes that were zero-filled and synced before use
         self.segment_allocated = 0
         self.bytes_written = 0
+        #: called between a batch's write and its fdatasync: the commit pipeline
+        #: starts its applier there, to run while this thread waits for the disk
+        self.before_sync: Callable[[], None] | None = None
         self._prepare_bytes = min(segment_bytes, _FIRST_PREPARED_BYTES)
         # a file prepared before a crash: its zeros may not all have been synced
         _remove_quietly(layout.prepared_segment)
@@ -420,6 +423,7 @@ class WALWriter:
 
     def append(self, records: Sequence[tuple[int, bytes | list[bytes]]], sync: bool) -> None:
         """Write frames for ``(lsn, payload)`` records, in LSN order; fdatasync if ``sync``.
+        ``before_sync`` is called once the frames are written, before the fdatasync.
 
         A payload may come in parts (a large value kept apart, see
         ``record.encode_payload_parts``): they are hashed and written where
@@ -470,6 +474,9 @@ class WALWriter:
         self.bytes_written += size
         if _failpoints.ACTIVE:
             _failpoints.hit("wal.after_write")
+        before_sync = self.before_sync
+        if before_sync is not None:
+            before_sync()
         if sync:
             _fs.fdatasync(self.fd)
             self.synced_lsn = self.next_lsn - 1

@@ -241,7 +241,10 @@ class EntryWriter:
 
 def write_raw(snap: SnapshotStore, fn: Callable[[EntryWriter], None]) -> None:
     """Run ``fn`` with a writer of entries (sealed as they go) in one write
-    transaction on the data table (tools, and tests that plant damage)."""
+    transaction on the data table (tools, and tests that plant damage), once the
+    records acknowledged before are applied (they would overwrite it)."""
+    if snap.pending:
+        snap.catch_up()
     with snap.gate.shared(), snap.env.begin(write=True, db=snap.data_db) as txn:
         fn(EntryWriter(txn, snap.conflicts.handle))
 

@@ -1,6 +1,9 @@
 """The LMDB snapshot as a store runs it: the current siblings of every key, and the
 applied LSN.
 
+(Over 500 lines: its reads and its writes share one rule for damage, which
+every read path applies, and one gate.)
+
 The one class that reads and writes a store's snapshot as it runs (verify
 and repair check files through pagecheck.py). LMDB runs without its own
 fsync: the WAL is the source of truth, every record is applied only after its
@@ -115,6 +118,14 @@ class SnapshotStore:
                                   path=str(path / "data.mdb"), hint=REPAIR_HINT) from None
         self.gate = Gate()
         self._ahead: ThreadPoolExecutor | None = None
+        #: entries of records acknowledged and not applied yet, by key: (LSN, entry).
+        #: The commit pipeline (engine/commit.py) adds them once their WAL frames are
+        #: durable and drops them once their LMDB transaction is committed, so a
+        #: lookup that misses here finds them in LMDB.
+        self.pending: dict[bytes, tuple[int, Entry]] = {}
+        #: waits until every acknowledged record is applied: the commit pipeline's,
+        #: called by a read transaction while ``pending`` holds anything
+        self.catch_up: Callable[[], None] = _nothing
         self.data_file = str(path / "data.mdb")
         #: no value can be longer than the file (a damaged length would make a
         #: read run off the map); raised from LMDB's page count when one is
@@ -132,7 +143,21 @@ class SnapshotStore:
 
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
-        """A consistent read transaction; keep it short-lived."""
+        """A consistent read transaction; keep it short-lived. It holds every
+        acknowledged record: those still on their way to LMDB are waited for."""
+        if self.pending:
+            self.catch_up()
+        with self.gate.shared():
+            txn = self.begin_read()
+            try:
+                yield txn
+            finally:
+                txn.abort()
+
+    @contextmanager
+    def read_applied(self) -> Iterator[lmdb.Transaction]:
+        """:meth:`read` without waiting for the records on their way: for the commit
+        pipeline, which holds them itself (the assigner's overlay)."""
         with self.gate.shared():
             txn = self.begin_read()
             try:
@@ -153,7 +178,13 @@ class SnapshotStore:
             raise self.read_error(exc, None) from exc
 
     def get_entry(self, key: bytes) -> bytes | None:
-        """The entry of ``key`` (its checksum checked), or None."""
+        """The entry of ``key`` (its checksum checked), or None. An acknowledged
+        record not applied yet is served from ``pending``, looked at first: an
+        entry dropped from it meanwhile was committed to LMDB before."""
+        waiting = self.pending.get(key)
+        if waiting is not None:
+            entry = waiting[1]
+            return entry if isinstance(entry, bytes) else b"".join(entry)
         with self.gate.shared():
             txn = self.begin_read()
             try:
@@ -497,3 +528,7 @@ class SnapshotStore:
             self._ahead.shutdown()
             self._ahead = None
         self.env.close()
+
+
+def _nothing() -> None:
+    return None

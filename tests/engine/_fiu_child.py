@@ -124,18 +124,27 @@ def run_case(case: dict[str, Any], injector: Injector, stage_ctx: dict[str, Any]
     stage_ctx.update(stage=None)
     try:
         for i in range(COMMITS):
+            # the applier thread applies a commit after it returns: the earlier ones
+            # are applied before the fault is armed, commit i's before it is disarmed
+            assert store.applied_lsn == store.next_lsn - 1
             if i == fail_at and stage in ("apply", "grow"):
                 stage_ctx.update(stage=stage, point=case["point"], code=case["errno"])
             try:
                 store.commit([Put(k, v) if v is not None else engine.Delete(k)
                               for k, v in ops_of(i)])
+                out["acked"].append(i)
+                store.applied_lsn  # noqa: B018 - waits for the apply (armed or not)
             except engine.WalsyncError as exc:
                 out.update(failed=i, error_type=type(exc).__name__, error=str(exc),
                            poisoned=isinstance(exc, engine.StorePoisonedError))
                 break
             finally:
                 stage_ctx.update(stage=None)
-            out["acked"].append(i)
+            poisoned = store.poisoned
+            if poisoned is not None:  # commit i's apply failed after it was acknowledged
+                out.update(failed=i, error_type=type(poisoned).__name__, error=str(poisoned),
+                           poisoned=True)
+                break
         if stage == "checkpoint" and out["failed"] is None:
             stage_ctx.update(stage="checkpoint", point=case["point"], code=case["errno"])
             try:

@@ -137,6 +137,10 @@ def run_case(case: dict[str, Any], injector: Injector) -> dict[str, Any]:
         for i in range(SMALL_COMMITS):
             store.put(f"k{i}", small_value(i))
             out["acked"].append(i)
+            # applied one by one, as the count run did (the applier thread applies
+            # after a commit returns): the snapshot's pages, and so LMDB's calls, are
+            # the same in every run; the big one is then next in line, applied ahead
+            assert store.applied_lsn == i + 1
         try:
             with injector.armed(case["points"], int(case["errno"])):
                 if stage == "apply-ahead":

@@ -222,30 +222,34 @@ def test_faults_io_writev_helper_loops_until_every_byte_is_written(
 def test_faults_io_snapshot_apply_failure_poisons_and_replays_on_reopen(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The WAL has the record; LMDB failed to take it: the commit fails, the store is
-    poisoned, and reopening applies the record from the WAL."""
+    """The WAL has the record; LMDB failed to take it: the commit was acknowledged
+    (its record is durable) and stays visible, the store is poisoned (the next
+    write says why), and reopening applies the record from the WAL."""
     path = tmp_path / "s"
     store = Store.open(path)
     first = store.put("a", 1).lsn
+    assert store.applied_lsn == first  # waits for the applier
     calls = {"n": 0}
 
     def failing(self: SnapshotStore, *args: Any, **kwargs: Any) -> None:
         calls["n"] += 1
         raise OSError(errno.EIO, "injected: LMDB write failed")
 
-    # the commit path applies through apply_puts (replay too)
+    # the applier applies through apply_puts (replay too)
     original = SnapshotStore.apply_puts
     monkeypatch.setattr(SnapshotStore, "apply_puts", failing)
-    with pytest.raises(StorePoisonedError, match="applied when the store is reopened") as exc:
-        store.put("b", {"x": 2})
+    assert store.put("b", {"x": 2}).lsn == first + 1  # durable in the WAL: acknowledged
+    assert store.applied_lsn == first  # waits for the apply, which failed
     monkeypatch.setattr(SnapshotStore, "apply_puts", original)
     assert calls["n"] == 1
+    with pytest.raises(StorePoisonedError, match="applied when the store is reopened") as exc:
+        store.put("c", 3)
     assert store.path in str(exc.value)
     assert not isinstance(exc.value, DiskFullError)
     with pytest.raises(StorePoisonedError):
         store.put("c", 3)
     assert store.get("a") == 1
-    assert store.get("b") is None  # not applied here...
+    assert store.get("b") == {"x": 2}  # not applied here, but acknowledged...
     store.close()
     with Store.open(path) as reopened:
         assert reopened.recovery is not None

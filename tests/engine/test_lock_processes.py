@@ -205,6 +205,9 @@ def test_lock_readonly_process_reads_while_writer_runs(store_path: Path, spawn: 
         s.put("runs/1", {"status": "running"})
         s.put("runs/2", "two")
         s.delete("runs/2")
+        # another process reads the snapshot: it sees a commit once it is applied
+        # (the applier thread, just after the commit returned); this waits for it
+        assert s.applied_lsn == 3
         reader = spawn()
         reader.ok(op="open", path=str(store_path), kw={"readonly": True})
         assert reader.ok(op="get", key="runs/1")["value"] == {"status": "running"}
@@ -217,6 +220,7 @@ def test_lock_readonly_process_reads_while_writer_runs(store_path: Path, spawn: 
         s.put("runs/1", {"status": "done"})
         for i in range(40):
             s.put(f"blob/{i:02d}", os.urandom(64 * 1024).hex()[:100_000] + str(i))
+        assert s.applied_lsn == 44
         assert reader.ok(op="get", key="runs/1")["value"] == {"status": "done"}
         got = reader.ok(op="get", key="blob/39")["value"]
         assert got == s.get("blob/39")
@@ -241,5 +245,6 @@ def test_lock_readonly_open_in_another_process_does_not_block_writer(
     reader.ok(op="open", path=str(store_path), kw={"readonly": True})
     with Store.open(store_path) as w:
         w.put("a", 2)
+        assert w.applied_lsn == 2  # another process sees a commit once it is applied
         assert reader.ok(op="get", key="a")["value"] == 2
     assert reader.ok(op="get", key="a")["value"] == 2

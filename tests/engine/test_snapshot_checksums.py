@@ -430,6 +430,7 @@ with_close = sys.argv[2] == "close"
 store = Store.open(sys.argv[1])
 for i in range(5):
     store.put(f"k{i}", {"i": i, "pad": "p" * 80})
+assert store.applied_lsn == 5  # waits for the applier: the snapshot holds all five
 if with_close:
     store.close()
 print("done", flush=True)
