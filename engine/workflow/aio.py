@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..aio import DeferredCommits, gate_open
 from .records import Cost, RunRecord, StepRecord
+from .rollback import RollbackReport
 from .run import Run, deferred_commits_var
 from .step import StepContext, _current_step, current_run, current_run_var, current_step
 
@@ -159,6 +160,15 @@ class AsyncRun:
     async def set_lease(self, lease: tuple[str, int] | LeaseLike | str,
                         token: int | None = None) -> None:
         await _deferred(self.run.store, self.run.set_lease, lease, token)
+
+    async def checkpoint(self, name: str, description: str = "",
+                         tags: Sequence[str] = ()) -> None:
+        """``Run.checkpoint``, its commit awaited."""
+        await _deferred(self.run.store, self.run.checkpoint, name, description, tags)
+
+    async def rollback(self, name: str) -> RollbackReport:
+        """``Run.rollback``, its commits awaited."""
+        return await _deferred(self.run.store, self.run.rollback, name)
 
     # -- steps -------------------------------------------------------------------
 

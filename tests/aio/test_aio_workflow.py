@@ -290,3 +290,21 @@ def test_aio_run_entry_cancelled_leaves_no_run_active(store_path: Path) -> None:
                 assert await run.step("s", lambda: 5) == 5
 
     asyncio.run(main())
+
+
+def test_aio_checkpoint_and_rollback_are_awaited(store_path: Path) -> None:
+    async def main() -> None:
+        with Store.open(store_path) as store:
+            async with Workflows(store).arun("w", "r") as run:
+                await run.step("a", lambda: 1)
+                await run.checkpoint("after-a", "a done", tags=["t"])
+                await run.step("b", lambda: 2)
+                report = await run.rollback("after-a")
+                assert report.checkpoint == "after-a"
+                assert report.discarded_steps == ["b"]
+                assert "b" not in run.snapshot()
+                assert await run.step("b", lambda: 3) == 3
+            assert [c.name for c in run.run.checkpoints()] == ["after-a"]
+            assert Workflows(store).get_run("r").snapshot() == {"a": 1, "b": 3}
+
+    asyncio.run(main())
