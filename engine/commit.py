@@ -336,8 +336,8 @@ class CommitPipeline:
 
     def _drive(self) -> None:
         """The driver thread: a committer on behalf of every awaited commit. It leads
-        or applies as ``_submit`` does while one of theirs is under way, and runs
-        their listeners (outside the lock, as a commit's own thread would)."""
+        the WAL stage as ``_submit`` does while one of theirs is queued, and runs
+        their callbacks and listeners outside the lock (the applier applies them)."""
         with self.cv:
             while True:
                 if self._awaited_done:
@@ -355,21 +355,11 @@ class CommitPipeline:
                 elif self._awaited and not self._leading and self._queue:
                     self._lead(_DRIVER)
                     self._wake()
-                elif self._awaited and self._apply_queue and not self._applying:
-                    self._wake_wal_leader()
-                    self._apply_written()
-                    self._wake()
                 elif self._health.closed and not self._awaited:
                     self._driver_thread = None
                     return
                 else:
                     self._driver.wait()
-
-    def _wake_wal_leader(self) -> None:
-        if not self._leading and self._queue:
-            waiter = self._queue[0].waiter
-            if waiter is not None:
-                waiter.notify()
 
     def _wake(self) -> None:
         """After a stage ends: wake the thread that can lead each free stage, and
