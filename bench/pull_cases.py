@@ -60,7 +60,7 @@ def sync_pull_scoped(ctx: Context) -> CaseResult:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("vacuum analyze walsync.entries")
         rates: dict[str, list[float]] = {"pages": [], "store": [], "select": []}
-        for r in range(ctx.pick(3, 1)):
+        def select() -> None:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 t = time.perf_counter()
                 cursor, seen = 0, 0
@@ -75,6 +75,8 @@ def sync_pull_scoped(ctx: Context) -> CaseResult:
                     seen += len(rows)
                     cursor = rows[-1][0]
                 rates["select"].append(seen / (time.perf_counter() - t))
+
+        def pages(r: int) -> int:
             puller = PostgresTransport(dsn, timeout_seconds=120)
             t = time.perf_counter()
             cursor, got = 0, 0
@@ -86,6 +88,16 @@ def sync_pull_scoped(ctx: Context) -> CaseResult:
                 cursor = page.next
             rates["pages"].append(got / (time.perf_counter() - t))
             puller.close()
+            return got
+
+        for r in range(ctx.pick(3, 1)):
+            # the two sides by turns, so that a load that changes over the run weighs on both
+            if r % 2 == 0:
+                select()
+                got = pages(r)
+            else:
+                got = pages(r)
+                select()
             store = Store.open(ctx.subdir(f"pull_{r}"), node_id=f"B{r}", durability="none")
             try:
                 rep = Replicator(store, PostgresTransport(dsn, timeout_seconds=120),
