@@ -5,16 +5,19 @@ calls the server on its own thread."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from tests.gateway import PostgrestGateway
-from tests.sync._helpers import supabase_transport, wait_for
+from tests.sync._helpers import entry, supabase_transport, wait_for
 from walsync.engine import Store
+from walsync.engine.versions import dominates_or_equal, join_vv
 from walsync.sync.logretention import Compactor
 from walsync.sync.memory import MemoryServer
 from walsync.sync.migrate import migrate
@@ -121,3 +124,64 @@ def test_log_retention_compactor_calls_the_server_until_stopped() -> None:
         failing.stop()
     with pytest.raises(ValueError, match="positive"):
         Compactor(server.transport, 0)
+
+
+def _live_view(log: list[tuple[str, Any]]) -> dict[str, list[tuple[str, int]]]:
+    """Each key's maximal versions, without the keys they leave deleted (a restore at a
+    point shows no key whose only version there is a tombstone)."""
+    by_key: dict[str, list[Any]] = {}
+    for key, sib in log:
+        by_key.setdefault(key, []).append(sib)
+    out = {}
+    for key, sibs in by_key.items():
+        top = [s for s in sibs if not any(
+            dominates_or_equal(o.version.vv, s.version.vv)
+            and not dominates_or_equal(s.version.vv, o.version.vv) for o in sibs)]
+        if not all(s.deleted for s in top):
+            out[key] = sorted({(s.version.origin, s.version.lsn) for s in top})
+    return out
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_log_retention_compaction_keeps_every_cut_of_the_window_exact(seed: int) -> None:
+    """Random histories of three nodes writing and deleting a few keys (each write over
+    what its node had seen), half of them older than the window: after compaction, the
+    log cut at any point from the window's start on merges to what the whole log cut
+    there did."""
+    rng = random.Random(seed)
+    server = MemoryServer()
+    t = server.transport()
+    t.log_retention(3600)
+    nodes = ["A", "B", "C"]
+    lsn = dict.fromkeys(nodes, 0)
+    seen: dict[tuple[str, str], dict[str, int]] = {}
+    now_ms = int(time.time() * 1000)
+    clock = now_ms - 3 * 3600 * 1000  # older than the window at first
+    cuts = []
+    for step in range(60):
+        clock += rng.randrange(1, 400_000) if step != 30 else 2 * 3600 * 1000 + 1
+        node = rng.choice(nodes)
+        key = rng.choice(["k/1", "k/2", "k/3", "k/4"])
+        if rng.random() < 0.4:  # the node reads the server's siblings of the key first
+            for row in t.scope_backfill("-", key, 0, t.head(), [], None, 10).rows:
+                if row.key == key:
+                    seen[(node, key)] = join_vv([seen.get((node, key), {}),
+                                                 row.sibling.version.vv])
+        lsn[node] += 1
+        vv = dict(seen.get((node, key), {}))
+        vv[node] = lsn[node]
+        seen[(node, key)] = vv
+        value = None if rng.random() < 0.3 else step
+        t.push(node, lsn[node], [entry(node, lsn[node], key, value, vv, hlc=clock << 16)])
+        if clock > now_ms - 3600 * 1000:
+            cuts.append(clock << 16)
+    full = [(r.key, r.sibling) for r in t.log_page("", 1 << 62, 0, 10_000).rows]
+    run = t.compact_log()
+    assert run.removed_entries > 0
+    kept = [(r.key, r.sibling) for r in t.log_page("", 1 << 62, 0, 10_000).rows]
+    assert len(kept) < len(full)
+    assert t.log_window().from_hlc == run.window_start_hlc
+    for cut in [run.window_start_hlc, *cuts]:
+        want = _live_view([(k, s) for k, s in full if s.version.hlc <= cut])
+        got = _live_view([(k, s) for k, s in kept if s.version.hlc <= cut])
+        assert got == want, (seed, cut)

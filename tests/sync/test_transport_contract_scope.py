@@ -164,7 +164,10 @@ def test_compaction_keeps_the_windows_state_and_collects_tombstones(server: Serv
                     entry("C", 2, "k/c", "c2", {"C": 2}, hlc=NOW_HLC)])
     # B pulled (it is live) to before the tombstone: nothing of it is collected yet
     t.pull("B", 2, 10)
+    assert t.log_window().from_hlc == old  # the whole log: its oldest entry
     run = t.compact_log()
+    # the point-in-time window now starts at the boundary: older cuts may miss entries
+    assert t.log_window().from_hlc == run.window_start_hlc
     assert (run.ran, run.collected_tombstones, run.gc_through) == (True, 0, 0)
     assert run.removed_entries == 2  # k/1's v1 and k/gone's x: each dominated by one as old
     assert run.window_start_hlc > old
