@@ -142,15 +142,23 @@ def _live_view(log: list[tuple[str, Any]]) -> dict[str, list[tuple[str, int]]]:
     return out
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_log_retention_compaction_keeps_every_cut_of_the_window_exact(seed: int) -> None:
+@pytest.mark.parametrize("kind", ["memory", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize("seed", range(8))
+def test_log_retention_compaction_keeps_every_cut_of_the_window_exact(
+        seed: int, kind: str, request: pytest.FixtureRequest) -> None:
     """Random histories of three nodes writing and deleting a few keys (each write over
     what its node had seen), half of them older than the window: after compaction, the
     log cut at any point from the window's start on merges to what the whole log cut
     there did."""
     rng = random.Random(seed)
-    server = MemoryServer()
-    t = server.transport()
+    t: Transport
+    if kind == "memory":
+        t = MemoryServer().transport()
+    else:
+        dsn: str = request.getfixturevalue("pg_db")
+        migrate(dsn)
+        t = PostgresTransport(dsn, timeout_seconds=30)
+        request.addfinalizer(t.close)
     t.log_retention(3600)
     nodes = ["A", "B", "C"]
     lsn = dict.fromkeys(nodes, 0)
