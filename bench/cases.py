@@ -92,7 +92,8 @@ def _noop() -> None:
 # ---------------------------------------------------------------- 1. commit latency
 
 
-@case("commit_1k", goal="p50 <= 1.1x raw append+fdatasync and <= sqlite FULL; p99 <= 2 ms")
+@case("commit_1k", goal="p50 <= 1.3x prealloc overwrite+fdatasync, <= 1.0x raw append+fdatasync "
+                        "and <= 0.9x sqlite FULL; p99 <= 2 ms")
 def commit_1k(ctx: Context) -> CaseResult:
     n, rounds, warmup = ctx.pick((2000, 4, 25), (200, 2, 10))
     values = ValuePool(KIB)
@@ -121,12 +122,15 @@ def commit_1k(ctx: Context) -> CaseResult:
     return CaseResult(
         f,
         checks={
-            "p50 <= 1.1x raw": check(w50, f["raw_p50_us"] and 1.1 * f["raw_p50_us"]),
-            "p50 <= sqlite FULL": check(w50, f["sqlite_full_p50_us"]),
+            "p50 <= 1.3x prealloc": check(w50, f["prealloc_p50_us"] and
+                                          1.3 * f["prealloc_p50_us"]),
+            "p50 <= 1.0x raw": check(w50, f["raw_p50_us"]),
+            "p50 <= 0.9x sqlite FULL": check(w50, f["sqlite_full_p50_us"] and
+                                             0.9 * f["sqlite_full_p50_us"]),
             "p99 <= 2 ms": check(w99, 2000.0),
         },
         headline=(
-            f"p50 {fmt(w50)} / p99 {fmt(w99)} us",
+            f"p50 {fmt(w50)} / p99 {fmt(w99)} us ({fmt(f['ratio_vs_prealloc'])}x prealloc)",
             f"raw {fmt(f['raw_p50_us'])}/{fmt(f['raw_p99_us'])}, "
             f"prealloc {fmt(f['prealloc_p50_us'])}, sqlite {fmt(f['sqlite_full_p50_us'])}"
             f"/{fmt(f['sqlite_full_p99_us'])}, lmdb {fmt(f['lmdb_sync_p50_us'])}",
@@ -139,7 +143,7 @@ def commit_1k(ctx: Context) -> CaseResult:
 
 
 @case("commit_1k_8threads",
-      goal=">= 0.8x ideal group-commit loop (best variant) and >= 3x sqlite FULL, 8 threads")
+      goal=">= 0.8x ideal group-commit loop (best variant) and >= 2.5x sqlite FULL, 8 threads")
 def commit_1k_8threads(ctx: Context) -> CaseResult:
     seconds, rounds = ctx.pick((0.8, 4), (0.3, 1))
     values = ValuePool(KIB)
@@ -189,8 +193,8 @@ def commit_1k_8threads(ctx: Context) -> CaseResult:
         f,
         checks={
             ">= 0.8x ideal": check(med["walsync"], best_ideal and 0.8 * best_ideal, True),
-            ">= 3x sqlite FULL": check(med["walsync"], med["sqlite_full"] and
-                                       3 * med["sqlite_full"], True),
+            ">= 2.5x sqlite FULL": check(med["walsync"], med["sqlite_full"] and
+                                         2.5 * med["sqlite_full"], True),
         },
         headline=(
             f"{fmt(med['walsync'])}/s",
@@ -204,7 +208,8 @@ def commit_1k_8threads(ctx: Context) -> CaseResult:
 # ---------------------------------------------------------------- 3. 10 MiB value
 
 
-@case("value_10mib", goal="durable 10 MiB put median <= 1.5x raw append+fdatasync of the bytes")
+@case("value_10mib", goal="durable 10 MiB put median <= 1.3x raw append+fdatasync of the bytes "
+                          "and <= sqlite FULL")
 def value_10mib(ctx: Context) -> CaseResult:
     runs = ctx.pick(10, 3)
     values = ValuePool(10 * MIB, count=2)
@@ -232,7 +237,8 @@ def value_10mib(ctx: Context) -> CaseResult:
     f["ratio_vs_sqlite"] = ratio(med["walsync"], med["sqlite_full"])
     return CaseResult(
         f,
-        checks={"<= 1.5x raw": check(med["walsync"], med["raw"] and 1.5 * med["raw"])},
+        checks={"<= 1.3x raw": check(med["walsync"], med["raw"] and 1.3 * med["raw"]),
+                "<= sqlite FULL": check(med["walsync"], med["sqlite_full"])},
         headline=(f"{fmt(med['walsync'])} ms",
                   f"raw {fmt(med['raw'])} ms, sqlite {fmt(med['sqlite_full'])} ms"),
         errors=errors,
@@ -312,7 +318,7 @@ def get_1k(ctx: Context) -> CaseResult:
 # ---------------------------------------------------------------- 5. replay
 
 
-@case("replay", goal=">= 500,000 small records/s replayed by Store.open after a crash")
+@case("replay", goal=">= 600,000 small records/s replayed by Store.open after a crash")
 def replay(ctx: Context) -> CaseResult:
     records, copies = ctx.pick((300_000, 3), (20_000, 1))
     value_bytes = 90  # + a 13-character key: ~100-byte records
@@ -336,11 +342,44 @@ def replay(ctx: Context) -> CaseResult:
     f["ratio_vs_py_scan"] = ratio(rate, f["py_scan_per_s"])
     return CaseResult(
         f,
-        checks={">= 500k records/s": check(rate, 500_000.0, True)},
+        checks={">= 600k records/s": check(rate, 600_000.0, True)},
         headline=(f"{fmt(rate)}/s",
                   f"py scan+lmdb {fmt(f['py_scan_per_s'])}/s "
                   f"(gc off {fmt(f['py_scan_gc_off_per_s'])}/s); walsync gc off "
                   f"{fmt(f.get('walsync_gc_off_per_s'))}/s"),
+        errors=errors,
+    )
+
+
+@case("replay_1m_memory",
+      goal="Store.open replaying 1,000,000 small records after a crash: peak anonymous "
+           "RSS < 200 MB")
+def replay_1m_memory(ctx: Context) -> CaseResult:
+    records = ctx.pick(1_000_000, 100_000)
+    errors: dict[str, str] = {}
+    f: dict[str, Any] = {"records": records, "value_bytes": 90}
+    if not ctx.engine_ok:
+        errors["walsync"] = f"skipped: engine did not import ({ctx.engine_error})"
+        return CaseResult(f, {}, ("-", "-"), errors)
+    try:
+        got = ws.replay_memory(ctx.subdir("replay-memory"), records, 90)
+    except Exception as exc:  # noqa: BLE001 - reported in the case's JSON line
+        errors["walsync"] = describe(exc)
+        return CaseResult(f, {}, ("-", "-"), errors)
+    rate = got["replayed"] / got["seconds"]
+    f.update({"replayed_records": got["replayed"], "open_s": round(got["seconds"], 2),
+              "replay_per_s": round(rate), "wal_bytes": got["wal_bytes"],
+              "peak_anon_rss_mb": round(got["peak_anon_mb"], 1),
+              "peak_rss_mb": round(got["peak_rss_mb"], 1)})
+    return CaseResult(
+        f,
+        checks={"all records replayed": got["replayed"] >= records,
+                # LMDB maps its file: the pages it touches count in RSS as file-backed,
+                # shared and reclaimable; the bar is on the process's own memory
+                "peak anonymous RSS < 200 MB": check(got["peak_anon_mb"], 200.0)},
+        headline=(f"anon RSS {got['peak_anon_mb']:.0f} MB",
+                  f"with LMDB's mapped file {got['peak_rss_mb']:.0f} MB; "
+                  f"{fmt(rate)} records/s"),
         errors=errors,
     )
 

@@ -53,15 +53,17 @@ def load_engine() -> tuple[Any, str | None]:
     return _engine, _engine_error
 
 
-def open_store(path: Path, *, create: bool = True, durability: str | None = None) -> Any:
-    """Store.open, optionally with a non-default durability ('none', 'local')."""
+def open_store(path: Path, *, create: bool = True, durability: str | None = None,
+               **options: Any) -> Any:
+    """Store.open, optionally with a non-default durability ('none', 'local') and
+    other StoreOptions fields."""
     engine, error = load_engine()
     if engine is None:
         raise RuntimeError(f"engine did not import: {error}")
     if durability is None:
-        return engine.Store.open(path, create=create)
+        return engine.Store.open(path, create=create, **options)
     try:
-        return engine.Store.open(path, create=create, durability=durability)
+        return engine.Store.open(path, create=create, durability=durability, **options)
     except TypeError:
         from walsync.engine.options import Durability, StoreOptions
 
@@ -146,7 +148,10 @@ def _child_fill(path: Path, records: int, value_bytes: int) -> None:
     shutil.copytree(path / "snapshot", _base_snapshot(path))
     t0 = time.perf_counter()
     try:
-        store = open_store(path, create=False, durability="none")
+        # no checkpoint while filling: it would remove the WAL the rewound
+        # snapshot needs (a store this large passes checkpoint_every_bytes)
+        store = open_store(path, create=False, durability="none",
+                           checkpoint_every_bytes=1 << 40)
         method = "durability=none, 1 thread"
     except (TypeError, ValueError):
         store = open_store(path, create=False)
@@ -238,6 +243,63 @@ def replay_rate(work: Path, records: int, value_bytes: int, copies: int) -> dict
     }
 
 
+def _child_open(path: Path) -> None:
+    """Open (replaying) and close a store, sampling this process's memory: prints
+    the records replayed, the seconds, the peak anonymous RSS (the process's own
+    memory) and the peak RSS (with the pages of LMDB's mapped file)."""
+    import resource
+
+    def rss_mb(name: str) -> float:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    peak_anon = [rss_mb("RssAnon")]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            peak_anon[0] = max(peak_anon[0], rss_mb("RssAnon"))
+
+    threading.Thread(target=sample, daemon=True).start()
+    t0 = time.perf_counter()
+    store = open_store(path, create=False)
+    seconds = time.perf_counter() - t0
+    replayed = int(store.recovery.replayed_records)
+    store.close()
+    done.set()
+    print(json.dumps({"replayed": replayed, "seconds": seconds,
+                      "peak_anon_mb": max(peak_anon[0], rss_mb("RssAnon")),
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
+          flush=True)
+
+
+def replay_memory(work: Path, records: int, value_bytes: int) -> dict[str, Any]:
+    """Peak memory of ``Store.open`` replaying ``records`` records after a power
+    loss (the state replay_rate builds), measured in a child process of its own."""
+    src = work / "replay-memory"
+    root = Path(__file__).resolve().parent.parent
+    fill = subprocess.run(
+        [sys.executable, "-m", "bench.walsync_cases", "fill", str(src), str(records),
+         str(value_bytes)],
+        cwd=root, capture_output=True, text=True, timeout=1200, check=False,
+    )
+    if fill.returncode != 0 or not fill.stdout.strip():
+        raise RuntimeError(f"fill child failed ({fill.returncode}): {fill.stderr[-2000:]}")
+    _rewind_snapshot(src, _base_snapshot(src))
+    opened = subprocess.run(
+        [sys.executable, "-m", "bench.walsync_cases", "open", str(src)],
+        cwd=root, capture_output=True, text=True, timeout=1200, check=False,
+    )
+    if opened.returncode != 0 or not opened.stdout.strip():
+        raise RuntimeError(f"open child failed ({opened.returncode}): {opened.stderr[-2000:]}")
+    got: dict[str, Any] = json.loads(opened.stdout.strip().splitlines()[-1])
+    got["wal_bytes"] = sum(f.stat().st_size for f in (src / "wal").glob("*.wal"))
+    return got
+
+
 def open_after_close_ms(path: Path, runs: int) -> list[float]:
     """Store.open of a cleanly closed store, ms per run (close is untimed)."""
     out = []
@@ -252,5 +314,9 @@ def open_after_close_ms(path: Path, runs: int) -> list[float]:
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "fill":
         _child_fill(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
-    print("usage: python -m bench.walsync_cases fill PATH RECORDS VALUE_BYTES", file=sys.stderr)
+    if len(sys.argv) == 3 and sys.argv[1] == "open":
+        _child_open(Path(sys.argv[2]))
+        sys.exit(0)
+    print("usage: python -m bench.walsync_cases fill PATH RECORDS VALUE_BYTES\n"
+          "       python -m bench.walsync_cases open PATH", file=sys.stderr)
     sys.exit(2)
