@@ -135,6 +135,7 @@ class Puller:
 
     def reset_cursor(self) -> None:
         """Pull everything again: the server's positions are not the ones counted."""
+        self.scope.forget_positions()
         if self.cursor() == 0:
             return
         self._skipped_cursor = 0

@@ -263,6 +263,14 @@ class ScopeKeeper:
         doc["fills"] = [*(f.to_doc() for f in self.pending()), *(f.to_doc() for f in new)]
         self._save(doc)
 
+    def forget_positions(self) -> None:
+        """The cursor starts again from 0 on a server whose positions are not the ones
+        counted (another server, one put back from a backup): the positions prefixes
+        left the scope at, and the fills bounded by them, mean nothing there. Every
+        prefix now in the scope is pulled again from 0; one that enters later is filled
+        from 0."""
+        _update(self.store, {"left": {}, "fills": []})
+
     def rebootstrap(self, cursor: int, head: int) -> None:
         """The cursor is behind what the server's log keeps: fill what the scope pulls
         in ``(cursor, head]`` from the server's state (recorded first), after which pulls

@@ -294,3 +294,34 @@ def test_scope_compacted_log_makes_the_replicator_rebootstrap(
     rb.run_once()
     assert b.get("b/after") == 1
     assert rb.status().extra["rebootstraps"] == 1
+
+
+def test_scope_positions_of_another_server_are_forgotten(
+        tmp_path: Path, stores: dict[str, Any]) -> None:
+    """A prefix left the scope at a position of one server; the store then syncs with
+    another (its cursor starts again from 0): widening fills the prefix from 0 there."""
+    first, second = MemoryServer(), MemoryServer()
+    a, b = _open(stores, tmp_path, "A"), _open(stores, tmp_path, "B")
+    a.put("b/1", 1)
+    a.put("a/1", 1)
+    _rep(stores, a, first.transport(), PUSH_ONLY).run_once()
+    rb = _rep(stores, b, first.transport(), scope=Scope(prefixes=("a/",)))
+    rb.run_once()  # b/ was never in the scope here
+    rb.set_scope(Scope(prefixes=("a/", "b/")))
+    rb.run_once()
+    rb.set_scope(Scope(prefixes=("a/",)))
+    a.put("a/2", 2)
+    _rep(stores, a, first.transport(), PUSH_ONLY).run_once()
+    rb.run_once()  # b/ left the scope at the first server's position 3
+    rb.close()
+    # the second server has other positions: b/9 lands below 3 there
+    c = _open(stores, tmp_path, "C")
+    c.put("b/9", 9)
+    _rep(stores, c, second.transport(), PUSH_ONLY).run_once()
+    _rep(stores, a, second.transport(), PUSH_ONLY).run_once()
+    rb2 = _rep(stores, b, second.transport())  # another server: pulls from 0 again
+    rb2.run_once()
+    rb2.set_scope(Scope(prefixes=("a/", "b/")))
+    rb2.run_once()
+    assert b.get("b/9") == 9
+    assert store_siblings(b) == _server_siblings(second)
