@@ -497,10 +497,10 @@ _PULL_ROW_FIELDS = ("pos", "origin", "lsn", "idx", "key", "deleted", "data", "co
 
 def pull_page_of_rows(rows: Sequence[Sequence[Any]]) -> PullPage:
     """``pull_rows``' answer as the PullPage ``pull`` answers: the entries (``data`` as
-    base64 text, as in a pull document) and their siblings, then a last row with
-    ``next``, ``head``, ``scope`` and a refusal. The columns arrive typed (binary
-    results), so each entry is checked by type here rather than decoded from JSON:
-    the page's cost stays that of reading its rows."""
+    the bytes the server sent, not base64 text: no JSON document carried them) and
+    their siblings, then a last row with ``next``, ``head``, ``scope`` and a refusal.
+    The columns arrive typed (binary results), so each entry is checked by type here
+    rather than decoded from JSON: the page's cost stays that of reading its rows."""
     width = len(_PULL_ROW_FIELDS)
     if not rows or len(rows[-1]) != width + 5 or rows[-1][0] is not None:
         raise SyncProtocolError("pull_rows: the answer lacks its closing row")
@@ -512,7 +512,6 @@ def pull_page_of_rows(rows: Sequence[Sequence[Any]]) -> PullPage:
     checked = pull_page(doc)  # next, head and scope, checked as pull's
     entries: list[WireEntry] = []
     siblings: list[tuple[str, Sibling]] = []
-    b64 = base64.b64encode
     for row in rows[:-1]:
         pos, origin, lsn, idx, key, deleted, data, codec, vv, hlc, fence, value_hash = (
             row[:width])
@@ -528,7 +527,7 @@ def pull_page_of_rows(rows: Sequence[Sequence[Any]]) -> PullPage:
         fence = fence or 0
         entries.append({"pos": pos, "origin": origin, "lsn": lsn, "idx": idx, "key": key,
                         "deleted": deleted,
-                        "data": None if data is None else b64(data).decode(),
+                        "data": data,
                         "codec": codec, "vv": vv, "hlc": hlc, "fence": fence,
                         "value_hash": value_hash})
         raw = None if deleted else data

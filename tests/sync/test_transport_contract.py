@@ -17,6 +17,7 @@ memory server and compares every answer.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import re
 import socket
@@ -407,6 +408,8 @@ def _plain(answer: Any) -> Any:
         return {k: _plain(v) for k, v in answer.items()}
     if isinstance(answer, tuple):
         return [_plain(a) for a in answer]
+    if isinstance(answer, bytes):  # an entry's bytes, as a JSON document carries them
+        return base64.b64encode(answer).decode()
     return answer
 
 
