@@ -94,8 +94,10 @@ def test_readme_cli_block_runs_as_written(tmp_path: Path, pg_db: str) -> None:
 def run_line(line: str, cwd: Path, env: dict[str, str], shell_state: str) -> str:
     """One README line in bash (0 expected); the sync worker (`walsync sync` without
     --once) is stopped with SIGTERM once `walsync status` finds nothing unreplicated."""
-    if re.fullmatch(r"walsync sync --store \S+", line):
-        return run_worker(line, cwd, env)
+    if re.fullmatch(r"walsync sync --store \S+( &)?", line):
+        # (in the background, as in the host-loss recipe: tests/sync/test_hostloss_readme.py
+        # runs that one with the orchestrator beside the worker)
+        return run_worker(line.removesuffix(" &"), cwd, env)
     result = subprocess.run(["bash", "-c", f"set -e -o pipefail\n{shell_state}\n{line}"],
                             cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=300, check=False)
