@@ -7,8 +7,10 @@ OPEN marker before LMDB writes a page; the snapshot; the WAL replayed into it
 (engine/replay.py); the node identities (a renewal's record rolled forward);
 then the commit pipeline, checkpoints and sync's bookkeeping over them, the WAL
 writer, and a base where a power loss would otherwise leave nothing to rebuild
-from. An open that fails closes what it opened and leaves the store as it
-found it.
+from; last, a writer merges what a sync worker pulled meanwhile
+(engine/handoff.py) and goes on merging it while open. An open that fails closes
+what it opened and leaves the store as it found it. A store this process cannot
+write (a read-only file system) opens read-only only.
 """
 
 from __future__ import annotations
