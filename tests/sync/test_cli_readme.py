@@ -44,6 +44,7 @@ def readme_block(heading: str) -> list[str]:
     return lines
 
 
+@pytest.mark.timeout(900)  # some thirty commands, each a process of its own
 def test_readme_cli_block_runs_as_written(tmp_path: Path, pg_db: str) -> None:
     lines = readme_block("## The CLI\n")
     assert len(lines) >= 25
@@ -98,10 +99,11 @@ def run_line(line: str, cwd: Path, env: dict[str, str], shell_state: str) -> str
         # (in the background, as in the host-loss recipe: tests/sync/test_hostloss_readme.py
         # runs that one with the orchestrator beside the worker)
         return run_worker(line.removesuffix(" &"), cwd, env)
+    started = time.monotonic()
     result = subprocess.run(["bash", "-c", f"set -e -o pipefail\n{shell_state}\n{line}"],
                             cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=300, check=False)
-    said = f"$ {line}\n{result.stdout}{result.stderr}"
+    said = f"$ {line}  ({time.monotonic() - started:.1f} s)\n{result.stdout}{result.stderr}"
     assert result.returncode == 0, said
     assert "Traceback" not in result.stderr, said
     return said
@@ -112,6 +114,9 @@ def run_worker(line: str, cwd: Path, env: dict[str, str]) -> str:
     with subprocess.Popen(["bash", "-c", f"exec {line} --status-every 0"], cwd=cwd, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
+            assert proc.stdout is not None
+            started = proc.stdout.readline()  # its signal handlers are in place from here
+            assert started.startswith("syncing "), started + proc.communicate()[1]
             deadline = time.monotonic() + 120
             while True:
                 assert proc.poll() is None, proc.communicate()
@@ -128,7 +133,7 @@ def run_worker(line: str, cwd: Path, env: dict[str, str]) -> str:
         finally:
             if proc.poll() is None:
                 proc.kill()
-    said = f"$ {line}\n{out}{err}"
+    said = f"$ {line}\n{started}{out}{err}"
     assert proc.returncode == 0, said
     assert "stopping (SIGTERM)" in out, said
     return said
