@@ -530,9 +530,18 @@ def test_commands_leave_the_work_to_the_library() -> None:
 
 def test_every_command_module_is_registered() -> None:
     """Each topic's COMMANDS are the group's commands, and no command is left out."""
-    from walsync.sync.cli import demo, nodes_cmds, runs_cmds, store_cmds, sync_cmds, ui_cmd
+    from walsync.sync.cli import (
+        demo,
+        nodes_cmds,
+        runs_cmds,
+        scope_cmds,
+        store_cmds,
+        sync_cmds,
+        ui_cmd,
+    )
 
-    registered = [c for m in (store_cmds, runs_cmds, sync_cmds, nodes_cmds, ui_cmd, demo)
+    registered = [c for m in (store_cmds, runs_cmds, sync_cmds, nodes_cmds, scope_cmds, ui_cmd,
+                              demo)
                   for c in m.COMMANDS]
     assert sorted(c.name or "" for c in registered) == sorted(main.commands)
     assert all(main.commands[c.name or ""] is c for c in registered)
