@@ -95,8 +95,9 @@ class Processes:
                      30, what="the worker to start")
         if self.orchestrator is not None:
             line = f"opened {self.orchestrator.pid}"
-            wait_for(lambda: self._alive("orchestrator") and line in self.log.read_text(),
-                     30, what="the orchestrator to open the store")
+            wait_for(lambda: self._alive("orchestrator") and self.log.exists()
+                     and line in self.log.read_text(), 30,
+                     what="the orchestrator to open the store")
 
     def _alive(self, which: str) -> bool:
         proc = getattr(self, which)
