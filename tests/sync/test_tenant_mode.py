@@ -211,9 +211,13 @@ def test_tenant_cannot_take_renew_release_or_be_fenced_by_another_tenants_lease(
 
 
 def api_functions(dsn: str) -> list[tuple[str, list[str]]]:
-    rows = query(dsn, "select p.proname, coalesce(p.proargnames, '{}') from pg_proc p "
-                      "where p.pronamespace = 'walsync_api'::regnamespace order by 1, 2")
-    return [(str(name), list(args)) for name, args in rows]
+    """Each API function with its input arguments (a function returning a table names
+    its columns among its arguments too, with mode 't')."""
+    rows = query(dsn, "select p.proname, coalesce(p.proargnames, '{}'), p.proargmodes "
+                      "from pg_proc p where p.pronamespace = 'walsync_api'::regnamespace "
+                      "order by 1, 2")
+    return [(str(name), [a for i, a in enumerate(args) if modes is None or modes[i] in "ib"])
+            for name, args, modes in rows]
 
 
 def test_anon_and_keys_without_the_tenant_claim_get_nothing(server: Server) -> None:
