@@ -29,11 +29,17 @@ from walsync.sync.migrate import migrate
 pytestmark = pytest.mark.postgres
 
 EXIT_SERVER = 6
-CLEAN = {k: None for k in os.environ if k.startswith(("WALSYNC_", "SUPABASE_"))}
+#: every setting that names a server or a store, unset unless a test sets it
+SETTINGS = ("WALSYNC_PG_DSN", "WALSYNC_CONFIG", "WALSYNC_TRANSPORT", "WALSYNC_STORE",
+            "WALSYNC_SUPABASE_KEY", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY",
+            "SUPABASE_ANON_KEY")
 
 
 def run(*args: str, **env: str) -> Result:
-    return CliRunner().invoke(main, list(args), env={**CLEAN, **env}, catch_exceptions=False)
+    clean: dict[str, str | None] = {
+        **{k: None for k in os.environ if k.startswith(("WALSYNC_", "SUPABASE_"))},
+        **dict.fromkeys(SETTINGS)}
+    return CliRunner().invoke(main, list(args), env={**clean, **env}, catch_exceptions=False)
 
 
 def test_migrate_reads_the_dsn_from_a_walsync_config_file(tmp_path: Path, pg_db: str) -> None:
