@@ -71,8 +71,9 @@ __all__ = ["PUSH_ARRAYS", "Claim", "NodeStatus", "PullPage", "PushAck", "RpcTran
            "WireBatch", "compaction_of", "conflicts_of", "entry_point_of", "error_for_sqlstate",
            "head_of", "hello_of", "json_text", "lease_grant", "lease_list", "lease_released",
            "lease_renewal", "log_page_of", "log_retention_of", "log_window_of", "node_entries_of",
-           "node_label_of", "node_list_of", "node_status", "pull_page", "push_ack", "push_arrays",
-           "scope_groups_of", "state_count_of", "state_page", "wire_sibling"]
+           "node_label_of", "node_list_of", "node_status", "pull_page", "pull_page_of_rows",
+           "push_ack", "push_arrays", "scope_groups_of", "state_count_of", "state_page",
+           "wire_sibling"]
 
 #: SQLSTATEs worth retrying: connection trouble, shutdown, overload,
 #: serialization failures and deadlocks, statement timeouts, lock timeouts, a
