@@ -383,18 +383,25 @@ begin
   end if;
   -- Publish the head: the newest position below every other push in flight,
   -- read in this order (the sequence, then who is in flight), under the head
-  -- row, held to commit: this push's positions become visible with it.
+  -- row, held to commit: this push's positions become visible with it. A push
+  -- is in flight while it holds its transaction id's lock: a committing one
+  -- lets go of that (and is visible) before it lets go of its advisory locks,
+  -- so marks still listed without it are a finished push's.
   select pos into v_head from head where tenant = v_tenant for update;
   v_last := pg_sequence_last_value(v_seq);
   with l as materialized (
-    select pid, classid, objid, objsubid from pg_locks
-    where locktype = 'advisory' and pid <> pg_backend_pid()
-      and database = (select d.oid from pg_database d where d.datname = current_database())
+    select virtualtransaction as vt, locktype, classid, objid, objsubid from pg_locks
+    where pid <> pg_backend_pid()
+      and (locktype = 'transactionid'
+           or (locktype = 'advisory'
+               and database = (select d.oid from pg_database d
+                               where d.datname = current_database())))
   )
   select min((m.classid::bigint << 32) | m.objid::bigint) into v_inflight
-  from l t join l m on m.pid = t.pid and m.objsubid = 1
-  where t.objsubid = 2 and t.classid = hashtext('walsync.inflight')::oid
-    and t.objid = hashtext(v_tenant)::oid;
+  from l t join l m on m.vt = t.vt and m.locktype = 'advisory' and m.objsubid = 1
+  where t.locktype = 'advisory' and t.objsubid = 2
+    and t.classid = hashtext('walsync.inflight')::oid and t.objid = hashtext(v_tenant)::oid
+    and exists (select from l x where x.vt = t.vt and x.locktype = 'transactionid');
   v_head := greatest(v_head, least(v_last, v_inflight - 1));
   update head set pos = v_head where tenant = v_tenant;
   return jsonb_build_object('acked_lsn', v_acked, 'inserted', v_inserted,

@@ -1,8 +1,8 @@
 """The pull cursor under concurrent pushers (PROTOCOL "Positions and the pull
 cursor"): a puller tailing ``pull(after=cursor)`` while many nodes push at once sees every
-entry exactly once. Positions are drawn under a transaction-scoped advisory lock, so a row
-can never commit with a position below one a puller has already passed (the bigserial gap
-problem).
+entry exactly once. Pushes run at the same time, so positions are not handed out in commit
+order; the head a puller reads up to stays below every push in flight, so a row can never
+commit with a position below one a puller has already passed (the bigserial gap problem).
 """
 
 from __future__ import annotations
