@@ -40,7 +40,7 @@ from .store import Store
 from .storefile import read_store_file
 from .versions import Sibling
 
-__all__ = ["WATCH_SECONDS", "SyncWorkerStore", "open_sync_worker"]
+__all__ = ["HANDOFF_EVERY_SECONDS", "WATCH_SECONDS", "SyncWorkerStore", "open_sync_worker"]
 
 log = logging.getLogger("walsync.sync")
 
