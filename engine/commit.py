@@ -12,8 +12,8 @@ applies written batches to LMDB, strictly in LSN order, in one transaction,
 while the next batch's fdatasync runs. Until then readers in the process see
 the records through the snapshot's ``pending`` (a key lookup) or wait for the
 applier (a read transaction: SnapshotStore.read); other processes see a
-record once it is applied. A large batch is applied alongside its WAL write
-(apply-ahead) and acknowledged after both. A failed write poisons the store
+record once it is applied. A large value is not copied on the way: the entry
+and the frame keep it as a buffer of its own. A failed write poisons the store
 (engine/health.py): records queued behind it are refused; a failed apply
 poisons it too, its records stay visible and are applied on reopen.
 
@@ -51,9 +51,6 @@ __all__ = ["CommitPipeline"]
 
 log = logging.getLogger("walsync.store")
 
-#: a batch of at least this many payload bytes is applied alongside its WAL
-#: write (CommitPipeline._write_and_apply); smaller ones the usual way, after it
-_APPLY_AHEAD_BYTES = 1 << 20
 #: a commit waits while this many acknowledged records are not applied yet
 _MAX_UNAPPLIED = 4096
 #: the longest an acknowledged batch waits for the applier when nothing wakes it
@@ -423,36 +420,11 @@ class CommitPipeline:
                 # fsync as if nothing had happened.
                 error = self._health.refusal(poisoned)
             else:
-                # A large batch next in line to apply is applied alongside its
-                # WAL write (see _write_and_apply): this thread takes the
-                # apply stage too.
-                ahead = (
-                    not self._applying and not self._apply_queue
-                    and self._apply_error is None
-                    and sum(_payload_bytes(p.payload) for p in batch) >= _APPLY_AHEAD_BYTES
-                )
-                if ahead:
-                    self._applying = True
-                apply_failed = False
                 self.cv.release()
                 try:
-                    if ahead:
-                        error, apply_failed = self._write_and_apply(batch)
-                    else:
-                        error = self._write_wal(batch)
+                    error = self._write_wal(batch)
                 finally:
                     self.cv.acquire()
-                if ahead:
-                    self._applying = False
-                    for item in batch:
-                        item.written = True
-                    if error is None:
-                        self._acked_lsn = batch[-1].lsn
-                        self._applied(batch[-1].lsn)
-                    elif apply_failed:
-                        self._apply_error = error
-                    self._done(batch, error)
-                    return
             for item in batch:
                 item.written = True
             if error is None:
@@ -588,35 +560,6 @@ class CommitPipeline:
         for raw in [k for k, (lsn, _) in pending.items() if lsn <= last]:
             del pending[raw]
 
-    def _write_and_apply(self, batch: list[Pending]) -> tuple[WalsyncError | None, bool]:
-        """Write a large batch to the WAL while a helper thread fills its LMDB
-        transaction; commit that only once the WAL write (and sync) succeeded.
-
-        Both copy the large values, and both release the GIL doing it, so a
-        big commit costs about the longer of the two, not their sum. Nothing
-        is visible or in the snapshot before the commit, which comes after the
-        WAL is durable (FORMAT.md invariant 4). Returns the error, and whether
-        it was the apply that failed.
-        """
-        job = self._snapshot.apply_ahead(lambda: _puts_of([batch]))
-        error = self._write_wal(batch)
-        job.finish(commit=error is None)
-        if error is not None or job.committed:
-            return error, False
-        if job.error is not None and not job.map_full:
-            # the helper's write (or anything else there) failed: as after a failed
-            # WAL write, trying again on the same file could report success for
-            # pages the failed write lost
-            return self._health.poison(
-                job.error,
-                f"applying LSN {batch[0].lsn}..{batch[-1].lsn} to the snapshot on the "
-                "apply-ahead thread (the records are in the WAL and are applied when the "
-                "store is reopened)",
-            ), True
-        # the map was full: nothing was applied; the usual way grows it
-        error = self._apply_batches([batch])
-        return error, error is not None
-
     def _write_wal(self, batch: list[Pending]) -> WalsyncError | None:
         wal = self.wal
         assert wal is not None
@@ -656,10 +599,6 @@ def _no_acknowledger() -> Acknowledger | None:
 
 #: the driver thread's stand-in for a record of its own (it has none) in ``_lead``
 _DRIVER = Pending(0, 0, (), b"", False)
-
-
-def _payload_bytes(payload: bytes | list[bytes]) -> int:
-    return len(payload) if isinstance(payload, bytes) else sum(len(p) for p in payload)
 
 
 def _puts_of(

@@ -1,10 +1,8 @@
-"""The snapshot's thread rules: the resize gate, and an apply handed between threads.
+"""The snapshot's thread rules: the resize gate.
 
 Any thread may read the snapshot; one at a time applies. LMDB's map grows by
 itself when it is full, and growing needs every transaction of this process
-closed, so reads and writes pass a gate that the resize waits on. A large
-commit's apply is filled on a helper thread while the committing thread writes
-the WAL, and committed only on its word (``ApplyAhead``).
+closed, so reads and writes pass a gate that the resize waits on.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from contextlib import contextmanager
 
 from ..errors import CapacityError
 
-__all__ = ["ApplyAhead", "Gate"]
+__all__ = ["Gate"]
 
 
 class Gate:
@@ -89,38 +87,3 @@ class _SharedHold:
 
     def __exit__(self, *exc: object) -> None:
         self._gate._exit_shared()
-
-
-class ApplyAhead:
-    """An apply filled on a helper thread, committed or aborted on the caller's word."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._decision: bool | None = None
-        self._done = False
-        #: why filling or committing failed (nothing was applied then); an LMDB
-        #: failure comes as the OSError it stands for, naming the file
-        self.error: BaseException | None = None
-        #: the failure was a full map (the caller applies the usual way, which
-        #: grows it); any other failure must poison the store
-        self.map_full = False
-        self.committed = False
-
-    def finish(self, commit: bool) -> None:
-        """Commit (the records are durable) or abort, and wait until it is done."""
-        with self._cond:
-            self._decision = commit
-            self._cond.notify_all()
-            while not self._done:
-                self._cond.wait()
-
-    def wait_decision(self) -> bool:
-        with self._cond:
-            while self._decision is None:
-                self._cond.wait()
-            return self._decision
-
-    def set_done(self) -> None:
-        with self._cond:
-            self._done = True
-            self._cond.notify_all()

@@ -14,7 +14,7 @@ the snapshot durable up to its applied LSN, which lets the WAL below it be
 removed.
 
 Thread rules (gate.py): any thread may read; one thread at a time
-applies (the group-commit leader or replay); the map grows by itself when it
+applies (the commit pipeline's applier thread, or replay); the map grows by itself when it
 is full, behind a gate that reads and writes pass.
 
 Every value is sealed (seal.py) and every read opens the seal,
@@ -31,7 +31,6 @@ import errno
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ from .env import (
     open_env,
     os_error,
 )
-from .gate import ApplyAhead, Gate
+from .gate import Gate
 from .seal import (
     APPLIED_LSN_NAME,
     CONFLICTS_DB,
@@ -117,7 +116,6 @@ class SnapshotStore:
             raise CorruptionError(f"LMDB cannot open the snapshot's tables: {exc}",
                                   path=str(path / "data.mdb"), hint=REPAIR_HINT) from None
         self.gate = Gate()
-        self._ahead: ThreadPoolExecutor | None = None
         #: entries of records acknowledged and not applied yet, by key: (LSN, entry).
         #: The commit pipeline (engine/commit.py) adds them once their WAL frames are
         #: durable and drops them once their LMDB transaction is committed, so a
@@ -369,52 +367,6 @@ class SnapshotStore:
         self.conflicts.index(txn, puts)
         self._set_applied(txn, last_lsn, hlc)
 
-    def apply_ahead(self, build: Callable[[], ApplyPuts]) -> ApplyAhead:
-        """Start :meth:`apply_puts` on a helper thread, to commit later.
-
-        The helper builds the pairs (``build()``), opens the write transaction
-        and fills it while the caller goes on (writing the WAL: both copy
-        large values, and both release the GIL doing it); nothing is visible
-        or on disk until the caller's ``finish(commit=True)``, which it gives
-        only once the records are durable. If filling fails, ``finish``
-        reports the error and the caller applies the usual way. The caller
-        must hold the apply stage (no other apply runs meanwhile) and must not
-        open a write transaction itself before ``finish``.
-        """
-        if self._ahead is None:
-            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="walsync-apply")
-        job = ApplyAhead()
-        self._ahead.submit(self._run_ahead, job, build)
-        return job
-
-    def _run_ahead(self, job: ApplyAhead, build: Callable[[], ApplyPuts]) -> None:
-        try:
-            puts, last_lsn, hlc, meta_ops = build()
-            with self.gate.shared():
-                txn = self.env.begin(write=True, db=self.data_db)
-                try:
-                    self._fill(txn, puts, last_lsn, hlc, meta_ops)
-                except BaseException:
-                    txn.abort()
-                    raise
-                if job.wait_decision():
-                    txn.commit()
-                    job.committed = True
-                else:
-                    txn.abort()
-        except lmdb.MapFullError as exc:
-            job.error, job.map_full = exc, True
-        except lmdb.Error as exc:
-            # a failed page or meta-page write may leave the handle refusing every
-            # later transaction (MDB_PANIC): reads go on from a fresh one
-            with self.gate.exclusive():
-                self.reopen_env()
-            job.error = os_error(exc, "apply", self.path / "data.mdb")
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            job.error = exc
-        finally:
-            job.set_done()
-
     def _set_applied(self, txn: lmdb.Transaction, last_lsn: int, hlc: int) -> None:
         txn.put(APPLIED_LSN_NAME, seal(APPLIED_LSN_NAME, last_lsn.to_bytes(8, "little")),
                 db=self.meta_db)
@@ -524,9 +476,6 @@ class SnapshotStore:
             return 0
 
     def close(self) -> None:
-        if self._ahead is not None:
-            self._ahead.shutdown()
-            self._ahead = None
         self.env.close()
 
 

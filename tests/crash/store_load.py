@@ -137,6 +137,11 @@ def child_main(report_fd: int, args: dict[str, Any]) -> int:
     acks = [0]
     lock = threading.Lock()
     stop = threading.Event()
+    #: a compaction asked for runs before the load stops: thread 0 also checkpoints,
+    #: so the others may reach max_acks before it reaches compact_after
+    compacted = threading.Event()
+    if config.compact_after < 0:
+        compacted.set()
     failed: list[str] = []
 
     def worker(tid: int) -> None:
@@ -158,11 +163,12 @@ def child_main(report_fd: int, args: dict[str, Any]) -> int:
                     acks[0] += 1
                     total = acks[0]
                     points.acked(total)
-                    if total >= config.max_acks:
+                    if total >= config.max_acks and compacted.is_set():
                         stop.set()
                 if tid == 0:
                     if seq == config.compact_after:
                         store.compact()
+                        compacted.set()
                     elif rng.random() < config.checkpoint_fraction:
                         store.checkpoint()
                 seq += 1

@@ -1,8 +1,8 @@
 """Child process for the helper-thread LMDB cases of the fault sweep: runs under ``fiu-run -x``.
 
 Two helper threads write the snapshot's files from C, where the ``engine._fs``
-seam does not reach: the apply-ahead thread (it fills and commits the LMDB
-transaction of a commit of 1 MiB or more while the WAL is written) and LMDB's
+seam does not reach: the applier thread (it applies each commit to LMDB after
+the commit returned; here a commit of a 1.5 MiB value) and LMDB's
 own thread writing the compact copy that becomes the snapshot's base at a
 checkpoint (asked for, or on the background checkpoint thread). libfiu's
 POSIX wrappers, preloaded by ``fiu-run -x``, fail those calls; an external
@@ -32,11 +32,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-#: small puts before the step under test; the big one is applied ahead
+#: small puts before the step under test; then the big one
 SMALL_COMMITS = 40
 BIG_VALUE_BYTES = (1 << 20) + (1 << 19)
 #: the helper thread each stage fails, by the start of its name
-THREADS = {"apply-ahead": "walsync-apply", "base-copy": "Dummy-",
+THREADS = {"applier": "walsync-snapshot", "base-copy": "Dummy-",
            "base-copy-background": "Dummy-"}
 
 _CALLBACK = ctypes.CFUNCTYPE(
@@ -139,13 +139,16 @@ def run_case(case: dict[str, Any], injector: Injector) -> dict[str, Any]:
             out["acked"].append(i)
             # applied one by one, as the count run did (the applier thread applies
             # after a commit returns): the snapshot's pages, and so LMDB's calls, are
-            # the same in every run; the big one is then next in line, applied ahead
+            # the same in every run
             assert store.applied_lsn == i + 1
         try:
             with injector.armed(case["points"], int(case["errno"])):
-                if stage == "apply-ahead":
+                if stage == "applier":
                     store.put("big", big_value())
                     out["big"] = True
+                    # acknowledged: its apply runs on the applier thread, waited for
+                    # here while the fault is armed
+                    store.applied_lsn  # noqa: B018
                 elif stage == "base-copy":
                     store.checkpoint()
                 else:

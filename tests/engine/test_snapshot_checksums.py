@@ -338,7 +338,7 @@ def test_a_snapshot_older_than_its_base_with_no_wal_between_is_refused(tmp_path:
 
 def test_a_large_value_applied_in_parts_is_sealed_whole(tmp_path: Path) -> None:
     path = tmp_path / "s"
-    big = os.urandom(3 << 20)  # the apply-ahead path: the entry stays in parts
+    big = os.urandom(3 << 20)  # a large value: the entry stays in parts until applied
     with Store.open(path) as store:
         store.put("big", big)
         assert store.get("big") == big
