@@ -290,8 +290,60 @@ def _replay_segment(
     for lsn, offset, size in iter_frames(data, path, first_lsn, scan, is_last=is_last):
         if lsn < from_lsn:
             continue
+        p = offset + FRAME_HEADER_BYTES
+        end = offset + size
+        if (end - p > 16 and data[p] == 0x83 and data[p + 1] <= 1 and data[p + 2] == 0x1B
+                and data[p + 11] == 0x81 and data[p + 12] == 0x82):
+            # The common shape, a record of one put, ``[kind, hlc(u64), [[key, entry]]]``
+            # as cbor2 writes it: the key's and the entry's bytes are sliced out where
+            # they lie, nothing else is decoded. Any other head falls through.
+            head = data[p + 13]
+            if 0x61 <= head <= 0x77:
+                key_at, key_len = p + 14, head - 0x60
+            elif head == 0x78:
+                key_at, key_len = p + 15, data[p + 14]
+            elif head == 0x79:
+                key_at, key_len = p + 16, int.from_bytes(data[p + 14 : p + 16], "big")
+            else:
+                key_at = key_len = 0
+            key_end = key_at + key_len
+            if key_len and key_end < end:
+                head = data[key_end]
+                if 0x40 <= head <= 0x57:
+                    entry_at, entry_len = key_end + 1, head - 0x40
+                elif head == 0x58:
+                    entry_at, entry_len = key_end + 2, data[key_end + 1]
+                elif head == 0x59:
+                    entry_at = key_end + 3
+                    entry_len = int.from_bytes(data[key_end + 1 : key_end + 3], "big")
+                elif head == 0x5A:
+                    entry_at = key_end + 5
+                    entry_len = int.from_bytes(data[key_end + 1 : key_end + 5], "big")
+                else:
+                    entry_at = entry_len = -1
+                if entry_at + entry_len == end:
+                    raw_key = data[key_at:key_end]
+                    try:
+                        raw_key.decode()  # a CBOR text string is UTF-8, as decoding checks
+                    except UnicodeDecodeError:
+                        pass  # decode_payload below gives the verdict
+                    else:
+                        hlc = int.from_bytes(data[p + 3 : p + 11], "big")
+                        append((raw_key, data[entry_at:end]))
+                        if hlc > max_hlc:
+                            max_hlc = hlc
+                        last_lsn = lsn
+                        pending += 1
+                        pending_bytes += size
+                        if pending >= _TXN_RECORDS or pending_bytes >= _TXN_BYTES:
+                            snapshot.apply_puts(puts, last_lsn, max_hlc, meta_ops=meta_ops)
+                            replayed += pending
+                            puts.clear()
+                            pending = pending_bytes = 0
+                            meta_ops = False
+                        continue
         try:
-            # The common shape (one put), checked inline; anything else (several
+            # Any other shape of one put, checked inline; anything else (several
             # operations, a meta op, or a decode error) is left to
             # decode_payload for the exact verdict. Nothing is kept before
             # every check passed.
