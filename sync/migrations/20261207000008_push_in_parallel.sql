@@ -6,7 +6,7 @@
 -- and held it through the client's COMMIT: the pushes of all nodes of a
 -- database ran one at a time. Now a push holds, for its whole transaction,
 -- only what is its own: its node's row (a node's pushes, a re-sent batch
--- included, still run one at a time) and one row per key it merges
+-- included, still run one at a time) and one row per key of its batch
 -- (walsync.key_locks, taken in byte order of the keys, so two pushes never
 -- wait on each other in a cycle). What all pushes of a tenant share is brief:
 --
@@ -25,7 +25,8 @@
 --    batch) publishes nothing.
 --
 -- pull, head, hello and every other reader of walsync.head are unchanged.
--- Positions stay dense and per tenant; one aborted push leaves a gap.
+-- Positions stay per tenant and a push's are adjacent; an aborted push leaves
+-- its block unused (a gap pull passes over).
 -- Plain SQL, safe to apply more than once.
 
 -- One row per key a push ever merged: the row a push locks while it merges the
