@@ -55,6 +55,9 @@ log = logging.getLogger("walsync.store")
 _MAX_UNAPPLIED = 4096
 #: the longest an acknowledged batch waits for the applier when nothing wakes it
 _APPLY_DELAY_SECONDS = 0.002
+#: with nothing to apply, the applier waits this many delays for the next fdatasync
+#: before it sleeps until a batch is acknowledged
+_IDLE_POLLS = 50
 
 
 class CommitPipeline:
@@ -466,6 +469,7 @@ class CommitPipeline:
         """
         self._applier_ident = threading.get_ident()
         go = self._apply_go
+        polls = 0
         with self.cv:
             while True:
                 if self._apply_queue and not self._applying:
@@ -478,13 +482,24 @@ class CommitPipeline:
                     go.clear()
                     if self._apply_queue and not self._applying:
                         self._apply_written()
+                    polls = 0
                 elif self._health.closed:
                     self._applier = None
                     return
+                elif polls < _IDLE_POLLS:
+                    # commits keep coming: wait for the next one's fdatasync here, so
+                    # that acknowledging a batch need not wake this thread
+                    polls += 1
+                    self.cv.release()
+                    try:
+                        go.wait(_APPLY_DELAY_SECONDS)
+                    finally:
+                        self.cv.acquire()
                 else:
                     self._applier_idle = True
                     self._apply_wake.wait()
                     self._applier_idle = False
+                    polls = 0
 
     def _start_applying(self) -> None:
         """The WAL leader, its batch written, is about to fdatasync (not holding
