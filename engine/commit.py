@@ -225,7 +225,9 @@ class CommitPipeline:
         return ident
 
     def flush(self) -> None:
-        """Make every written record durable (fdatasync), e.g. after 'none' commits."""
+        """Make every written record durable (fdatasync), e.g. after 'none' commits,
+        and applied: after a flush everything written is shippable (``shippable_lsn``
+        counts only applied records) and in every read transaction."""
         self._health.check_writable()
         wal = self.wal
         assert wal is not None
@@ -244,6 +246,7 @@ class CommitPipeline:
             with self.cv:
                 self._leading = False
                 self._wake()
+        self.catch_up()
 
     def close(self) -> None:
         """Wait for the commits under way to finish, then refuse any more."""

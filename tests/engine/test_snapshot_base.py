@@ -43,6 +43,7 @@ if checkpoint == "yes":
 for i in range(before, before + after):
     store.put(f"k/{{i:05d}}", {{"i": i, "pad": "x" * 900}})
 store.delete("k/00001")
+store.applied_lsn  # applied too: a reader in another process reads the snapshot
 print(store.next_lsn - 1, flush=True)
 time.sleep(60)
 """
