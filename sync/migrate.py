@@ -36,7 +36,7 @@ from walsync.engine.errors import SyncConfigError
 from .postgres import check_dsn, classify, redact_dsn
 
 __all__ = ["MIGRATIONS_DIR", "RETIRED_TENANT_VERSIONS", "TENANT_MIGRATIONS_DIR",
-           "MigrationReport", "list_migrations", "migrate"]
+           "MigrationReport", "is_claim_name", "list_migrations", "migrate"]
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 TENANT_MIGRATIONS_DIR = MIGRATIONS_DIR / "tenant"
@@ -48,6 +48,12 @@ _NAME = re.compile(r"^(\d{14})_([a-z0-9_]+)\.sql$")
 RETIRED_TENANT_VERSIONS = ("20261123000101", "20261207000104", "20261207000105")
 #: a JWT claim name: plain (tenant_id) or namespaced (https://example.com/tenant)
 _CLAIM = re.compile(r"^[A-Za-z0-9_.:/-]{1,200}$")
+
+
+def is_claim_name(name: str) -> bool:
+    """Whether ``name`` can name a JWT claim for tenant mode (it is spliced into SQL
+    as a literal, so only these characters are taken)."""
+    return _CLAIM.match(name) is not None
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,7 @@ def migrate(dsn: str, *, tenant_mode: bool = False,
     """
     if tenant_claim is not None and not tenant_mode:
         raise SyncConfigError("a tenant claim needs tenant mode (--tenant-mode)")
-    if tenant_claim is not None and not _CLAIM.match(tenant_claim):
+    if tenant_claim is not None and not is_claim_name(tenant_claim):
         raise SyncConfigError(f"tenant claim {tenant_claim!r} is not a JWT claim name "
                               "(letters, digits and _ . : / -)")
     check_dsn(dsn)

@@ -74,8 +74,15 @@ def migrate(dsn_env: str, tenant_mode: bool, tenant_claim: str | None, out: Outp
     The DSN comes from the environment variable --dsn-env names, or from the
     WALSYNC_CONFIG file as for the other commands.
     """
+    from ..migrate import is_claim_name
     from ..migrate import migrate as apply
 
+    if tenant_claim is not None and not tenant_mode:
+        raise click.UsageError("--tenant-claim needs --tenant-mode (a tenant claim names the "
+                               "JWT claim of tenant mode)")
+    if tenant_claim is not None and not is_claim_name(tenant_claim):
+        raise click.UsageError(f"--tenant-claim {tenant_claim!r} is not a JWT claim name "
+                               "(letters, digits and _ . : / -)")
     where = f"{dsn_env} (in the environment or a WALSYNC_CONFIG file)"
     dsn = os.environ.get(dsn_env) or load_settings().get(dsn_env)
     if not dsn:

@@ -49,9 +49,14 @@ def snapshot(dsn: str) -> list[Any]:
 
 
 def api_functions(dsn: str) -> list[tuple[str, list[str]]]:
-    rows = query(dsn, "select p.proname, coalesce(p.proargnames, '{}') from pg_proc p "
-                      "where p.pronamespace = 'walsync_api'::regnamespace order by 1")
-    return [(str(name), list(args)) for name, args in rows]
+    """Each API function with its input arguments (a function returning a table names
+    its columns among its arguments too, with mode 't': the gateway would not find it
+    called with those)."""
+    rows = query(dsn, "select p.proname, coalesce(p.proargnames, '{}'), p.proargmodes "
+                      "from pg_proc p where p.pronamespace = 'walsync_api'::regnamespace "
+                      "order by 1, 2")
+    return [(str(name), [a for i, a in enumerate(args) if modes is None or modes[i] in "ib"])
+            for name, args, modes in rows]
 
 
 @pytest.fixture

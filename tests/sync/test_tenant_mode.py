@@ -478,10 +478,10 @@ def test_migrate_tenant_mode_is_opt_in_idempotent_and_stays_on(pg_db: str) -> No
     assert json.loads(run_cli(pg_db, "--json").stdout)["applied"] == []
     assert fingerprint(pg_db) == untouched
 
-    refused = run_cli(pg_db, "--tenant-claim", "org_id", code=1)
+    refused = run_cli(pg_db, "--tenant-claim", "org_id", code=2)  # usage
     assert "tenant mode" in refused.stderr
     assert "not a JWT claim name" in run_cli(pg_db, "--tenant-mode", "--tenant-claim",
-                                             "bad claim", code=1).stderr
+                                             "bad claim", code=2).stderr
     assert fingerprint(pg_db) == untouched  # both refused before touching the database
 
     first = json.loads(run_cli(pg_db, "--tenant-mode", "--tenant-claim", "org_id",
