@@ -521,6 +521,19 @@ begin
   select coalesce(min(n.pull_cursor), v_head) into v_floor from nodes n
    where n.tenant = v_tenant and n.last_pull_at > now() - make_interval(secs => v_window);
 
+  -- A push merging a version into a candidate key (one with a tombstone sibling old
+  -- enough to collect) holds the key's row until it commits, and its version is
+  -- invisible here until then: the candidates' rows are taken as a push takes them
+  -- (in byte order, inserted if missing, locked without writing), so such a push
+  -- finishes first. The next statement, with a snapshot of its own, sees its version.
+  insert into key_locks (tenant, key)
+  select v_tenant, k.key from (select distinct s.key collate "C" as key from siblings s
+                               where s.tenant = v_tenant and s.deleted
+                                 and s.hlc < v_boundary and s.pos <= v_floor
+                               order by 1) k
+  order by k.key
+  on conflict (tenant, key) do update set key = excluded.key where false;
+
   -- Tombstones that are all their key holds, older than the window, pulled past by
   -- every live node: collected with every entry they dominate.
   with doomed as materialized (

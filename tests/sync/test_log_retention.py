@@ -5,7 +5,9 @@ calls the server on its own thread."""
 
 from __future__ import annotations
 
+import json
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ import psycopg
 import pytest
 
 from tests.gateway import PostgrestGateway
-from tests.sync._helpers import entry, supabase_transport, wait_for
+from tests.sync._helpers import entry, query, supabase_transport, wait_for
 from walsync.engine import Store
 from walsync.engine.versions import dominates_or_equal, join_vv
 from walsync.sync.logretention import Compactor
@@ -193,3 +195,51 @@ def test_log_retention_compaction_keeps_every_cut_of_the_window_exact(
         want = _live_view([(k, s) for k, s in full if s.version.hlc <= cut])
         got = _live_view([(k, s) for k, s in kept if s.version.hlc <= cut])
         assert got == want, (seed, cut)
+
+
+@pytest.mark.postgres
+def test_log_retention_compaction_waits_for_a_push_merging_into_a_tombstones_key(
+        pg_db: str) -> None:
+    """A key whose only sibling is a tombstone old enough to collect, while a push merges
+    a version concurrent with it (not yet committed, so compaction cannot see it):
+    compaction waits for the key's row the push holds and then sees two siblings, so
+    the tombstone, the losing side the stores keep, stays on the server too."""
+    migrate(pg_db)
+    admin = PostgresTransport(pg_db, timeout_seconds=30)
+    try:
+        admin.log_retention(3600)
+        old_ms = int(time.time() * 1000) - 2 * 3600 * 1000
+        admin.push("T", 1, [entry("T", 1, "k/x", None, {"T": 1}, hlc=old_ms << 16)])
+        page = admin.pull("P", 0, 100)  # the one live node pulls past the tombstone
+        admin.pull("P", page.next, 100)
+    finally:
+        admin.close()
+    pusher = psycopg.connect(pg_db)  # autocommit off: the push stays open
+    compactor = psycopg.connect(pg_db, autocommit=True)
+    try:
+        batch = [entry("B", 1, "k/x", "kept", {"B": 1})]
+        pusher.execute("select walsync_api.push(%s, %s, %s::jsonb)",
+                       ("B", 1, json.dumps(batch)))
+        pid = compactor.execute("select pg_backend_pid()").fetchone()
+        assert pid is not None
+        answer: list[Any] = []
+        run = threading.Thread(target=lambda: answer.append(compactor.execute(
+            "select walsync_api.compact_log()").fetchone()), daemon=True)
+        run.start()
+        blocked = False
+        deadline = time.monotonic() + 10
+        while not blocked and run.is_alive() and time.monotonic() < deadline:
+            blocked = query(pg_db, "select count(*) from pg_stat_activity where pid = %s "
+                                   "and wait_event_type = 'Lock'", (pid[0],))[0][0] == 1
+            time.sleep(0.02)
+        pusher.commit()
+        run.join(30)
+        assert not run.is_alive(), "compaction still runs after the push committed"
+        siblings = query(pg_db, "select origin, lsn, deleted from walsync.siblings "
+                                "where key = 'k/x' order by origin")
+        assert siblings == [("B", 1, False), ("T", 1, True)]
+        assert [a[0]["collected_tombstones"] for a in answer] == [0]
+        assert blocked, "compaction did not wait for the push holding the key"
+    finally:
+        pusher.close()
+        compactor.close()
