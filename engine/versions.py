@@ -27,6 +27,7 @@ __all__ = [
     "compare_vv",
     "dominates_or_equal",
     "join_vv",
+    "make_sibling",
     "merge_sibling",
     "visible_siblings",
     "winner",
@@ -111,6 +112,32 @@ class Sibling:
     def from_wire(item: list[Any]) -> Sibling:
         data, codec, vv, hlc, origin, lsn, fence = item
         return Sibling(Version(origin, lsn, hlc, vv, fence, data is None), codec, data)
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def make_sibling(origin: str, lsn: int, hlc: int, vv: Mapping[str, int], fence: int,
+                 codec: int, data: bytes | None) -> Sibling:
+    """``Sibling(Version(origin, lsn, hlc, vv, fence, data is None), codec, data)``,
+    built without the frozen dataclasses' generated ``__init__`` (one ``__setattr__``
+    call per field through a global): a pull builds one per received entry, and those
+    initializers cost more than reading the entry's row. Neither class has a
+    ``__post_init__`` or defaults it would skip; a test holds the two constructions
+    equal field for field, so a field added to either class must be added here."""
+    v = _new(Version)
+    _set(v, "origin", origin)
+    _set(v, "lsn", lsn)
+    _set(v, "hlc", hlc)
+    _set(v, "vv", vv)
+    _set(v, "fence", fence)
+    _set(v, "deleted", data is None)
+    s = _new(Sibling)
+    _set(s, "version", v)
+    _set(s, "codec", codec)
+    _set(s, "data", data)
+    return s
 
 
 def winner(siblings: Iterable[Sibling]) -> Sibling:

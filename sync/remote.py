@@ -34,7 +34,7 @@ from walsync.engine.errors import (
     SyncProtocolError,
 )
 from walsync.engine.record import CODEC_NONE, CODEC_ZSTD
-from walsync.engine.versions import Sibling, Version
+from walsync.engine.versions import Sibling, Version, make_sibling
 
 # the door's names, importable from here as before
 from .transport import (
@@ -513,6 +513,7 @@ def pull_page_of_rows(rows: Sequence[Sequence[Any]]) -> PullPage:
     checked = pull_page(doc)  # next, head and scope, checked as pull's
     entries: list[WireEntry] = []
     siblings: list[tuple[str, Sibling]] = []
+    add_entry, add_sibling = entries.append, siblings.append
     for row in rows[:-1]:
         pos, origin, lsn, idx, key, deleted, data, codec, vv, hlc, fence, value_hash = (
             row[:width])
@@ -520,21 +521,25 @@ def pull_page_of_rows(rows: Sequence[Sequence[Any]]) -> PullPage:
                 or type(hlc) is not int or type(pos) is not int or type(deleted) is not bool
                 or codec not in (CODEC_NONE, CODEC_ZSTD)
                 or not (data is None or type(data) is bytes)
-                or type(vv) is not dict
-                or not all(type(k) is str and type(n) is int and 0 <= n < _BIGINT
-                           for k, n in vv.items())):
+                or type(vv) is not dict or not _is_vv(vv)):
             raise SyncProtocolError(f"pull_rows: entry {origin!r}:{lsn!r} of key "
                                     f"{str(key)[:80]!r} has a field of another type")
         fence = fence or 0
-        entries.append({"pos": pos, "origin": origin, "lsn": lsn, "idx": idx, "key": key,
-                        "deleted": deleted,
-                        "data": data,
-                        "codec": codec, "vv": vv, "hlc": hlc, "fence": fence,
-                        "value_hash": value_hash})
-        raw = None if deleted else data
-        siblings.append((key, Sibling(Version(origin, lsn, hlc, dict(vv), fence, raw is None),
-                                      codec, raw)))
+        add_entry({"pos": pos, "origin": origin, "lsn": lsn, "idx": idx, "key": key,
+                   "deleted": deleted, "data": data, "codec": codec, "vv": vv, "hlc": hlc,
+                   "fence": fence, "value_hash": value_hash})
+        add_sibling((key, make_sibling(origin, lsn, hlc, vv.copy(), fence, codec,
+                                       None if deleted else data)))
     return PullPage(entries, checked.next, checked.head, siblings, checked.scope)
+
+
+def _is_vv(vv: dict[Any, Any]) -> bool:
+    """Every component a node id (text) with a count in bigint's range. A loop, not
+    ``all()`` over a generator: a pull checks one vector per entry."""
+    for k, n in vv.items():
+        if type(k) is not str or type(n) is not int or not 0 <= n < _BIGINT:
+            return False
+    return True
 
 
 def scope_groups_of(doc: Any) -> list[ScopeGroup]:

@@ -17,6 +17,7 @@ from walsync.engine.versions import (
     compare_vv,
     dominates_or_equal,
     join_vv,
+    make_sibling,
     merge_sibling,
     visible_siblings,
     winner,
@@ -335,3 +336,30 @@ def test_merge_sibling_is_order_and_duplicate_independent(
     # the shown (collapsed) siblings and the winner do not depend on order either
     assert _canonical(visible_siblings(other)) == _canonical(visible_siblings(reference))
     assert winner(other) == winner(reference)
+
+
+# -- make_sibling ------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(origin=st.text(max_size=8), lsn=st.integers(0, 2**63 - 1),
+       hlc=st.integers(0, 2**63 - 1),
+       vv=st.dictionaries(st.text(max_size=4), st.integers(0, 2**63 - 1), max_size=4),
+       fence=st.integers(0, 2**63 - 1), codec=st.integers(0, 1),
+       data=st.none() | st.binary(max_size=16))
+def test_make_sibling_is_the_constructors_sibling(origin: str, lsn: int, hlc: int,
+                                                  vv: dict[str, int], fence: int, codec: int,
+                                                  data: bytes | None) -> None:
+    """Field for field (every field compares, so one it does not set fails here), with
+    the same hash and the same frozenness."""
+    made = make_sibling(origin, lsn, hlc, vv, fence, codec, data)
+    built = Sibling(Version(origin, lsn, hlc, vv, fence, data is None), codec, data)
+    assert made == built
+    assert made.version == built.version
+    assert hash(made.version) == hash(built.version)
+    assert repr(made) == repr(built)
+    assert made.deleted is (data is None)
+    with pytest.raises(AttributeError):
+        made.version.lsn = 0  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        made.data = b""  # type: ignore[misc]
