@@ -10,6 +10,7 @@ exits 0); every line must exit 0, and the worker must still run, then stop clean
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 import shutil
@@ -45,7 +46,12 @@ def readme_block(heading: str) -> list[str]:
 
 
 def lose_host_a(tmp_path: Path, dsn: str) -> None:
-    """Host A drives a run halfway, ships it, and is lost with its disk."""
+    """Host A drives a run halfway, ships it, and is lost with its disk; in a context
+    of its own, as a lost process's: the run it never left is no one else's current run."""
+    contextvars.copy_context().run(_drive_host_a, tmp_path, dsn)
+
+
+def _drive_host_a(tmp_path: Path, dsn: str) -> None:
     path = tmp_path / "host-a"
     with Store.open(path, node_id="host-a") as store:
         run = Workflows(store).run("nightly-etl", "etl-1", total_steps=3)
