@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from walsync.engine.errors import WalsyncError
 from walsync.engine.replication import LastError, ReplicationSource
+from walsync.engine.worker import SyncWorkerStore
 
 from .incarnation import connect
 from .transport import Transport
@@ -90,6 +91,13 @@ class Link:
         self.acked_cv = threading.Condition()
         #: (LSN, monotonic commit time) of commits not acknowledged yet: the lag in seconds
         self.unacked: collections.deque[tuple[int, float]] = collections.deque()
+        #: the newest LSN a 'remote' commit of this process waits for (wait_acknowledged):
+        #: what a pull ships between its pages. A pull ships nothing else, so what a
+        #: host pushes, and when (the lease each entry meets), stays its ship's call.
+        self.awaited = 0
+        #: a sync worker's writer waits in another process (on SYNC), unseen here: every
+        #: commit not acknowledged yet may be awaited
+        self.awaited_elsewhere = isinstance(store, SyncWorkerStore)
         self.acked = store.sync_ledger.acked_lsn
         if store.retain_floor is None:
             # Held from the first attachment on, and persisted: no checkpoint, compaction

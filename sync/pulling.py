@@ -9,9 +9,10 @@ a crash returns nothing). See PROTOCOL.md on the cursor.
 
 Scope (sync/scope.py): each page is read by the store's scope, and the fills a
 widening or a re-bootstrap leaves are run before and after the pages. Between pages
-(and fill pages) the store's own commits waiting for the server are shipped first
-(``between_pages``): a backlog pull never delays a ``remote`` commit's
-acknowledgement by more than one page.
+(and fill pages) the store's own commits a ``remote`` commit waits for are shipped
+first (``between_pages``): a backlog pull never delays a ``remote`` commit's
+acknowledgement by more than one page. Other commits wait for the next ship: a pull
+pushes nothing nobody waits for.
 
 Threads: the shipping thread (the replicator's, or the caller's in ``run_once``);
 ``cursor`` from any thread.
@@ -46,13 +47,16 @@ class Puller:
         self.scope = ScopeKeeper(link.store, link.transport)
         #: re-bootstraps after the server compacted its log past the cursor
         self.rebootstraps = 0
-        #: called between pages while a commit of the store waits for the server (the
-        #: replicator ships then)
+        #: called between pages while a 'remote' commit of the store waits for the
+        #: server (the replicator ships then)
         self.between_pages: Callable[[], object] | None = None
 
     def _yield_to_commits(self) -> None:
-        """Between two pages: ship first what the store's commits wait for."""
-        if self._link.unacked and self.between_pages is not None:
+        """Between two pages: ship first what the store's 'remote' commits wait for
+        (only then: a pull that shipped every commit would push at its own moments)."""
+        link = self._link
+        waited = link.awaited > link.acked or bool(link.awaited_elsewhere and link.unacked)
+        if waited and self.between_pages is not None:
             self.between_pages()
 
     def _fill(self) -> int:

@@ -361,6 +361,7 @@ class Replicator:
         self._wake.set()
         link = self._link
         with link.acked_cv:
+            link.awaited = max(link.awaited, lsn)  # a pull ships it between its pages
             while link.acked < lsn:
                 dead = self._dead_reason()
                 if dead is not None:
