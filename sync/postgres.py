@@ -287,6 +287,10 @@ class PostgresTransport(RpcTransport):
         # server ends a transaction left idle this long (the call's COMMIT then
         # fails, the caller sees RemoteUnavailableError and retries).
         self._idle_ms = max(1, int(idle_in_transaction_seconds * 1000))
+        # the same statement timeout for a one-trip call (``_execute``): transaction-local,
+        # as the next statement of the pipeline starts (nothing left on the session)
+        self._timeout_sql = (f"select set_config('statement_timeout', '{self._timeout_ms}', "
+                             "true)").encode()
         #: the server has no pull_rows (before migration 10): the plain pull it is
         self._no_pull_rows = False
         self._connect_timeout = max(1, int(connect_timeout_seconds))
@@ -313,18 +317,38 @@ class PostgresTransport(RpcTransport):
         return self._execute(function, f"select walsync_api.{function}({named})".encode(),
                              params)
 
-    def _execute(self, function: str, sql: bytes, params: Any, *, rows: bool = False) -> Any:
-        """The call's one value; with ``rows``, every row it returns (in binary)."""
+    def _execute(self, function: str, sql: bytes, params: Any, *, rows: bool = False,
+                 one_trip: bool = False) -> Any:
+        """The call's one value; with ``rows``, every row it returns (in binary).
+
+        With ``one_trip`` the call is sent as one pipeline — the timeout's ``set_config``,
+        the call, then Sync — and the server commits the implicit transaction at the
+        Sync, before it answers: no COMMIT round trip, so the locks the call takes are
+        not held while its answer travels and the client acts on it (what serialised
+        one tenant's pushes). Still one transaction: an error in the call rolls the
+        whole of it back at the Sync. The transaction never waits for the client in
+        ReadyForQuery, so the idle-in-transaction guard has nothing to end there (the
+        only wait on the client inside it: libpq sends a batch past 64 KiB as it goes,
+        and the Sync follows the call's last byte at once, with no answer awaited)."""
         conn = self._connection()
         deadline = _Deadline(conn, self._answer_seconds)
         try:
-            with conn.transaction():
-                conn.execute(f"set local statement_timeout = {self._timeout_ms}; "
-                             f"set local idle_in_transaction_session_timeout = {self._idle_ms}")
-                if rows:
-                    every = conn.execute(sql, params, binary=True).fetchall()
-                else:
-                    row = conn.execute(sql, params).fetchone()
+            if one_trip:
+                with conn.pipeline():  # its exit sends the one Sync, then reads
+                    conn.execute(self._timeout_sql)
+                    cursor = conn.execute(sql, params)
+                # read only now: a fetch inside the block would ask the server to flush
+                # the answer and wait for it with the transaction still open
+                row = cursor.fetchone()
+            else:
+                with conn.transaction():
+                    conn.execute(f"set local statement_timeout = {self._timeout_ms}; "
+                                 "set local idle_in_transaction_session_timeout = "
+                                 f"{self._idle_ms}")
+                    if rows:
+                        every = conn.execute(sql, params, binary=True).fetchall()
+                    else:
+                        row = conn.execute(sql, params).fetchone()
         except psycopg.Error as exc:
             deadline.finish()
             if deadline.fired:
@@ -380,8 +404,9 @@ class PostgresTransport(RpcTransport):
             return push_ack(self._execute(
                 "push_claimed", _PUSH_CLAIMED_SQL,
                 (node_id, claim.incarnation, claim.base_lsn, claim.after_lsn, through_lsn,
-                 *params)))
-        return push_ack(self._execute("push", _PUSH_SQL, (node_id, through_lsn, *params)))
+                 *params), one_trip=True))
+        return push_ack(self._execute("push", _PUSH_SQL, (node_id, through_lsn, *params),
+                                      one_trip=True))
 
     def _drop(self) -> None:
         if self._conn is not None:
