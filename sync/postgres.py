@@ -19,8 +19,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import psycopg
-from psycopg.abc import AdaptContext
+from psycopg.abc import AdaptContext, Buffer
 
 from walsync.engine.errors import (
     RemoteAuthError,
@@ -82,6 +83,34 @@ class _BinaryArrayDumper(psycopg.adapt.Dumper):
 
     def dump(self, obj: Any) -> bytes:
         return obj  # type: ignore[no-any-return]  # a _BinaryArray: bytes already
+
+
+class _JsonbBinaryLoader(psycopg.adapt.Loader):
+    """jsonb in a binary result (a pull page's version vectors: one per row) read by
+    orjson straight from the buffer, several times faster than psycopg's ``json.loads``
+    of a copy; psycopg's own loader (``json.loads``) gives every value or error.
+
+    orjson's answer is kept only when it is an object of integers, which it reads
+    exactly as ``json`` does (it reads an integer past 64 bits as a float or not at
+    all); anything else, or what it declines, is read by ``json.loads`` as before, so
+    each value, or the error a damaged answer raises, is the one psycopg would give."""
+
+    format = psycopg.pq.Format.BINARY
+
+    def load(self, data: Buffer) -> Any:
+        if data and data[0] != 1:
+            raise psycopg.DataError(f"unknown jsonb binary format: {data[0]}")
+        body = data[1:]
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            value = None
+        if type(value) is not dict:
+            return json.loads(bytes(body))
+        for n in value.values():
+            if type(n) is not int:
+                return json.loads(bytes(body))
+        return value
 
 
 #: a _BinaryArray class per element type (named as PostgreSQL names it): its oid is the
@@ -307,6 +336,7 @@ class PostgresTransport(RpcTransport):
                 raise classify(exc, f"connecting to {self.where}") from None
             for cls in _ARRAY_CLASSES.values():
                 self._conn.adapters.register_dumper(cls, _BinaryArrayDumper)
+            self._conn.adapters.register_loader("jsonb", _JsonbBinaryLoader)
         return self._conn
 
     def call(self, function: str, args: dict[str, Any]) -> Any:
