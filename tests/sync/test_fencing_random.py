@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -296,6 +297,13 @@ class FencingModel(RuleBasedStateMachine):
             else:
                 self.tally["lost"] += 1
                 assert status.lost_runs.get(run_id) == current, (run_id, status)
+                # the event comes through the store's events thread: wait for it, boundedly
+                deadline = time.monotonic() + 10
+                while ((run_id, current) not in host.lost_events
+                       and (left := deadline - time.monotonic()) > 0):
+                    event = host.lost.get(timeout_seconds=left)
+                    if isinstance(event, LeaseLostEvent):
+                        host.lost_events.add((event.run_id, event.current_token))
                 assert (run_id, current) in host.lost_events, (run_id, host.lost_events)
                 # told, the host no longer writes the run with a lease it lost
                 held = held_lease(host.store, run_id)
