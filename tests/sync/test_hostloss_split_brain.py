@@ -212,7 +212,7 @@ def catch_in_transaction(proc_pid: int, backend_pid: int, call: str, dsn: str) -
     raise AssertionError("never caught the child inside a transaction")
 
 
-@pytest.mark.parametrize("call", ["renew", "push"])
+@pytest.mark.parametrize("call", ["renew"])
 def test_client_frozen_in_a_transaction_blocks_nobody(pg_db: str, tmp_path: Path,
                                                       call: str) -> None:
     """A host frozen between a call's result and its COMMIT holds that call's locks (the
@@ -267,6 +267,54 @@ def test_client_frozen_in_a_transaction_blocks_nobody(pg_db: str, tmp_path: Path
             assert pushed == resumed["applied_lsn"]
         proc.wait(timeout=30)
         assert proc.returncode == 0
+    finally:
+        reap(proc)
+
+
+def test_client_frozen_anywhere_in_its_pushes_holds_no_push_lock(pg_db: str,
+                                                                tmp_path: Path) -> None:
+    """A push commits on the server before the client reads its answer (one pipeline:
+    PROTOCOL.md, Scaling), so a host frozen at any point of its push loop is never
+    caught idle inside a transaction holding a push's locks, and while it stays frozen
+    other hosts replicate."""
+    migrate(pg_db)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = spawn("hold", tmp_path / "host-a", out, "held", TTL_SECONDS, "push", dsn=pg_db,
+                 log_dir=out)
+    holds = ("select count(*) from pg_locks where pid = %s and granted and "
+             "locktype = 'advisory'")
+    try:
+        ready = wait_json(out / "ready.json", proc, 30, out / "hold.out")
+        backend = ready["backend_pid"]
+        time.sleep(0.2)
+        with psycopg.connect(pg_db, autocommit=True) as conn:
+            for _ in range(150):
+                os.kill(proc.pid, signal.SIGSTOP)
+                time.sleep(0.03)  # let a statement already sent finish on the server
+                row = conn.execute("select state from pg_stat_activity where pid = %s",
+                                   (backend,)).fetchone()
+                caught = row is not None and row[0] == "idle in transaction" and \
+                    one(conn, holds, (backend,))[0]
+                assert not caught, "a frozen pusher holds a push's locks in a transaction"
+                os.kill(proc.pid, signal.SIGCONT)
+                time.sleep(random.uniform(0.001, 0.02))
+            (pushed,) = one(conn, "select count(*) from walsync.entries where origin = %s",
+                            (ready["node_id"],))
+        assert pushed > 0  # it was pushing all along
+        os.kill(proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with Store.open(tmp_path / "host-b") as store:
+            rep = Replicator(store, PostgresTransport(pg_db, timeout_seconds=10),
+                             REPLICATOR_OPTIONS).start()
+            try:
+                result = store.put("b/key", "from B")
+                rep.wait_acknowledged(result.lsn, 25)
+            finally:
+                rep.stop()
+                rep.transport.close()
+        assert time.monotonic() - started < 15
+        assert proc.poll() is None  # still frozen
     finally:
         reap(proc)
 
