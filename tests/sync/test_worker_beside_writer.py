@@ -167,6 +167,17 @@ def third_node_writes(store: Store, rep: Replicator, round_: int) -> list[str]:
     return keys
 
 
+#: the orchestrator reopened: it replays and applies what its WAL holds, then idles
+REOPEN = """
+import sys, time
+from walsync.engine import Store
+store = Store.open(sys.argv[1], create=False)
+store.applied_lsn  # replayed and applied
+print("applied", flush=True)
+time.sleep(120)
+"""
+
+
 def run_schedule(servers: Callable[[str], Server], tmp_path: Path, kind: str, seed: int,
                  rounds: int) -> None:
     rng = random.Random(seed)
@@ -219,6 +230,27 @@ def run_schedule(servers: Callable[[str], Server], tmp_path: Path, kind: str, se
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {state}") from None
         procs.kill("orchestrator")
+        # What it acknowledged after that check and had not yet applied when killed is
+        # shipped once a writer has replayed it (the worker ships what a writer applied):
+        # the orchestrator's next open, here one that writes nothing and is SIGKILLed too.
+        reopened = subprocess.Popen(
+            [sys.executable, "-c", REOPEN, str(path)], stdout=subprocess.PIPE, text=True)
+
+        def all_acked_on_server() -> bool:
+            acks, _ = parse_log(log)
+            rows = server_rows(server, "orch")
+            return all(f"w/{i:05d}" in rows for i in acks)
+
+        try:
+            assert reopened.stdout is not None
+            assert reopened.stdout.readline().strip() == "applied"
+            wait_for(all_acked_on_server, 60, interval=0.1,
+                     what="the worker to ship the writes the orchestrator acknowledged last")
+        finally:
+            reopened.kill()
+            reopened.wait()
+            if reopened.stdout is not None:
+                reopened.stdout.close()
         procs.stop_worker()
     finally:
         procs.kill("orchestrator")
