@@ -167,13 +167,16 @@ class Link:
     def set_acked(self, lsn: int) -> None:
         """Move the acknowledgement forward (persisted, with the retention floor) and
         wake the commits waiting for it."""
-        if lsn > self.acked or self.store.retain_floor != self.acked + 1:
-            self.acked = max(lsn, self.acked)
-            self.store.sync_ledger.set_acked_lsn(self.acked)
-            self.store.set_retain_floor(self.acked + 1)
+        moved = lsn > self.acked or self.store.retain_floor != self.acked + 1
+        self.acked = max(lsn, self.acked)
+        # what a status reading computes lags from, moved together before the slower
+        # persisting below
         while self.unacked and self.unacked[0][0] <= self.acked:
             self.unacked.popleft()
         self.status.acked_lsn = self.acked
+        if moved:
+            self.store.sync_ledger.set_acked_lsn(self.acked)
+            self.store.set_retain_floor(self.acked + 1)
         with self.acked_cv:
             self.acked_cv.notify_all()
 

@@ -399,12 +399,14 @@ class Replicator:
         if self.store.closed:
             return s  # what it was when the store closed (a late scrape, say)
         acked = self._link.acked
+        s.acked_lsn = acked  # one reading for the ack and the lag computed from it
         s.applied_lsn = self.store.applied_lsn
         s.lag_entries = max(0, s.applied_lsn - acked)
         try:  # the shipping thread pops from the left meanwhile
-            oldest: float | None = self._link.unacked[0][1]
+            first_lsn, first_at = self._link.unacked[0]
         except IndexError:
-            oldest = None
+            first_lsn, first_at = 0, 0.0
+        oldest: float | None = first_at if first_lsn > acked else None
         s.lag_seconds = time.monotonic() - oldest if oldest is not None else 0.0
         s.lag_bytes = self._lag_bytes()
         s.pull_cursor = self._puller.cursor()
